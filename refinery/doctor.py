@@ -1,0 +1,87 @@
+"""Check the installation and that every role's model resolves; print fix-it lines for what is missing."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+# distribution -> import name (checked by metadata only: nothing heavy is imported)
+REQUIRED = ("torch", "transformers", "peft", "sentence-transformers", "dvc", "pandera", "pyarrow", "duckdb",
+            "great-expectations", "click", "pydantic", "gguf", "accelerate", "rensa", "tenacity", "httpx")
+
+
+def check_packages() -> list[tuple[str, str | None]]:
+    """Return ``(distribution, version or None)`` for every required package."""
+    out = []
+    for name in REQUIRED:
+        try:
+            out.append((name, md.version(name)))
+        except md.PackageNotFoundError:
+            out.append((name, None))
+    return out
+
+
+def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | None]]:
+    """Return ``(role, what it resolves to, problem or None)`` for each role in params.yaml."""
+    from refinery.errors import RefineryError
+    from refinery.models import resolve
+    from refinery.params import load_section
+    from stages.provision import ROLES, ProvisionParams, _raw
+
+    rows = []
+    try:
+        params = load_section(params_file, "provision", ProvisionParams)
+    except RefineryError as e:
+        return [("provision", "-", str(e))]
+    for role in ROLES:
+        try:
+            spec = resolve.parse_spec(role, _raw(getattr(params, role)))
+            if spec.kind == "embedded":
+                entry, path, version = resolve.embedded_source(spec)
+                where = f"{entry.distribution} {version}: {path}"
+            elif spec.kind == "local":
+                where = str(Path(spec.ref).resolve())
+                if not Path(spec.ref).expanduser().exists():
+                    raise RefineryError(f"role '{role}': local path '{spec.ref}' does not exist")
+            elif spec.kind == "hf":
+                where = f"Hugging Face {spec.ref}{'@' + spec.revision if spec.revision else ''} (HF cache)"
+            else:
+                where = f"endpoint {spec.ref} model {spec.revision}"
+            prov = Path(base_dir) / role / resolve.PROVENANCE_FILE
+            where += f"  [provisioned: {prov}]" if prov.exists() else "  [not provisioned yet: dvc repro provision]"
+            rows.append((role, where, None))
+        except RefineryError as e:
+            rows.append((role, "-", str(e)))
+    return rows
+
+
+@click.command("doctor")
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--base", "base_dir", default="models/base", show_default=True, help="Provisioned models folder.")
+def cli(params_file: str, base_dir: str) -> None:
+    """Check installed packages and that every role's model resolves."""
+    problems = []
+    click.echo(f"python   {platform.python_version()} ({sys.executable})")
+    for name, version in check_packages():
+        click.echo(f"package  {name:<22} {version or 'MISSING'}")
+        if version is None:
+            problems.append(f"package {name} is missing: run `make install` (or pip install -c constraints.txt -e .)")
+    for tool in ("git", "dvc"):
+        where = shutil.which(tool)
+        click.echo(f"tool     {tool:<22} {where or 'MISSING'}")
+        if where is None:
+            problems.append(f"{tool} is not on PATH: activate the venv (. .venv/bin/activate)")
+    for role, where, problem in check_models(params_file, base_dir):
+        click.echo(f"model    {role:<22} {where if problem is None else 'UNRESOLVED'}")
+        if problem:
+            problems.append(problem)
+    if problems:
+        for p in problems:
+            click.echo(f"fix: {p}", err=True)
+        raise SystemExit(1)
+    click.echo("doctor: all good")

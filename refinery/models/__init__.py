@@ -1,0 +1,1 @@
+"""Resolve, materialise and describe the models each role uses."""

@@ -1,0 +1,70 @@
+"""Load one params.yaml section into a frozen, strictly typed object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from refinery.errors import ParamsError
+
+
+class StageParams(BaseModel):
+    """Base of every stage's params: frozen, strict, unknown keys rejected."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+P = TypeVar("P", bound=StageParams)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, failing with one line that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_section(path: str | Path, section: str, model: type[P]) -> P:
+    """Read ``section`` of a params file into ``model``.
+
+    Args:
+        path: the params file (params.yaml).
+        section: the section name, which is also the stage name.
+        model: the stage's params class.
+
+    Raises:
+        ParamsError: one line naming the file, the key and what is wrong.
+    """
+    data = load_yaml(path)
+    if section not in data:
+        raise ParamsError(f"{path}: section '{section}' is missing")
+    return parse_section(data[section], model, where=f"{path}: {section}")
+
+
+def parse_section(raw: Any, model: type[P], *, where: str) -> P:
+    """Validate a raw mapping into ``model`` with a one-line error naming the first bad key."""
+    try:
+        return model.model_validate(raw if raw is not None else {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(section)"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ParamsError(f"{where}.{key}: {err['msg']}{more}") from None
+
+
+def params_hash(params: StageParams) -> str:
+    """Return a short, stable hash of a stage's params, stamped on every row it writes."""
+    blob = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,56 @@
+"""Normalise text and derive stable content-based ids."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+_SPACES = re.compile(r"[^\S\n]+")  # whitespace except newline
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+_ALL_WS = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+
+
+def normalize_passage(text: str) -> str:
+    """Return NFC text with single spaces, Unix newlines and at most one blank line in a row."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def normalize_line(text: str) -> str:
+    """Return NFC text with every whitespace run collapsed to one space (questions, answers, titles)."""
+    return _ALL_WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def match_key(text: str) -> str:
+    """Return a comparison key: case-folded, punctuation removed, whitespace collapsed.
+
+    Two texts with the same key count as the same for leakage and exact-duplicate checks.
+    """
+    return _ALL_WS.sub(" ", _PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold())).strip()
+
+
+def sha256_hex(*parts: str) -> str:
+    """Hash parts joined by a unit separator, so ('ab', 'c') and ('a', 'bc') differ."""
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def stable_id(prefix: str, *parts: str, length: int = 16) -> str:
+    """Return ``<prefix>_<hex>``: a content-derived id that is the same on every machine and run."""
+    return f"{prefix}_{sha256_hex(*parts)[:length]}"
+
+
+def find_span(haystack: str, needle: str) -> tuple[int, int] | None:
+    """Find ``needle`` in ``haystack`` where any whitespace run matches any whitespace run.
+
+    Returns:
+        (start, end) character offsets into ``haystack``, or None when absent.
+    """
+    words = needle.split()
+    if not words:
+        return None
+    pattern = r"\s+".join(re.escape(w) for w in words)
+    m = re.search(pattern, haystack)
+    return (m.start(), m.end()) if m else None

@@ -1,0 +1,209 @@
+"""Split seed QA into train/val/test by document group, stratified by intent, with zero leakage."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from refinery.errors import RefineryError
+from refinery.params import StageParams, load_section
+from refinery.text import match_key
+from schemas import documents as documents_schema
+from schemas import seed_qa as qa_schema
+from schemas import split as split_schema
+from schemas.split import SPLITS
+
+
+class SplitParams(StageParams):
+    """Knobs of the split stage."""
+
+    seed: int
+    fractions: dict[str, float]  # share of QA rows per split; keys train, val, test; sum 1
+    stratify_by: str | None = "intent"  # QA column to balance across splits; null to balance sizes only
+    stratify_weight: float = Field(default=1.0, ge=0)  # weight of class balance against size balance
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> SplitParams:
+        if set(self.fractions) != set(SPLITS):
+            raise ValueError(f"fractions needs exactly the keys {', '.join(SPLITS)}")
+        if any(v < 0 for v in self.fractions.values()) or abs(sum(self.fractions.values()) - 1) > 1e-6:
+            raise ValueError("fractions must be >= 0 and sum to 1")
+        return self
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """One table per split, the counts metrics, and the groups used."""
+
+    tables: dict[str, pa.Table]
+    metrics: dict[str, Any]
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # deterministic root
+
+
+def leakage_groups(documents: pa.Table, qa: pa.Table) -> list[str]:
+    """Return a group key per QA row such that rows that could leak into each other share a group.
+
+    Joined into one group: rows of the same document; documents linked by ``supersedes`` (old and new
+    versions of one page); documents with identical text; rows whose normalised question is the same
+    (so no question, and hence no question+answer pair, can sit in two splits).
+    """
+    uf = _UnionFind()
+    doc_ids = documents.column("doc_id").to_pylist()
+    for doc_id, old, chash in zip(doc_ids, documents.column("supersedes").to_pylist(),
+                                  documents.column("content_hash").to_pylist()):
+        uf.union(f"d:{doc_id}", f"h:{chash}")
+        if old is not None:
+            uf.union(f"d:{doc_id}", f"d:{old}")
+    for doc_id, question in zip(qa.column("doc_id").to_pylist(), qa.column("question").to_pylist()):
+        uf.union(f"d:{doc_id}", f"q:{match_key(question)}")
+    return [uf.find(f"d:{d}") for d in qa.column("doc_id").to_pylist()]
+
+
+def assign_groups(groups: list[str], classes: list[str | None], fractions: dict[str, float], seed: int,
+                  stratify_weight: float) -> dict[str, str]:
+    """Assign each group to a split, greedily, largest group first (ties in seeded random order).
+
+    Each group goes where it most reduces the squared relative error of split sizes and of per-class
+    counts against their targets.
+
+    Returns:
+        ``{group: split}``.
+    """
+    rng = np.random.default_rng(seed)
+    size = Counter(groups)
+    by_group: dict[str, Counter] = defaultdict(Counter)
+    for g, c in zip(groups, classes):
+        by_group[g][c] += 1
+    total = len(groups)
+    class_total = Counter(classes)
+    order = sorted(size)
+    tie = dict(zip(order, rng.permutation(len(order))))
+    order.sort(key=lambda g: (-size[g], tie[g]))
+    count = {s: 0 for s in SPLITS}
+    class_count = {s: Counter() for s in SPLITS}
+    assignment: dict[str, str] = {}
+    n_classes = max(len(class_total), 1)
+    for g in order:
+        best, best_cost = None, None
+        for s in SPLITS:
+            if fractions[s] == 0:
+                continue
+            cost = 0.0
+            for t in SPLITS:
+                n = count[t] + (size[g] if t == s else 0)
+                cost += ((n - fractions[t] * total) / total) ** 2
+                for c, k in by_group[g].items():
+                    m = class_count[t][c] + (k if t == s else 0)
+                    cost += stratify_weight / n_classes * ((m - fractions[t] * class_total[c]) / class_total[c]) ** 2
+            if best_cost is None or cost < best_cost - 1e-12:
+                best, best_cost = s, cost
+        assignment[g] = best
+        count[best] += size[g]
+        class_count[best].update(by_group[g])
+    return assignment
+
+
+def check_leakage(tables: dict[str, pa.Table]) -> dict[str, int]:
+    """Count documents, normalised questions and question+answer pairs found in more than one split."""
+    seen: dict[str, dict[str, set]] = {k: defaultdict(set) for k in ("documents", "questions", "qa_pairs")}
+    for name, t in tables.items():
+        for d, q, a in zip(t.column("doc_id").to_pylist(), t.column("question").to_pylist(),
+                           t.column("answer").to_pylist()):
+            seen["documents"][d].add(name)
+            seen["questions"][match_key(q)].add(name)
+            seen["qa_pairs"][match_key(q) + "\x1f" + match_key(a)].add(name)
+    return {f"shared_{k}": sum(len(v) > 1 for v in m.values()) for k, m in seen.items()}
+
+
+def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult:
+    """Split seed QA rows into train, val and test.
+
+    Args:
+        documents: rows of the documents contract.
+        qa: rows of the seed_qa contract.
+        params: fractions, seed and stratification column.
+
+    Returns:
+        Tables of the split contract (input row order kept within each split) and the counts metrics.
+
+    Raises:
+        RefineryError: a stratification column that does not exist, or leakage (never expected).
+    """
+    if params.stratify_by is not None and params.stratify_by not in qa.column_names:
+        raise RefineryError(f"split.stratify_by: no column '{params.stratify_by}' in the seed QA table")
+    groups = leakage_groups(documents, qa)
+    classes = qa.column(params.stratify_by).to_pylist() if params.stratify_by else [None] * qa.num_rows
+    assignment = assign_groups(groups, classes, dict(params.fractions), params.seed, params.stratify_weight)
+    labels = [assignment[g] for g in groups]
+    labelled = qa.append_column(pa.field("split", pa.string(), nullable=False), pa.array(labels, pa.string()))
+    tables = {s: labelled.filter(pc.equal(labelled.column("split"), s)) for s in SPLITS}
+    leakage = check_leakage(tables)
+    if any(leakage.values()):
+        raise RefineryError(f"split: leakage across splits despite grouping ({leakage}); please report this bug")
+    per_class = {s: dict(sorted(Counter(x for x, lab in zip(classes, labels) if lab == s and x).items()))
+                 for s in SPLITS}
+    metrics = {
+        "rows": {s: tables[s].num_rows for s in SPLITS},
+        "share": {s: round(tables[s].num_rows / max(qa.num_rows, 1), 4) for s in SPLITS},
+        "documents": {s: len(set(tables[s].column("doc_id").to_pylist())) for s in SPLITS},
+        "groups": {s: len({g for g, lab in zip(groups, labels) if lab == s}) for s in SPLITS},
+        "leakage": leakage,
+        "classes_per_split": per_class if params.stratify_by else {},
+        "classes_missing_from_train": sorted({c for c in classes if c} - set(per_class["train"])),
+    }
+    return SplitResult(tables, metrics)
+
+
+@click.command("split")
+@click.option("--in", "in_dir", default="data/01_seed", show_default=True, help="Ingest output folder.")
+@click.option("--out", "out_dir", default="data/02_split", show_default=True)
+@click.option("--metrics", "metrics_file", default="metrics/split.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+def cli(in_dir: str, out_dir: str, metrics_file: str, params_file: str) -> None:
+    """Split seed QA into train/val/test by document group, without leakage."""
+    from refinery.io import atomic_outputs, read_parquet
+
+    params = load_section(params_file, "split", SplitParams)
+    src = Path(in_dir)
+    documents = documents_schema.CONTRACT.validate(read_parquet(src / "documents.parquet"),
+                                                   str(src / "documents.parquet"))
+    qa = qa_schema.CONTRACT.validate(read_parquet(src / "qa.parquet"), str(src / "qa.parquet"))
+    result = split(documents, qa, params)
+    out = Path(out_dir)
+    with atomic_outputs() as outputs:
+        for name, table in result.tables.items():
+            path = out / f"{name}.parquet"
+            outputs.parquet(split_schema.CONTRACT.validate(table, str(path)), path, split_schema.ARROW)
+        outputs.json(result.metrics, metrics_file)
+    rows = result.metrics["rows"]
+    click.echo(f"split: train {rows['train']}, val {rows['val']}, test {rows['test']} rows; leakage "
+               f"{sum(result.metrics['leakage'].values())} -> {out}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cli())
