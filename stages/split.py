@@ -86,10 +86,11 @@ def leakage_groups(documents: pa.Table, qa: pa.Table) -> list[str]:
 
 def assign_groups(groups: list[str], classes: list[str | None], fractions: dict[str, float], seed: int,
                   stratify_weight: float) -> dict[str, str]:
-    """Assign each group to a split, greedily, largest group first (ties in seeded random order).
+    """Assign each group to a split, greedily, in a seeded random order.
 
     Each group goes where it most reduces the squared relative error of split sizes and of per-class
-    counts against their targets.
+    counts against their targets. A random order (rather than largest first) keeps multi-question
+    groups spread over every split, so val and test look like train.
 
     Returns:
         ``{group: split}``.
@@ -101,9 +102,7 @@ def assign_groups(groups: list[str], classes: list[str | None], fractions: dict[
         by_group[g][c] += 1
     total = len(groups)
     class_total = Counter(classes)
-    order = sorted(size)
-    tie = dict(zip(order, rng.permutation(len(order))))
-    order.sort(key=lambda g: (-size[g], tie[g]))
+    order = [g for _, g in sorted(zip(rng.permutation(len(size)), sorted(size)))]
     count = {s: 0 for s in SPLITS}
     class_count = {s: Counter() for s in SPLITS}
     assignment: dict[str, str] = {}
