@@ -1,0 +1,608 @@
+"""Reject generated rows by fast text rules: errors, emptiness, truncation, refusals, meta-talk, length, language.
+
+The module also holds the vectorised text helpers the non-model gates share (``match_keys``,
+``word_tokens``, ``word_counts``): each gives exactly what the per-string functions in
+:mod:`refinery.text` give, but runs over a whole Arrow column at once with NumPy on the UTF-8 bytes,
+falling back to Python only for the rare non-ASCII rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from refinery.gates.base import Verdicts
+from refinery.text import match_key
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vectorised text helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+_CHUNK_BYTES = 1 << 20  # bytes of text per NumPy pass: small temporaries are reused by the allocator, where
+# fresh multi-megabyte arrays pay page faults (seconds per 100k rows on sandboxed kernels)
+_U64 = np.uint64
+_P = _U64(0x100000001B3)  # FNV-64 prime: odd, so invertible modulo 2**64
+_P_INV = _U64(pow(0x100000001B3, -1, 1 << 64))
+_POW: dict[str, np.ndarray] = {"p": np.ones(1, _U64), "inv": np.ones(1, _U64)}
+
+# ASCII byte map equal to match_key on ASCII text: casefold (= lower for ASCII), characters that are neither
+# \w nor \s become a space, Python's \s (which includes \x1c-\x1f) becomes a space.
+_LUT = np.full(256, 32, np.uint8)
+for _c in range(256):
+    _ch = chr(_c)
+    if _c >= 128:
+        _LUT[_c] = _c  # only used on rows that are pure ASCII
+    elif _ch.isalnum() or _ch == "_":
+        _LUT[_c] = ord(_ch.lower())
+del _c, _ch
+_ASCII_WS = np.zeros(256, bool)
+_ASCII_WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # bytes Python's str.split() splits on
+
+
+def as_strings(values: pa.Array | pa.ChunkedArray | list[str | None]) -> pa.StringArray:
+    """Return one contiguous string array with nulls replaced by ''."""
+    if isinstance(values, list):
+        values = pa.array(values, pa.string())
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    if values.type != pa.string():
+        values = values.cast(pa.string())
+    if values.null_count:
+        values = values.fill_null("")
+    return values
+
+
+def utf8_buffers(arr: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (utf-8 bytes, int64 offsets starting at 0) of a string array without copying the bytes."""
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, np.int32, count=len(arr) + 1, offset=arr.offset * 4).astype(np.int64)
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0]:offsets[-1]]
+    return data, offsets - offsets[0]
+
+
+def _from_buffers(data: np.ndarray, offsets: np.ndarray) -> pa.StringArray:
+    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets.astype(np.int32)),
+                                       pa.py_buffer(np.ascontiguousarray(data, np.uint8)))
+
+
+def _row_chunks(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Split rows into consecutive [lo, hi) ranges of about _CHUNK_BYTES bytes each (at least one row)."""
+    n = len(offsets) - 1
+    bounds, lo = [], 0
+    while lo < n:
+        hi = int(np.searchsorted(offsets, offsets[lo] + _CHUNK_BYTES, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return P**k and P**-k modulo 2**64 for k < n (cached, grown on demand)."""
+    if len(_POW["p"]) < n:
+        size = max(n, 2 * len(_POW["p"]))
+        _POW["p"] = np.cumprod(np.concatenate([[_U64(1)], np.full(size - 1, _P, _U64)]), dtype=_U64)
+        _POW["inv"] = np.cumprod(np.concatenate([[_U64(1)], np.full(size - 1, _P_INV, _U64)]), dtype=_U64)
+    return _POW["p"][:n], _POW["inv"][:n]
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """Scramble uint64 values with the splitmix64 finaliser (a bijection; spreads similar inputs apart).
+
+    Args:
+        x: uint64 values.
+
+    Returns:
+        The mixed values (new array).
+    """
+    with np.errstate(over="ignore"):
+        x = x.astype(_U64, copy=True)
+        x ^= x >> _U64(30)
+        x *= _U64(0xBF58476D1CE4E5B9)
+        x ^= x >> _U64(27)
+        x *= _U64(0x94D049BB133111EB)
+        x ^= x >> _U64(31)
+    return x
+
+
+def _normalise_ascii(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Apply match_key's ASCII rules to rows of bytes: map, collapse spaces, trim. Returns (bytes, offsets)."""
+    lengths = np.diff(offsets)
+    m = _LUT[data]
+    is_sp = m == 32
+    first = np.zeros(len(m), bool)
+    first[offsets[:-1][lengths > 0]] = True
+    prev_sp = np.empty(len(m), bool)
+    if len(m):
+        prev_sp[0] = True
+        prev_sp[1:] = is_sp[:-1]
+    keep = ~(is_sp & (prev_sp | first))
+    cs = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    m, offsets = m[keep], cs[offsets]
+    # a row may now end with one space: drop it
+    nonempty = np.diff(offsets) > 0
+    last = offsets[1:][nonempty] - 1
+    trailing = last[m[last] == 32]
+    if len(trailing):
+        keep = np.ones(len(m), bool)
+        keep[trailing] = False
+        cs = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        m, offsets = m[keep], cs[offsets]
+    return m, offsets
+
+
+def match_keys(values: pa.Array | pa.ChunkedArray | list[str | None]) -> pa.StringArray:
+    """Return ``refinery.text.match_key`` of every value, vectorised (nulls give '').
+
+    Args:
+        values: strings (Arrow array, chunked array or list).
+
+    Returns:
+        A string array of the same length; element i equals ``match_key(values[i] or '')``.
+    """
+    arr = as_strings(values)
+    if len(arr) == 0:
+        return arr
+    ascii_mask = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
+    data, offsets = utf8_buffers(arr)
+    parts, lengths = [], []
+    for lo, hi in _row_chunks(offsets):
+        m, off = _normalise_ascii(data[offsets[lo]:offsets[hi]], offsets[lo:hi + 1] - offsets[lo])
+        parts.append(m)
+        lengths.append(np.diff(off))
+    m = np.concatenate(parts)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+    fast = _from_buffers(m, offsets)
+    if ascii_mask.all():
+        return fast
+    slow = arr.to_pylist()
+    out = fast.to_pylist()
+    for i in np.flatnonzero(~ascii_mask):
+        out[i] = match_key(slow[i])
+    return pa.array(out, pa.string())
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Word tokens of many texts as 64-bit hashes, flat, with row offsets.
+
+    Attributes:
+        hashes: uint64, one per token, equal for equal token text in any row or call.
+        offsets: int64, length rows + 1; row i's tokens are ``hashes[offsets[i]:offsets[i + 1]]``.
+    """
+
+    hashes: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Tokens per row."""
+        return np.diff(self.offsets)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The row index of every token."""
+        return np.repeat(np.arange(len(self.offsets) - 1), self.counts)
+
+
+def word_tokens(keys: pa.StringArray) -> Tokens:
+    """Hash the space-separated words of normalised keys (the output of :func:`match_keys`).
+
+    Args:
+        keys: normalised strings (single spaces, no leading or trailing space).
+
+    Returns:
+        The token hashes and row offsets.
+    """
+    keys = as_strings(keys)
+    data, offsets = utf8_buffers(keys)
+    hashes, counts = [], []
+    for lo, hi in _row_chunks(offsets):
+        c = data[offsets[lo]:offsets[hi]]
+        off = offsets[lo:hi + 1] - offsets[lo]
+        n = len(c)
+        if n == 0:
+            counts.append(np.zeros(hi - lo, np.int64))
+            continue
+        is_sp = c == 32
+        is_tok = ~is_sp
+        prev_tok = np.zeros(n, bool)
+        prev_tok[1:] = is_tok[:-1]
+        next_tok = np.zeros(n, bool)
+        next_tok[:-1] = is_tok[1:]
+        row_start = np.zeros(n, bool)
+        row_start[off[:-1][off[:-1] < n]] = True
+        row_end = np.zeros(n, bool)
+        row_end[off[1:][off[1:] > 0] - 1] = True
+        starts = np.flatnonzero(is_tok & (~prev_tok | row_start))
+        ends = np.flatnonzero(is_tok & (~next_tok | row_end)) + 1
+        p, pinv = _powers(n)
+        with np.errstate(over="ignore"):
+            g = np.cumsum(c.astype(_U64) * pinv, dtype=_U64)
+            before = np.where(starts > 0, g[np.maximum(starts - 1, 0)], _U64(0))
+            h = (g[ends - 1] - before) * p[starts]
+            h ^= (ends - starts).astype(_U64) * _U64(0x9E3779B97F4A7C15)
+        hashes.append(mix64(h))
+        counts.append(np.diff(np.searchsorted(starts, off)))
+    counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+    return Tokens(np.concatenate(hashes) if hashes else np.zeros(0, _U64),
+                  np.concatenate([[0], np.cumsum(counts_all)]).astype(np.int64))
+
+
+def word_counts(values: pa.Array | pa.ChunkedArray | list[str | None]) -> np.ndarray:
+    """Count whitespace-separated words of raw text, as ``len(text.split())`` does (nulls count 0).
+
+    Args:
+        values: strings.
+
+    Returns:
+        int64 counts, one per value.
+    """
+    arr = as_strings(values)
+    if len(arr) == 0:
+        return np.zeros(0, np.int64)
+    data, offsets = utf8_buffers(arr)
+    counts = np.zeros(len(arr), np.int64)
+    for lo, hi in _row_chunks(offsets):
+        off = offsets[lo:hi + 1] - offsets[lo]
+        is_word = ~_ASCII_WS[data[offsets[lo]:offsets[hi]]]
+        start = is_word.copy()
+        start[1:] &= ~is_word[:-1]
+        heads = off[:-1][np.diff(off) > 0]
+        start[heads] = is_word[heads]
+        cs = np.concatenate([[0], np.cumsum(start, dtype=np.int64)])
+        counts[lo:hi] = cs[off[1:]] - cs[off[:-1]]
+    ascii_mask = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
+    if not ascii_mask.all():
+        for i in np.flatnonzero(~ascii_mask):
+            counts[i] = len(arr[i].as_py().split())
+    return counts
+
+
+def hash_words(words: list[str]) -> np.ndarray:
+    """Return the token hashes of a word list, as :func:`word_tokens` hashes them.
+
+    Args:
+        words: words (normalised like :func:`refinery.text.match_key`; a word with punctuation gives
+            several tokens).
+
+    Returns:
+        Sorted unique uint64 hashes.
+    """
+    keys = match_keys(words)
+    toks = word_tokens(keys)
+    return np.unique(toks.hashes)
+
+
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Return ``np.isin(values, sorted_set)`` for an already sorted ``sorted_set``, by binary search (faster).
+
+    Args:
+        values: values to look up.
+        sorted_set: ascending values.
+
+    Returns:
+        bool per value.
+    """
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), bool)
+    pos = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[pos] == values
+
+
+class SmallHashSet:
+    """Membership in a small set of 64-bit hashes with one table lookup per value (no search).
+
+    The table is indexed by the low bits of each hash, with enough bits that no two members share a slot.
+
+    Args:
+        members: uint64 hashes (well mixed, e.g. from :func:`word_tokens`).
+    """
+
+    def __init__(self, members: np.ndarray):
+        members = np.unique(members.astype(_U64))
+        bits = 10
+        while len(members) and len(np.unique(members & _U64((1 << bits) - 1))) < len(members):
+            bits += 1
+        self._mask = _U64((1 << bits) - 1)
+        empty = _U64(0)
+        while empty in set(members.tolist()):
+            empty += _U64(1)
+        self._table = np.full(1 << bits, empty, _U64)
+        self._table[(members & self._mask).astype(np.int64)] = members
+        self._empty = empty
+
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        """Return a bool per value: whether it is a member."""
+        found = self._table[(values & self._mask).astype(np.int64)]
+        return (found == values) & (values != self._empty)
+
+
+class U64Set:
+    """Membership in a large set of 64-bit hashes: a bitmap on the low bits screens out most non-members,
+    and a binary search confirms the rest.
+
+    Args:
+        members: uint64 hashes (well mixed).
+    """
+
+    def __init__(self, members: np.ndarray):
+        self._members = np.unique(members.astype(_U64))
+        bits = int(min(max(np.ceil(np.log2(max(len(self._members), 1) * 32)), 16), 28))
+        self._mask = _U64((1 << bits) - 1)
+        self._bitmap = np.zeros(1 << bits, bool)
+        self._bitmap[(self._members & self._mask).astype(np.int64)] = True
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        """Return a bool per value: whether it is a member."""
+        out = self._bitmap[(values & self._mask).astype(np.int64)]
+        maybe = np.flatnonzero(out)
+        out[maybe] = in_sorted(values[maybe], self._members)
+        return out
+
+
+def per_row_sum(tokens_rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Sum ``weights`` per row index (a vectorised group-by).
+
+    Args:
+        tokens_rows: the row index of each item.
+        weights: one number (or bool) per item.
+        n: number of rows.
+
+    Returns:
+        float64 sums, one per row.
+    """
+    return np.bincount(tokens_rows, weights=weights.astype(np.float64), minlength=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules gate
+# ---------------------------------------------------------------------------------------------------------------
+
+# Teacher refusals: first-person inability to help. Written so that support answers that say "sorry" or
+# "can't" about the product ("Sorry, partial months aren't refunded", "share links can't be given an expiry
+# date") and users who say "I can't find it" do not match.
+_APOS = "['\u2019]"
+REFUSAL = (
+    r"(?i)(?:"
+    rf"\b(?:i{_APOS}m|i am) (?:so |very |really )?(?:sorry|afraid),? but (?:i|as an ai)\b"
+    rf"|\bi apologi[sz]e,? but (?:i|as an ai)\b"
+    rf"|\b(?:i|as an ai,? i) (?:can{_APOS}?t|cannot|can not|won{_APOS}t|will not|am unable to|{_APOS}m unable to|"
+    rf"am not able to|{_APOS}m not able to|must decline to|won{_APOS}t be able to) "
+    r"(?:help|assist|comply|fulfil|fulfill|answer (?:that|this|your)|provide (?:that|this|an answer|a response|"
+    r"the requested|information (?:on|about) (?:that|this))|generate (?:that|this|a question|an answer)|"
+    r"create (?:that|this|a question|an answer))\b"
+    r"|\bi must (?:respectfully )?decline\b"
+    r"|\b(?:against|violates?) my (?:guidelines|programming|policies|policy|principles)\b"
+    rf"|\bthe (?:passage|text|context|excerpt|document|article) (?:does not|doesn{_APOS}t|did not) "
+    r"(?:provide|contain|mention|specify|say|state|include|give)\b"
+    r")"
+)
+# Meta-talk: the teacher speaking about the task instead of being the QA pair. A question must stand alone
+# (users of the fine-tuned model never see the source passage), so pointers to "the passage/the text" are
+# rejected only in forms that cannot be a user's own words ("according to the text", "the passage says");
+# "the text editor" or "share the document" stay legitimate.
+_SOURCE = r"(?:passage|text|context|excerpt|paragraph|article|given (?:text|passage|context|information)|" \
+          r"provided (?:text|passage|context|information|document))"
+META_TALK = (
+    r"(?i)(?:"
+    r"\bas an ai(?: language model| assistant| model)?\b"
+    r"|\bi{_APOS}?m (?:just )?an ai\b"
+    r"|^\W*(?:sure|certainly|of course|absolutely|okay|ok|great)\W{0,3}\s*(?:here|i{_APOS}?d be happy|"
+    r"i would be happy|i can help|below is|below are)\b"
+    r"|\bhere(?:{_APOS}s| is| are)\s+(?:a |an |the |one |some |your |my )?(?:\w+ ){0,2}"
+    r"(?:question|answer|qa pair|q&a pair|rewrite|paraphrase|rephrasing)s?\b"
+    r"|(?m:^\W*(?:note|disclaimer)\W*:)"
+    r"|^\W*(?:question|answer|q|a)\s*:"
+    rf"|\baccording to the (?:{_SOURCE}|document)\b"
+    rf"|\b(?:based on|from|in) the (?:given|provided|above|following) (?:{_SOURCE}|document|information)\b"
+    rf"|\bbased on the {_SOURCE}\b"
+    rf"|\bas (?:stated|mentioned|described|noted|explained|shown|given) in the (?:{_SOURCE}|document)\b"
+    rf"|\bthe (?:{_SOURCE}|document) (?:says|states|mentions|describes|explains|notes|suggests|indicates|"
+    r"implies)\b"
+    r")"
+).replace("{_APOS}", _APOS)
+# Ends that cannot finish an answer: a dangling joining word or joining punctuation.
+DANGLING_END = ("(?i)(?:[,;:(\\[{\\-\u2013\u2014&]|\\b(?:and|or|but|nor|the|a|an|of|because|than|whose|"
+                "such as|including|e\\.g|i\\.e))\\s*$")
+INNER_SENTENCE_END = r"[.!?]\s+\S"  # a sentence ended inside the answer, so its last one should end too
+TERMINAL_END = "[.!?\u2026)\\]}\"'\u201d\u2019*`]\\s*$"
+# English function words (NLTK's English list, trimmed of contractions), used for the language check.
+ENGLISH_STOPWORDS = (
+    "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers "
+    "herself it its itself they them their theirs themselves what which who whom this that these those am is are "
+    "was were be been being have has had having do does did doing a an the and but if or because as until while "
+    "of at by for with about against between into through during before after above below to from up down in "
+    "out on off over under again further then once here there when where why how all any both each few more most "
+    "other some such no nor not only own same so than too very s t can will just don should now d ll m o re ve y "
+    "ain aren couldn didn doesn hadn hasn haven isn ma mightn mustn needn shan shouldn wasn weren won wouldn"
+).split()
+
+REASONS = ("rules_transport_error", "rules_parse_error", "rules_empty", "rules_truncated", "rules_refusal",
+           "rules_meta_talk", "rules_too_short", "rules_too_long", "rules_language",
+           "rules_answer_repeats_question")
+
+
+ROWS_PER_PASS = 8192  # rows judged per pass: keeps lookups cache-sized and temporaries reused
+
+
+def _count(arr: pa.StringArray, pattern: str) -> np.ndarray:
+    return pc.count_substring(arr, pattern).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _matches(arr: pa.StringArray, regex: str) -> np.ndarray:
+    return pc.match_substring_regex(arr, regex).to_numpy(zero_copy_only=False)
+
+
+def _unbalanced(arr: pa.StringArray) -> np.ndarray:
+    """True where a bracket or double quote is opened and never closed (a cut-off generation).
+
+    Only unclosed openers count: a lone ')' is common in numbered lists ("1) Open Settings").
+    """
+    bad = np.zeros(len(arr), bool)
+    candidates = np.flatnonzero(_matches(arr, '[(\\[{"\u201c`]'))  # most rows hold none of these
+    if len(candidates) == 0:
+        return bad
+    sub = arr.take(pa.array(candidates))
+    sub_bad = np.zeros(len(sub), bool)
+    for opener, closer in (("(", ")"), ("[", "]"), ("{", "}"), ("\u201c", "\u201d")):
+        sub_bad |= _count(sub, opener) > _count(sub, closer)
+    sub_bad |= _count(sub, '"') % 2 == 1
+    sub_bad |= _count(sub, "```") % 2 == 1
+    bad[candidates] = sub_bad
+    return bad
+
+
+class RulesGate:
+    """Reject rows that fail cheap text rules; reason = the first failing rule in priority order.
+
+    Codes, in priority order: ``rules_transport_error`` (the teacher call failed), ``rules_parse_error``
+    (the output did not parse), ``rules_empty``, ``rules_truncated``, ``rules_refusal``, ``rules_meta_talk``,
+    ``rules_too_short`` / ``rules_too_long`` (words of question + answer, and of the answer alone),
+    ``rules_language``, ``rules_answer_repeats_question``. Score: the number of rules the row fails
+    (0 when kept).
+
+    Sources: word-count bounds and the English stop-word test follow the Gopher quality filters (Rae et al.
+    2021, "Scaling Language Models", appendix A.1.1; datatrove ``GopherQualityFilter``: ``gopher_short_doc``,
+    ``gopher_enough_stop_words``); truncation and terminal punctuation follow C4's "lines that end in
+    terminal punctuation" rule (Raffel et al. 2020, section 2.2; datatrove ``C4QualityFilter``); refusal and
+    "As an AI language model" filters follow the cleaning of distilled instruction data (Alpaca-cleaned,
+    WizardLM/Vicuna "unfiltered" ShareGPT cleaning lists); seed 004 sets 10-200 QA words.
+
+    Truncation (``rules_truncated``): ``finish_reason == 'length'``; an unclosed bracket, double quote,
+    curly quote or code fence in the question or answer; an answer that ends with a joining word or
+    punctuation (", and", "the", ":"); or an answer that does not end with terminal punctuation although
+    an earlier sentence in it did ("... 14 days. To start one, open"), or that is longer than
+    ``max_unterminated_answer_words`` words. Single-sentence answers may omit the final period: Cosmos QA's
+    human answers do so in 23% of rows, up to 36 words long; the default bound of 40 keeps all of them.
+
+    Language (``rules_language``): not English when fewer than ``min_ascii_letter_share`` of the letters
+    are ASCII, or, for texts of at least ``language_min_words`` words, when fewer than
+    ``min_stopword_share`` of the words are English function words. Limits: it cannot tell English from
+    other Latin-script languages on texts shorter than ``language_min_words`` words, it passes mixed-language
+    text whose English part carries enough function words, and it rejects English written without function
+    words (keyword lists, code).
+
+    Args:
+        min_qa_words, max_qa_words: bounds on the words of question + answer (``rules_too_short``/``_long``).
+        min_answer_words, max_answer_words: bounds on the answer's words.
+        max_unterminated_answer_words: longest answer (words) allowed without terminal punctuation.
+        min_ascii_letter_share: least share of letters that are ASCII (0-1).
+        min_stopword_share: least share of words that are English function words (0-1).
+        language_min_words: fewest words for the function-word test to apply.
+        max_answer_question_overlap: most share of the answer's words that may come from the question (0-1)
+            before ``rules_answer_repeats_question``; an answer equal to the question always fails.
+    """
+
+    name = "rules"
+
+    def __init__(self, min_qa_words: int = 10, max_qa_words: int = 200, min_answer_words: int = 2,
+                 max_answer_words: int = 150, max_unterminated_answer_words: int = 40,
+                 min_ascii_letter_share: float = 0.9, min_stopword_share: float = 0.1,
+                 language_min_words: int = 8, max_answer_question_overlap: float = 0.9):
+        if min_qa_words > max_qa_words or min_answer_words > max_answer_words:
+            raise ValueError("rules: a min_* word bound is above its max_* bound")
+        for share in (min_ascii_letter_share, min_stopword_share, max_answer_question_overlap):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"rules: share thresholds must lie in [0, 1], got {share}")
+        self.min_qa_words, self.max_qa_words = min_qa_words, max_qa_words
+        self.min_answer_words, self.max_answer_words = min_answer_words, max_answer_words
+        self.max_unterminated_answer_words = max_unterminated_answer_words
+        self.min_ascii_letter_share = min_ascii_letter_share
+        self.min_stopword_share = min_stopword_share
+        self.language_min_words = language_min_words
+        self.max_answer_question_overlap = max_answer_question_overlap
+        self._stopwords = SmallHashSet(hash_words(ENGLISH_STOPWORDS))
+
+    def failures(self, rows: pa.Table) -> dict[str, np.ndarray]:
+        """Evaluate every rule on every row.
+
+        Args:
+            rows: a table with the synthetic contract's question, answer, parse_error, error and
+                finish_reason columns.
+
+        Returns:
+            ``{reason code: bool array}`` in priority order (True = the row fails that rule).
+        """
+        parts = [self._failures(rows.slice(lo, ROWS_PER_PASS)) for lo in range(0, rows.num_rows, ROWS_PER_PASS)]
+        if not parts:
+            return {r: np.zeros(0, bool) for r in REASONS}
+        return {r: np.concatenate([p[r] for p in parts]) for r in REASONS}
+
+    def _failures(self, rows: pa.Table) -> dict[str, np.ndarray]:
+        n = rows.num_rows
+        q = as_strings(rows.column("question"))
+        a = as_strings(rows.column("answer"))
+        fr = rows.column("finish_reason").to_numpy(zero_copy_only=False)
+        fails: dict[str, np.ndarray] = {}
+        fails["rules_transport_error"] = rows.column("error").is_valid().to_numpy(zero_copy_only=False)
+        fails["rules_parse_error"] = rows.column("parse_error").is_valid().to_numpy(zero_copy_only=False)
+        q_words, a_words = word_counts(q), word_counts(a)
+        fails["rules_empty"] = (q_words == 0) | (a_words == 0)
+        a_trim = pc.utf8_trim_whitespace(a)
+        unterminated = ~_matches(a_trim, TERMINAL_END) & ((a_words > self.max_unterminated_answer_words)
+                                                          | _matches(a_trim, INNER_SENTENCE_END))
+        fails["rules_truncated"] = ((fr == "length") | _unbalanced(q) | _unbalanced(a) | unterminated
+                                    | (_matches(a_trim, DANGLING_END) & (a_words > 0)))
+        fails["rules_refusal"] = _matches(q, REFUSAL) | _matches(a, REFUSAL)
+        fails["rules_meta_talk"] = _matches(q, META_TALK) | _matches(a, META_TALK)
+        qa_words = q_words + a_words
+        fails["rules_too_short"] = (qa_words < self.min_qa_words) | (a_words < self.min_answer_words)
+        fails["rules_too_long"] = (qa_words > self.max_qa_words) | (a_words > self.max_answer_words)
+        q_keys, a_keys = match_keys(q), match_keys(a)
+        q_tok, a_tok = word_tokens(q_keys), word_tokens(a_keys)
+        fails["rules_language"] = self._not_english(q, a, q_tok, a_tok, n)
+        fails["rules_answer_repeats_question"] = self._repeats(q_keys, a_keys, q_tok, a_tok, n)
+        return fails
+
+    def _not_english(self, q: pa.StringArray, a: pa.StringArray, q_tok: Tokens, a_tok: Tokens,
+                     n: int) -> np.ndarray:
+        stop = (per_row_sum(q_tok.rows, self._stopwords.contains(q_tok.hashes), n)
+                + per_row_sum(a_tok.rows, self._stopwords.contains(a_tok.hashes), n))
+        n_tok = q_tok.counts + a_tok.counts
+        few_stopwords = (n_tok >= self.language_min_words) & (stop / np.maximum(n_tok, 1) < self.min_stopword_share)
+        ascii_share = np.ones(n)
+        not_ascii = ~(pc.string_is_ascii(q).to_numpy(zero_copy_only=False)
+                      & pc.string_is_ascii(a).to_numpy(zero_copy_only=False))
+        for i in np.flatnonzero(not_ascii):
+            s = f"{q[i].as_py()} {a[i].as_py()}"
+            letters = sum(ch.isalpha() for ch in s)
+            ascii_share[i] = sum(ch.isascii() and ch.isalpha() for ch in s) / letters if letters else 1.0
+        return few_stopwords | (ascii_share < self.min_ascii_letter_share)
+
+    def _repeats(self, q_keys: pa.StringArray, a_keys: pa.StringArray, q_tok: Tokens, a_tok: Tokens,
+                 n: int) -> np.ndarray:
+        same = pc.equal(q_keys, a_keys).to_numpy(zero_copy_only=False) & (a_tok.counts > 0)
+        # (row, token) keys, the row in the high bits (n <= ROWS_PER_PASS < 2**24)
+        low = _U64((1 << 40) - 1)
+        q_keyed = np.sort((q_tok.rows.astype(_U64) << _U64(40)) | (q_tok.hashes & low))
+        a_keyed = (a_tok.rows.astype(_U64) << _U64(40)) | (a_tok.hashes & low)
+        inside = in_sorted(a_keyed, q_keyed)
+        share = per_row_sum(a_tok.rows, inside, n) / np.maximum(a_tok.counts, 1)
+        return same | ((a_tok.counts > 0) & (share > self.max_answer_question_overlap))
+
+    def apply(self, rows: pa.Table) -> Verdicts:
+        """Judge every row.
+
+        Args:
+            rows: rows of the synthetic contract (question, answer, parse_error, error, finish_reason).
+
+        Returns:
+            One verdict per row: score = rules failed, reason = the first failed rule in priority order.
+        """
+        if rows.num_rows == 0:
+            return Verdicts([], [], [])
+        fails = self.failures(rows)
+        stacked = np.stack([fails[r] for r in REASONS])
+        score = stacked.sum(axis=0)
+        first = np.argmax(stacked, axis=0)
+        keep = score == 0
+        reason = [None if k else REASONS[f] for k, f in zip(keep.tolist(), first.tolist())]
+        return Verdicts(keep.tolist(), score.astype(float).tolist(), reason)
