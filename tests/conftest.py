@@ -83,3 +83,34 @@ def needs_cosmosqa():
     """Skip marker for tests that read the shared CosmosQA file."""
     return pytest.mark.skipif(not COSMOSQA.exists(), reason=f"shared dataset absent: {COSMOSQA} "
                                                             f"(set REFINERY_SHARED to its folder)")
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory) -> Path:
+    """A plain fp32 SmolLM2 folder: the provisioned one when `dvc repro` ran, else converted once per session."""
+    from refinery.errors import ModelResolutionError
+    from refinery.models import resolve
+
+    provisioned = ROOT / "models" / "base" / "weights" / "embedded--smollm2-135m-instruct"
+    if (provisioned / "config.json").is_file():
+        return provisioned
+    try:
+        _, gguf, _ = resolve.embedded_source(resolve.parse_spec("teacher", "embedded:smollm2-135m-instruct"))
+    except ModelResolutionError as e:
+        pytest.skip(f"no real model to test on: {e}")
+    out = tmp_path_factory.mktemp("smollm2_fp32")
+    resolve.convert_gguf(gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2 folder, straight from its package."""
+    from refinery.errors import ModelResolutionError
+    from refinery.models import resolve
+
+    try:
+        _, folder, _ = resolve.embedded_source(resolve.parse_spec("embedder", "embedded:all-minilm-l6-v2"))
+    except ModelResolutionError as e:
+        pytest.skip(f"no embedding model to test on: {e}")
+    return folder
