@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## Run the whole pipeline on the embedded demo seed.
+## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first).
+PROFILE ?=
 repro: install
+	@if [ -n "$(PROFILE)" ]; then refinery profile apply $(PROFILE); fi
 	dvc repro
 
 ## Run the test suite.

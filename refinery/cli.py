@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "provision": ("stages.provision:cli", "Resolve teacher, judge, student and embedder models into models/base."),
     "ingest": ("stages.ingest:cli", "Read seed documents and QA pairs into Parquet with stable ids."),
     "split": ("stages.split:cli", "Split seed QA into train/val/test by document group, without leakage."),
+    "generate": ("stages.generate:cli", "Generate synthetic QA rows from the human train split with the teacher."),
+    "contaminate": ("stages.contaminate:cli", "Build the AI-contaminated comparison set from the human train split."),
+    "profile": ("refinery.profiles:cli", "Apply a named params profile (ci, cosmosqa) onto params.yaml."),
     "doctor": ("refinery.doctor:cli", "Check installed packages and that every role's model resolves."),
 }
 

@@ -54,3 +54,29 @@ def find_span(haystack: str, needle: str) -> tuple[int, int] | None:
     pattern = r"\s+".join(re.escape(w) for w in words)
     m = re.search(pattern, haystack)
     return (m.start(), m.end()) if m else None
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]]*[ \t]+(?=[\"'(\[]?[A-Z0-9])|\n+")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Return (start, end) offsets of the sentences of ``text``.
+
+    A sentence ends at . ! or ? followed by a space and a capital letter or digit, or at a newline,
+    so '$9.50' and 'help@x.example' do not split.
+    """
+    spans, start = [], 0
+    for m in list(_SENTENCE_BREAK.finditer(text)) + [None]:
+        end = m.start() if m else len(text)
+        if m is not None and not text[m.start()].isspace():
+            end = m.start() + len(m.group(0).rstrip())  # keep closing quotes with their sentence
+        s, e = start, end
+        while s < e and text[s].isspace():
+            s += 1
+        while e > s and text[e - 1].isspace():
+            e -= 1
+        if e > s:
+            spans.append((s, e))
+        if m is not None:
+            start = m.end()
+    return spans

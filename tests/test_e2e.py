@@ -46,8 +46,15 @@ def lock_outs(repo: Path) -> dict[str, str]:
     return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
 
 
+def ci_clone(dest: Path) -> Path:
+    """A fresh clone with the tiny `ci` profile applied (as `make repro PROFILE=ci` does)."""
+    fresh_clone(dest)
+    _run([sys.executable, "-m", "refinery.cli", "profile", "apply", "ci"], dest)
+    return dest
+
+
 def test_repro_on_two_fresh_clones_is_reproducible_and_a_rerun_is_a_no_op(tmp_path):
-    a = fresh_clone(tmp_path / "a")
+    a = ci_clone(tmp_path / "a")
     _run([sys.executable, "-m", "dvc", "repro"], a)
     # the demo went through provision -> ingest -> split
     split = json.loads((a / "metrics" / "split.json").read_text())
@@ -63,6 +70,6 @@ def test_repro_on_two_fresh_clones_is_reproducible_and_a_rerun_is_a_no_op(tmp_pa
     print(f"no-op repro: {time.perf_counter() - t0:.1f} s")
     assert "up to date" in again.stdout
     # a second fresh clone gives the same output hashes
-    b = fresh_clone(tmp_path / "b")
+    b = ci_clone(tmp_path / "b")
     _run([sys.executable, "-m", "dvc", "repro"], b)
     assert lock_outs(a) == lock_outs(b)

@@ -266,3 +266,21 @@ def load_target(base_dir: str | Path, role: str) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12] if files else None
     load["id"] = f"{record['kind']}:{record['spec']}@{record.get('revision') or record.get('model') or digest}"
     return load
+
+
+def backend_spec(load: dict[str, Any], **local_options: Any) -> dict[str, Any]:
+    """Turn a role's load target (see :func:`load_target`) into a backend spec for ``make_backend``.
+
+    Args:
+        load: ``load_target(...)`` of the role.
+        local_options: options of the in-process backend (batch_size, threads, ...); ignored for endpoints.
+    """
+    if "endpoint" in load:
+        return {"kind": "openai", "base_url": load["endpoint"], "model": load["model"],
+                "api_key_env": load.get("api_key_env")}
+    if "hf_id" in load:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(load["hf_id"], revision=load["revision"], local_files_only=True)
+        return {"kind": "local", "path": path, **local_options}
+    return {"kind": "local", "path": load["path"], **local_options}

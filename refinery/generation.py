@@ -1,0 +1,108 @@
+"""Turn planned teacher calls into provenance-stamped rows: shared by generate, contaminate and recover."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from refinery import strategies as strat
+from refinery.backends.base import Backend, GenResult
+from refinery.prompts import Template
+from refinery.teacher import Job
+from refinery.text import stable_id
+from schemas import synthetic as synthetic_schema
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One planned teacher call and the provenance it will carry."""
+
+    job: Job
+    strategy: str
+    parent: dict[str, Any]
+    span: tuple[int, int]
+    sample_index: int
+    template_ref: str
+
+
+def call_seed(base: int, *parts: Any) -> int:
+    """Return a per-call sampling seed derived from the stage seed and the call's identity."""
+    return int(hashlib.sha256("|".join(map(str, (base, *parts))).encode()).hexdigest()[:8], 16)
+
+
+def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Table, *, origin: str,
+            teacher_id: str, phash: str, code_version: str) -> pa.Table:
+    """Turn teacher results into rows of the synthetic contract, parsed strictly, failures kept with a reason."""
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    out = []
+    for p, r in zip(planned, results):
+        s = strat.STRATEGIES[p.strategy]
+        question, answer, parse_error = (None, None, None)
+        if r.ok:
+            question, answer, parse_error = strat.parse_output(s, r.text)
+            if parse_error is None and s.output == "answer":
+                question = p.parent["question"]
+            elif parse_error is None and s.output == "question":
+                answer = p.parent["answer"]
+        req = p.job.request
+        out.append({
+            "row_id": stable_id("syn" if origin == "synthetic" else origin[:3], p.job.key), "origin": origin,
+            "parent_ids": [p.parent["row_id"]], "doc_id": p.parent["doc_id"], "evidence_start": p.span[0],
+            "evidence_end": p.span[1], "strategy": p.strategy, "teacher": teacher_id,
+            "prompt_template": p.template_ref,
+            "gen_params": json.dumps({"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
+                                      "top_p": req.top_p, "stop": list(req.stop)}, sort_keys=True),
+            "attempt": 0, "recovery_action": None, "params_hash": phash, "code_version": code_version,
+            "question": question, "answer": answer, "intent": p.parent["intent"],
+            "evidence": texts[p.parent["doc_id"]][p.span[0]:p.span[1]], "raw_output": r.text,
+            "parse_error": parse_error, "error": r.error, "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "latency_s": r.latency_s,
+            "seed": req.seed, "sample_index": p.sample_index, "cache_key": p.job.key,
+        })
+    return pa.Table.from_pylist(out, schema=synthetic_schema.ARROW)
+
+
+def outcome_metrics(table: pa.Table) -> dict[str, Any]:
+    """Count rows, parse failures and transport errors, overall and per strategy.
+
+    Call counts and cache hits are logged, not stored: metrics must not depend on what was cached.
+    """
+    rows = table.to_pylist()
+    per = {}
+    for name in sorted({r["strategy"] for r in rows}):
+        sub = [r for r in rows if r["strategy"] == name]
+        parsed = sum(r["parse_error"] is None and r["error"] is None for r in sub)
+        per[name] = {"rows": len(sub), "parsed": parsed, "parse_failure_share": round(1 - parsed / len(sub), 4)}
+    failed = sum(r["parse_error"] is not None or r["error"] is not None for r in rows)
+    tokens = sum(r["completion_tokens"] for r in rows)
+    return {
+        "rows": len(rows), "parsed": len(rows) - failed, "failure_share": round(failed / max(len(rows), 1), 4),
+        "transport_errors": sum(r["error"] is not None for r in rows),
+        **{f"dropped_{k}": v for k, v in sorted(Counter(r["parse_error"] for r in rows if r["parse_error"]).items())},
+        "per_strategy": per, "completion_tokens": tokens,
+    }
+
+
+def load_templates(folder: Path, names: list[str]) -> dict[str, Template]:
+    """Load ``<folder>/<name>.txt`` for each strategy name."""
+    from refinery.prompts import load_template
+
+    return {n: load_template(folder / f"{n}.txt") for n in names}
+
+
+def teacher_backend(base: str, batch_size: int, threads: int) -> tuple[str, Callable[[], Backend]]:
+    """Return the teacher's provenance id and a function that builds its backend (lazily, once)."""
+    from refinery.backends.factory import make_backend
+    from refinery.models.resolve import backend_spec, load_target
+
+    load = load_target(base, "teacher")
+    spec = backend_spec(load, batch_size=batch_size, threads=threads)
+    # Built only when some call is not cached; an unreachable server then fails with one line naming its URL.
+    return load["id"], lambda: make_backend(spec)

@@ -1,0 +1,135 @@
+"""Run teacher requests through a content-addressed, resumable cache, in fixed batches, with progress."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from refinery.backends.base import Backend, GenRequest, GenResult
+
+
+def cache_key(model: str, template_ref: str, request: GenRequest, sample_index: int) -> str:
+    """Return the content address of one teacher call.
+
+    The key covers the model (id + revision/hash), the template (name + content hash), the rendered
+    prompt or messages, the sampling params and seed, and the sample index: if any of them changes,
+    the call is made again; if none does, the cached result is reused.
+    """
+    payload = {"model": model, "template": template_ref, "request": asdict(request), "sample_index": sample_index}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class GenerationCache:
+    """A SQLite store of teacher results keyed by :func:`cache_key`, committed after every batch.
+
+    A killed run (even ``kill -9``) loses at most the batch in flight: SQLite commits are atomic.
+    Only successful results are stored, so transport failures are retried on the next run.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, result TEXT NOT NULL)")
+        self._db.commit()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, GenResult]:
+        """Return the cached results among ``keys``."""
+        found: dict[str, GenResult] = {}
+        unique = list(dict.fromkeys(keys))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            rows = self._db.execute(f"SELECT key, result FROM results WHERE key IN ({','.join('?' * len(chunk))})",
+                                    chunk).fetchall()
+            found.update({k: GenResult(**json.loads(v)) for k, v in rows})
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, GenResult]]) -> None:
+        """Store results and commit (one transaction)."""
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO results (key, result) VALUES (?, ?)",
+                                 [(k, json.dumps(asdict(r), ensure_ascii=False)) for k, r in items])
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One teacher call: the request and its cache key."""
+
+    request: GenRequest
+    key: str
+
+
+@dataclass
+class RunStats:
+    """Counts of a run: calls made to the model, cache hits, failures."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+
+
+def progress_bar(total: int, desc: str, quiet: bool) -> Any:
+    """Return a tqdm bar on stderr (rate and ETA), disabled when quiet or stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=quiet or not sys.stderr.isatty(),
+                dynamic_ncols=True)
+
+
+def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cache: GenerationCache, *,
+             batch_size: int, desc: str = "teacher", quiet: bool = False) -> tuple[list[GenResult], RunStats]:
+    """Answer every job from the cache or the backend, in batches fixed by job order.
+
+    Batches are cut from the full job list (not from what is missing), so a resumed run sends the
+    same batches as an uninterrupted one. Each finished batch is committed to the cache before the
+    next starts.
+
+    Args:
+        jobs: the calls, in a deterministic order.
+        backend: the model, or a function that builds it (called only if some job is not cached).
+        cache: the result store.
+        batch_size: jobs per backend call.
+        desc: progress-bar label.
+        quiet: no progress bar.
+
+    Returns:
+        One result per job, in order, and the run's counts.
+    """
+    cached = cache.get_many([j.key for j in jobs])
+    stats = RunStats(cache_hits=sum(j.key in cached for j in jobs))
+    results: dict[str, GenResult] = dict(cached)
+    model: Backend | None = None if callable(backend) and not hasattr(backend, "generate") else backend
+    bar = progress_bar(len(jobs), desc, quiet)
+    bar.update(stats.cache_hits)
+    try:
+        for start in range(0, len(jobs), batch_size):
+            batch = [j for j in jobs[start:start + batch_size] if j.key not in results]
+            todo = list({j.key: j for j in batch}.values())
+            if not todo:
+                continue
+            if model is None:
+                model = backend()
+            out = model.generate([j.request for j in todo])
+            stats.calls += len(todo)
+            stats.errors += sum(not r.ok for r in out)
+            results.update({j.key: r for j, r in zip(todo, out)})
+            cache.put_many([(j.key, r) for j, r in zip(todo, out) if r.ok])
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return [results[j.key] for j in jobs], stats

@@ -1,0 +1,112 @@
+"""Build the AI-contaminated comparison set (seed 004, model B): human questions with teacher-written answers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from refinery import generation
+from refinery import strategies as strat
+from refinery.backends.base import GenRequest
+from refinery.errors import RefineryError
+from refinery.params import StageParams, load_section, params_hash
+from refinery.prompts import Template
+from refinery.teacher import GenerationCache, Job, cache_key, run_jobs
+from schemas import synthetic as synthetic_schema
+from refinery.generation import Planned, call_seed, load_templates, outcome_metrics, teacher_backend, to_rows
+
+STRATEGIES = ("contaminate_answer", "contaminate_paraphrase")
+
+
+class ContaminateParams(StageParams):
+    """Knobs of the contaminate stage."""
+
+    seed: int
+    answer_share: float = Field(ge=0, le=1)  # share of questions answered by the teacher; the rest paraphrase
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    threads: int = Field(gt=0)
+    max_failure_share: float = Field(ge=0, le=1)
+
+
+def plan(train: pa.Table, templates: dict[str, Template], params: ContaminateParams,
+         teacher_id: str) -> list[Planned]:
+    """Give each human train question one teacher call: a teacher answer (``answer_share`` of them, chosen
+    by seed) or a teacher paraphrase of the human answer (the rest).
+
+    Raises:
+        RefineryError: an empty train split.
+    """
+    rows = train.to_pylist()
+    if not rows:
+        raise RefineryError("contaminate: the train split is empty")
+    rng = np.random.default_rng(params.seed)
+    n_answer = round(params.answer_share * len(rows))
+    answered = set(rng.permutation(len(rows))[:n_answer].tolist())
+    planned = []
+    for i, row in enumerate(rows):
+        name = STRATEGIES[0] if i in answered else STRATEGIES[1]
+        tpl, s = templates[name], strat.STRATEGIES[name]
+        prompt = tpl.render({"question": row["question"], "answer": row["answer"], "evidence": row["evidence"],
+                             "passage": row["evidence"], "title": ""})
+        request = GenRequest(prompt=prompt, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                             top_p=params.top_p, stop=s.stop, seed=call_seed(params.seed, row["row_id"], name))
+        key = cache_key(teacher_id, tpl.ref, request, 0)
+        planned.append(Planned(Job(request, key), name, row, (row["evidence_start"], row["evidence_end"]), 0,
+                               tpl.ref))
+    return planned
+
+
+@click.command("contaminate")
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
+@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
+@click.option("--models", "models_dir", default="models/base", show_default=True)
+@click.option("--prompts", "prompts_dir", default="prompts", show_default=True)
+@click.option("--cache", "cache_file", default=".refinery/cache/teacher.sqlite", show_default=True)
+@click.option("--out", "out_file", default="data/03_generated/contaminated.parquet", show_default=True)
+@click.option("--metrics", "metrics_file", default="metrics/contaminate.json", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_file, out_file, metrics_file,
+        quiet) -> None:
+    """Build the AI-contaminated comparison set from the human train split."""
+    import time
+
+    from refinery.io import atomic_outputs, read_parquet
+    from refinery.provenance import code_version
+    from schemas import documents as documents_schema
+    from schemas import split as split_schema
+
+    params = load_section(params_file, "contaminate", ContaminateParams)
+    train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
+    documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
+    templates = load_templates(Path(prompts_dir), list(STRATEGIES))
+    teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads)
+    planned = plan(train, templates, params, teacher_id)
+    cache = GenerationCache(cache_file)
+    t0 = time.perf_counter()
+    try:
+        results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=params.batch_size,
+                                  desc="contaminate", quiet=quiet)
+    finally:
+        cache.close()
+    seconds = time.perf_counter() - t0
+    table = to_rows(planned, results, documents, origin="contaminated", teacher_id=teacher_id,
+                    phash=params_hash(params), code_version=code_version(sys.modules[__name__], strat, generation))
+    table = synthetic_schema.CONTRACT.validate(table, out_file)
+    metrics = {"answer_share": params.answer_share, **outcome_metrics(table)}
+    with atomic_outputs() as outputs:
+        outputs.parquet(table, out_file, synthetic_schema.ARROW)
+        outputs.json(metrics, metrics_file)
+    click.echo(f"contaminate: {metrics['rows']} rows ({metrics['parsed']} parsed); {stats.calls} model calls, "
+               f"{stats.cache_hits} cached in {seconds:.1f} s -> {out_file}", err=True)
+    if metrics["failure_share"] > params.max_failure_share:
+        raise RefineryError(f"contaminate: {metrics['failure_share']:.1%} of calls failed or did not parse, over "
+                            f"contaminate.max_failure_share={params.max_failure_share:.0%}")

@@ -1,0 +1,220 @@
+"""Generation: budget-aware mix, strict parsing, provenance, the content-addressed resumable cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from refinery import strategies as strat
+from refinery.backends.base import GenRequest, GenResult
+from refinery.backends.fake import FakeBackend
+from refinery.errors import RefineryError
+from refinery.generation import load_templates, to_rows
+from refinery.prompts import load_template
+from refinery.teacher import GenerationCache, Job, cache_key, run_jobs
+from stages.generate import GenerateParams, TokenBudget, plan
+from tests.conftest import ROOT
+from tests.test_split import seed_tables
+
+PROMPTS = ROOT / "prompts"
+
+
+def params(**kw) -> GenerateParams:
+    base = dict(seed=1, budget=12, strategy_mix=None, temperature=0.7, top_p=0.95, shots=1,
+                max_new_tokens=TokenBudget(answer=16, question=16, qa=24), batch_size=4, threads=1, skip_stale=True,
+                window_sentences=1, max_failure_share=0.5)
+    return GenerateParams(**{**base, **kw})
+
+
+@pytest.fixture
+def tables(tmp_path):
+    from stages.split import SplitParams, split
+
+    documents, qa = seed_tables(tmp_path)
+    train = split(documents, qa, SplitParams(seed=1, fractions={"train": 1.0, "val": 0.0, "test": 0.0}))
+    return documents, train.tables["train"]
+
+
+def templates():
+    return load_templates(PROMPTS, list(strat.GENERATION_STRATEGIES))
+
+
+# ---- budget-aware mix ----
+
+def test_low_budget_ratio_is_mostly_answer_augmentation_and_high_is_mostly_new_questions():
+    low_ratio, low = strat.choose_mix(50, 100)
+    high_ratio, high = strat.choose_mix(1000, 100)
+    assert low_ratio == 0.5 and max(low, key=low.get) == "answer_augmentation"
+    assert high_ratio == 10 and max(high, key=high.get) == "new_question"
+
+
+def test_allocation_sums_to_the_budget():
+    counts = strat.allocate(7, {"a": 0.5, "b": 0.3, "c": 0.2})
+    assert sum(counts.values()) == 7 and counts == {"a": 4, "b": 2, "c": 1}
+
+
+# ---- parsing: strict field markers, never invented fields ----
+
+@pytest.mark.parametrize("text, expected", [
+    (" How long is the trial?\nAnswer: It lasts 14 days.", ("How long is the trial?", "It lasts 14 days.", None)),
+    (" Why was the man bleeding? He fell.", (None, None, "parse_missing_answer")),
+    ("Why w\nas the man bleeding?\nAnswer: yes", (None, None, "parse_multiline_question")),
+    (" \nAnswer: It lasts.", (None, None, "parse_empty_question")),
+    (" What is it?\nAnswer:   ", (None, None, "parse_empty_answer")),
+    (" What is it?\nAnswer: A thing. Question: another?", (None, None, "parse_extra_fields")),
+])
+def test_qa_output_parsing(text, expected):
+    assert strat.parse_output(strat.STRATEGIES["new_question"], text) == expected
+
+
+def test_a_peer_tools_failure_mode_is_rejected_not_split_on_letters():
+    # a peer tool split "Why was the man bleeding?" on the letter 'a' into question "Why w" / answer "s the man..."
+    q, a, err = strat.parse_output(strat.STRATEGIES["evol_depth"], "Why was the man bleeding?")
+    assert (q, a, err) == (None, None, "parse_missing_answer")
+
+
+def test_single_field_outputs():
+    assert strat.parse_output(strat.STRATEGIES["answer_augmentation"], " Answer: Within 30 days.") == \
+        (None, "Within 30 days.", None)
+    assert strat.parse_output(strat.STRATEGIES["question_rephrasing"], "  ") == (None, None, "parse_empty_question")
+
+
+# ---- templates ----
+
+def test_template_with_unknown_placeholder_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Answer {question} from {pasage}\n")
+    with pytest.raises(RefineryError, match=r"bad.txt: unknown placeholder \{pasage\}"):
+        load_template(bad)
+
+
+def test_template_version_is_its_content_hash(tmp_path):
+    t = tmp_path / "t.txt"
+    t.write_text("Q: {question}\n")
+    v1 = load_template(t).ref
+    t.write_text("Question: {question}\n")
+    assert load_template(t).ref != v1 and v1.startswith("t@")
+
+
+# ---- plan and rows ----
+
+def test_plan_uses_the_budget_and_records_the_mix(tables):
+    documents, train = tables
+    planned, metrics = plan(train, documents, templates(), params(budget=12), "fake@1")
+    assert len(planned) == 12 and sum(metrics["calls_planned"].values()) == 12
+    assert metrics["mix_source"] == "budget_ratio" and metrics["skipped_stale_rows"] == 1  # d1 is stale
+    assert all(p.parent["doc_id"] != "d1" for p in planned)
+    assert len({p.job.key for p in planned}) == 12  # every call is distinct
+
+
+def test_strategy_mix_param_overrides(tables):
+    documents, train = tables
+    planned, metrics = plan(train, documents, templates(), params(budget=6, strategy_mix={"new_question": 1.0}),
+                            "fake@1")
+    assert {p.strategy for p in planned} == {"new_question"} and metrics["mix_source"] == "param"
+
+
+def test_empty_train_split_is_a_clear_error(tables):
+    documents, train = tables
+    with pytest.raises(RefineryError, match="train split is empty"):
+        plan(train.slice(0, 0), documents, templates(), params(), "fake@1")
+
+
+def test_seed_row_without_document_is_a_clear_error(tables):
+    documents, train = tables
+    docs = documents.filter(pa.compute.not_equal(documents.column("doc_id"), "d3"))
+    with pytest.raises(RefineryError, match="has no document 'd3'"):
+        plan(train, docs, templates(), params(), "fake@1")
+
+
+def test_rows_carry_provenance_and_evidence_and_keep_failures(tables):
+    documents, train = tables
+    planned, _ = plan(train, documents, templates(), params(budget=8, strategy_mix={"new_question": 1.0}), "fake@1")
+    results = [GenResult(" What plan is needed?\nAnswer: The Pro plan.", "stop", 10, 8, 0.1)] * 7 + \
+              [GenResult("", "error", 0, 0, 0.0, "transport_timeout: read timed out")]
+    table = to_rows(planned, results, documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    rows = table.to_pylist()
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    for r, p in zip(rows, planned):
+        assert r["parent_ids"] == [p.parent["row_id"]] and r["teacher"] == "fake@1"
+        assert r["prompt_template"].startswith("new_question@")
+        assert texts[r["doc_id"]][r["evidence_start"]:r["evidence_end"]] == r["evidence"]
+    assert rows[0]["question"] == "What plan is needed?" and rows[0]["parse_error"] is None
+    assert rows[-1]["error"].startswith("transport_timeout") and rows[-1]["question"] is None
+
+
+# ---- cache: zero calls on rerun, resume after a kill ----
+
+def _jobs(n: int) -> list[Job]:
+    reqs = [GenRequest(prompt=f"prompt {i}", max_new_tokens=4, temperature=0.7, seed=i) for i in range(n)]
+    return [Job(r, cache_key("fake@1", "t@1", r, 0)) for r in reqs]
+
+
+def test_rerun_with_the_same_inputs_makes_zero_model_calls(tmp_path):
+    cache = GenerationCache(tmp_path / "c.sqlite")
+    backend = FakeBackend()
+    first, s1 = run_jobs(_jobs(10), backend, cache, batch_size=3, quiet=True)
+    again, s2 = run_jobs(_jobs(10), backend, cache, batch_size=3, quiet=True)
+    assert s1.calls == 10 and s2.calls == 0 and s2.cache_hits == 10 and first == again
+    assert len(backend.calls) == 10
+
+
+def test_cache_key_changes_with_model_template_prompt_params_and_sample_index():
+    r = GenRequest(prompt="p", max_new_tokens=4, temperature=0.7, seed=1)
+    base = cache_key("m@1", "t@1", r, 0)
+    variants = [cache_key("m@2", "t@1", r, 0), cache_key("m@1", "t@2", r, 0), cache_key("m@1", "t@1", r, 1),
+                cache_key("m@1", "t@1", GenRequest(prompt="q", max_new_tokens=4, temperature=0.7, seed=1), 0),
+                cache_key("m@1", "t@1", GenRequest(prompt="p", max_new_tokens=4, temperature=0.8, seed=1), 0),
+                cache_key("m@1", "t@1", GenRequest(prompt="p", max_new_tokens=4, temperature=0.7, seed=2), 0)]
+    assert len({base, *variants}) == 7
+
+
+def test_failed_calls_are_not_cached_and_are_retried(tmp_path):
+    cache = GenerationCache(tmp_path / "c.sqlite")
+    jobs = _jobs(4)
+    flaky = FakeBackend(fail={"prompt 2": "transport_timeout: injected"})
+    out, stats = run_jobs(jobs, flaky, cache, batch_size=2, quiet=True)
+    assert stats.errors == 1 and not out[2].ok
+    out2, stats2 = run_jobs(jobs, FakeBackend(), cache, batch_size=2, quiet=True)
+    assert stats2.calls == 1 and out2[2].ok
+
+
+KILL_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from refinery.backends.fake import FakeBackend
+from refinery.teacher import GenerationCache, run_jobs
+from tests.test_generate import _jobs
+
+class Dying(FakeBackend):
+    def generate(self, requests):
+        out = super().generate(requests)
+        if len(self.calls) >= {die_after}:
+            os.kill(os.getpid(), 9)  # kill -9 right after the 3rd batch is generated, before it is committed
+        return out
+
+run_jobs(_jobs(20), Dying(), GenerationCache({cache!r}), batch_size=4, quiet=True)
+"""
+
+
+def test_kill_9_resumes_losing_at_most_the_batch_in_flight(tmp_path):
+    cache_file = tmp_path / "c.sqlite"
+    # given a run killed with SIGKILL while its 3rd batch (of 5) is in flight
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), die_after=12,
+                                                                    cache=str(cache_file))])
+    assert proc.returncode == -9
+    # then the first two batches survived
+    cache = GenerationCache(cache_file)
+    assert len(cache) == 8
+    # and the rerun makes only the missing calls and gives what an uninterrupted run gives
+    backend = FakeBackend()
+    resumed, stats = run_jobs(_jobs(20), backend, cache, batch_size=4, quiet=True)
+    assert stats.calls == 12 and stats.cache_hits == 8
+    clean, _ = run_jobs(_jobs(20), FakeBackend(), GenerationCache(tmp_path / "clean.sqlite"), batch_size=4,
+                        quiet=True)
+    assert resumed == clean
