@@ -1,0 +1,382 @@
+"""Train the embedded faithfulness verifier from seed QA and realistic corruptions, and calibrate its threshold."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from refinery import corruptions as corr
+from refinery.errors import InputError, RefineryError
+from refinery.params import StageParams, load_section, params_hash
+
+SPLIT_COLUMNS = ("question", "answer", "evidence", "doc_id")
+DOCUMENT_COLUMNS = ("doc_id", "text")
+# Corruptions applied to one passage sentence for counterfactual pairs: the same edited sentence is supported
+# by the edited passage and unsupported by the original, so only comparing claim and passage can tell them apart.
+COUNTERFACTUAL_KINDS = ("entity_swap", "number_change", "negation_flip")
+
+PAIRS_ARROW = pa.schema([
+    pa.field("passage", pa.string(), nullable=False),
+    pa.field("claim", pa.string(), nullable=False),
+    pa.field("label", pa.float32(), nullable=False),  # 1 supported, 0 not
+    pa.field("kind", pa.string(), nullable=False),  # clean | passage_sentence | counterfactual | <corruption>
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("detail", pa.string(), nullable=False),
+])
+
+
+class TrainVerifierParams(StageParams):
+    """Knobs of the train_verifier stage."""
+
+    seed: int
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    max_length: int = Field(ge=32, le=512)  # tokens per (passage, claim) pair
+    negatives_per_positive: int = Field(ge=1, le=len(corr.FACTUAL_KINDS))  # corrupted answers per seed answer
+    counterfactual: bool = True  # add sentence-level counterfactual pairs (edited passage supports edited sentence)
+    max_train_pairs: int | None = Field(default=None, ge=10)  # cap on training pairs (seeded sample); null: all
+    trainable_layers: int = Field(default=6, ge=0, le=24)  # top encoder layers fine-tuned; the rest frozen
+    snli_path: str | None = None  # SNLI *.jsonl(.gz) (premise, hypothesis, label) to pre-train on; null: off
+    snli_max_pairs: int = Field(default=2000, ge=0)
+    target_false_rejection: float = Field(gt=0, lt=1)  # share of clean val rows the calibrated threshold rejects
+    threads: int = Field(ge=1)
+
+
+@dataclass(frozen=True)
+class VerifierResult:
+    """What the stage core produced: the pairs it trained on and the metrics (the model is in out_dir)."""
+
+    train_pairs: pa.Table
+    val_pairs: pa.Table
+    threshold: float
+    metrics: dict[str, Any]
+
+
+def _require(table: pa.Table, columns: Sequence[str], where: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(where, f"missing column(s) {', '.join(missing)}", field=missing[0])
+
+
+def _corrupt_first(kinds: Sequence[str], text: str, *, passage: str, other_texts: Sequence[str],
+                   rng: np.random.Generator) -> corr.Corruption | None:
+    for kind in kinds:
+        c = corr.corrupt(kind, text, passage=passage, other_texts=other_texts, rng=rng)
+        if c.applied and c.text.strip() != text.strip() and not c.detail.startswith("word "):
+            return c  # content-word swaps are skipped here: the edited passage would not read as real text
+    return None
+
+
+def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per_positive: int,
+                counterfactual: bool, sentence_positives: bool = True,
+                kinds: Sequence[str] = corr.FACTUAL_KINDS, where: str = "split") -> pa.Table:
+    """Build (passage, claim, label) pairs from seed QA rows.
+
+    Per row: the clean answer (with its question) against its evidence is supported; with
+    ``sentence_positives`` a sentence of the evidence is supported too; ``negatives_per_positive``
+    corrupted answers (kinds taken in a seeded rotating order, skipping kinds that cannot apply) are not;
+    with ``counterfactual``, one evidence sentence edited by an entity / number / negation corruption is
+    supported by the edited evidence and unsupported by the original.
+
+    Args:
+        rows: split-contract rows (question, answer, evidence, doc_id are read).
+        documents: documents-contract rows (doc_id, text).
+        seed: seeds the corruption choices.
+        negatives_per_positive: corrupted answers per row.
+        counterfactual: add the counterfactual sentence pair.
+        sentence_positives: add an evidence sentence as a supported claim.
+        kinds: corruption kinds for the negatives.
+        where: the input's name for error messages.
+
+    Returns:
+        A table of PAIRS_ARROW, in a deterministic order.
+
+    Raises:
+        InputError: a required column is missing.
+    """
+    _require(rows, SPLIT_COLUMNS, where)
+    _require(documents, DOCUMENT_COLUMNS, "documents")
+    from refinery.verifier import claim_text
+
+    rng = np.random.default_rng(seed)
+    doc_text = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    doc_ids = sorted(doc_text)
+    data = rows.select(list(SPLIT_COLUMNS)).to_pylist()
+    answers_by_doc: dict[str, list[str]] = defaultdict(list)
+    for r in data:
+        answers_by_doc[r["doc_id"]].append(r["answer"])
+    out: list[dict[str, Any]] = []
+
+    def add(passage: str, claim: str, label: float, kind: str, doc: str, detail: str = "") -> None:
+        out.append({"passage": passage, "claim": claim, "label": label, "kind": kind, "doc_id": doc,
+                    "detail": detail})
+
+    for n, r in enumerate(data):
+        q, a, ev, doc = r["question"], r["answer"], r["evidence"], r["doc_id"]
+        others = [d for d in doc_ids if d != doc]
+        picked = [others[i] for i in rng.choice(len(others), size=min(4, len(others)), replace=False)] if others else []
+        context = [doc_text.get(doc, "")] + [doc_text[d] for d in picked]
+        other_answers = [x for d in picked for x in answers_by_doc.get(d, [])][:20]
+        if not other_answers:
+            other_answers = [x for x in (data[(n + k) % len(data)]["answer"] for k in range(1, len(data)))
+                             if x not in answers_by_doc[doc]][:20]
+        add(ev, claim_text(q, a), 1.0, "clean", doc)
+        sents = corr.sentences(ev)
+        if sentence_positives and sents:
+            add(ev, corr._pick(rng, sents), 1.0, "passage_sentence", doc)
+        start = int(rng.integers(len(kinds)))
+        rotation = [kinds[(start + i) % len(kinds)] for i in range(len(kinds))]
+        made = 0
+        for i in range(len(rotation)):
+            if made == negatives_per_positive:
+                break
+            kind = rotation[i]
+            texts = other_answers if kind == "other_document" else context
+            c = corr.corrupt(kind, a, passage=ev, other_texts=texts, rng=rng)
+            if c.applied and c.text.strip() != a.strip():
+                add(ev, claim_text(q, c.text), 0.0, kind, doc, c.detail)
+                made += 1
+        if counterfactual and sents:
+            s = corr._pick(rng, sents)
+            order = [COUNTERFACTUAL_KINDS[(int(rng.integers(3)) + i) % 3] for i in range(3)]
+            c = _corrupt_first(order, s, passage=ev, other_texts=context, rng=rng)
+            if c is not None:
+                add(ev.replace(s, c.text, 1), c.text, 1.0, "counterfactual", doc, c.kind)
+                add(ev, c.text, 0.0, c.kind, doc, f"counterfactual: {c.detail}")
+    return pa.Table.from_pylist(out, schema=PAIRS_ARROW)
+
+
+def read_snli(path: str, *, max_pairs: int, seed: int) -> pa.Table:
+    """Read SNLI JSONL(.gz) into balanced pairs: entailment is supported; neutral and contradiction are not.
+
+    Args:
+        path: a ``.jsonl`` or ``.jsonl.gz`` file with premise, hypothesis, label.
+        max_pairs: pairs kept (a seeded sample, half supported).
+        seed: the sample's seed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RefineryError(f"train_verifier.snli_path: {path}: file not found")
+    opener = gzip.open if p.suffix == ".gz" else open
+    by_label: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    with opener(p, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                obj = json.loads(line)
+                if obj.get("label") in ("entailment", "neutral", "contradiction"):
+                    by_label[obj["label"]].append((obj["premise"], obj["hypothesis"]))
+    rng = np.random.default_rng(seed)
+    quota = {"entailment": max_pairs // 2, "neutral": max_pairs // 4, "contradiction": max_pairs - max_pairs // 2
+             - max_pairs // 4}
+    out = []
+    for label, n in quota.items():
+        items = by_label[label]
+        for i in sorted(rng.choice(len(items), size=min(n, len(items)), replace=False).tolist()):
+            out.append({"passage": items[i][0], "claim": items[i][1], "label": float(label == "entailment"),
+                        "kind": f"snli_{label}", "doc_id": "snli", "detail": ""})
+    return pa.Table.from_pylist(out, schema=PAIRS_ARROW)
+
+
+def sample_pairs(pairs: pa.Table, max_pairs: int | None, seed: int) -> pa.Table:
+    """Return at most ``max_pairs`` rows, a seeded sample in the original order (all rows when None)."""
+    if max_pairs is None or pairs.num_rows <= max_pairs:
+        return pairs
+    keep = np.sort(np.random.default_rng(seed).choice(pairs.num_rows, size=max_pairs, replace=False))
+    return pairs.take(pa.array(keep))
+
+
+def evaluate(verifier: Any, val_pairs: pa.Table, target_frr: float, *,
+             aggregation_sample: int = 300) -> tuple[float, dict[str, Any]]:
+    """Score val pairs, pick the threshold for ``target_frr`` on clean rows, and measure recall per kind.
+
+    Args:
+        verifier: a loaded verifier.
+        val_pairs: pairs from the val split (clean rows labelled 1, corruptions 0).
+        target_frr: the largest share of clean val rows the threshold may reject.
+        aggregation_sample: pairs (a fixed sample) rescored whole-passage and windows-only to compare aggregations.
+
+    Returns:
+        (threshold, metrics): AUC, accuracy and balanced accuracy at the threshold, false-rejection rate,
+        recall per corruption kind, and the AUC of scoring whole passages against sentence windows.
+    """
+    from refinery.verifier import roc_auc, threshold_for_frr
+
+    passages = val_pairs.column("passage").to_pylist()
+    claims = val_pairs.column("claim").to_pylist()
+    labels = np.asarray(val_pairs.column("label").to_pylist()) >= 0.5
+    kinds = val_pairs.column("kind").to_pylist()
+    scores = verifier.score(passages, claims)
+    nan = int(np.isnan(scores).sum())
+    scores = np.nan_to_num(scores, nan=0.0)
+    threshold = threshold_for_frr(scores[labels], target_frr)
+    accept = scores >= threshold
+    recall = {}
+    for kind in sorted(set(kinds) - {"clean"}):
+        mask = np.array([k == kind for k in kinds])
+        recall[kind] = {"n": int(mask.sum()), "recall": round(float((~accept[mask]).mean()), 4)}
+    neg = ~labels
+    full = windows = None
+    sub = np.sort(np.random.default_rng(0).permutation(len(labels))[:aggregation_sample])
+    sp, sc, sl = [passages[i] for i in sub], [claims[i] for i in sub], labels[sub]
+    if hasattr(verifier, "full_max_chars"):  # aggregation design check: whole passage vs max over windows
+        saved = verifier.full_max_chars
+        try:
+            verifier.full_max_chars = 10 ** 9
+            full = roc_auc(sl, np.nan_to_num(verifier.score(sp, sc)))
+            verifier.full_max_chars = 0
+            windows = roc_auc(sl, np.nan_to_num(verifier.score(sp, sc)))
+        finally:
+            verifier.full_max_chars = saved
+    metrics = {
+        "pairs": len(labels), "clean": int(labels.sum()), "corrupted": int(neg.sum()), "nan_scores": nan,
+        "auc": _r(roc_auc(labels, scores)), "threshold": round(threshold, 6),
+        "target_false_rejection": target_frr,
+        "false_rejection": round(float((~accept[labels]).mean()), 4),
+        "recall_factual": round(float((~accept[neg]).mean()), 4) if neg.any() else None,
+        "accuracy": round(float((accept == labels).mean()), 4),
+        "balanced_accuracy": round(float(((~accept[neg]).mean() + accept[labels].mean()) / 2), 4),
+        "recall_per_kind": recall,
+        "aggregation_auc": {"auto": _r(roc_auc(sl, scores[sub])), "full_passage": _r(full),
+                            "sentence_windows_max": _r(windows), "sample": min(aggregation_sample, len(labels))},
+    }
+    return threshold, metrics
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, params: TrainVerifierParams,
+                        base_path: str, out_dir: Path, *, snli: pa.Table | None = None,
+                        log: Callable[[str], None] = lambda s: None) -> VerifierResult:
+    """Build pairs, (optionally pre-train on SNLI,) train, save into ``out_dir`` and evaluate on val.
+
+    Args:
+        train, val: split-contract tables.
+        documents: documents-contract table.
+        params: the stage params.
+        base_path: the encoder folder to start from.
+        out_dir: an empty folder the model and tokenizer are saved into.
+        snli: SNLI pairs to pre-train on first (read by the command), or None.
+        log: progress callback.
+
+    Returns:
+        Train and val pairs, the calibrated threshold and the metrics.
+    """
+    from refinery.verifier import load_base, load_verifier, seed_everything, train_verifier
+
+    t0 = time.perf_counter()
+    all_train = build_pairs(train, documents, seed=params.seed, negatives_per_positive=params.negatives_per_positive,
+                            counterfactual=params.counterfactual, where="train")
+    train_pairs = sample_pairs(all_train, params.max_train_pairs, params.seed)
+    val_pairs = build_pairs(val, documents, seed=params.seed + 1, negatives_per_positive=len(corr.FACTUAL_KINDS),
+                            counterfactual=False, sentence_positives=False, where="val")
+    knobs = dict(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, seed=params.seed,
+                 max_length=params.max_length, threads=params.threads, trainable_layers=params.trainable_layers)
+    snli_metrics = None
+    init = None
+    if snli is not None and snli.num_rows:
+        seed_everything(params.seed, params.threads)
+        init = load_base(base_path, trainable_layers=params.trainable_layers)
+        snli_metrics = train_verifier(snli, base_path, out_dir, **{**knobs, "epochs": 1}, init_model=init, log=log)
+    train_metrics = train_verifier(train_pairs, base_path, out_dir, **knobs, init_model=init, log=log)
+    verifier = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads)
+    threshold, val_metrics = evaluate(verifier, val_pairs, params.target_false_rejection)
+    metrics = {
+        "train_pairs": train_pairs.num_rows, "train_pairs_built": all_train.num_rows,
+        "train_pairs_per_kind": dict(sorted(Counter(train_pairs.column("kind").to_pylist()).items())),
+        "val_pairs_per_kind": dict(sorted(Counter(val_pairs.column("kind").to_pylist()).items())),
+        "snli_pretrain": snli_metrics, "train": train_metrics, "val": val_metrics,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return VerifierResult(train_pairs, val_pairs, threshold, metrics)
+
+
+def training_record(params: TrainVerifierParams, result: VerifierResult, *, inputs: dict[str, str], base_id: str,
+                    code_version: str, task: str) -> dict[str, Any]:
+    """Return the TRAINING.json record stored beside a trained head (params, data hashes, metrics, versions)."""
+    import importlib.metadata as md
+
+    versions = {d: md.version(d) for d in ("torch", "transformers", "numpy", "pyarrow")}
+    return {"task": task, "base": base_id, "params": params.model_dump(mode="json"),
+            "params_hash": params_hash(params), "seed": params.seed, "max_length": params.max_length,
+            "threshold": result.threshold, "target_false_rejection": getattr(params, "target_false_rejection", None),
+            "inputs_sha256": inputs, "metrics": result.metrics, "code_version": code_version, "versions": versions}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Return the sha256 of a file's bytes."""
+    from refinery.models.resolve import sha256_file
+
+    return sha256_file(Path(path))
+
+
+def base_model_path(base_dir: str) -> tuple[str, str]:
+    """Return (loadable path or HF id, provenance id) of the provisioned embedder, the base of trained heads."""
+    from refinery.models.resolve import load_target
+
+    target = load_target(base_dir, "embedder")
+    ref = target.get("path") or target.get("hf_id")
+    if ref is None:
+        raise RefineryError("embedder: an endpoint cannot be fine-tuned; name embedded:all-minilm-l6-v2, an HF id "
+                            "or a local folder in provision.embedder")
+    return ref, target["id"]
+
+
+@click.command("train-verifier")
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
+@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
+@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
+@click.option("--base", "base_dir", default="models/base", show_default=True, help="Provisioned models folder.")
+@click.option("--out", "out_dir", default="models/verifier", show_default=True)
+@click.option("--metrics", "metrics_file", default="metrics/train_verifier.json", show_default=True)
+def cli(params_file: str, train_file: str, val_file: str, documents_file: str, base_dir: str, out_dir: str,
+        metrics_file: str) -> None:
+    """Train the embedded faithfulness verifier (MiniLM cross-encoder) and calibrate its threshold."""
+    from refinery.io import atomic_outputs, read_parquet
+    from refinery.provenance import code_version
+    from refinery.verifier import TRAINING_FILE
+    from schemas import documents as documents_schema
+    from schemas import split as split_schema
+
+    params = load_section(params_file, "train_verifier", TrainVerifierParams)
+    train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
+    val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
+    documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
+    base_path, base_id = base_model_path(base_dir)
+    snli = read_snli(params.snli_path, max_pairs=params.snli_max_pairs, seed=params.seed) if params.snli_path else None
+    inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file), "documents": file_sha256(documents_file)}
+    if params.snli_path:
+        inputs["snli"] = file_sha256(params.snli_path)
+    from refinery import corruptions, verifier
+
+    with atomic_outputs() as outputs:
+        folder = outputs.folder(out_dir)
+        result = train_verifier_core(train, val, documents, params, base_path, folder, snli=snli,
+                                     log=lambda s: click.echo(s, err=True))
+        record = training_record(params, result, inputs=inputs, base_id=base_id, task="faithfulness_verifier",
+                                 code_version=code_version(sys.modules[__name__], corruptions, verifier))
+        (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        outputs.json(result.metrics, metrics_file)
+    v = result.metrics["val"]
+    click.echo(f"train_verifier: {result.metrics['train_pairs']} pairs, val AUC {v['auc']}, threshold "
+               f"{v['threshold']:.3f} (FRR {v['false_rejection']}), factual recall {v['recall_factual']} -> {out_dir}",
+               err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cli())

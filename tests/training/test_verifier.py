@@ -1,0 +1,192 @@
+"""Verifier: pair building, loaders (our head, HF NLI, cross-encoder), a tiny training run and the stage command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from refinery.errors import InputError, ModelResolutionError
+from refinery.verifier import (claim_text, load_verifier, passage_windows, roc_auc, threshold_for_frr,
+                               train_verifier)
+from stages.train_verifier import PAIRS_ARROW, TrainVerifierParams, build_pairs, evaluate, train_verifier_core
+from tests.training.conftest import as_split
+
+PARAMS = dict(seed=3, epochs=3, lr=3e-3, batch_size=8, max_length=64, negatives_per_positive=2, counterfactual=True,
+              max_train_pairs=None, trainable_layers=2, snli_path=None, snli_max_pairs=0,
+              target_false_rejection=0.1, threads=1)
+
+
+def test_build_pairs_balances_clean_and_corrupted_rows(seed_tables):
+    documents, qa = seed_tables
+    # when pairs are built from nine seed rows with two negatives each and counterfactuals
+    pairs = build_pairs(qa, documents, seed=0, negatives_per_positive=2, counterfactual=True)
+    # then every row has a clean pair, and every label has rows of both classes
+    assert pairs.schema == PAIRS_ARROW
+    kinds = pairs.column("kind").to_pylist()
+    assert kinds.count("clean") == qa.num_rows
+    labels = pairs.column("label").to_pylist()
+    assert 0.35 < sum(labels) / len(labels) < 0.65
+    assert set(kinds) - {"clean", "passage_sentence", "counterfactual"} <= {
+        "entity_swap", "number_change", "negation_flip", "unsupported_claim", "other_document"}
+    # a counterfactual claim is supported by the edited passage and not by the original
+    rows = pairs.to_pylist()
+    cf = next(r for r in rows if r["kind"] == "counterfactual")
+    twin = next(r for r in rows if r["claim"] == cf["claim"] and r["label"] == 0.0)
+    assert cf["claim"] in cf["passage"] and cf["claim"] not in twin["passage"]
+    # and the same seed gives the same table
+    assert build_pairs(qa, documents, seed=0, negatives_per_positive=2, counterfactual=True).equals(pairs)
+
+
+def test_build_pairs_names_a_missing_column(seed_tables):
+    documents, qa = seed_tables
+    with pytest.raises(InputError, match="missing column.*evidence"):
+        build_pairs(qa.drop_columns(["evidence"]), documents, seed=0, negatives_per_positive=1,
+                    counterfactual=False, where="train.parquet")
+
+
+def test_passage_windows_and_threshold_helpers():
+    long = "One is here. Two is there. Three is far."
+    assert passage_windows(long, full_max_chars=1000) == [long]
+    assert passage_windows(long, full_max_chars=10) == ["One is here. Two is there.", "Two is there. Three is far."]
+    assert claim_text("Q?", " A. ") == "Q? A." and claim_text(None, "A.") == "A."
+    # at most 10% of clean rows (1 of 10) score below the threshold
+    clean = np.linspace(0.1, 1.0, 10)
+    t = threshold_for_frr(clean, 0.1)
+    assert (clean < t).sum() == 1
+    assert roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.8]) == pytest.approx(0.875)
+
+
+class OverlapVerifier:
+    """Test double: support = share of claim words found in the passage."""
+
+    name, threshold = "overlap", None
+
+    def score(self, passages, claims):
+        out = []
+        for p, c in zip(passages, claims):
+            words = set(c.lower().split())
+            out.append(len(words & set(p.lower().split())) / max(len(words), 1))
+        return np.asarray(out)
+
+
+def test_evaluate_picks_the_threshold_for_the_target_false_rejection(seed_tables):
+    documents, qa = seed_tables
+    val = build_pairs(qa, documents, seed=1, negatives_per_positive=5, counterfactual=False,
+                      sentence_positives=False)
+    threshold, m = evaluate(OverlapVerifier(), val, 0.2)
+    assert m["false_rejection"] <= 0.2 and m["clean"] == qa.num_rows
+    assert set(m["recall_per_kind"]) <= {"entity_swap", "number_change", "negation_flip", "unsupported_claim",
+                                         "other_document"}
+    assert 0 <= m["auc"] <= 1 and m["threshold"] == round(threshold, 6)
+
+
+def test_tiny_training_lowers_the_loss_and_reloads(tmp_path, seed_tables, tiny_bert):
+    documents, qa = seed_tables
+    pairs = build_pairs(qa, documents, seed=0, negatives_per_positive=1, counterfactual=False)
+    # when a tiny BERT is trained a few epochs on the pairs
+    m = train_verifier(pairs, tiny_bert, tmp_path / "v", epochs=6, lr=3e-3, batch_size=8, seed=0, max_length=64,
+                       threads=1, trainable_layers=2)
+    # then the loss goes down and the folder reloads as a one-logit verifier scoring in [0, 1]
+    assert m["loss_per_epoch"][-1] < m["loss_per_epoch"][0]
+    v = load_verifier(tmp_path / "v")
+    assert v.mode == "single"
+    scores = v.score(pairs.column("passage").to_pylist(), pairs.column("claim").to_pylist())
+    assert scores.shape == (pairs.num_rows,) and np.all((scores >= 0) & (scores <= 1))
+    # empty input is NaN, never a made-up score
+    assert np.isnan(v.score(["", "text"], ["claim", ""])).all()
+
+
+def test_hf_nli_model_uses_its_entailment_column(tiny_nli):
+    import torch
+
+    v = load_verifier(tiny_nli)
+    assert v.mode == "nli" and v.entail_index == 2
+    passages, claims = ["refunds take 14 days."] * 2, ["refunds take 14 days.", "refunds take 3 days."]
+    enc = v.tokenizer(passages, claims, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = torch.softmax(v.model(**enc).logits, -1)[:, 2].numpy()
+    np.testing.assert_allclose(v.score(passages, claims), expected, rtol=1e-5)
+
+
+def test_model_without_an_entailment_label_is_refused(tmp_path, tiny_bert):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(tiny_bert, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelResolutionError, match="none names entailment"):
+        load_verifier(tmp_path / "m")
+    with pytest.raises(ModelResolutionError, match="cannot load"):
+        load_verifier(tmp_path / "absent")
+
+
+def test_stage_core_is_deterministic(tmp_path, seed_tables, tiny_bert):
+    documents, qa = seed_tables
+    params = TrainVerifierParams(**PARAMS)
+    a = train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "a")
+    b = train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "b")
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert drop(a.metrics["val"]) == drop(b.metrics["val"])
+    assert a.metrics["train"]["loss_per_epoch"] == b.metrics["train"]["loss_per_epoch"]
+    assert a.threshold == b.threshold
+
+
+def test_command_writes_model_training_record_and_metrics(in_tmp, seed_tables, base_dir):
+    import yaml
+
+    from stages.train_verifier import cli
+
+    documents, qa = seed_tables
+    pq.write_table(as_split(qa, "train"), in_tmp / "train.parquet")
+    pq.write_table(as_split(qa, "val"), in_tmp / "val.parquet")
+    pq.write_table(documents, in_tmp / "documents.parquet")
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"train_verifier": {**PARAMS, "epochs": 1}}))
+    result = CliRunner().invoke(cli, ["--params", "params.yaml", "--train", "train.parquet", "--val", "val.parquet",
+                                      "--documents", "documents.parquet", "--base", str(base_dir), "--out",
+                                      "out/verifier", "--metrics", "metrics/train_verifier.json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((in_tmp / "out/verifier/TRAINING.json").read_text())
+    assert record["task"] == "faithfulness_verifier" and 0 <= record["threshold"] <= 1
+    assert set(record["inputs_sha256"]) == {"train", "val", "documents"}
+    assert record["params"]["seed"] == 3 and "torch" in record["versions"]
+    metrics = json.loads((in_tmp / "metrics/train_verifier.json").read_text())
+    assert metrics["val"]["clean"] == qa.num_rows and "recall_per_kind" in metrics["val"]
+    assert load_verifier(in_tmp / "out/verifier").threshold == record["threshold"]
+
+
+def test_command_rejects_an_input_missing_a_column(in_tmp, seed_tables, base_dir):
+    import yaml
+
+    from stages.train_verifier import cli
+
+    documents, qa = seed_tables
+    pq.write_table(as_split(qa, "train").drop_columns(["answer"]), in_tmp / "train.parquet")
+    pq.write_table(as_split(qa, "val"), in_tmp / "val.parquet")
+    pq.write_table(documents, in_tmp / "documents.parquet")
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"train_verifier": PARAMS}))
+    # then the command fails before training, naming the file and the column, and writes nothing
+    with pytest.raises(InputError, match="train.parquet.*missing column.*answer"):
+        cli.main(["--params", "params.yaml", "--train", "train.parquet", "--val", "val.parquet", "--documents",
+                  "documents.parquet", "--base", str(base_dir), "--out", "v", "--metrics", "m.json"],
+                 standalone_mode=False)
+    assert not (in_tmp / "v").exists()
+
+
+def test_snli_reader_balances_labels(tmp_path):
+    import gzip
+
+    from stages.train_verifier import read_snli
+
+    rows = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": lab, "pair_id": str(i)}
+            for i, lab in enumerate(["entailment", "neutral", "contradiction", "-"] * 5)]
+    path = tmp_path / "snli.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    t = read_snli(str(path), max_pairs=8, seed=0)
+    assert t.num_rows == 8 and sum(t.column("label").to_pylist()) == 4
+    assert isinstance(t, pa.Table)
