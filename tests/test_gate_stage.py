@@ -1,0 +1,54 @@
+"""Gate stage core: every gate's verdict on every row, planted rows gated per kind, counts."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from refinery.gates.base import Verdicts
+from schemas.gated import GATES
+from stages.gate import reason_counts, run_gates, run_gates_by_kind
+
+
+class Rejects:
+    """A gate double that rejects rows whose answer contains ``word``; it records how many rows it saw at once."""
+
+    def __init__(self, name, word):
+        self.name, self.word, self.batches = name, word, []
+
+    def apply(self, rows):
+        self.batches.append(rows.num_rows)
+        answers = rows.column("answer").to_pylist()
+        keep = [self.word not in (a or "") for a in answers]
+        return Verdicts(keep, [0.0] * len(keep), [None if k else f"{self.name}_hit" for k in keep])
+
+
+def doubles():
+    return {g: Rejects(g, f"<{g}>") for g in GATES}
+
+
+def test_every_gate_judges_every_row_and_all_reasons_are_kept():
+    rows = pa.table({"answer": ["fine", "<rules> and <reward>", "<perplexity>"]})
+    out = run_gates(rows, doubles())
+    assert out.column("gate_keep").to_pylist() == [True, False, False]
+    assert out.column("gate_reasons").to_pylist() == [[], ["rules_hit", "reward_hit"], ["perplexity_hit"]]
+    assert out.column("reward_keep").to_pylist() == [True, False, True]  # not only the first failing gate
+    counts = reason_counts(out)
+    assert counts["total"] == 3 and counts["kept"] == 1
+    assert counts["dropped_rules_hit"] == 1 and counts["dropped_perplexity_hit"] == 1
+    assert counts["reasons_all"] == {"perplexity_hit": 1, "reward_hit": 1, "rules_hit": 1}
+    assert counts["rejected_by_gate"]["reward"] == 1
+
+
+def test_planted_rows_are_gated_one_kind_at_a_time_and_keep_their_order():
+    gates = doubles()
+    rows = pa.table({"answer": ["a", "b <dedup>", "c", "d"], "injection_kind": ["clean", "dup", "clean", "dup"]})
+    out = run_gates_by_kind(rows, gates)
+    assert out.column("answer").to_pylist() == ["a", "b <dedup>", "c", "d"]
+    assert gates["dedup"].batches == [2, 2]  # one pass per kind
+    assert out.column("gate_keep").to_pylist() == [True, False, True, True]
+
+
+def test_empty_input_gives_empty_output_with_gate_columns():
+    out = run_gates(pa.table({"answer": pa.array([], pa.string())}), doubles())
+    assert out.num_rows == 0 and "faithfulness_reason" in out.column_names
+    assert reason_counts(out)["total"] == 0
