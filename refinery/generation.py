@@ -15,7 +15,7 @@ import pyarrow as pa
 from refinery import strategies as strat
 from refinery.backends.base import Backend, GenResult
 from refinery.prompts import Template
-from refinery.teacher import Job
+from refinery.teacher import GenerationCache, Job, RunStats, run_jobs
 from refinery.text import stable_id
 from schemas import synthetic as synthetic_schema
 
@@ -106,3 +106,26 @@ def teacher_backend(base: str, batch_size: int, threads: int) -> tuple[str, Call
     spec = backend_spec(load, batch_size=batch_size, threads=threads)
     # Built only when some call is not cached; an unreachable server then fails with one line naming its URL.
     return load["id"], lambda: make_backend(spec)
+
+
+def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table, *,
+            batch_size: int, origin: str, teacher_id: str, phash: str, code_version: str, desc: str,
+            quiet: bool) -> tuple[pa.Table, RunStats, float]:
+    """Run planned calls through the cache and turn the results into contract-checked rows.
+
+    Returns:
+        The rows (synthetic contract), the run's counts, and the seconds spent on teacher calls.
+    """
+    import time
+
+    cache = GenerationCache(cache_file)
+    t0 = time.perf_counter()
+    try:
+        results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=batch_size, desc=desc,
+                                  quiet=quiet)
+    finally:
+        cache.close()
+    seconds = time.perf_counter() - t0
+    table = to_rows(planned, results, documents, origin=origin, teacher_id=teacher_id, phash=phash,
+                    code_version=code_version)
+    return synthetic_schema.CONTRACT.validate(table, f"{origin} rows"), stats, seconds

@@ -16,9 +16,9 @@ from refinery.backends.base import GenRequest
 from refinery.errors import RefineryError
 from refinery.params import StageParams, load_section, params_hash
 from refinery.prompts import Template
-from refinery.teacher import GenerationCache, Job, cache_key, run_jobs
+from refinery.teacher import Job, cache_key
 from schemas import synthetic as synthetic_schema
-from refinery.generation import Planned, call_seed, load_templates, outcome_metrics, teacher_backend, to_rows
+from refinery.generation import Planned, call_seed, load_templates, outcome_metrics, teacher_backend
 
 STRATEGIES = ("contaminate_answer", "contaminate_paraphrase")
 
@@ -77,8 +77,6 @@ def plan(train: pa.Table, templates: dict[str, Template], params: ContaminatePar
 def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_file, out_file, metrics_file,
         quiet) -> None:
     """Build the AI-contaminated comparison set from the human train split."""
-    import time
-
     from refinery.io import atomic_outputs, read_parquet
     from refinery.provenance import code_version
     from schemas import documents as documents_schema
@@ -90,17 +88,10 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     templates = load_templates(Path(prompts_dir), list(STRATEGIES))
     teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads)
     planned = plan(train, templates, params, teacher_id)
-    cache = GenerationCache(cache_file)
-    t0 = time.perf_counter()
-    try:
-        results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=params.batch_size,
-                                  desc="contaminate", quiet=quiet)
-    finally:
-        cache.close()
-    seconds = time.perf_counter() - t0
-    table = to_rows(planned, results, documents, origin="contaminated", teacher_id=teacher_id,
-                    phash=params_hash(params), code_version=code_version(sys.modules[__name__], strat, generation))
-    table = synthetic_schema.CONTRACT.validate(table, out_file)
+    table, stats, seconds = generation.execute(
+        planned, backend, cache_file, documents, batch_size=params.batch_size, origin="contaminated",
+        teacher_id=teacher_id, phash=params_hash(params),
+        code_version=code_version(sys.modules[__name__], strat, generation), desc="contaminate", quiet=quiet)
     metrics = {"answer_share": params.answer_share, **outcome_metrics(table)}
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, synthetic_schema.ARROW)

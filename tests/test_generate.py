@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +217,86 @@ def test_kill_9_resumes_losing_at_most_the_batch_in_flight(tmp_path):
     clean, _ = run_jobs(_jobs(20), FakeBackend(), GenerationCache(tmp_path / "clean.sqlite"), batch_size=4,
                         quiet=True)
     assert resumed == clean
+
+
+# ---- the command against OpenAI-compatible endpoints: unreachable, and garbage for every call ----
+
+def _endpoint_project(tmp: Path, url: str) -> Path:
+    """Provision a teacher endpoint and write a tiny train split + documents into ``tmp``."""
+    import pyarrow.parquet as pq
+
+    from refinery.cli import main
+    from stages.split import SplitParams, split
+    from tests.conftest import params_for
+
+    (tmp / "m").mkdir()
+    (tmp / "m" / "config.json").write_text("{}")
+    params = params_for(tmp, provision={"teacher": {"endpoint": url, "model": "tiny"}, "judge": "./m",
+                                        "student": "./m", "embedder": "./m"},
+                        generate={"budget": 6, "batch_size": 3, "max_failure_share": 0.5})
+    assert main(["provision", "--params", str(params), "--out", "base", "--metrics", "mp.json"]) == 0
+    documents, qa = seed_tables(tmp)
+    result = split(documents, qa, SplitParams(seed=1, fractions={"train": 1.0, "val": 0.0, "test": 0.0}))
+    pq.write_table(result.tables["train"], tmp / "train.parquet")
+    pq.write_table(documents, tmp / "documents.parquet")
+    return params
+
+
+def _generate(params: Path) -> int:
+    from refinery.cli import main
+
+    return main(["generate", "--params", str(params), "--train", "train.parquet", "--documents", "documents.parquet",
+                 "--models", "base", "--prompts", str(PROMPTS), "--cache", "cache.sqlite", "--out", "syn.parquet",
+                 "--metrics", "mg.json", "--quiet"])
+
+
+def test_unreachable_endpoint_is_one_line_naming_the_url(in_tmp, capsys):
+    from tests.backends.fault_proxy import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    params = _endpoint_project(in_tmp, url)
+    capsys.readouterr()
+    assert _generate(params) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and url.removesuffix("/v1") in err[0] and "Traceback" not in err[0]
+    assert not (in_tmp / "syn.parquet").exists()
+
+
+def test_endpoint_returning_garbage_keeps_every_row_with_a_reason_and_fails_on_the_share(in_tmp, capsys):
+    import http.server
+    import threading
+
+    import pyarrow.parquet as pq
+
+    class Garbage(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            body = b"<html>not json</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._reply()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._reply()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        params = _endpoint_project(in_tmp, f"http://127.0.0.1:{server.server_address[1]}/v1")
+        capsys.readouterr()
+        rc = _generate(params)
+    finally:
+        server.shutdown()
+    # the stage finished: every row is written with its transport/parse reason ...
+    rows = pq.read_table(in_tmp / "syn.parquet").to_pylist()
+    assert len(rows) == 6 and all(r["error"].startswith("malformed_response") for r in rows)
+    # ... and exits non-zero because the failure share (100%) is over generate.max_failure_share
+    assert rc == 2
+    assert "over generate.max_failure_share" in capsys.readouterr().err

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from refinery.cli import main
 from tests.conftest import COSMOSQA, TINY_DOCS, TINY_QA, needs_cosmosqa, params_for, write_jsonl
