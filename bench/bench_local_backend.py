@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         Process exit code.
     """
     ap = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.environ.get("REFINERY_BENCH_MODEL", "/tmp/smol_fp32"))
+    ap.add_argument("--model", default=os.environ.get("REFINERY_BENCH_MODEL",
+                                                      "models/base/weights/embedded--smollm2-135m-instruct"))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--n", type=int, default=32)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
-        print(f"no model folder at {args.model} (make one with the tests' SmolLM2 fixture)", file=sys.stderr)
+        print(f"no model folder at {args.model} (run `dvc repro provision` first, or pass --model)", file=sys.stderr)
         return 2
 
     from refinery.backends import GenRequest

@@ -26,14 +26,16 @@ class Strategy:
 
 
 _QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
+_LINE_STOP = ("\n\n", "\nQuestion:", "\nAnswer:", "\nRewritten:")
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("answer_augmentation", "answer", "evidence", "answer", ("\n",)),
     Strategy("question_rephrasing", "question", "evidence", "question", ("\n",)),
     Strategy("new_question", "qa", "window", "qa", _QA_STOP),
     Strategy("evol_depth", "qa", "evidence", "qa", _QA_STOP),
     Strategy("evol_breadth", "qa", "evidence", "qa", _QA_STOP),
-    Strategy("contaminate_answer", "answer", "evidence", "answer", ("\n",)),
-    Strategy("contaminate_paraphrase", "answer", "evidence", "answer", ("\n",)),
+    # zero-shot prompts: small teachers often open with a newline, so stop only at a blank line or a new field
+    Strategy("contaminate_answer", "answer", "evidence", "answer", _LINE_STOP),
+    Strategy("contaminate_paraphrase", "answer", "evidence", "answer", _LINE_STOP),
 )}
 GENERATION_STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "evol_depth", "evol_breadth")
 
@@ -98,7 +100,8 @@ def parse_output(strategy: Strategy, text: str) -> tuple[str | None, str | None,
         if _ANY_MARK.search(answer):
             return None, None, "parse_extra_fields"
         return question, answer, None
-    value = normalize_line(_LEADING_MARK.sub("", text.strip(), count=1))
+    first_line = next((line for line in text.split("\n") if line.strip()), "")  # the field is one line
+    value = normalize_line(_LEADING_MARK.sub("", first_line.strip(), count=1))
     if not value:
         return None, None, "parse_empty_" + strategy.output
     if _ANY_MARK.search(value):

@@ -300,3 +300,10 @@ def test_endpoint_returning_garbage_keeps_every_row_with_a_reason_and_fails_on_t
     # ... and exits non-zero because the failure share (100%) is over generate.max_failure_share
     assert rc == 2
     assert "over generate.max_failure_share" in capsys.readouterr().err
+
+
+def test_zero_shot_answers_may_open_with_a_newline_but_only_their_first_line_counts():
+    s = strat.STRATEGIES["contaminate_answer"]
+    assert "\n" not in s.stop  # a leading newline must not end the completion before it starts
+    assert strat.parse_output(s, "\n It takes 30 days.\nQuestion: next?") == (None, "It takes 30 days.", None)
+    assert strat.parse_output(s, "\n\n") == (None, None, "parse_empty_answer")
