@@ -117,7 +117,7 @@ def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *,
         log: progress callback.
 
     Returns:
-        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss, seconds.
+        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss.
     """
     import torch
 
@@ -159,5 +159,4 @@ def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *,
     k = max(1, len(step_losses) // 10)
     return {"pairs": len(prompts), "steps": steps, "loss_per_epoch": [round(x, 5) for x in epoch_losses],
             "loss_first_10pct": round(float(np.mean(step_losses[:k])), 5),
-            "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5)}

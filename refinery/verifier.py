@@ -306,7 +306,7 @@ def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, 
         log: progress callback.
 
     Returns:
-        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss, seconds.
+        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss.
     """
     torch = _torch()
     check_pairs(pairs)
@@ -350,8 +350,7 @@ def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, 
     return {"pairs": len(labels), "positives": int(n_pos), "negatives": int(len(labels) - n_pos), "steps": steps,
             "loss_per_epoch": [round(x, 5) for x in epoch_losses],
             "loss_first_10pct": round(float(np.mean(step_losses[:k])), 5),
-            "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5)}
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path, *, label: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,7 +138,6 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
     """
     from refinery.reward import load_reward, train_reward
 
-    t0 = time.perf_counter()
     phash = params_hash(params)
     pairs = build_preference_pairs(train, seed=params.seed, pairs_per_row=params.pairs_per_row, phash=phash,
                                    code_version=code_version, where="train")
@@ -156,7 +154,6 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
         "train": train_metrics,
         "train_pairwise": pairwise_accuracy(model, pairs),
         "val": pairwise_accuracy(model, val_pairs),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
     return RewardResult(pairs, val_pairs, metrics)
 

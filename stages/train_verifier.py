@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -278,7 +277,6 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     """
     from refinery.verifier import load_base, load_verifier, seed_everything, train_verifier
 
-    t0 = time.perf_counter()
     all_train = build_pairs(train, documents, seed=params.seed, negatives_per_positive=params.negatives_per_positive,
                             counterfactual=params.counterfactual, where="train")
     train_pairs = sample_pairs(all_train, params.max_train_pairs, params.seed)
@@ -300,7 +298,6 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         "train_pairs_per_kind": dict(sorted(Counter(train_pairs.column("kind").to_pylist()).items())),
         "val_pairs_per_kind": dict(sorted(Counter(val_pairs.column("kind").to_pylist()).items())),
         "snli_pretrain": snli_metrics, "train": train_metrics, "val": val_metrics,
-        "seconds": round(time.perf_counter() - t0, 1),
     }
     return VerifierResult(train_pairs, val_pairs, threshold, metrics)
 
