@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from refinery.errors import ModelResolutionError, RefineryError
-from refinery.verifier import (TrainConfig, length_batches, load_base, make_optimizer, read_training, save_model,
-                               seed_everything)
+from refinery.verifier import (TrainConfig, length_batches, load_base, load_classifier, make_optimizer, read_training,
+                               save_model, seed_everything)
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -78,19 +78,8 @@ def load_reward(path_or_id: str | Path, *, batch_size: int = 32, max_length: int
     Raises:
         ModelResolutionError: the model cannot be loaded or has more than one output.
     """
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if threads:
-        torch.set_num_threads(threads)
     ref = str(path_or_id)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref)
-        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelResolutionError(f"reward model '{ref}': cannot load a sequence-classification model "
-                                   f"({first[:200]})") from None
+    tokenizer, model = load_classifier(ref, "reward model", threads)
     if model.config.num_labels != 1:
         raise ModelResolutionError(f"reward model '{ref}': has {model.config.num_labels} outputs; a reward model "
                                    f"has one logit")

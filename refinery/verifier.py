@@ -152,6 +152,29 @@ def _entailment_index(id2label: dict) -> int | None:
     return None
 
 
+def load_classifier(ref: str, what: str, threads: int | None) -> tuple[Any, Any]:
+    """Load a tokenizer and a float32 sequence-classification model, failing with one line naming ``what``.
+
+    Args:
+        ref: a local folder or an HF id already in the local cache.
+        what: the role in error messages ('verifier', 'reward model').
+        threads: torch CPU threads (None leaves torch's default).
+    """
+    torch = _torch()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelResolutionError(f"{what} '{ref}': cannot load a sequence-classification model "
+                                   f"({first[:200]})") from None
+    return tokenizer, model
+
+
 def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: int | None = None,
                   threads: int | None = None) -> CrossEncoderVerifier:
     """Load a verifier from a trained head folder, an HF NLI model or a single-logit cross-encoder.
@@ -169,19 +192,8 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
     Raises:
         ModelResolutionError: the model cannot be loaded, or it has several labels and none is entailment.
     """
-    torch = _torch()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if threads:
-        torch.set_num_threads(threads)
     ref = str(path_or_id)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref)
-        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelResolutionError(f"verifier '{ref}': cannot load a sequence-classification model ({first[:200]})"
-                                   ) from None
+    tokenizer, model = load_classifier(ref, "verifier", threads)
     training = read_training(ref)
     threshold = training.get("threshold") if training else None
     length = max_length or (training or {}).get("max_length") or 256
