@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refinery import corruptions as corr  # noqa: E402
-from refinery.verifier import load_verifier, roc_auc  # noqa: E402
+from refinery.verifier import load_verifier, roc_auc, threshold_for_frr  # noqa: E402
 from stages.train_verifier import build_pairs  # noqa: E402
 
 
@@ -30,10 +30,12 @@ from stages.train_verifier import build_pairs  # noqa: E402
 @click.option("--threshold", type=float, default=None)
 @click.option("--seed", type=int, default=7)
 @click.option("--threads", type=int, default=2)
+@click.option("--lexical/--no-lexical", default=True, show_default=True,
+              help="Use the folder's lexical combiner (COMBINER.json) when it has one.")
 def main(model_dir: str, split_file: str, documents_file: str, threshold: float | None, seed: int,
-         threads: int) -> None:
+         threads: int, lexical: bool) -> None:
     """Score clean and corrupted rows of a held-out split and print the gate's figures as JSON."""
-    verifier = load_verifier(model_dir, batch_size=64, threads=threads)
+    verifier = load_verifier(model_dir, batch_size=64, threads=threads, lexical=lexical)
     threshold = verifier.threshold if threshold is None else threshold
     pairs = build_pairs(pq.read_table(split_file), pq.read_table(documents_file), seed=seed,
                         negatives_per_positive=len(corr.FACTUAL_KINDS), counterfactual=False,
@@ -50,6 +52,12 @@ def main(model_dir: str, split_file: str, documents_file: str, threshold: float 
            "recall_factual": round(float(reject[~labels].mean()), 4),
            "recall_per_kind": {k: round(float(reject[kinds == k].mean()), 4) for k in sorted(set(kinds) - {"clean"})},
            "pairs_per_second": round(len(labels) / seconds, 1), "nan": int(np.isnan(scores).sum())}
+    # Threshold-free comparison (model alone vs combined): recall when the threshold is set on this split's own
+    # clean rows to reject 10% of them.
+    s = np.nan_to_num(scores, nan=0.0)
+    t10 = threshold_for_frr(s[labels], 0.10)
+    out["recall_factual_at_own_frr_0.10"] = round(float((s[~labels] < t10).mean()), 4)
+    out["false_rejection_at_own_threshold"] = round(float((s[labels] < t10).mean()), 4)
     click.echo(json.dumps(out, indent=2))
 
 

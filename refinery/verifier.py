@@ -176,7 +176,7 @@ def load_classifier(ref: str, what: str, threads: int | None) -> tuple[Any, Any]
 
 
 def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: int | None = None,
-                  threads: int | None = None) -> CrossEncoderVerifier:
+                  threads: int | None = None, lexical: bool = True) -> Verifier:
     """Load a verifier from a trained head folder, an HF NLI model or a single-logit cross-encoder.
 
     Args:
@@ -185,6 +185,8 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
         batch_size: pairs per forward pass.
         max_length: tokens per pair; default: the training max_length, else 256.
         threads: torch CPU threads (None leaves torch's default).
+        lexical: when the folder holds a COMBINER.json (written by train_verifier), combine the model's
+            score with lexical grounding features (refinery.grounding); False: the model alone.
 
     Returns:
         A loaded verifier (model in eval mode, loaded once).
@@ -206,8 +208,14 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
             raise ModelResolutionError(f"verifier '{ref}': {config.num_labels} labels {dict(config.id2label)} and "
                                        f"none names entailment: use an NLI model or a one-logit cross-encoder")
         mode = "nli"
-    return CrossEncoderVerifier(model, tokenizer, mode=mode, entail_index=entail, name=ref, max_length=length,
-                                batch_size=batch_size, threshold=threshold)
+    verifier = CrossEncoderVerifier(model, tokenizer, mode=mode, entail_index=entail, name=ref, max_length=length,
+                                    batch_size=batch_size, threshold=threshold)
+    if not lexical:
+        return verifier
+    from refinery.grounding import Combiner, GroundedVerifier
+
+    combiner = Combiner.load(ref) if Path(ref).is_dir() else None
+    return GroundedVerifier(verifier, combiner) if combiner is not None else verifier
 
 
 def read_training(folder: str | Path) -> dict[str, Any] | None:

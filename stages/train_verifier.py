@@ -51,6 +51,8 @@ class TrainVerifierParams(StageParams):
     snli_path: str | None = None  # SNLI *.jsonl(.gz) (premise, hypothesis, label) to pre-train on; null: off
     snli_max_pairs: int = Field(default=2000, ge=0)
     target_false_rejection: float = Field(gt=0, lt=1)  # share of clean val rows the calibrated threshold rejects
+    lexical_combiner: bool = True  # combine the model with lexical grounding features (refinery.grounding)
+    combiner_holdout: float = Field(default=0.2, gt=0, lt=1)  # share of train documents held out to fit it
     threads: int = Field(ge=1)
 
 
@@ -197,6 +199,53 @@ def sample_pairs(pairs: pa.Table, max_pairs: int | None, seed: int) -> pa.Table:
     return pairs.take(pa.array(keep))
 
 
+def holdout_by_document(pairs: pa.Table, share: float, seed: int) -> tuple[pa.Table, pa.Table | None]:
+    """Split pairs by document: (pairs to train the model on, pairs of held-out documents to fit the combiner).
+
+    The held-out documents are a seeded sample of ``share`` of the documents; None is returned for the
+    second part when fewer than two documents exist or it would lack a label.
+    """
+    docs = sorted(set(pairs.column("doc_id").to_pylist()))
+    n_out = int(round(share * len(docs)))
+    if len(docs) < 2 or n_out == 0:
+        return pairs, None
+    held = set(np.asarray(docs)[np.random.default_rng(seed).permutation(len(docs))[:n_out]].tolist())
+    mask = np.array([d in held for d in pairs.column("doc_id").to_pylist()])
+    out = pairs.filter(pa.array(mask))
+    labels = set(out.column("label").to_pylist())
+    if len(labels) < 2:
+        return pairs, None
+    return pairs.filter(pa.array(~mask)), out
+
+
+def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_dir: Path) -> dict[str, Any]:
+    """Fit the lexical combiner on held-out training pairs and save it beside the model (COMBINER.json).
+
+    Returns:
+        Its weights, the pairs it was fitted on, and the val AUC of the model alone and combined.
+    """
+    from refinery.grounding import Combiner, feature_matrix, fit_logistic
+    from refinery.verifier import roc_auc
+
+    def matrix(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        passages, claims = t.column("passage").to_pylist(), t.column("claim").to_pylist()
+        probs = np.asarray(model_only.score(passages, claims), dtype=float)
+        return feature_matrix(passages, claims, probs), np.asarray(t.column("label").to_pylist()) >= 0.5
+
+    x, y = matrix(holdout)
+    ok = np.isfinite(x).all(axis=1)
+    combiner = Combiner(fit_logistic(x[ok], y[ok].astype(float)))
+    xv, yv = matrix(val_pairs)
+    okv = np.isfinite(xv).all(axis=1)
+    model_auc = roc_auc(yv[okv], xv[okv, 0])
+    combined_auc = roc_auc(yv[okv], combiner.predict(xv[okv]))
+    metrics = {"fit_pairs": int(ok.sum()), "fit_documents": len(set(holdout.column("doc_id").to_pylist())),
+               "val_auc_model_only": _r(model_auc), "val_auc_combined": _r(combined_auc),
+               "weights": dict(zip(combiner.spec["features"], combiner.spec["weights"]))}
+    combiner.save(out_dir, {"fit_pairs": metrics["fit_pairs"]})
+    return metrics
+
+
 def evaluate(verifier: Any, val_pairs: pa.Table, target_frr: float, *,
              aggregation_sample: int = 300) -> tuple[float, dict[str, Any]]:
     """Score val pairs, pick the threshold for ``target_frr`` on clean rows, and measure recall per kind.
@@ -279,6 +328,9 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
 
     all_train = build_pairs(train, documents, seed=params.seed, negatives_per_positive=params.negatives_per_positive,
                             counterfactual=params.counterfactual, where="train")
+    holdout = None
+    if params.lexical_combiner:
+        all_train, holdout = holdout_by_document(all_train, params.combiner_holdout, params.seed)
     train_pairs = sample_pairs(all_train, params.max_train_pairs, params.seed)
     val_pairs = build_pairs(val, documents, seed=params.seed + 1, negatives_per_positive=len(corr.FACTUAL_KINDS),
                             counterfactual=False, sentence_positives=False, where="val")
@@ -291,13 +343,21 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         init = load_base(base_path, trainable_layers=params.trainable_layers)
         snli_metrics = train_verifier(snli, base_path, out_dir, **{**knobs, "epochs": 1}, init_model=init, log=log)
     train_metrics = train_verifier(train_pairs, base_path, out_dir, **knobs, init_model=init, log=log)
+    model_only = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads,
+                               lexical=False)
+    combiner_metrics = None
+    if holdout is not None:
+        combiner_metrics = fit_combiner(model_only, holdout, val_pairs, out_dir)
+        log(f"lexical combiner: val AUC model {combiner_metrics['val_auc_model_only']} -> "
+            f"combined {combiner_metrics['val_auc_combined']}")
     verifier = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads)
     threshold, val_metrics = evaluate(verifier, val_pairs, params.target_false_rejection)
     metrics = {
         "train_pairs": train_pairs.num_rows, "train_pairs_built": all_train.num_rows,
         "train_pairs_per_kind": dict(sorted(Counter(train_pairs.column("kind").to_pylist()).items())),
         "val_pairs_per_kind": dict(sorted(Counter(val_pairs.column("kind").to_pylist()).items())),
-        "snli_pretrain": snli_metrics, "train": train_metrics, "val": val_metrics,
+        "snli_pretrain": snli_metrics, "train": train_metrics, "lexical_combiner": combiner_metrics,
+        "val": val_metrics,
     }
     return VerifierResult(train_pairs, val_pairs, threshold, metrics)
 

@@ -1,0 +1,80 @@
+"""The lexical grounding features and the logistic combiner on top of a verifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refinery.grounding import FEATURES, Combiner, GroundedVerifier, feature_matrix, features, fit_logistic
+
+PASSAGE = "The Berlin office opens at 9 am. Refunds take 14 days and are not available for gift cards."
+
+
+def f(claim: str, prob: float = 0.5) -> dict[str, float]:
+    return dict(zip(FEATURES, features(PASSAGE, claim, prob)))
+
+
+def test_a_number_the_passage_never_states_is_novel():
+    # given a claim with the passage's number, and one with a changed number
+    # then only the changed one is flagged
+    assert f("Refunds take 14 days.")["novel_number"] == 0.0
+    assert f("Refunds take 21 days.")["novel_number"] == 1.0
+
+
+def test_an_entity_from_nowhere_and_an_added_negation_are_seen():
+    assert f("The Berlin office opens at 9 am.")["novel_entity_share"] == 0.0
+    assert f("The Paris office opens at 9 am.")["novel_entity_share"] == 1.0
+    assert f("The office opens at 9 am.")["claim_negation"] == 0.0
+    # the passage has a negation, so a negated claim is not "negation not in passage"
+    assert f("Refunds are not available.")["negation_not_in_passage"] == 0.0
+    assert features("Refunds take 14 days.", "Refunds do not take 14 days.", 0.5)[FEATURES.index(
+        "negation_not_in_passage")] == 1.0
+
+
+def test_copied_word_pairs_are_supported_and_the_model_logit_is_kept():
+    vals = f("Refunds take 14 days.", prob=0.9)
+    assert vals["bigram_support"] == 1.0
+    assert vals["model_logit"] == pytest.approx(np.log(9.0))
+
+
+def test_the_combiner_learns_a_separable_cue_and_round_trips(tmp_path):
+    # given features where label 0 always has a novel number
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, len(FEATURES)))
+    y = (rng.random(200) < 0.5).astype(float)
+    x[:, 1] = 1.0 - y
+    # when fitted, saved and loaded
+    comb = Combiner(fit_logistic(x, y))
+    comb.save(tmp_path)
+    loaded = Combiner.load(tmp_path)
+    # then it ranks every positive above every negative, and the loaded copy predicts the same
+    p = loaded.predict(x)
+    assert p[y == 1].min() > p[y == 0].max()
+    assert np.allclose(p, comb.predict(x))
+    assert Combiner.load(tmp_path / "missing") is None
+
+
+def test_fitting_needs_both_labels():
+    with pytest.raises(ValueError, match="both labels"):
+        fit_logistic(np.zeros((4, len(FEATURES))), np.ones(4))
+
+
+class _Model:
+    name, threshold, full_max_chars = "m", 0.3, 100
+
+    def score(self, passages, claims):
+        return np.array([0.9, np.nan])
+
+
+def test_a_row_the_model_cannot_score_stays_unscored():
+    # given a model that fails on the second pair (NaN), wrapped by a combiner
+    spec = fit_logistic(np.vstack([np.zeros(len(FEATURES)), np.ones(len(FEATURES))]), np.array([0.0, 1.0]))
+    verifier = GroundedVerifier(_Model(), Combiner(spec))
+    # when scored
+    out = verifier.score([PASSAGE, PASSAGE], ["Refunds take 14 days.", "x"])
+    # then the NaN survives (the gate fails closed on it) and the wrapper keeps the model's interface
+    assert np.isfinite(out[0]) and np.isnan(out[1])
+    assert verifier.threshold == 0.3 and verifier.name == "m+lexical"
+    verifier.full_max_chars = 7
+    assert verifier.base.full_max_chars == 7
+    assert np.isnan(feature_matrix(["p"], ["c"], np.array([np.nan]))).all()
