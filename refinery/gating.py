@@ -1,0 +1,249 @@
+"""Build the quality gates with their calibrated thresholds and run them on rows: shared by gate and recover."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from refinery.gates.base import Gate
+from refinery.params import StageParams
+from schemas.gated import GATES
+
+FACTUAL = ("entity_swap", "number_change", "negation_flip", "unsupported_claim", "other_document")
+
+
+class RulesParams(StageParams):
+    """Bounds of the rules gate (seed 004: 10-200 words of question + answer)."""
+
+    min_qa_words: int = Field(ge=0)
+    max_qa_words: int = Field(gt=0)
+    min_answer_words: int = Field(ge=0)
+    max_answer_words: int = Field(gt=0)
+
+
+class DedupParams(StageParams):
+    """Near-duplicate detection (MinHash LSH)."""
+
+    max_jaccard: float = Field(gt=0, le=1)
+    num_perm: int = Field(gt=0)
+    shingle: int = Field(gt=0)
+
+
+class OverlapParams(StageParams):
+    """Seed-overlap bounds (seed 004: 8-gram share >= 0.30, cosine >= 0.85 are rejected)."""
+
+    ngram: int = Field(gt=0)
+    max_ngram_overlap: float = Field(ge=0, le=1)
+    max_cosine: float = Field(ge=-1, le=1)
+
+
+class FaithfulnessParams(StageParams):
+    """Faithfulness gate: which judge, which evidence, which bound."""
+
+    judge: Literal["verifier", "llm"]  # trained/HF verifier, or the judge LLM's P(yes)
+    verifier: str  # 'trained' (the train_verifier stage's model) or an HF NLI / cross-encoder id or path
+    mode: Literal["grounded", "retrieved", "ungrounded"]
+    min_support: float | None = Field(default=None, ge=0, le=1)  # null: the verifier's calibrated threshold
+    compare_modes: bool = True  # also score the planted errors in all three modes (seed 000 comparison)
+    target_false_rejection: float = Field(ge=0, le=1)  # equal-FRR point for the mode comparison
+
+
+class RewardParams(StageParams):
+    """Reward gate."""
+
+    model: str  # 'trained' (the train_reward stage's model) or an HF reward model id or path
+    min_reward: float | None = None  # null: the human_quantile of human val answers' rewards
+    human_quantile: float = Field(ge=0, le=1)
+
+
+class PerplexityParams(StageParams):
+    """Perplexity gate bounds (seed 002), under the judge model."""
+
+    min_perplexity: float = Field(gt=0)
+    max_perplexity: float | None = Field(default=None, gt=0)  # null: max_factor x the human 95th percentile
+    max_factor: float = Field(gt=0)
+
+
+class GateParams(StageParams):
+    """Knobs of the gate stage, one sub-section per gate."""
+
+    rules: RulesParams
+    dedup: DedupParams
+    overlap: OverlapParams
+    faithfulness: FaithfulnessParams
+    reward: RewardParams
+    perplexity: PerplexityParams
+    batch_size: int = Field(gt=0)
+    threads: int = Field(gt=0)
+
+
+def run_gates(rows: pa.Table, gates: dict[str, Gate]) -> pa.Table:
+    """Apply every gate to every row and append their columns, ``gate_keep`` and ``gate_reasons``.
+
+    Args:
+        rows: rows of the synthetic (or injected) contract.
+        gates: name -> gate, in the order of ``schemas.gated.GATES``.
+
+    Returns:
+        ``rows`` with the gate columns; no row is dropped.
+    """
+    keep_all = np.ones(rows.num_rows, bool)
+    reasons: list[list[str]] = [[] for _ in range(rows.num_rows)]
+    for name in GATES:
+        verdicts = gates[name].apply(rows)
+        for col, arr in verdicts.to_columns(name).items():
+            rows = rows.append_column(col, arr)
+        keep_all &= np.asarray(verdicts.keep, bool)
+        for i, r in enumerate(verdicts.reason):
+            if r is not None:
+                reasons[i].append(r)
+    rows = rows.append_column(pa.field("gate_keep", pa.bool_(), nullable=False), pa.array(keep_all, pa.bool_()))
+    return rows.append_column(pa.field("gate_reasons", pa.list_(pa.string()), nullable=False),
+                              pa.array(reasons, pa.list_(pa.string())))
+
+
+class _ByKind:
+    """Wrap a gate so it judges planted rows one injection kind at a time (see ``refinery.injection.apply_by_kind``)."""
+
+    def __init__(self, gate: Gate):
+        self.gate, self.name = gate, gate.name
+
+    def apply(self, rows: pa.Table):
+        from refinery.injection import apply_by_kind
+
+        return apply_by_kind(self.gate, rows)
+
+
+def run_gates_by_kind(injected: pa.Table, gates: dict[str, Gate]) -> pa.Table:
+    """Gate planted rows kind by kind, so a variant is never deduplicated against its twin from the same source."""
+    return run_gates(injected, {name: _ByKind(g) for name, g in gates.items()})
+
+
+def reason_counts(gated: pa.Table) -> dict[str, Any]:
+    """Count rows kept and rejected, per first reason and per gate (a row may fail several gates)."""
+    total = gated.num_rows
+    kept = int(pc.sum(gated.column("gate_keep")).as_py() or 0) if total else 0
+    first = Counter(r[0] for r in gated.column("gate_reasons").to_pylist() if r)
+    every = Counter(x for r in gated.column("gate_reasons").to_pylist() for x in r)
+    per_gate = {g: total - int(pc.sum(gated.column(f"{g}_keep")).as_py() or 0) if total else 0 for g in GATES}
+    return {"total": total, "kept": kept, "rejected": total - kept,
+            **{f"dropped_{k}": v for k, v in sorted(first.items())},
+            "rejected_by_gate": per_gate, "reasons_all": dict(sorted(every.items()))}
+
+
+@dataclass
+class Models:
+    """Everything the model gates need, loaded once per stage."""
+
+    verifier: Any
+    reward: Any
+    judge: Any  # backend with loglikelihood (perplexity gate, LLM judge)
+    embedder: Any
+
+
+def human_quantile(values: np.ndarray, q: float) -> float:
+    """Return the q-quantile of finite values (a bound calibrated on human answers)."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        raise ValueError("no finite score on the human calibration rows")
+    return float(np.quantile(finite, q))
+
+
+def build_gates(params: GateParams, train: pa.Table, calib: pa.Table, documents: pa.Table, models: Models,
+                cache_dir: Path | None, mode: str | None = None) -> tuple[dict[str, Gate], dict[str, float]]:
+    """Build the gate objects with their thresholds (calibrated on human val rows where params say null).
+
+    Returns:
+        The gates by name and the thresholds actually used.
+    """
+    from refinery.gates.dedup import DedupGate
+    from refinery.gates.faithfulness import FaithfulnessGate, LLMJudge, PassageRetriever
+    from refinery.gates.overlap import EmbeddingOverlapGate, NgramOverlapGate
+    from refinery.gates.perplexity import PerplexityGate
+    from refinery.gates.reward import RewardGate
+    from refinery.gates.rules import RulesGate
+
+    p = params
+    scorer = models.verifier if p.faithfulness.judge == "verifier" else LLMJudge(models.judge)
+    min_support = p.faithfulness.min_support
+    if min_support is None:
+        min_support = getattr(scorer, "threshold", None)
+        if min_support is None:
+            raise ValueError("gate.faithfulness.min_support is null but the verifier records no calibrated "
+                             "threshold: set a number")
+    mode = mode or p.faithfulness.mode
+    retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
+    faith = FaithfulnessGate(scorer, documents, mode=mode, min_support=float(min_support), retriever=retriever)
+    min_reward = p.reward.min_reward
+    if min_reward is None:
+        min_reward = human_quantile(models.reward.score(calib.column("question").to_pylist(),
+                                                        calib.column("answer").to_pylist()), p.reward.human_quantile)
+    ppl_gate = PerplexityGate(models.judge, p.perplexity.min_perplexity, 1e9)
+    max_ppl = p.perplexity.max_perplexity
+    if max_ppl is None:
+        max_ppl = p.perplexity.max_factor * human_quantile(ppl_gate.perplexities(calib), 0.95)
+    ppl_gate.max_perplexity = max_ppl
+    gates: dict[str, Gate] = {
+        "rules": RulesGate(min_qa_words=p.rules.min_qa_words, max_qa_words=p.rules.max_qa_words,
+                           min_answer_words=p.rules.min_answer_words, max_answer_words=p.rules.max_answer_words),
+        "dedup": DedupGate(train, max_jaccard=p.dedup.max_jaccard, num_perm=p.dedup.num_perm,
+                           shingle=p.dedup.shingle, cache_dir=cache_dir),
+        "overlap_ngram": NgramOverlapGate(train, max_ngram_overlap=p.overlap.max_ngram_overlap, n=p.overlap.ngram),
+        "overlap_embedding": EmbeddingOverlapGate(train, models.embedder, max_cosine=p.overlap.max_cosine),
+        "faithfulness": faith,
+        "reward": RewardGate(models.reward, float(min_reward)),
+        "perplexity": ppl_gate,
+    }
+    thresholds = {"faithfulness_min_support": round(float(min_support), 4), "reward_min": round(float(min_reward), 4),
+                  "perplexity_min": p.perplexity.min_perplexity, "perplexity_max": round(float(max_ppl), 4),
+                  "faithfulness_mode": mode}
+    return gates, thresholds
+
+
+def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: pa.Table, models: Models,
+                  target_frr: float) -> dict[str, Any]:
+    """Score planted rows in grounded, retrieved and ungrounded modes; recall on factual errors at equal FRR."""
+    from refinery.gates.faithfulness import MODES, FaithfulnessGate, PassageRetriever
+    from refinery.injection import recall_at_frr
+
+    kinds = np.asarray(injected_gated.column("injection_kind").to_pylist())
+    clean, factual = kinds == "clean", np.isin(kinds, FACTUAL)
+    scorer = gates["faithfulness"].scorer
+    out = {}
+    for mode in MODES:
+        retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
+        support, _ = FaithfulnessGate(scorer, documents, mode=mode, retriever=retriever).scores(injected_gated)
+        threshold, recall, frr = recall_at_frr(support[clean], support[factual], target_frr)
+        per_kind = {k: round(float(np.mean(np.nan_to_num(support[kinds == k], nan=-1.0) < threshold)), 4)
+                    for k in FACTUAL if (kinds == k).any()}
+        out[mode] = {"threshold": round(float(threshold), 4), "recall_factual": round(float(recall), 4),
+                     "false_rejection": round(float(frr), 4), "recall_per_kind": per_kind}
+    return out
+
+
+def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_dir: str, cache_dir: Path) -> Models:
+    """Load the verifier, reward model, judge backend and embedder once for the stage."""
+    from refinery.backends.factory import make_backend
+    from refinery.embed import Embedder
+    from refinery.models.resolve import backend_spec, load_target
+    from refinery.reward import load_reward
+    from refinery.verifier import load_verifier
+
+    verifier_ref = verifier_dir if params.faithfulness.verifier == "trained" else params.faithfulness.verifier
+    reward_ref = reward_dir if params.reward.model == "trained" else params.reward.model
+    embed = load_target(models_dir, "embedder")
+    judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=params.batch_size,
+                                      threads=params.threads))
+    return Models(
+        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads),
+        reward=load_reward(reward_ref, batch_size=params.batch_size, threads=params.threads),
+        judge=judge,
+        embedder=Embedder(embed["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=embed["id"]),
+    )

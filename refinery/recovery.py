@@ -1,0 +1,526 @@
+"""Diagnose why a row was rejected, plan a targeted regeneration (or a naive resample), and re-gate the result.
+
+Adaptive recovery (seed 000): map each rejected row's gate verdicts and scores to a failure mode with a
+confidence (:func:`diagnose`), answer the mode with its action (a versioned ``prompts/recover_*.txt`` template
+at its own temperature), re-gate each candidate with every gate (plus dedup against accepted and already
+recovered rows), and on failure diagnose the candidate again to choose the next action. The naive baseline
+resamples the row's original strategy template at its original temperature, on the same rows and budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from refinery import strategies as strat
+from refinery.backends.base import GenRequest
+from refinery.gates.base import Verdicts
+from refinery.generation import Planned, call_seed
+from refinery.prompts import Template
+from refinery.teacher import Job, cache_key
+from refinery.text import match_key
+from schemas.gated import GATES
+
+QUESTION_STRATEGIES = ("question_rephrasing", "new_question", "evol_depth", "evol_breadth")
+RULES_MALFORMED = ("rules_transport_error", "rules_parse_error", "rules_empty", "rules_language", "rules_meta_talk")
+RULES_LENGTH = ("rules_too_short", "rules_too_long", "rules_answer_repeats_question")
+SEED_CLOSE = ("dedup_exact_seed", "dedup_near_seed", "overlap_ngram", "overlap_embedding")
+WITHIN_DUP = ("dedup_exact", "dedup_near", "dedup_exact_accepted", "dedup_near_accepted")
+
+# action -> (template name, output kind: 'answer' keeps the question | 'qa' writes both)
+ACTIONS: dict[str, tuple[str, str]] = {
+    "strict_grounding": ("recover_grounded", "answer"),
+    "reanswer_low_temp": (None, "original"),  # the row's own strategy prompt (with its shots) at a lower temperature
+    "rewrite_helpfulness": ("recover_rewrite_helpfulness", "answer"),
+    "rewrite_length": ("recover_rewrite_length", "answer"),
+    "rewrite_fluency": ("recover_rewrite_fluency", "answer"),
+    "diversify": ("recover_diversify_answer", "answer"),  # rows without a usable question: recover_diversify (qa)
+    "regenerate_question": ("recover_question", "qa"),
+    "fix_format": ("recover_format", "qa"),
+    "fix_length": ("recover_short", "answer"),
+}
+TEMPLATES = tuple(sorted({t for t, _ in ACTIONS.values() if t is not None} | {"recover_diversify"}))
+# Per mode, the actions in the order they are tried; 'rewrite_weakest' is resolved from the diagnosis detail.
+CHAINS: dict[str, tuple[str, ...]] = {
+    "malformed": ("fix_format", "regenerate_question"),
+    "truncated": ("fix_length", "strict_grounding"),
+    "refusal": ("strict_grounding", "regenerate_question"),
+    "threshold_marginal": ("reanswer_low_temp", "strict_grounding"),
+    "duplicate": ("diversify", "regenerate_question"),
+    "too_close_to_seed": ("diversify", "regenerate_question"),
+    "question_defect": ("regenerate_question", "diversify"),
+    "ungrounded": ("strict_grounding", "regenerate_question"),
+    "low_quality": ("rewrite_weakest", "strict_grounding"),
+}
+_PARSE_AS = {"answer": "answer_augmentation", "qa": "evol_depth"}  # strategies whose parser reads each output kind
+_ANSWER_STOP = ("\n\n", "\nQuestion:", "\nAnswer:", "\nPassage:", "\nEvidence:")
+_QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A rejected row's failure mode, how sure the rule is (0-1), the evidence, and whether to attempt it."""
+
+    mode: str
+    confidence: float
+    detail: str
+    recoverable: bool
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The gate thresholds in force (as the gate stage resolved them) and the margins of ``threshold_marginal``.
+
+    Margins are absolute, except ``perplexity`` (relative to the bound).
+    """
+
+    min_support: float
+    min_reward: float
+    max_perplexity: float
+    min_perplexity: float
+    max_cosine: float
+    max_ngram_overlap: float
+    max_jaccard: float
+    margins: dict[str, float]
+    near_copy_ngram: float = 0.5  # seed 8-gram share at or above which a row is a near copy (not worth recovering)
+
+
+def _failing(row: dict[str, Any]) -> list[str]:
+    return [g for g in GATES if row.get(f"{g}_keep") is False]
+
+
+def _marginal(row: dict[str, Any], gate: str, b: Bounds) -> float | None:
+    """Return how far a failing gate's score is past its bound, as a share of the margin (<= 1: marginal)."""
+    s, reason = row.get(f"{gate}_score"), row.get(f"{gate}_reason")
+    m = b.margins.get(gate)
+    if s is None or m is None or not math.isfinite(s) or m <= 0:
+        return None
+    if reason == "faithfulness_unsupported":
+        return (b.min_support - s) / m
+    if reason == "reward_low":
+        return (b.min_reward - s) / m
+    if reason == "overlap_embedding":
+        return (s - b.max_cosine) / m
+    if reason == "overlap_ngram":
+        return (s - b.max_ngram_overlap) / m
+    if reason == "dedup_near_seed" or reason == "dedup_near":
+        return (s - b.max_jaccard) / m
+    if reason == "perplexity_too_high":
+        return (s / b.max_perplexity - 1) / m
+    return None
+
+
+def content_words(text: str | None) -> set[str]:
+    """Return the normalised words of ``text`` longer than three characters (a cheap lexical-support cue)."""
+    return {w for w in match_key(text or "").split() if len(w) > 3}
+
+
+def diagnose(row: dict[str, Any], b: Bounds, docs: dict[str, dict[str, Any]], min_confidence: float) -> Diagnosis:
+    """Map one rejected row's gate verdicts and scores to a failure mode.
+
+    Rules, in priority order: ``unrecoverable`` (missing, empty or stale source document, no evidence span);
+    ``malformed`` (transport or parse error, empty, meta-talk, not English); ``truncated``; ``refusal``;
+    ``threshold_marginal`` (every failing scored gate within its margin of the bound); ``duplicate`` (a
+    generated twin); ``too_close_to_seed`` (dedup against the seed, n-gram or embedding overlap);
+    (near copies of a seed row are diagnosed but not attempted);
+    ``question_defect`` (a generated question that the evidence does not support, sharing few words with it);
+    ``ungrounded`` (faithfulness); ``low_quality`` (reward, perplexity, length; detail names the weakest
+    dimension). Anything else is ``unrecoverable``.
+
+    Args:
+        row: a gated row (synthetic or injected contract + gate columns).
+        b: thresholds and margins.
+        docs: doc_id -> {text, stale}.
+        min_confidence: rows diagnosed with less are not attempted.
+
+    Returns:
+        The diagnosis.
+    """
+    doc = docs.get(row["doc_id"])
+    text = (doc or {}).get("text") or ""
+    s, e = row.get("evidence_start"), row.get("evidence_end")
+
+    def out(mode: str, conf: float, detail: str, worth: bool = True) -> Diagnosis:
+        conf = round(float(min(max(conf, 0.0), 1.0)), 4)
+        return Diagnosis(mode, conf, detail, worth and mode != "unrecoverable" and conf >= min_confidence)
+
+    if doc is None or not text.strip():
+        return out("unrecoverable", 1.0, "source_document_missing_or_empty")
+    if doc.get("stale"):
+        return out("unrecoverable", 1.0, "source_document_stale")
+    if s is None or e is None or not 0 <= s < e <= len(text) or not text[s:e].strip():
+        return out("unrecoverable", 1.0, "no_evidence_span")
+    reasons = [r for r in (row.get("gate_reasons") or [])]
+    failing = _failing(row)
+    if any(r in RULES_MALFORMED for r in reasons) or row.get("error") or row.get("parse_error"):
+        first = next((r for r in reasons if r in RULES_MALFORMED), row.get("parse_error") or "error")
+        return out("malformed", 0.95, first)
+    if "rules_truncated" in reasons:
+        return out("truncated", 0.9 if row.get("finish_reason") == "length" else 0.75, "rules_truncated")
+    if "rules_refusal" in reasons:
+        return out("refusal", 0.95, "rules_refusal")
+    margins = {g: _marginal(row, g, b) for g in failing}
+    if failing and all(v is not None and v <= 1.0 for v in margins.values()):
+        worst = max(margins.values())
+        detail = ",".join(f"{g}:{margins[g]:.2f}" for g in failing)
+        return out("threshold_marginal", 0.9 - 0.4 * max(worst, 0.0), detail)
+    if any(r in WITHIN_DUP for r in reasons):
+        return out("duplicate", 0.9, next(r for r in reasons if r in WITHIN_DUP))
+    close = [r for r in reasons if r in SEED_CLOSE]
+    if close:
+        # a near copy of a seed row (MinHash near duplicate, or most of its 8-grams in the seed) holds nothing of
+        # its own to keep: not worth a call; a paraphrase that is merely close in meaning is diversified
+        copy = any(r in ("dedup_exact_seed", "dedup_near_seed") for r in close) or \
+            (row.get("overlap_ngram_score") or 0.0) >= b.near_copy_ngram
+        detail = ("near_copy_of_seed:" if copy else "") + ",".join(close)
+        return out("too_close_to_seed", 0.6 + 0.1 * min(len(close), 3), detail, worth=not copy)
+    faith = row.get("faithfulness_score")
+    if "faithfulness" in failing:
+        q_words, ev_words = content_words(row.get("question")), content_words(text[s:e])
+        q_support = len(q_words & ev_words) / len(q_words) if q_words else 0.0
+        if row.get("strategy") in QUESTION_STRATEGIES and q_support < 0.25:
+            return out("question_defect", 0.6 + 0.3 * (1 - q_support / 0.25), f"question_support:{q_support:.2f}")
+        gap = (b.min_support - faith) / max(b.min_support, 1e-9) if faith is not None else 1.0
+        return out("ungrounded", 0.6 + 0.4 * min(max(gap, 0.0), 1.0),
+                   f"faithfulness_score:{faith:.3f}" if faith is not None else "faithfulness_unscored")
+    if any(r in RULES_LENGTH for r in reasons):
+        return out("low_quality", 0.8, "weakest:length")
+    if "perplexity" in failing:
+        return out("low_quality", 0.7, "weakest:fluency")
+    if "reward" in failing:
+        return out("low_quality", 0.7, f"weakest:helpfulness(reward:{row.get('reward_score') or float('nan'):.3f})")
+    return out("unrecoverable", 0.5, "unknown:" + ",".join(reasons))
+
+
+def next_action(diag: Diagnosis, tried: list[str]) -> str:
+    """Return the next action for a diagnosis: the first of its chain not tried yet, else the chain's first."""
+    chain = [_resolve(a, diag) for a in CHAINS.get(diag.mode, ("strict_grounding",))]
+    return next((a for a in chain if a not in tried), chain[0])
+
+
+def _resolve(action: str, diag: Diagnosis) -> str:
+    if action != "rewrite_weakest":
+        return action
+    return {"length": "rewrite_length", "fluency": "rewrite_fluency"}.get(
+        diag.detail.removeprefix("weakest:").split("(")[0], "rewrite_helpfulness")
+
+
+# ---- injected errors: ground truth ----
+
+_SWAP = re.compile(r"^(?:word )?'(?P<old>.*)' -> '(?P<new>.*)'$")
+_CLAIM = re.compile(r"^corpus sentence: '(?P<s>.*)'$", re.S)
+
+
+def _has_word(text: str, word: str, case: bool) -> bool:
+    flags = 0 if case else re.IGNORECASE
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, flags) is not None
+
+
+def _word_share(part: str, whole: str) -> float:
+    a, b = content_words(part), content_words(whole)
+    return len(a & b) / len(a) if a else 0.0
+
+
+def injected_error_present(row: dict[str, Any], question: str | None, answer: str | None) -> bool:
+    """Say whether a candidate still holds the error planted in ``row`` (checked against the injection's truth).
+
+    Swaps (entity, number, negation; detail ``'old' -> 'new'``): the new value is in the candidate's answer
+    (negations case-insensitively) and not in the evidence, unless it was. An unsupported claim: most of the
+    planted sentence's content words are in the answer. Other kinds (other document, truncation, refusal,
+    copies): the candidate's answer is the planted answer, or holds most of its content words while the
+    evidence does not. Clean rows hold no error.
+    """
+    kind, detail = row.get("injection_kind"), row.get("injection_detail") or ""
+    if kind in (None, "clean"):
+        return False
+    cand = f"{question or ''} {answer or ''}" if row.get("injection_field") != "answer" else (answer or "")
+    planted = f"{row.get('question') or ''} {row.get('answer') or ''}" if row.get("injection_field") != "answer" \
+        else (row.get("answer") or "")
+    evidence = row.get("evidence") or ""
+    if match_key(cand) == match_key(planted):
+        return True
+    m = _SWAP.match(detail)
+    if kind in ("entity_swap", "number_change", "negation_flip") and m:
+        new, case = m.group("new"), kind != "negation_flip"
+        return _has_word(cand, new, case) and not (case and _has_word(evidence, new, case))
+    m = _CLAIM.match(detail)
+    if kind == "unsupported_claim" and m:
+        return _word_share(m.group("s"), cand) >= 0.6
+    if kind == "truncation":
+        return match_key(cand).startswith(match_key(planted)) or match_key(planted).startswith(match_key(cand))
+    if kind == "other_document":
+        return _word_share(planted, cand) >= 0.6 and _word_share(planted, evidence) < 0.6
+    return _word_share(planted, cand) >= 0.8
+
+
+# ---- dedup against accepted and already recovered rows ----
+
+class PooledDedup:
+    """The dedup gate, then (for rows it keeps) a check against a pool of accepted and recovered rows.
+
+    Codes: the base gate's, plus ``dedup_exact_accepted`` / ``dedup_near_accepted`` (same as, or estimated
+    Jaccard >= max_jaccard with, a row already accepted or recovered).
+    """
+
+    name = "dedup"
+
+    def __init__(self, base: Any, pool: Any | None):
+        self.base, self.pool = base, pool
+
+    def apply(self, rows: pa.Table) -> Verdicts:
+        v = self.base.apply(rows)
+        if self.pool is None or rows.num_rows == 0:
+            return v
+        p = self.pool.apply(rows)
+        keep, score, reason = list(v.keep), list(v.score), list(v.reason)
+        for i, (k, r) in enumerate(zip(p.keep, p.reason)):
+            if keep[i] and r in ("dedup_exact_seed", "dedup_near_seed"):
+                keep[i], reason[i] = False, r.replace("_seed", "_accepted")
+            if p.score[i] is not None:
+                score[i] = max(score[i] or 0.0, p.score[i])
+        return Verdicts(keep, score, reason)
+
+
+# ---- planning calls ----
+
+@dataclass(frozen=True)
+class CallSettings:
+    """Sampling settings of recovery calls."""
+
+    seed: int
+    temperatures: dict[str, float]  # per action
+    top_p: float
+    max_new_tokens: dict[str, int]  # per output kind: answer, qa
+    naive_temperature: float  # when a rejected row records none (planted rows)
+    naive_max_new_tokens: dict[str, int]  # per output kind of the original strategy, when the row records none
+    naive_shots: int
+
+
+def _values(row: dict[str, Any], evidence: str) -> dict[str, str]:
+    return {"question": row.get("question") or "", "answer": row.get("answer") or "", "evidence": evidence,
+            "passage": evidence, "title": ""}
+
+
+def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str, neighbours: list[dict[str, str]],
+                  templates: dict[str, Template], cs: CallSettings, teacher_id: str) -> tuple[str, Planned]:
+    """Plan one targeted call for a rejected row (an answer-only action on a row without a question fixes format).
+
+    Args:
+        row: the rejected row (its question, answer, span).
+        action: one of ACTIONS.
+        attempt: 1-based attempt number (part of the seed and the cache key).
+        evidence: the row's evidence span text.
+        neighbours: rows the candidate must differ from (``diversify``): dicts with question and answer.
+        templates: loaded templates by name.
+        cs: call settings.
+        teacher_id: model id + revision.
+
+    Returns:
+        The action actually taken and the planned call.
+    """
+    name, output = ACTIONS[action]
+    if name is None:
+        raise ValueError(f"{action} resamples the row's own prompt: plan it with plan_naive")
+    tpl = templates[name]
+    question = row.get("question")
+    if output == "answer" and not (question or "").strip():  # nothing to answer: write a question too
+        name, output = ("recover_diversify", "qa") if action == "diversify" else (ACTIONS["fix_format"][0], "qa")
+        action = action if action == "diversify" else "fix_format"
+        tpl = templates[name]
+    prompt = tpl.render(_values(row, evidence), [{**_values(n, evidence), **n} for n in neighbours])
+    request = GenRequest(prompt=prompt, max_new_tokens=cs.max_new_tokens[output],
+                         temperature=cs.temperatures[action], top_p=cs.top_p,
+                         stop=_ANSWER_STOP if output == "answer" else _QA_STOP,
+                         seed=call_seed(cs.seed, row["row_id"], action, attempt))
+    key = cache_key(teacher_id, tpl.ref, request, attempt)
+    parent = {"row_id": row["row_id"], "doc_id": row["doc_id"], "question": question, "answer": row.get("answer"),
+              "intent": row.get("intent")}
+    return action, Planned(Job(request, key), _PARSE_AS[output], parent,
+                           (row["evidence_start"], row["evidence_end"]), attempt, tpl.ref)
+
+
+def plan_naive(row: dict[str, Any], seed_row: dict[str, Any] | None, attempt: int, evidence: str,
+               shots: list[dict[str, Any]], templates: dict[str, Template], cs: CallSettings,
+               teacher_id: str, temperature: float | None = None, tag: str = "resample") -> Planned:
+    """Plan one plain resample: the row's original strategy template at its original sampling params.
+
+    Planted rows (no strategy) resample with answer_augmentation at ``naive_temperature``. With
+    ``temperature`` (and a ``tag`` for the seed), the same prompt at another temperature (``reanswer_low_temp``).
+    """
+    strategy = row.get("strategy") or "answer_augmentation"
+    s, tpl = strat.STRATEGIES[strategy], templates[strategy]
+    gp = json.loads(row["gen_params"]) if row.get("gen_params") else {}
+    parent = seed_row or row
+    values = {"question": parent.get("question") or "", "answer": parent.get("answer") or "",
+              "evidence": parent.get("evidence") or evidence, "passage": evidence, "title": ""}
+    if strategy == "answer_augmentation":
+        values["question"] = row.get("question") or values["question"]
+    prompt = tpl.render(values, [{"question": r["question"], "answer": r["answer"], "evidence": r["evidence"],
+                                  "passage": r["evidence"], "title": ""} for r in shots])
+    request = GenRequest(prompt=prompt,
+                         max_new_tokens=int(gp.get("max_new_tokens") or cs.naive_max_new_tokens[s.token_budget]),
+                         temperature=float(temperature if temperature is not None
+                                           else gp.get("temperature", cs.naive_temperature)),
+                         top_p=float(gp.get("top_p", cs.top_p)), stop=tuple(gp.get("stop") or s.stop),
+                         seed=call_seed(cs.seed, row["row_id"], tag, attempt))
+    key = cache_key(teacher_id, tpl.ref, request, attempt)
+    p = {"row_id": row["row_id"], "doc_id": row["doc_id"], "question": row.get("question") if s.output == "answer"
+         else parent.get("question"), "answer": parent.get("answer"), "intent": row.get("intent")}
+    return Planned(Job(request, key), strategy, p, (row["evidence_start"], row["evidence_end"]), attempt, tpl.ref)
+
+
+# ---- the attempt loop ----
+
+@dataclass
+class RowState:
+    """What one method did with one rejected row."""
+
+    diagnosis: Diagnosis
+    outcome: str = "not_attempted"
+    actions: list[str] = field(default_factory=list)
+    attempts: int = 0
+    calls: int = 0
+    tokens: int = 0
+    recovered: dict[str, Any] | None = None
+    last_reasons: list[str] = field(default_factory=list)
+    error_survives: bool | None = None
+    next: str | None = None
+    cap: int = 0  # calls this row may use (0: not admitted yet)
+
+
+Execute = Callable[[list[Planned], list[str]], pa.Table]  # planned calls, actions -> stamped candidate rows
+Regate = Callable[[pa.Table, pa.Table], pa.Table]  # candidates, pool -> candidates with every gate's columns
+PlanFn = Callable[[dict[str, Any], RowState, int], tuple[str, Planned]]
+
+
+def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn, execute: Execute, regate: Regate,
+               pool: pa.Table, *, budget: int, max_attempts: int, rediagnose: Callable[[dict], Diagnosis] | None,
+               check_error: Callable[[dict, dict], bool] | None,
+               group_of: Callable[[dict], str] | None = None) -> pa.Table | None:
+    """Attempt recoverable rows in rounds (one call per row per round) within per-row and global budgets.
+
+    Rows are admitted in priority order while their whole per-row budget (``max_attempts`` calls) still fits
+    in the global one; a recovered row gives back what it did not use, so later rounds admit further rows.
+
+    A candidate is recovered when it passes every gate (and, on planted rows, no longer holds the planted
+    error). A failed candidate is diagnosed again (``rediagnose``, adaptive) to choose the next action.
+
+    Args:
+        rows: the rejected rows, in priority order.
+        states: one state per row (diagnosis set; updated in place).
+        plan: (row, state, attempt) -> (action, planned call).
+        execute: runs planned calls (through the cache) and returns candidate rows.
+        regate: gates candidates against the pool of accepted and recovered rows.
+        pool: question/answer rows a candidate must not duplicate (accepted rows).
+        budget: global teacher calls for this method.
+        max_attempts: calls per row.
+        rediagnose: diagnoses a failed candidate (None: keep the row's diagnosis, as the naive method does).
+        check_error: (rejected row, candidate) -> the planted error is still there (planted rows only).
+        group_of: when set, candidates are gated one group at a time (planted rows: one injection kind at a
+            time, so twins planted from the same source are never deduplicated against each other).
+
+    Returns:
+        The recovered rows (gated contract columns), in the order they were recovered.
+    """
+    used = reserved = 0  # calls made; calls still reserved by admitted rows that are not finished
+    for s in states:
+        if s.diagnosis.recoverable:
+            s.outcome = "budget_exhausted"
+    recovered: list[pa.Table] = []
+    base_pool = pool_of(pool)
+    pool = base_pool
+    while True:
+        todo, planned = [], []
+        for i, (row, s) in enumerate(zip(rows, states)):
+            if not s.diagnosis.recoverable or s.recovered is not None or (s.cap and s.attempts >= s.cap):
+                continue
+            if s.cap == 0:  # admit a new row only if its whole per-row budget still fits in the global one
+                s.cap = min(max_attempts, budget - used - reserved)
+                if s.cap <= 0:
+                    s.cap = 0
+                    continue
+                reserved += s.cap
+            action, p = plan(row, s, s.attempts + 1)
+            todo.append(i), planned.append(p)
+            s.actions.append(action)
+            used += 1
+            reserved -= 1
+        if not planned:
+            break
+        cands = execute(planned, [states[i].actions[-1] for i in todo])
+        gated = _regate_groups(cands, pool, regate, [group_of(rows[i]) for i in todo] if group_of else None)
+        for k, (i, cand) in enumerate(zip(todo, gated.to_pylist())):
+            s = states[i]
+            s.attempts += 1
+            s.calls += 1
+            s.tokens += int(cand["prompt_tokens"]) + int(cand["completion_tokens"])
+            s.outcome = "failed" if s.outcome != "laundered" else s.outcome
+            s.last_reasons = list(cand["gate_reasons"])
+            if cand["gate_keep"]:
+                if check_error is not None and check_error(rows[i], cand):
+                    s.outcome, s.error_survives = "laundered", True
+                    s.last_reasons = ["injected_error_survives"]
+                else:
+                    s.outcome, s.recovered = "recovered", cand
+                    s.error_survives = False if check_error is not None else None
+                    recovered.append(gated.slice(k, 1))
+                    reserved -= s.cap - s.attempts  # release what this row no longer needs
+                    continue
+            s.next = next_action(rediagnose(cand), s.actions) if rediagnose is not None else None
+        if recovered:
+            pool = pool_of(base_pool, *recovered)
+    return pa.concat_tables(recovered) if recovered else None
+
+
+def _regate_groups(cands: pa.Table, pool: pa.Table, regate: Regate, groups: list[str] | None) -> pa.Table:
+    if groups is None:
+        return regate(cands, pool)
+    parts, order = [], []
+    for g in sorted(set(groups)):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        parts.append(regate(cands.take(pa.array(idx, pa.int64())), pool))
+        order += idx
+    out = pa.concat_tables(parts)
+    return out.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+
+
+def stamp(cands: pa.Table, planned: list[Planned], parents: dict[str, dict[str, Any]], actions: list[str],
+          phash: str, code_version: str) -> pa.Table:
+    """Give candidate rows their recovery provenance: original strategy, attempt, action, this stage's hashes."""
+    strategies = [parents[p.parent["row_id"]].get("strategy") for p in planned]
+    cols = {"strategy": pa.array(strategies, pa.string()),
+            "attempt": pa.array([p.sample_index for p in planned], pa.int32()),
+            "recovery_action": pa.array(actions, pa.string()),
+            "params_hash": pa.array([phash] * len(planned), pa.string()),
+            "code_version": pa.array([code_version] * len(planned), pa.string())}
+    for name, arr in cols.items():
+        cands = cands.set_column(cands.schema.get_field_index(name), cands.schema.field(name), arr)
+    return cands
+
+
+def priority(diags: list[Diagnosis]) -> np.ndarray:
+    """Order rows for the budget: modes most likely to recover first, then by confidence (stable)."""
+    rank = {m: i for i, m in enumerate(("threshold_marginal", "truncated", "malformed", "refusal", "low_quality",
+                                        "ungrounded", "question_defect", "duplicate", "too_close_to_seed"))}
+    keys = [(rank.get(d.mode, 99), -d.confidence) for d in diags]
+    return np.array(sorted(range(len(diags)), key=lambda i: keys[i]), dtype=np.int64)
+
+
+def pool_of(*tables: pa.Table) -> pa.Table:
+    """Stack the row_id/question/answer columns of tables (rows a recovered candidate must not duplicate)."""
+    parts = [t.select(["row_id", "question", "answer"]).cast(pa.schema([("row_id", pa.string()),
+                                                                         ("question", pa.string()),
+                                                                         ("answer", pa.string())]))
+             for t in tables if t is not None]
+    out = pa.concat_tables(parts) if parts else pa.table({"row_id": pa.array([], pa.string()),
+                                                           "question": pa.array([], pa.string()),
+                                                           "answer": pa.array([], pa.string())})
+    return out.filter(pc.is_valid(out.column("answer")))
