@@ -1,0 +1,329 @@
+"""Assemble the experiment's datasets: human anchor, AI-contaminated set, and curated = human + capped synthetic.
+
+Seed 001 ("accumulate, never replace"): the curated set always holds every human train row; accepted and recovered
+synthetic rows are added on top. Seed 003 ("cap synthetic influence"): synthetic rows are capped at a share of
+the dataset, rare intents and document categories are topped up from synthetic rows first (never beyond the cap), and per-row sampling
+weights keep the synthetic share of the total weight under its own bound.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from refinery.errors import InputError
+from refinery.params import StageParams, load_section
+from schemas import datasets as datasets_schema
+from schemas.datasets import KINDS
+from schemas.provenance import PROVENANCE_NAMES
+
+ROW_COLUMNS = PROVENANCE_NAMES + ("question", "answer", "intent", "evidence")  # read from every input, by name
+
+
+class WeightParams(StageParams):
+    """Sampling weight of a row by its source (relative; the trainer normalises)."""
+
+    human: float = Field(gt=0)
+    accepted: float = Field(gt=0)
+    recovered: float = Field(gt=0)
+    contaminated: float = Field(gt=0)
+
+
+class AssembleDedupParams(StageParams):
+    """Exact + MinHash near-duplicate removal of synthetic rows, against the human anchor and each other."""
+
+    max_jaccard: float = Field(gt=0, le=1)
+    num_perm: int = Field(gt=0)
+    shingle: int = Field(gt=0, le=8)
+
+
+class AssembleParams(StageParams):
+    """Knobs of the assemble stage."""
+
+    seed: int  # order in which synthetic rows are drawn under the cap
+    max_synthetic_share: float = Field(ge=0, lt=1)  # synthetic rows / all rows of curated
+    max_synthetic_weight_share: float = Field(ge=0, lt=1)  # synthetic weight / all weight of curated
+    rare_intent_min: int = Field(ge=0)  # intents with fewer human rows are topped up to this from synthetic rows
+    rare_category_min: int = Field(ge=0)  # the same for document categories (after intents)
+    weights: WeightParams
+    dedup: AssembleDedupParams
+    max_passage_chars: int = Field(gt=0)  # passage length in the SFT export (characters; cut at a word)
+
+
+@dataclass(frozen=True)
+class AssembleResult:
+    """The three datasets, their SFT chat records, the DPO records and the counts metrics."""
+
+    tables: dict[str, pa.Table]
+    sft: dict[str, list[dict[str, Any]]]
+    dpo: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def rows_of(table: pa.Table, source: str, weight: float, where: str) -> pa.Table:
+    """Select the dataset columns of an input table by name, adding ``weight`` and ``source``.
+
+    Raises:
+        InputError: a needed column is missing.
+    """
+    missing = [c for c in ROW_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(where, f"missing column(s) {', '.join(missing)} (needed by assemble)", field=missing[0])
+    out = table.select(list(ROW_COLUMNS))
+    out = out.append_column("weight", pa.array(np.full(out.num_rows, weight), pa.float64()))
+    out = out.append_column("source", pa.array([source] * out.num_rows, pa.string()))
+    return out.cast(datasets_schema.ARROW)
+
+
+def _parsed(table: pa.Table) -> pa.Table:
+    """Rows whose question and answer are both present and non-blank."""
+    if table.num_rows == 0:
+        return table
+    ok = pc.and_(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(table.column("question"))), 0), False),
+                 pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(table.column("answer"))), 0), False))
+    return table.filter(ok)
+
+
+def _top_up(labels: list, human_labels: list, target: int, order: np.ndarray, taken: np.ndarray,
+            chosen: list[int], cap: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Add pool rows of each label with fewer than ``target`` rows (rarest first) until it reaches ``target``.
+
+    Returns:
+        (rows added per label, rows still missing per label).
+    """
+    have = Counter({x: 0 for x in labels if x is not None})  # a class only synthetic rows cover counts 0
+    have.update(x for x in human_labels if x is not None)
+    have.update(labels[i] for i in chosen if labels[i] is not None)
+    rare = sorted((c, x) for x, c in have.items() if c < target)
+    added: dict[str, int] = {}
+    for count, label in rare:  # rarest first: when the cap binds, the scarcest class is served first
+        need = target - count
+        for i in order:
+            if need <= 0 or len(chosen) >= cap:
+                break
+            if not taken[i] and labels[i] == label:
+                chosen.append(int(i))
+                taken[i] = True
+                need -= 1
+                added[label] = added.get(label, 0) + 1
+    short = {x: target - c - added.get(x, 0) for c, x in rare if c + added.get(x, 0) < target}
+    return dict(sorted(added.items())), dict(sorted(short.items()))
+
+
+def select_synthetic(pool: pa.Table, human: pa.Table, params: AssembleParams,
+                     categories: dict[str, str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Choose which synthetic rows join the human anchor: rare intents, then rare categories, then the rest.
+
+    Seed 003 scenario 2: classes the human rows cover thinly are topped up from synthetic rows first, never beyond
+    the cap; the remaining room is filled in a seeded random order.
+
+    Args:
+        pool: deduplicated synthetic rows (dataset columns).
+        human: the human anchor rows.
+        params: the cap, the rare-class targets and the draw seed.
+        categories: doc_id -> document category (None: no category top-up).
+
+    Returns:
+        (indices into ``pool`` in selection order, counts: cap, topped-up rows per class, rows left out).
+    """
+    share = params.max_synthetic_share
+    cap = int(np.floor(share / (1 - share) * human.num_rows + 1e-9))
+    order = np.random.default_rng(params.seed).permutation(pool.num_rows)
+    taken = np.zeros(pool.num_rows, bool)
+    chosen: list[int] = []
+    topped, short = _top_up(pool.column("intent").to_pylist(), human.column("intent").to_pylist(),
+                            params.rare_intent_min, order, taken, chosen, cap)
+    cat_topped, cat_short = {}, {}
+    if categories is not None:
+        cat = lambda t: [categories.get(d) for d in t.column("doc_id").to_pylist()]  # noqa: E731
+        cat_topped, cat_short = _top_up(cat(pool), cat(human), params.rare_category_min, order, taken, chosen, cap)
+    for i in order:
+        if len(chosen) >= cap:
+            break
+        if not taken[i]:
+            chosen.append(int(i))
+            taken[i] = True
+    return np.asarray(chosen, np.int64), {"cap": cap, "topped_up": topped, "rare_intents_short": short,
+                                          "topped_up_categories": cat_topped, "rare_categories_short": cat_short,
+                                          "dropped_cap": int(pool.num_rows - len(chosen))}
+
+
+def cap_weights(table: pa.Table, max_share: float) -> tuple[pa.Table, float]:
+    """Scale synthetic rows' weights down so their share of the total weight is at most ``max_share``.
+
+    Returns:
+        (the table with adjusted ``weight``, the scale factor applied to synthetic rows; 1.0 when none was needed).
+    """
+    w = table.column("weight").to_numpy().copy()
+    syn = np.asarray(pc.not_equal(table.column("source"), "human").to_numpy(zero_copy_only=False), bool)
+    w_h, w_s = w[~syn].sum(), w[syn].sum()
+    if w_s == 0 or w_s / (w_h + w_s) <= max_share:
+        return table, 1.0
+    factor = max_share * w_h / ((1 - max_share) * w_s)
+    w[syn] *= factor
+    i = table.schema.get_field_index("weight")
+    return table.set_column(i, table.schema.field("weight"), pa.array(w, pa.float64())), float(factor)
+
+
+def sft_records(table: pa.Table, passages: dict[str, str], max_passage_chars: int, where: str) -> list[dict]:
+    """Return one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.sft shape)."""
+    from refinery.sft import messages
+
+    out = []
+    for i, (rid, doc, q, a, w) in enumerate(zip(*(table.column(c).to_pylist() for c in
+                                                  ("row_id", "doc_id", "question", "answer", "weight")))):
+        if doc not in passages:
+            raise InputError(where, f"document {doc!r} not in the documents table", row=i + 1, field="doc_id")
+        out.append({"messages": messages(passages[doc], q, a, max_passage_chars), "weight": w, "row_id": rid})
+    return out
+
+
+def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: int) -> list[dict]:
+    """Return DPO records in the conversational preference shape (TRL): prompt messages, chosen, rejected."""
+    from refinery.sft import messages
+
+    out = []
+    for p in pairs.to_pylist():
+        passage = passages.get(p["doc_id"], "")
+        out.append({"prompt": messages(passage, p["prompt"], None, max_passage_chars),
+                    "chosen": [{"role": "assistant", "content": p["chosen"].strip()}],
+                    "rejected": [{"role": "assistant", "content": p["rejected"].strip()}],
+                    "category": p["category"], "pair_id": p["pair_id"]})
+    return out
+
+
+def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recovered: pa.Table | None,
+             documents: pa.Table, pairs: pa.Table, params: AssembleParams) -> AssembleResult:
+    """Build the human, contaminated and curated datasets and their trainer exports.
+
+    Args:
+        train: the human train split (the non-shrinking anchor).
+        contaminated: the AI-contaminated comparison rows (same grain as train).
+        accepted: synthetic rows every gate kept.
+        recovered: rows the recover stage rescued (gated columns + recovery columns), or None.
+        documents: source passages for the SFT export.
+        pairs: DPO preference pairs from train_reward.
+        params: cap, weights, rare-intent target, dedup bounds.
+
+    Returns:
+        Tables of the datasets contract, SFT and DPO records, counts metrics. Inputs are not modified.
+    """
+    from refinery.gates.dedup import DedupGate
+
+    w = params.weights
+    human = rows_of(train, "human", w.human, "train split")
+    contam_parsed = _parsed(contaminated)
+    contam = rows_of(contam_parsed, "contaminated", w.contaminated, "contaminated set")
+    acc = rows_of(_parsed(accepted), "accepted", w.accepted, "accepted rows")
+    rec = rows_of(_parsed(recovered), "recovered", w.recovered, "recovered rows") if recovered is not None \
+        else datasets_schema.ARROW.empty_table()
+    pool = pa.concat_tables([acc, rec])
+    # one row per row_id (a recovered row keeps the id of no accepted row, but guard anyway), accepted first
+    seen: set[str] = set()
+    first = [i for i, r in enumerate(pool.column("row_id").to_pylist()) if not (r in seen or seen.add(r))]
+    dropped_same_id = pool.num_rows - len(first)
+    pool = pool.take(pa.array(first, pa.int64()))
+    dropped_dup: Counter = Counter()
+    if pool.num_rows:
+        gate = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
+                         shingle=params.dedup.shingle)
+        verdicts = gate.apply(pool)
+        dropped_dup.update(r for r in verdicts.reason if r is not None)
+        pool = pool.filter(pa.array(verdicts.keep, pa.bool_()))
+    passages = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
+    chosen, sel = select_synthetic(pool, human, params, categories)
+    synthetic = pool.take(pa.array(chosen, pa.int64()))
+    synthetic = synthetic.take(pc.sort_indices(synthetic, [("row_id", "ascending")]))
+    curated, factor = cap_weights(pa.concat_tables([human, synthetic]), params.max_synthetic_weight_share)
+    tables = {"human": human, "contaminated": contam, "curated": curated}
+    sft = {k: sft_records(t, passages, params.max_passage_chars, f"{k} dataset") for k, t in tables.items()}
+    dpo = dpo_records(pairs, passages, params.max_passage_chars)
+    src = Counter(curated.column("source").to_pylist())
+    weights = curated.column("weight").to_numpy()
+    syn_mask = np.asarray([s != "human" for s in curated.column("source").to_pylist()], bool)
+    metrics = {
+        "human": {"rows": human.num_rows},
+        "contaminated": {"rows": contam.num_rows, "dropped_unparsed": contaminated.num_rows - contam_parsed.num_rows},
+        "curated": {
+            "rows": curated.num_rows, "human": src["human"], "accepted": src["accepted"],
+            "recovered": src["recovered"],
+            "synthetic_share": round(float(syn_mask.mean()) if len(syn_mask) else 0.0, 4),
+            "synthetic_weight_share": round(float(weights[syn_mask].sum() / weights.sum()) if weights.sum() else 0.0,
+                                            4),
+            "synthetic_weight_factor": round(factor, 6),
+            "candidates": {"accepted": acc.num_rows, "recovered": rec.num_rows,
+                           "dropped_unparsed": accepted.num_rows - acc.num_rows
+                           + (recovered.num_rows - rec.num_rows if recovered is not None else 0)},
+            "dropped_same_row_id": dropped_same_id,
+            **{f"dropped_{k}": v for k, v in sorted(dropped_dup.items())},
+            **sel,
+        },
+        "dpo_pairs": len(dpo),
+    }
+    return AssembleResult(tables, sft, dpo, metrics)
+
+
+def jsonl(records: list[dict]) -> str:
+    """Serialise records as UTF-8 JSON lines (stable key order as built)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+@click.command("assemble")
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
+@click.option("--contaminated", "contaminated_file", default="data/03_generated/contaminated.parquet",
+              show_default=True)
+@click.option("--accepted", "accepted_file", default="data/04_gated/accepted.parquet", show_default=True)
+@click.option("--recovered", "recovered_file", default=None,
+              help="Recovered rows (data/05_recovered/recovered.parquet); leave out to assemble without recovery.")
+@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
+@click.option("--pairs", "pairs_file", default="data/03_preferences/pairs.parquet", show_default=True)
+@click.option("--out", "out_dir", default="data/06_datasets", show_default=True)
+@click.option("--metrics", "metrics_file", default="metrics/assemble.json", show_default=True)
+def cli(params_file, train_file, contaminated_file, accepted_file, recovered_file, documents_file, pairs_file,
+        out_dir, metrics_file) -> None:
+    """Assemble human, contaminated and curated datasets with SFT and DPO exports."""
+    from refinery.io import atomic_outputs, read_parquet
+    from schemas import documents as documents_schema
+    from schemas import gated as gated_schema
+    from schemas import preference_pairs as pairs_schema
+    from schemas import split as split_schema
+    from schemas import synthetic as synthetic_schema
+
+    params = load_section(params_file, "assemble", AssembleParams)
+    train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
+    contaminated = synthetic_schema.CONTRACT.validate(read_parquet(contaminated_file), contaminated_file)
+    accepted = gated_schema.CONTRACT.validate(read_parquet(accepted_file), accepted_file)
+    recovered = read_parquet(recovered_file) if recovered_file else None
+    documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
+    pairs = pairs_schema.CONTRACT.validate(read_parquet(pairs_file), pairs_file)
+    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params)
+    out = Path(out_dir)
+    with atomic_outputs() as outputs:
+        for kind in KINDS:
+            path = out / f"{kind}.parquet"
+            table = datasets_schema.CONTRACT.validate(result.tables[kind], str(path))
+            outputs.parquet(table, path, datasets_schema.ARROW)
+            outputs.text(jsonl(result.sft[kind]), out / f"{kind}.sft.jsonl")
+        outputs.text(jsonl(result.dpo), out / "dpo.jsonl")
+        outputs.json(result.metrics, metrics_file)
+    c = result.metrics["curated"]
+    click.echo(f"assemble: human {result.metrics['human']['rows']}, contaminated "
+               f"{result.metrics['contaminated']['rows']}, curated {c['rows']} ({c['accepted']} accepted + "
+               f"{c['recovered']} recovered; synthetic share {c['synthetic_share']:.2f}, cap {c['cap']} rows); "
+               f"{result.metrics['dpo_pairs']} DPO pairs -> {out}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cli())

@@ -1,0 +1,365 @@
+"""Validate the assembled datasets against seed 003's thresholds; write the audit log and Data Docs; fail on a breach.
+
+Row level: each dataset's Pandera contract (schemas/datasets.py). Dataset level: the Great Expectations suite of its
+kind (schemas/expectations/<kind>.json) over the Parquet rows and the check columns of
+:func:`refinery.expectations.check_columns`, thresholds from ``params.yaml: validate``. Diversity (seed 001):
+seed-cluster coverage, DCScore and distinct-n for every dataset, with floors as thresholds.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from refinery.errors import InputError, RefineryError
+from refinery.params import StageParams, load_section
+from schemas.datasets import KINDS, Thresholds
+
+
+class ChecksFailed(RefineryError):
+    """A dataset broke a threshold: the run fails (exit 1) after printing one line per failed check."""
+
+    exit_code = 1  # input and params errors exit 2
+
+
+class NearDuplicateParams(StageParams):
+    """MinHash near-duplicate settings for the within-dataset and cross-split checks."""
+
+    max_jaccard: float = Field(gt=0, le=1)
+    num_perm: int = Field(gt=0)
+    shingle: int = Field(gt=0, le=8)
+
+
+class DiversityParams(StageParams):
+    """Diversity measurement (seed 001)."""
+
+    embedder: Literal["model", "hashing", "none"]  # the provisioned embedder, hashed n-grams, or skip the metrics
+    sample: int = Field(gt=1)  # rows per dataset embedded for coverage and DCScore, and used for distinct-n
+    clusters: int = Field(gt=0)  # k of the seed k-means
+    seed: int
+    temperature: float = Field(gt=0)  # DCScore softmax temperature on cosine similarities
+    batch_size: int = Field(gt=0)
+
+
+class ValidateParams(StageParams):
+    """Knobs of the validate stage: near-duplicate and diversity settings, and thresholds per dataset kind."""
+
+    datasets: list[str]  # dataset kinds to validate, each data/06_datasets/<kind>.parquet
+    near_duplicate: NearDuplicateParams
+    diversity: DiversityParams
+    defaults: Thresholds
+    thresholds: dict[str, dict[str, int | float]] = {}  # per kind: overrides of the defaults
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidateParams:
+        unknown = (set(self.datasets) | set(self.thresholds)) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown dataset kind(s) {sorted(unknown)} (known: {', '.join(KINDS)})")
+        for kind in self.thresholds:
+            self.thresholds_for(kind)
+        return self
+
+    def thresholds_for(self, kind: str) -> Thresholds:
+        """The defaults with this kind's overrides applied."""
+        merged = {**self.defaults.model_dump(), **self.thresholds.get(kind, {})}
+        for k, v in self.thresholds.get(kind, {}).items():  # YAML writes 0 for 0.0; counts stay ints
+            if isinstance(v, int) and Thresholds.model_fields.get(k) is not None and \
+                    Thresholds.model_fields[k].annotation is float:
+                merged[k] = float(v)
+        return Thresholds.model_validate(merged)
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Per dataset: its check table, statistics, and the row-contract error that stopped it (if any)."""
+
+    frames: dict[str, pa.Table]
+    stats: dict[str, dict[str, Any]]
+    contract_errors: dict[str, str]
+
+
+def diversity_of(datasets: dict[str, pa.Table], seed: pa.Table, params: DiversityParams,
+                 embed) -> dict[str, dict[str, Any]]:
+    """Measure each dataset's diversity against the seed's k-means clusters (empty when ``embed`` is None)."""
+    from refinery.diversity import kmeans_centroids, measure, sample_indices
+
+    if embed is None:
+        return {}
+    texts = lambda t: [f"{q} {a}" for q, a in zip(t.column("question").to_pylist(),  # noqa: E731
+                                                   t.column("answer").to_pylist())]
+    seed_texts = texts(seed)
+    idx = sample_indices(len(seed_texts), params.sample, params.seed)
+    centroids = kmeans_centroids(embed([seed_texts[i] for i in idx]), params.clusters, params.seed)
+    out = {}
+    for kind, t in datasets.items():
+        syn = np.asarray([s != "human" for s in t.column("source").to_pylist()], bool)
+        out[kind] = measure(texts(t), syn, centroids, embed, params.sample, params.seed,
+                            params.temperature).as_dict()
+    return out
+
+
+def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, seed: pa.Table, documents: pa.Table,
+               params: ValidateParams, embed=None) -> Checks:
+    """Check each dataset's rows against its contract and derive its check columns and statistics.
+
+    Args:
+        datasets: kind -> rows as read (validated against the datasets contract here).
+        val, test: the held-out splits.
+        seed: the human train split (reference for intents, scripts, categories, diversity clusters).
+        documents: doc_id -> category, for concept coverage.
+        params: the stage's params.
+        embed: texts -> normalised vectors for diversity, or None to skip the diversity metrics.
+
+    Returns:
+        Check tables, statistics and contract errors, per dataset.
+    """
+    from refinery.expectations import NearDup, check_columns
+    from schemas import datasets as datasets_schema
+
+    valid, errors = {}, {}
+    for kind, table in datasets.items():
+        try:
+            valid[kind] = datasets_schema.CONTRACT.validate(table, f"{kind} dataset")
+        except InputError as e:
+            errors[kind] = str(e)
+    diversity = diversity_of(valid, seed, params.diversity, embed)
+    categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
+    nd = params.near_duplicate
+    frames, stats = {}, {}
+    for kind, table in valid.items():
+        checked = check_columns(table, val, test, seed, categories, NearDup(nd.max_jaccard, nd.num_perm, nd.shingle),
+                                diversity.get(kind))
+        frames[kind], stats[kind] = checked.frame, checked.stats
+    return Checks(frames, stats, errors)
+
+
+_DETAIL = {"rare_intent_min_count": lambda s: ", ".join(s["rarest_intents"]),
+           "cross_split_duplicates": lambda s: _rows(s["examples"]["cross_split_duplicates"]),
+           "test_question_leaks": lambda s: _rows(s["examples"]["test_question_leaks"]),
+           "test_document_leaks": lambda s: _rows(s["examples"]["test_document_leaks"])}
+
+
+def _rows(ids: list[str]) -> str:
+    return "e.g. " + ", ".join(ids) if ids else ""
+
+
+def failure_lines(outcomes, stats: dict[str, dict[str, Any]], contract_errors: dict[str, str]) -> dict[str, list[str]]:
+    """One line per failed check, grouped by dataset."""
+    lines: dict[str, list[str]] = {k: [f"{k}: row contract: {m}"] for k, m in contract_errors.items()}
+    for o in outcomes:
+        if o.success:
+            continue
+        detail = ""
+        if o.check in _DETAIL:
+            detail = _DETAIL[o.check](stats[o.dataset])
+        elif o.check.startswith("provenance_missing_"):
+            detail = _rows(stats[o.dataset]["examples"].get(o.check, []))
+        lines.setdefault(o.dataset, []).append(o.line(detail))
+    return lines
+
+
+def audit_records(kinds: list[str], stats: dict[str, dict[str, Any]], thresholds: dict[str, Thresholds],
+                  lines: dict[str, list[str]], files: dict[str, str], suites: dict[str, str]) -> list[dict[str, Any]]:
+    """Return one audit event per dataset, in the shape of seed 003's audit log."""
+    out = []
+    for kind in kinds:
+        s = stats.get(kind, {})
+        out.append({
+            "event": "dataset_validated", "dataset": kind, "file": files[kind], "suite": suites[kind],
+            "total_examples": s.get("total_examples"), "synthetic_share": s.get("synthetic_share"),
+            "duplicate_rate": s.get("duplicate_rate"), "duplicates": s.get("duplicates"),
+            "leakage": s.get("leakage"), "label_disagreement_rate": s.get("label_disagreement_rate"),
+            "questions_annotated_twice": s.get("questions_annotated_twice"),
+            "rare_intent_min_count": s.get("rare_intent_min_count"), "rarest_intents": s.get("rarest_intents"),
+            "intent_counts": s.get("intent_counts"), "provenance_missing": s.get("provenance_missing"),
+            "script_coverage": s.get("script_coverage"), "foreign_script_share": s.get("foreign_script_share"),
+            "scripts": s.get("scripts"), "intent_coverage": s.get("intent_coverage"),
+            "category_coverage": s.get("category_coverage"), "diversity": s.get("diversity"),
+            "thresholds": thresholds[kind].model_dump(),
+            "decision": "reject" if lines.get(kind) else "accept",
+            "failed_checks": lines.get(kind, []),
+        })
+    return out
+
+
+def audit_log(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The audit file: the overall decision, every failed check, and one event per dataset under ``datasets``."""
+    failed = [line for r in records for line in r["failed_checks"]]
+    return {"event": "validate", "decision": "reject" if failed else "accept", "failed_checks": failed,
+            "datasets": records}
+
+
+def metrics_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Small, flat numbers per dataset for ``dvc metrics``."""
+    out: dict[str, Any] = {}
+    for r in records:
+        if r["total_examples"] is None:
+            out[r["dataset"]] = {"passed": False, "failed_checks": len(r["failed_checks"])}
+            continue
+        d = r["diversity"] or {}
+        out[r["dataset"]] = {
+            "total_examples": r["total_examples"], "synthetic_share": r["synthetic_share"],
+            "duplicate_rate": r["duplicate_rate"], **r["leakage"],
+            "label_disagreement_rate": r["label_disagreement_rate"],
+            "rare_intent_min_count": r["rare_intent_min_count"],
+            "provenance_missing": sum(r["provenance_missing"].values()),
+            "script_coverage": r["script_coverage"], "intent_coverage": r["intent_coverage"],
+            "category_coverage": r["category_coverage"],
+            **{k: d[k] for k in ("cluster_coverage", "synthetic_cluster_coverage", "dcscore", "distinct_1",
+                                 "distinct_2") if k in d},
+            "passed": not r["failed_checks"], "failed_checks": len(r["failed_checks"]),
+        }
+    out["failed_checks"] = sum(len(r["failed_checks"]) for r in records)
+    return out
+
+
+def table_text(records: list[dict[str, Any]]) -> str:
+    """A short fixed-width table: one line per dataset."""
+    head = f"{'dataset':<13}{'rows':>7}{'synth':>7}{'dup':>8}{'leak':>6}{'rare':>6}{'prov':>6}{'clust':>7}" \
+           f"{'dcs':>6}{'dist2':>7}  decision"
+    out = [head]
+    for r in records:
+        if r["total_examples"] is None:
+            out.append(f"{r['dataset']:<13}{'-':>7}  reject ({len(r['failed_checks'])} failed)")
+            continue
+        d = r["diversity"] or {}
+        leak = sum(v for k, v in r["leakage"].items() if k in ("cross_split_duplicates", "test_question_leaks",
+                                                             "test_document_leaks"))
+        f = lambda x, w, p=2: f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+        out.append(f"{r['dataset']:<13}{r['total_examples']:>7}{f(r['synthetic_share'], 7)}"
+                   f"{f(r['duplicate_rate'], 8, 4)}"
+                   f"{leak:>6}{r['rare_intent_min_count']:>6}{sum(r['provenance_missing'].values()):>6}"
+                   f"{f(d.get('cluster_coverage'), 7)}{f(d.get('dcscore'), 6)}{f(d.get('distinct_2'), 7)}  "
+                   f"{r['decision']}" + (f" ({len(r['failed_checks'])} failed)" if r["failed_checks"] else ""))
+    return "\n".join(out)
+
+
+def plot_diversity(records: list[dict[str, Any]], path: Path) -> None:
+    """Bar chart of diversity and coverage per dataset, and the share of rows per seed cluster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r["total_examples"] is not None]
+    names = ["cluster_coverage", "synthetic_cluster_coverage", "dcscore", "distinct_1", "distinct_2",
+             "intent_coverage", "category_coverage"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(len(recs), 1)
+    for i, r in enumerate(recs):
+        vals = [(r["diversity"] or {}).get(n, r.get(n)) for n in names]
+        ax1.bar(np.arange(len(names)) + i * width, [v if v is not None else 0 for v in vals], width,
+                label=r["dataset"])
+        counts = np.asarray((r["diversity"] or {}).get("cluster_counts", []), float)
+        if counts.sum():
+            ax2.plot(np.arange(len(counts)), counts / counts.sum(), marker="o", label=r["dataset"])
+    ax1.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20, fontsize=8)
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title("diversity and concept coverage (higher is more diverse)")
+    if recs:
+        ax1.legend(fontsize=8)
+    ax2.set_xlabel("seed k-means cluster")
+    ax2.set_ylabel("share of sampled rows")
+    ax2.set_title("rows per seed cluster")
+    if recs:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+@click.command("validate")
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--datasets", "datasets_dir", default="data/06_datasets", show_default=True,
+              help="Folder holding <kind>.parquet for every kind in validate.datasets.")
+@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
+@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
+@click.option("--test", "test_file", default="data/02_split/test.parquet", show_default=True)
+@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
+@click.option("--models", "models_dir", default="models/base", show_default=True,
+              help="Provisioned models (the embedder, when validate.diversity.embedder is 'model').")
+@click.option("--cache", "cache_dir", default=".refinery/cache/validate", show_default=True,
+              help="Embedding cache.")
+@click.option("--expectations", "suites_dir", default="schemas/expectations", show_default=True,
+              help="Folder of the GE suites, <kind>.json.")
+@click.option("--audit", "audit_file", default="reports/audit.json", show_default=True)
+@click.option("--data-docs", "docs_dir", default="reports/data_docs", show_default=True)
+@click.option("--plots", "plots_dir", default="reports/plots", show_default=True)
+@click.option("--metrics", "metrics_file", default="metrics/validate.json", show_default=True)
+@click.option("--warn-only", is_flag=True, help="Report failed checks but exit 0 (exploration only).")
+def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_file, models_dir, cache_dir, suites_dir,
+        audit_file, docs_dir, plots_dir, metrics_file, warn_only) -> None:
+    """Validate the assembled datasets; exit non-zero with one line per failed check."""
+    import time
+
+    from refinery.expectations import run_suites
+    from refinery.io import atomic_outputs, read_parquet
+    from schemas import documents as documents_schema
+    from schemas import split as split_schema
+
+    t0 = time.perf_counter()
+    params = load_section(params_file, "validate", ValidateParams)
+    kinds = list(params.datasets)
+    files = {k: str(Path(datasets_dir) / f"{k}.parquet") for k in kinds}
+    suites = {k: Path(suites_dir) / f"{k}.json" for k in kinds}
+    for k, p in suites.items():
+        if not p.is_file():
+            raise RefineryError(f"{p}: expectation suite of the {k} dataset not found")
+    datasets = {k: read_parquet(f) for k, f in files.items()}
+    train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
+    val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
+    test = split_schema.CONTRACT.validate(read_parquet(test_file), test_file)
+    documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
+    embed = make_embedder(params.diversity, models_dir, cache_dir)
+    checks = run_checks(datasets, val, test, train, documents, params, embed)
+    thresholds = {k: params.thresholds_for(k) for k in kinds}
+    with atomic_outputs() as outputs:
+        docs = outputs.folder(docs_dir)
+        outcomes = run_suites(checks.frames, {k: suites[k] for k in checks.frames},
+                              {k: thresholds[k].model_dump() for k in checks.frames}, docs_dir=docs,
+                              suite_names={k: str(suites[k]) for k in kinds})
+        lines = failure_lines(outcomes, checks.stats, checks.contract_errors)
+        records = audit_records(kinds, checks.stats, thresholds, lines, files, {k: str(v) for k, v in suites.items()})
+        outputs.json(audit_log(records), audit_file)
+        outputs.json(metrics_of(records), metrics_file)
+        plot_diversity(records, outputs.path(Path(plots_dir) / "validate_diversity.png"))
+    click.echo(table_text(records), err=True)
+    failed = [line for k in kinds for line in lines.get(k, [])]
+    for line in failed:
+        click.echo(f"{'warning' if warn_only else 'error'}: {line}", err=True)
+    summary = (f"validate: {len(kinds) - sum(bool(lines.get(k)) for k in kinds)}/{len(kinds)} datasets pass, "
+               f"{len(failed)} failed check(s) ({time.perf_counter() - t0:.0f} s); see {audit_file} and "
+               f"{Path(docs_dir) / 'index.html'}")
+    if failed and not warn_only:
+        raise ChecksFailed(summary)  # refinery's CLI prints it as the last 'error:' line and exits 1
+    click.echo(summary, err=True)
+
+
+def make_embedder(params: DiversityParams, models_dir: str, cache_dir: str):
+    """Return the diversity embedding function the params name (None to skip diversity metrics)."""
+    if params.embedder == "none":
+        return None
+    if params.embedder == "hashing":
+        from refinery.diversity import HashingEmbedder
+
+        return HashingEmbedder()
+    from refinery.embed import Embedder
+    from refinery.models.resolve import load_target
+
+    target = load_target(models_dir, "embedder")
+    return Embedder(target["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=target["id"]).embed
+
+
+if __name__ == "__main__":  # pragma: no cover
+    try:
+        cli.main(standalone_mode=False)
+    except RefineryError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
