@@ -1,0 +1,187 @@
+"""Report stage: every number traced to a metrics file, missing stages reported as not run, honest gap signs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from schemas import predictions as pred_schema
+from stages.report import (ADAPTERS, MODELS, NOT_RUN, ReportParams, check_report, cli, gap_analysis, paired_bootstrap,
+                           report_core, verdict)
+
+PARAMS = ReportParams(right_f1=0.5, bootstrap=200, ci=0.95, seed=0, min_factual_recall=0.5)
+ROWS = [("r1", "How long do refunds take?", "Within 14 days."), ("r2", "Where is export?", "In the File menu."),
+        ("r3", "How often does sync run?", "Every 5 minutes."), ("r4", "Which formats?", "PDF and Markdown.")]
+# predictions per model: r1 all right; r2 B wrong, C right; r3 all wrong; r4 mixed
+ANSWERS = {"base": ["No idea.", "Somewhere.", "Daily.", "Word."],
+           "human": ["Within 14 days.", "In the File menu.", "Hourly.", "PDF and Markdown."],
+           "contaminated": ["Within 14 days.", "Ask support.", "Weekly.", "Only PDF."],
+           "curated": ["Within 14 days.", "In the File menu.", "Monthly.", "PDF."]}
+
+
+def predictions(model: str) -> pa.Table:
+    from stages.evaluate import score_rows
+
+    test = pa.table({"row_id": [r[0] for r in ROWS], "qa_id": [r[0] for r in ROWS], "doc_id": ["d"] * len(ROWS),
+                     "question": [r[1] for r in ROWS], "answer": [r[2] for r in ROWS]})
+    return score_rows(test, ANSWERS[model], [r[2] for r in ROWS], name=model, bert_f1=[0.9] * len(ROWS), min_facts=1)
+
+
+def eval_metrics(model: str, table: pa.Table) -> dict:
+    from stages.evaluate import summarise
+
+    return summarise(table, name=model, model_id=f"local:student+{model}", bert_info={"model": "local:minilm@abc",
+                                                                                       "num_layers": 6}, extra={})
+
+
+def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dict[str, Path]:
+    """Write a metrics folder, predictions and datasets as the upstream stages would."""
+    (folder / "metrics").mkdir(parents=True)
+    (folder / "eval").mkdir()
+    (folder / "datasets").mkdir()
+    if with_gate:
+        (folder / "audit.json").write_text(json.dumps({"event": "validate", "decision": "accept", "failed_checks": [],
+                                                       "datasets": []}))
+    (folder / "metrics/split.json").write_text(json.dumps({"rows": {"train": 3, "val": 2, "test": 4},
+                                                           "leakage": {"shared_documents": 0}}))
+    if with_gate:
+        gates = ["rules", "faithfulness"]
+        (folder / "metrics/gate.json").write_text(json.dumps({
+            "total": 10, "kept": 6, "rejected": 4, "dropped_rules_too_short": 3, "dropped_faithfulness_unsupported": 1,
+            "reasons_all": {"rules_too_short": 3, "faithfulness_unsupported": 2},
+            "overlap": {"gates": gates, "rejected": {"rules": 3, "faithfulness": 2}, "only": {"rules": 2,
+                                                                                              "faithfulness": 1},
+                        "jaccard": {a: {b: 1.0 if a == b else 0.25 for b in gates} for a in gates}}}))
+        (folder / "metrics/gate_injection.json").write_text(json.dumps({"cascade_and_gates": {
+            "cascade": {"recall_factual": 0.62, "false_rejection_rate": 0.1},
+            "gates": {g: {"recall_factual": 0.3, "false_rejection_rate": 0.05} for g in gates}}}))
+        arm = lambda rec: {"per_mode": {"faithfulness": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}},
+                           "overall": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}}  # noqa: E731
+        (folder / "metrics/recover.json").write_text(json.dumps({"budget": 20, "adaptive": arm(7), "naive": arm(3)}))
+    for m in models:
+        table = predictions(m)
+        pq.write_table(table, folder / f"eval/predictions_{m}.parquet")
+        (folder / f"metrics/eval_{m}.json").write_text(json.dumps(eval_metrics(m, table)))
+        if m != "base":
+            (folder / f"metrics/train_{m}.json").write_text(json.dumps(
+                {"val_loss_best": 1.2345, "steps": 12, "architecture": "causal", "effective_batch": 8}))
+            pq.write_table(pa.table({"row_id": ["a", "b"], "origin": ["human", "synthetic" if m == "curated" else
+                                                                      "human"], "question": ["Q one?", "Q two?"],
+                                     "answer": ["A.", "B b."], "weight": [1.0, 0.5]}),
+                           folder / f"datasets/{m}.parquet")
+    return {"metrics": folder / "metrics", "eval": folder / "eval", "datasets": folder / "datasets"}
+
+
+def run_cli(tmp_path: Path, monkeypatch) -> tuple[str, dict]:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": PARAMS.model_dump()}))
+    res = CliRunner().invoke(cli, ["--params", "params.yaml", "--metrics-dir", "metrics", "--predictions-dir", "eval",
+                                   "--datasets-dir", "datasets", "--adapters-dir", "adapters", "--audit", "audit.json",
+                                   "--out", "reports/report.md", "--summary", "metrics/report.json", "--trace",
+                                   "reports/trace.json", "--plots", "reports/plots"])
+    assert res.exit_code == 0, res.output
+    return (tmp_path / "reports/report.md").read_text(), json.loads((tmp_path / "reports/trace.json").read_text())
+
+
+def check(tmp_path: Path, md: str, trace: dict) -> list[str]:
+    from refinery.io import read_json
+
+    return check_report(md, trace, lambda f: read_json(tmp_path / f), lambda f: pq.read_table(tmp_path / f))
+
+
+# ------------------------------------------------------------------------------------------ rules
+def test_gap_share_keeps_its_sign_and_is_undefined_without_a_gap():
+    evals = {"human": {"f1": 0.6}, "contaminated": {"f1": 0.4}, "curated": {"f1": 0.3}}
+    assert gap_analysis(evals, {}, PARAMS)["metrics"]["f1"] == {"lost": 0.2, "recovered": -0.1,
+                                                                 "recovered_share": -0.5}
+    evals["contaminated"]["f1"] = 0.7
+    assert gap_analysis(evals, {}, PARAMS)["metrics"]["f1"]["recovered_share"] is None
+
+
+def test_verdicts_follow_the_bootstrap_interval():
+    assert verdict(paired_bootstrap([1, 1, 1, 1], [0, 0, 0, 0], n=200, ci=0.95, seed=0)) == "supported"
+    assert verdict(paired_bootstrap([0, 0, 0, 0], [1, 1, 1, 1], n=200, ci=0.95, seed=0)).startswith("rejected")
+    assert verdict(paired_bootstrap([1, 0, 1, 0], [0, 1, 0, 0], n=200, ci=0.95, seed=0)).startswith("not supported")
+    assert verdict(None) == NOT_RUN
+
+
+def test_check_report_catches_placeholders_and_untraced_numbers():
+    trace = {"numbers": [], "quotes": []}
+    assert any("placeholder" in p for p in check_report("F1 is [FILL].", trace, dict, dict))
+    assert any("placeholder" in p for p in check_report("F1 is X.XXX.", trace, dict, dict))
+    assert check_report("F1 is 0.412.", trace, dict, dict) == ["number 0.412 is not traced to a metrics file"]
+
+
+# ------------------------------------------------------------------------------------------ stage
+def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
+    # given every upstream metrics file
+    write_metrics(tmp_path)
+    # when the report is written
+    md, trace = run_cli(tmp_path, monkeypatch)
+    # then no placeholder or untraced number remains, and every traced number still matches its file
+    assert check(tmp_path, md, trace) == []
+    assert f": {NOT_RUN}" not in md and f"| {NOT_RUN}" not in md
+    # and the base is reported beside A/B/C, the gap keeps its sign, and all three sample cases are found
+    for label in ("Base (untuned)", "A: human", "B: contaminated", "C: curated"):
+        assert f"| {label} |" in md
+    summary = json.loads((tmp_path / "metrics/report.json").read_text())
+    f1 = {m: json.loads((tmp_path / f"metrics/eval_{m}.json").read_text())["f1"] for m in MODELS}
+    share = summary["gap"]["metrics"]["f1"]["recovered_share"]
+    assert share == pytest.approx((f1["curated"] - f1["contaminated"]) / (f1["human"] - f1["contaminated"]), abs=1e-3)
+    assert f"C recovers {100 * share:.1f}%" in md
+    assert summary["samples"] == {"all_right": "r1", "b_wrong_c_right": "r2", "all_wrong": "r3"}
+    assert "| `overall` | 10 | 7 | 0.700 | 10 | 3 | 0.300 |" in md
+    assert summary["verdicts"]["h5"] == "supported"
+    assert "decision **accept**, 0 failed checks" in md
+    for name in ("f1", "metrics", "gap", "gate_overlap", "recovery"):
+        assert (tmp_path / f"reports/plots/report_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_stages_are_reported_as_not_run(tmp_path, monkeypatch):
+    # given no gate, injection or recovery metrics and only the base evaluated
+    write_metrics(tmp_path, with_gate=False, models=("base",))
+    # when the report is written
+    md, trace = run_cli(tmp_path, monkeypatch)
+    # then it says which sections did not run, invents nothing, and passes the placeholder check
+    assert "Gate stage: not run" in md and "Recovery stage: not run" in md and "Gap analysis: not run" in md
+    assert "Data validation: not run" in md
+    assert "| B: contaminated | not run |" in md and "Sample predictions: not run" in md
+    assert check(tmp_path, md, trace) == []
+
+
+def test_a_number_edited_into_the_report_is_caught(tmp_path, monkeypatch):
+    write_metrics(tmp_path)
+    md, trace = run_cli(tmp_path, monkeypatch)
+    assert check(tmp_path, md + "\nAccuracy was 0.987 overall.\n", trace) == [
+        "number 0.987 is not traced to a metrics file"]
+    # and a metrics file changed after the report was written makes its numbers stale
+    eval_file = tmp_path / "metrics/eval_human.json"
+    eval_file.write_text(json.dumps({**json.loads(eval_file.read_text()), "f1": 0.1234}))
+    assert any("eval_human.json:f1" in p for p in check(tmp_path, md, trace))
+
+
+def test_report_core_needs_no_files(tmp_path):
+    result = report_core({}, {}, {}, None, PARAMS, metrics_dir="metrics", summary_file="metrics/report.json",
+                         preds_files={m: f"p_{m}" for m in MODELS}, plots_rel="plots")
+    assert "Gate stage: not run" in result.markdown and result.summary["gap"] == {}
+    assert "Sample predictions: not run" in result.markdown
+    assert all(m not in result.summary["datasets"] for m in ADAPTERS)
+    assert pred_schema.ARROW.names[0] == "model"
+
+
+def test_the_committed_report_has_no_placeholder_or_untraced_number():
+    # given the project's own report (written by `dvc repro`), when checked, then nothing in it is untraced
+    from refinery.io import read_json
+    from tests.conftest import ROOT
+
+    md, trace = ROOT / "reports/report.md", ROOT / "reports/report_trace.json"
+    if not (md.is_file() and trace.is_file()):
+        pytest.skip("reports/report.md not written yet: run `dvc repro report`")
+    assert check_report(md.read_text(), read_json(trace), lambda f: read_json(ROOT / f),
+                        lambda f: pq.read_table(ROOT / f)) == []
