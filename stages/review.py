@@ -1,0 +1,71 @@
+"""Write the static review page and the human-review sample (Label Studio tasks, Argilla records)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from refinery.errors import InputError
+from refinery.io import atomic_outputs, read_parquet
+from refinery.params import StageParams, load_section
+from refinery.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, SampleSpec, argilla_records, build_review,
+                             label_studio_tasks, render_html)
+
+
+class ReviewParams(StageParams):
+    """params.yaml: review."""
+
+    seed: int = 3
+    rare_max_share: float = Field(0.05, gt=0, le=1)
+    rare_share: float = Field(0.2, ge=0, le=1)
+    other_share: float = Field(0.05, ge=0, le=1)
+
+
+def _tables(paths: tuple[str, ...]) -> dict[str, pa.Table]:
+    """Read each Parquet file (a folder: every Parquet file in it, sorted) that has a row_id column."""
+    out: dict[str, pa.Table] = {}
+    for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(str(p), "file not found (did the upstream stage run?)")
+        for f in sorted(p.rglob("*.parquet")) if p.is_dir() else [p]:
+            if "row_id" in pq.read_schema(f).names:
+                out[f.as_posix()] = read_parquet(f)
+    return out
+
+
+@click.command("review")
+@click.option("--rows", "rows", multiple=True, required=True,
+              help="Rows to review, in precedence order (gated, recovered, datasets): files or folders.")
+@click.option("--documents", required=True, help="documents.parquet (evidence passages).")
+@click.option("--seeds", multiple=True, help="Human seed split files (lineage, rare-intent shares).")
+@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--out", "out_dir", default="reports/review", show_default=True)
+@click.option("--metrics", "metrics_file", default="metrics/review.json", show_default=True)
+def cli(rows, documents, seeds, params_file, out_dir, metrics_file) -> None:
+    """Write OUT/index.html (offline, self-contained) and the review sample for Label Studio and Argilla."""
+    p = load_section(params_file, "review", ReviewParams)
+    spec = SampleSpec(seed=p.seed, rare_max_share=p.rare_max_share, rare_share=p.rare_share,
+                      other_share=p.other_share)
+    tables = _tables(rows)
+    seed_tables = [t for t in _tables(seeds).values()]
+    seed_table = pa.concat_tables(seed_tables, promote_options="default") if seed_tables else None
+    data = build_review(tables, read_parquet(documents), seed_table, spec)
+    tasks = label_studio_tasks(data)
+    with atomic_outputs(Path(out_dir).parent) as out:
+        folder = out.folder(out_dir)
+        (folder / "index.html").write_text(render_html(data), encoding="utf-8")
+        (folder / "label_studio_tasks.json").write_text(json.dumps(tasks, indent=1, ensure_ascii=False) + "\n",
+                                                        encoding="utf-8")
+        (folder / "label_studio_config.xml").write_text(LABEL_STUDIO_CONFIG, encoding="utf-8")
+        (folder / "argilla_records.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in argilla_records(data)), encoding="utf-8")
+        (folder / "argilla_settings.json").write_text(json.dumps(ARGILLA_SETTINGS, indent=2) + "\n",
+                                                      encoding="utf-8")
+        out.json({"rows": len(data["rows"]), "sampled": len(data["sample"]["row_ids"]),
+                  "rare_intents": data["rare"], "per_class": data["sample"]["per_class"]}, metrics_file)
+    click.echo(f"review: {len(data['rows'])} rows, {len(tasks)} sampled for human review -> {out_dir}/index.html")
