@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from refinery.errors import InputError
+from refinery.gating import DedupParams
 from refinery.params import StageParams, load_section
 from schemas import datasets as datasets_schema
 from schemas.datasets import KINDS
@@ -39,14 +40,6 @@ class WeightParams(StageParams):
     contaminated: float = Field(gt=0)
 
 
-class AssembleDedupParams(StageParams):
-    """Exact + MinHash near-duplicate removal of synthetic rows, against the human anchor and each other."""
-
-    max_jaccard: float = Field(gt=0, le=1)
-    num_perm: int = Field(gt=0)
-    shingle: int = Field(gt=0, le=8)
-
-
 class AssembleParams(StageParams):
     """Knobs of the assemble stage."""
 
@@ -56,7 +49,7 @@ class AssembleParams(StageParams):
     rare_intent_min: int = Field(ge=0)  # intents with fewer human rows are topped up to this from synthetic rows
     rare_category_min: int = Field(ge=0)  # the same for document categories (after intents)
     weights: WeightParams
-    dedup: AssembleDedupParams
+    dedup: DedupParams  # exact + MinHash removal of synthetic rows duplicating the human anchor or each other
     max_passage_chars: int = Field(gt=0)  # passage length in the SFT export (characters; cut at a word)
 
 
