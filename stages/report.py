@@ -448,7 +448,7 @@ def plots(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str, paths
     """Write the report's PNGs: F1, all metrics, gap, gate overlap, recovery ('not run' images when missing)."""
     plt = _fig()
     evals = {m: docs.get(f"{metrics_dir}/eval_{m}.json") for m in MODELS}
-    have = [m for m in MODELS if evals[m]]
+    have = [m for m in MODELS if evals[m] and evals[m].get("f1") is not None]  # scored (test rows > 0)
     if have:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         f1 = [evals[m]["f1"] for m in have]
