@@ -485,7 +485,9 @@ def plots(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str, paths
     ov = gate.get("overlap") or {}
     if ov.get("gates"):
         names = ov["gates"]
-        mat = np.array([[ov["jaccard"][a][b] for b in names] for a in names])
+        # a gate that rejected nothing has no Jaccard with anyone (null in gate.json): drawn blank
+        mat = np.array([[np.nan if ov["jaccard"][a][b] is None else ov["jaccard"][a][b] for b in names]
+                        for a in names], dtype=float)
         fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
         im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
