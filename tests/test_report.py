@@ -183,5 +183,7 @@ def test_the_committed_report_has_no_placeholder_or_untraced_number():
     md, trace = ROOT / "reports/report.md", ROOT / "reports/report_trace.json"
     if not (md.is_file() and trace.is_file()):
         pytest.skip("reports/report.md not written yet: run `dvc repro report`")
+    # Metrics files are committed; the prediction tables that sample quotes come from are DVC outputs, absent
+    # from a fresh clone until `dvc pull` / `dvc repro`: their quotes are checked only where present.
     assert check_report(md.read_text(), read_json(trace), lambda f: read_json(ROOT / f),
-                        lambda f: pq.read_table(ROOT / f)) == []
+                        lambda f: pq.read_table(ROOT / f) if (ROOT / f).is_file() else None) == []
