@@ -102,7 +102,8 @@ def test_repro_on_two_fresh_clones_is_reproducible_and_a_rerun_is_a_no_op(tmp_pa
 
 
 TRAINED = ("models/adapters/", "data/07_eval/", "metrics/train_", "metrics/eval_", "metrics/report.json",
-           "reports/report", "reports/plots/loss_", "reports/plots/train_loss_", "reports/plots/val_loss_")
+           "reports/report", "reports/plots/report_", "reports/plots/loss_", "reports/plots/train_loss_",
+           "reports/plots/val_loss_")
 VOLATILE_DIRS = {"reports/data_docs"}  # GE Data Docs: run ids and timestamps in every page
 _VOLATILE = re.compile(r'("?(?:latency_s|git_commit)"?\s*[:=]\s*)("[^"]*"|[-0-9.eE+]+)')
 
