@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first).
+## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first);
+## dvc repro, with the wall time of each stage printed at the end (.refinery/stage_times.json).
 PROFILE ?=
 repro: install
 	@if [ -n "$(PROFILE)" ]; then refinery profile apply $(PROFILE); fi
-	dvc repro
+	python tools/timed_repro.py
 
 ## Run the test suite.
 test: install test-tools
