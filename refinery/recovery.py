@@ -506,12 +506,29 @@ def stamp(cands: pa.Table, planned: list[Planned], parents: dict[str, dict[str, 
     return cands
 
 
-def priority(diags: list[Diagnosis]) -> np.ndarray:
-    """Order rows for the budget: modes most likely to recover first, then by confidence (stable)."""
-    rank = {m: i for i, m in enumerate(("threshold_marginal", "truncated", "malformed", "refusal", "low_quality",
-                                        "ungrounded", "question_defect", "duplicate", "too_close_to_seed"))}
-    keys = [(rank.get(d.mode, 99), -d.confidence) for d in diags]
-    return np.array(sorted(range(len(diags)), key=lambda i: keys[i]), dtype=np.int64)
+MODE_RANK = ("threshold_marginal", "truncated", "malformed", "refusal", "low_quality", "ungrounded",
+             "question_defect", "duplicate", "too_close_to_seed")
+
+
+def priority(diags: list[Diagnosis], *, interleave: bool = True) -> np.ndarray:
+    """Order rows for the budget (both methods take rows from this one queue, so they see the same rows).
+
+    Within a mode, rows go by confidence (stable). ``interleave`` (round robin) takes one row of each mode in
+    ``MODE_RANK`` order, then the second of each, and so on, so a small budget reaches every failure mode and
+    the per-mode table measures each; otherwise every row of a mode goes before the next mode's.
+    """
+    rank = {m: i for i, m in enumerate(MODE_RANK)}
+    keys = [(rank.get(d.mode, len(rank)), -d.confidence) for d in diags]
+    by_mode = sorted(range(len(diags)), key=lambda i: keys[i])
+    if not interleave:
+        return np.array(by_mode, dtype=np.int64)
+    seen: dict[int, int] = {}
+    turn = []
+    for i in by_mode:  # the k-th row of its mode goes in round k
+        m = keys[i][0]
+        turn.append((seen.get(m, 0), m, i))
+        seen[m] = seen.get(m, 0) + 1
+    return np.array([i for _, _, i in sorted(turn)], dtype=np.int64)
 
 
 def pool_of(*tables: pa.Table) -> pa.Table:

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import numpy as np
@@ -42,6 +42,7 @@ class RecoverParams(StageParams):
     max_attempts: int = Field(ge=1)  # calls (actions) per row
     naive_baseline: bool  # also run plain resampling at equal budget (off for production runs)
     min_confidence: float = Field(ge=0, le=1)  # rows diagnosed with less are not attempted
+    order: Literal["round_robin", "by_mode"]  # how rows queue for the budget (both methods use the same queue)
     margins: Margins
     temperatures: dict[str, float]  # per adaptive action
     top_p: float = Field(gt=0, le=1)
@@ -103,7 +104,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
     """
     cs = _settings(params)
     diags = [rec.diagnose(r, bounds, docs, params.min_confidence) for r in rows]
-    order = rec.priority(diags).tolist()
+    order = rec.priority(diags, interleave=params.order == "round_robin").tolist()
     ordered = [rows[i] for i in order]
     by_id = {r["row_id"]: r for r in train_rows}
 

@@ -84,7 +84,7 @@ class Marker:
 
 
 def params(**kw) -> RecoverParams:
-    base = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5,
+    base = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5, order="round_robin",
                 margins=Margins(faithfulness=0.05, reward=0.05, overlap_embedding=0.02, overlap_ngram=0.05, dedup=0.05,
                                 perplexity=0.2),
                 temperatures={a: 0.3 for a in rec.ACTIONS}, top_p=0.95, max_new_tokens={"answer": 24, "qa": 32},
@@ -337,7 +337,7 @@ def test_cli_with_an_empty_rejected_set_writes_empty_outputs_and_exits_0(tmp_pat
               ROOT / "data/01_seed/documents.parquet", ROOT / "models/base/teacher"]
     if not all(p.exists() for p in needed):
         pytest.skip("needs the demo's split, documents and provisioned models (dvc repro)")
-    section = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5,
+    section = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5, order="round_robin",
                    margins=dict(faithfulness=0.05, reward=0.05, overlap_embedding=0.02, overlap_ngram=0.05,
                                 dedup=0.05, perplexity=0.2), temperatures={a: 0.3 for a in rec.ACTIONS}, top_p=0.95,
                    max_new_tokens={"answer": 24, "qa": 32}, naive_temperature=0.7,
@@ -374,3 +374,12 @@ def test_a_marginal_row_is_first_resampled_from_its_own_prompt_at_a_lower_temper
     assert (r["diagnosis"], r["recovery_action"]) == ("threshold_marginal", "reanswer_low_temp")
     assert r["prompt_template"].startswith("answer_augmentation@")
     assert [c.temperature for c in backend.calls] == [0.2]  # the row recorded 0.7
+
+
+def test_priority_round_robin_reaches_every_mode_and_by_mode_keeps_mode_blocks():
+    diags = [rec.Diagnosis("too_close_to_seed", 0.9, "", True), rec.Diagnosis("threshold_marginal", 0.6, "", True),
+             rec.Diagnosis("too_close_to_seed", 0.7, "", True), rec.Diagnosis("threshold_marginal", 0.8, "", True),
+             rec.Diagnosis("ungrounded", 0.7, "", True)]
+    assert rec.priority(diags, interleave=False).tolist() == [3, 1, 4, 0, 2]
+    # round 1: the most confident row of each mode (in MODE_RANK order), round 2: the next ones
+    assert rec.priority(diags, interleave=True).tolist() == [3, 4, 0, 1, 2]
