@@ -26,13 +26,17 @@ from refinery.corruptions import STOPWORDS, entities
 
 COMBINER_FILE = "COMBINER.json"
 FEATURES = ("model_logit", "novel_number", "novel_entity_share", "novel_word_share", "bigram_support",
-            "claim_negation", "passage_negation", "negation_not_in_passage")
+            "claim_negation", "passage_negation", "negation_not_in_passage",
+            # the answer alone (the claim after its question), so a grounded question does not dilute it
+            "answer_novel_word_share", "max_sentence_novel_word_share", "answer_bigram_support",
+            "min_sentence_bigram_support", "answer_sentences_gt1", "answer_words_in_question")
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
 _NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NEGATION = re.compile(r"\b(?:not|no|never|none|nobody|nothing|neither|nor|cannot|without|no longer)\b|n't\b",
                        re.IGNORECASE)
 
@@ -50,25 +54,50 @@ def _numbers(text: str) -> set[str]:
     return found
 
 
+def _content(words: Sequence[str]) -> list[str]:
+    return [w for w in words if w not in STOPWORDS and len(w) > 2]
+
+
 def features(passage: str, claim: str, model_prob: float) -> list[float]:
-    """Return the FEATURES vector of one (passage, claim) pair given the model's support probability."""
+    """Return the FEATURES vector of one (passage, claim) pair given the model's support probability.
+
+    The claim is the question then the answer (``refinery.verifier.claim_text``); the answer-level features
+    read the text after the claim's last "?" (the whole claim when there is none). An appended sentence of
+    unsupported detail shows as one answer sentence with many novel words and few passage word pairs, and an
+    answer to another question shares few words with its question.
+    """
     p = min(max(float(model_prob), 1e-6), 1 - 1e-6)
     lp, lc = passage.lower(), claim.lower()
     pw, cw = _WORD.findall(lp), _WORD.findall(lc)
     p_stems = {_stem(w) for w in pw}
-    content = [w for w in cw if w not in STOPWORDS and len(w) > 2]
-    novel_words = sum(_stem(w) not in p_stems for w in content) / max(1, len(content))
+    p_bigrams = set(zip(pw, pw[1:]))
+
+    def novel(words: list[str]) -> float:
+        content = _content(words)
+        return sum(_stem(w) not in p_stems for w in content) / max(1, len(content))
+
+    def support(words: list[str]) -> float:
+        pairs = list(zip(words, words[1:]))
+        return sum(b in p_bigrams for b in pairs) / max(1, len(pairs))
+
     claim_numbers = _numbers(claim)
     novel_number = float(bool(claim_numbers - _numbers(passage)))
     ents = {t.lower() for _, _, t in entities(claim)}
     novel_entities = sum(e not in lp for e in ents) / max(1, len(ents))
-    p_bigrams = set(zip(pw, pw[1:]))
-    c_bigrams = list(zip(cw, cw[1:]))
-    bigram_support = sum(b in p_bigrams for b in c_bigrams) / max(1, len(c_bigrams))
     neg_c = float(bool(_NEGATION.search(claim)))
     neg_p = float(bool(_NEGATION.search(passage)))
-    return [math.log(p / (1 - p)), novel_number, novel_entities, novel_words, bigram_support, neg_c, neg_p,
-            neg_c * (1 - neg_p)]
+
+    question, mark, rest = lc.rpartition("?")
+    answer = rest if mark and rest.strip() else lc
+    aw = _WORD.findall(answer)
+    sentences = [w for w in (_WORD.findall(s) for s in _SENTENCE_END.split(answer)) if len(_content(w)) >= 2] or [aw]
+    q_stems = {_stem(w) for w in _content(_WORD.findall(question))} if mark else set()
+    a_content = _content(aw)
+    in_question = sum(_stem(w) in q_stems for w in a_content) / max(1, len(a_content))
+    return [math.log(p / (1 - p)), novel_number, novel_entities, novel(cw), support(cw), neg_c, neg_p,
+            neg_c * (1 - neg_p),
+            novel(aw), max(novel(w) for w in sentences), support(aw), min(support(w) for w in sentences),
+            float(len(sentences) > 1), in_question]
 
 
 def feature_matrix(passages: Sequence[str], claims: Sequence[str], model_probs: np.ndarray) -> np.ndarray:

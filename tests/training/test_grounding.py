@@ -37,6 +37,21 @@ def test_copied_word_pairs_are_supported_and_the_model_logit_is_kept():
     assert vals["model_logit"] == pytest.approx(np.log(9.0))
 
 
+def test_answer_features_read_the_answer_after_its_question_sentence_by_sentence():
+    # given a grounded answer, and the same answer with an unsupported sentence appended
+    clean = f("How long do refunds take? Refunds take 14 days.")
+    padded = f("How long do refunds take? Refunds take 14 days. Our courier brings lunch every Friday.")
+    # then the answer-level features see the appended sentence even though most claim words are grounded
+    assert clean["answer_novel_word_share"] == 0.0 and clean["answer_sentences_gt1"] == 0.0
+    assert clean["max_sentence_novel_word_share"] == 0.0 and clean["min_sentence_bigram_support"] == 1.0
+    assert padded["max_sentence_novel_word_share"] == 1.0 and padded["answer_sentences_gt1"] == 1.0
+    assert padded["min_sentence_bigram_support"] == 0.0
+    # an answer that shares its words with its question scores higher on answer_words_in_question
+    assert clean["answer_words_in_question"] > f("How long do refunds take? Gift cards.")["answer_words_in_question"]
+    # a claim without a question: the answer is the whole claim
+    assert f("Refunds take 14 days.")["answer_words_in_question"] == 0.0
+
+
 def test_the_combiner_learns_a_separable_cue_and_round_trips(tmp_path):
     # given features where label 0 always has a novel number
     rng = np.random.default_rng(0)
