@@ -68,7 +68,7 @@ class Recovery:
 
 def check_params(p: RecoverParams) -> None:
     """Fail with one line on an action without a temperature or an output kind without a token budget."""
-    missing = [a for a in rec.ACTIONS if a not in p.temperatures]
+    missing = [a for a in rec.ACTIONS if a not in p.temperatures and a not in rec.OWN_TEMPERATURE]
     if missing:
         raise RefineryError(f"recover.temperatures: no temperature for action {missing[0]}")
     for kind in ("answer", "qa"):
@@ -126,6 +126,8 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
 
     def plan_adaptive(row: dict[str, Any], s: rec.RowState, attempt: int) -> tuple[str, Planned]:
         action = s.next or rec.next_action(s.diagnosis, s.actions)
+        if action in rec.OWN_TEMPERATURE:  # the row's own prompt and temperature: the naive call, same seed
+            return action, original(row, attempt, None, "resample")
         if rec.ACTIONS[action][0] is None:  # the row's own prompt at a lower temperature
             return action, original(row, attempt, cs.temperatures[action], action)
         return rec.plan_adaptive(row, action, attempt, evidence(row), neighbours(row), templates, cs, teacher_id)

@@ -364,16 +364,25 @@ def test_cli_with_an_empty_rejected_set_writes_empty_outputs_and_exits_0(tmp_pat
     assert json.loads((tmp_path / "recover.json").read_text())["adaptive"]["overall"]["attempted"] == 0
 
 
-def test_a_marginal_row_is_first_resampled_from_its_own_prompt_at_a_lower_temperature(tmp_path):
+def test_a_marginal_row_is_first_resampled_from_its_own_prompt_at_its_own_temperature(tmp_path):
+    # given a row rejected just under the faithfulness bound, and a teacher whose answers keep failing
     rejected = gated([("How long do refunds take?", "About two weeks <faithfulness>")],
                      [{"faithfulness": (0.47, "faithfulness_unsupported")}])
+    backend = FakeBackend(responder=responder({"answer_augmentation": "About two weeks <faithfulness>"}))
+    run(tmp_path, rejected, backend, temperatures={**{a: 0.3 for a in rec.ACTIONS}, "reanswer_low_temp": 0.2},
+        naive_baseline=False)
+    # then adaptive first draws again at the row's own temperature (0.7); the second action follows the
+    # failed candidate's own diagnosis
+    assert [c.temperature for c in backend.calls][:1] == [0.7] and len(backend.calls) == 2
+    # when the fresh draw passes, it is recovered by the 'resample' action from the row's own template
     backend = FakeBackend(responder=responder({"answer_augmentation": GOOD}))
-    out = run(tmp_path, rejected, backend, temperatures={**{a: 0.3 for a in rec.ACTIONS}, "reanswer_low_temp": 0.2},
-              naive_baseline=False)
+    (tmp_path / "again").mkdir()
+    out = run(tmp_path / "again", rejected, backend, naive_baseline=True)
     r = out.recovered.to_pylist()[0]
-    assert (r["diagnosis"], r["recovery_action"]) == ("threshold_marginal", "reanswer_low_temp")
+    assert (r["diagnosis"], r["recovery_action"]) == ("threshold_marginal", "resample")
     assert r["prompt_template"].startswith("answer_augmentation@")
-    assert [c.temperature for c in backend.calls] == [0.2]  # the row recorded 0.7
+    # and it is the naive baseline's call (same prompt, temperature and seed): one cached result serves both
+    assert len({(c.prompt, c.temperature, c.seed) for c in backend.calls}) == 1
 
 
 def test_priority_round_robin_reaches_every_mode_and_by_mode_keeps_mode_blocks():
