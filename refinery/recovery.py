@@ -525,15 +525,18 @@ def priority(diags: list[Diagnosis], *, interleave: bool = True) -> np.ndarray:
     rank = {m: i for i, m in enumerate(MODE_RANK)}
     keys = [(rank.get(d.mode, len(rank)), -d.confidence) for d in diags]
     by_mode = sorted(range(len(diags)), key=lambda i: keys[i])
+    # rows that are never attempted (unrecoverable, or below min_confidence) go last, so they take no turn
+    later = [i for i in by_mode if not diags[i].recoverable]
+    by_mode = [i for i in by_mode if diags[i].recoverable]
     if not interleave:
-        return np.array(by_mode, dtype=np.int64)
+        return np.array(by_mode + later, dtype=np.int64)
     seen: dict[int, int] = {}
     turn = []
     for i in by_mode:  # the k-th row of its mode goes in round k
         m = keys[i][0]
         turn.append((seen.get(m, 0), m, i))
         seen[m] = seen.get(m, 0) + 1
-    return np.array([i for _, _, i in sorted(turn)], dtype=np.int64)
+    return np.array([i for _, _, i in sorted(turn)] + later, dtype=np.int64)
 
 
 def pool_of(*tables: pa.Table) -> pa.Table:

@@ -392,3 +392,6 @@ def test_priority_round_robin_reaches_every_mode_and_by_mode_keeps_mode_blocks()
     assert rec.priority(diags, interleave=False).tolist() == [3, 1, 4, 0, 2]
     # round 1: the most confident row of each mode (in MODE_RANK order), round 2: the next ones
     assert rec.priority(diags, interleave=True).tolist() == [3, 4, 0, 1, 2]
+    # a row that will not be attempted takes no turn, however confident its diagnosis
+    diags[0] = rec.Diagnosis("too_close_to_seed", 0.99, "", False)
+    assert rec.priority(diags, interleave=True).tolist() == [3, 4, 2, 1, 0]
