@@ -84,7 +84,8 @@ class Marker:
 
 
 def params(**kw) -> RecoverParams:
-    base = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5, order="round_robin",
+    base = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5,
+                order="round_robin",
                 margins=Margins(faithfulness=0.05, reward=0.05, overlap_embedding=0.02, overlap_ngram=0.05, dedup=0.05,
                                 perplexity=0.2),
                 temperatures={a: 0.3 for a in rec.ACTIONS}, top_p=0.95, max_new_tokens={"answer": 24, "qa": 32},
@@ -337,7 +338,8 @@ def test_cli_with_an_empty_rejected_set_writes_empty_outputs_and_exits_0(tmp_pat
               ROOT / "data/01_seed/documents.parquet", ROOT / "models/base/teacher"]
     if not all(p.exists() for p in needed):
         pytest.skip("needs the demo's split, documents and provisioned models (dvc repro)")
-    section = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5, order="round_robin",
+    section = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5,
+                   order="round_robin",
                    margins=dict(faithfulness=0.05, reward=0.05, overlap_embedding=0.02, overlap_ngram=0.05,
                                 dedup=0.05, perplexity=0.2), temperatures={a: 0.3 for a in rec.ACTIONS}, top_p=0.95,
                    max_new_tokens={"answer": 24, "qa": 32}, naive_temperature=0.7,
