@@ -174,8 +174,8 @@ def verdict(diff: dict[str, float] | None, *, want_positive: bool = True) -> str
 
 
 def _h5(recover: dict[str, Any] | None) -> str | None:
-    a = lookup(recover, "adaptive.overall.recovery_rate")
-    n = lookup(recover, "naive.overall.recovery_rate")
+    a = lookup(recover, "adaptive.overall.recovered")  # the hypothesis is about rows recovered at equal budget
+    n = lookup(recover, "naive.overall.recovered")
     if a is None or n is None:
         return None
     return "supported" if a > n else "not supported"
@@ -383,8 +383,10 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
             ev = (f"Δ F1 {v.num(S, f'{diff_key}.mean', 'f3')}, {v.num(S, 'ci', 'pct1')} CI "
                   f"[{v.num(S, f'{diff_key}.low', 'f3')}, {v.num(S, f'{diff_key}.high', 'f3')}]")
         elif h == "H5" and v.get(M("recover"), "naive.overall.recovery_rate") is not None:
-            ev = (f"recovery rate {v.num(M('recover'), 'adaptive.overall.recovery_rate', 'f3')} adaptive vs "
-                  f"{v.num(M('recover'), 'naive.overall.recovery_rate', 'f3')} naive")
+            ev = (f"recovered {v.num(M('recover'), 'adaptive.overall.recovered', 'int')} adaptive vs "
+                  f"{v.num(M('recover'), 'naive.overall.recovered', 'int')} naive (recovery rate "
+                  f"{v.num(M('recover'), 'adaptive.overall.recovery_rate', 'f3')} vs "
+                  f"{v.num(M('recover'), 'naive.overall.recovery_rate', 'f3')})")
         elif h == "H4" and v.get(S, "h4_recall") is not None:
             ev = (f"recall {v.num(S, 'h4_recall', 'pct1')} vs required {v.num(S, 'min_factual_recall', 'pct1')}")
         else:
