@@ -97,15 +97,27 @@ def load_templates(folder: Path, names: list[str]) -> dict[str, Template]:
     return {n: load_template(folder / f"{n}.txt") for n in names}
 
 
-def teacher_backend(base: str, batch_size: int, threads: int) -> tuple[str, Callable[[], Backend]]:
-    """Return the teacher's provenance id and a function that builds its backend (lazily, once)."""
+def teacher_backend(base: str, batch_size: int, threads: int,
+                    dtype: str = "float32") -> tuple[str, Callable[[], Backend]]:
+    """Return the teacher's provenance id and a function that builds its backend (lazily, once).
+
+    ``dtype`` ('auto' | 'float32' | 'bfloat16' | 'float16') applies to in-process models only. Outputs depend
+    on it, so any dtype but float32 is part of the id (``<id>+bfloat16``): the id is in every cache key and in
+    the rows' provenance.
+    """
     from refinery.backends.factory import make_backend
+    from refinery.backends.local import resolve_dtype
     from refinery.models.resolve import backend_spec, load_target
 
     load = load_target(base, "teacher")
     spec = backend_spec(load, batch_size=batch_size, threads=threads)
+    teacher_id = load["id"]
+    if spec["kind"] == "local":
+        spec["dtype"] = resolve_dtype(dtype)
+        if spec["dtype"] != "float32":
+            teacher_id = f"{teacher_id}+{spec['dtype']}"
     # Built only when some call is not cached; an unreachable server then fails with one line naming its URL.
-    return load["id"], lambda: make_backend(spec)
+    return teacher_id, lambda: make_backend(spec)
 
 
 def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table, *,

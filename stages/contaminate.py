@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 import click
 import numpy as np
@@ -33,6 +34,7 @@ class ContaminateParams(StageParams):
     max_new_tokens: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # in-process teacher weights
     max_failure_share: float = Field(ge=0, le=1)
 
 
@@ -86,7 +88,7 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     templates = load_templates(Path(prompts_dir), list(STRATEGIES))
-    teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads)
+    teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads, params.dtype)
     planned = plan(train, templates, params, teacher_id)
     table, stats, seconds = generation.execute(
         planned, backend, cache_file, documents, batch_size=params.batch_size, origin="contaminated",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import numpy as np
@@ -43,6 +43,7 @@ class GenerateParams(StageParams):
     max_new_tokens: TokenBudget
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # in-process teacher weights
     skip_stale: bool = True  # do not generate from documents superseded by newer ones
     window_sentences: int = Field(gt=0)  # sentences per passage window for new_question
     max_failure_share: float = Field(ge=0, le=1)  # exit non-zero when more calls than this fail or don't parse
@@ -159,7 +160,7 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     templates = load_templates(Path(prompts_dir), list(strat.GENERATION_STRATEGIES))
-    teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads)
+    teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads, params.dtype)
     planned, plan_metrics = plan(train, documents, templates, params, teacher_id)
     table, stats, seconds = generation.execute(
         planned, backend, cache_file, documents, batch_size=params.batch_size, origin="synthetic",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class RecoverParams(StageParams):
     naive_shots: int = Field(ge=0)  # few-shot examples in resampled prompts (generate.shots)
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # in-process teacher weights
 
 
 @dataclass
@@ -369,7 +371,7 @@ def cli(params_file, rejected_file, accepted_file, injected_file, train_file, va
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     templates = {n: load_template(Path(prompts_dir) / f"{n}.txt") for n in rec.TEMPLATES + GENERATION_STRATEGIES}
-    teacher_id, backend = generation.teacher_backend(models_dir, params.batch_size, params.threads)
+    teacher_id, backend = generation.teacher_backend(models_dir, params.batch_size, params.threads, params.dtype)
     phash = params_hash(params)
     version = code_version(sys.modules[__name__], rec, generation)
     nothing = (rejected.num_rows == 0 or params.budget == 0) and \

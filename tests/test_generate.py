@@ -307,3 +307,26 @@ def test_zero_shot_answers_may_open_with_a_newline_but_only_their_first_line_cou
     assert "\n" not in s.stop  # a leading newline must not end the completion before it starts
     assert strat.parse_output(s, "\n It takes 30 days.\nQuestion: next?") == (None, "It takes 30 days.", None)
     assert strat.parse_output(s, "\n\n") == (None, None, "parse_empty_answer")
+
+
+def test_teacher_dtype_is_part_of_the_teacher_id(in_tmp):
+    from refinery.cli import main
+    from refinery.generation import teacher_backend
+    from tests.conftest import params_for
+
+    (in_tmp / "m").mkdir()
+    (in_tmp / "m" / "config.json").write_text("{}")
+    params = params_for(in_tmp, provision={"teacher": "./m", "judge": "./m", "student": "./m", "embedder": "./m"})
+    assert main(["provision", "--params", str(params), "--out", "base", "--metrics", "mp.json"]) == 0
+    plain, _ = teacher_backend("base", 8, 2, "float32")
+    bf16, _ = teacher_backend("base", 8, 2, "bfloat16")
+    # Outputs depend on the weights' dtype, so a bfloat16 run never reuses float32 cache entries (nor the reverse).
+    assert bf16 == f"{plain}+bfloat16" and "+" not in plain
+
+
+def test_teacher_dtype_does_not_touch_an_endpoint_id(in_tmp):
+    from refinery.generation import teacher_backend
+
+    _endpoint_project(in_tmp, "http://127.0.0.1:9/v1")
+    plain, _ = teacher_backend("base", 8, 2, "float32")
+    assert teacher_backend("base", 8, 2, "bfloat16")[0] == plain  # the server picks its own precision

@@ -16,6 +16,35 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 _DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("auto", *_DTYPES)
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX; aarch64 'bf16' feature
+
+
+def cpu_has_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports native bfloat16 arithmetic (Linux /proc/cpuinfo flags; False if unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and _BF16_CPU_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def resolve_dtype(dtype: str, *, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """Resolve a dtype choice for the CPU: 'auto' is bfloat16 where the CPU computes it natively, else float32.
+
+    Measured on 2 AMD EPYC cores with AVX512-BF16, SmolLM2-135M batches of 8 few-shot prompts (~210 tokens):
+    bfloat16 took 4.4 s per batch against 9.4 s in float32. Without native support bfloat16 is emulated and
+    slower than float32, hence the check.
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise BackendError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cpu_has_bf16(cpuinfo) else "float32"
 
 
 def weights_digest(folder: str | os.PathLike, *, length: int = 16) -> str:

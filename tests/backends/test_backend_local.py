@@ -7,7 +7,7 @@ import re
 import pytest
 
 from refinery.backends import Backend, BackendError, GenRequest, make_backend
-from refinery.backends.local import weights_digest
+from refinery.backends.local import cpu_has_bf16, resolve_dtype, weights_digest
 
 PROMPTS = [
     "The capital of France is",
@@ -99,6 +99,31 @@ def test_factory_local_and_bad_path(tmp_path):
     assert "\n" not in str(ei.value) and "nope" in str(ei.value)
     with pytest.raises(BackendError, match="dtype"):
         make_backend({"kind": "local", "path": str(tmp_path), "dtype": "int3"})
+
+
+def test_auto_dtype_follows_the_cpu_flags(tmp_path):
+    x86_bf16 = tmp_path / "epyc"
+    x86_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    x86_old = tmp_path / "old"
+    x86_old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert cpu_has_bf16(x86_bf16) and cpu_has_bf16(arm) and not cpu_has_bf16(x86_old)
+    assert not cpu_has_bf16(tmp_path / "missing")  # unreadable: no claim of support
+    assert resolve_dtype("auto", cpuinfo=x86_bf16) == "bfloat16"
+    assert resolve_dtype("auto", cpuinfo=x86_old) == "float32"
+    assert resolve_dtype("float32", cpuinfo=x86_bf16) == "float32"  # an explicit choice is kept
+    with pytest.raises(BackendError, match="dtype must be one of auto"):
+        resolve_dtype("fp8")
+
+
+def test_bfloat16_backend_still_answers(smol_dir):
+    import torch
+
+    be = make_backend({"kind": "local", "path": str(smol_dir), "threads": 2, "dtype": "bfloat16"})
+    assert next(be.model.parameters()).dtype == torch.bfloat16
+    (r,) = be.generate([GenRequest(prompt=PROMPTS[0], max_new_tokens=4)])
+    assert "Paris" in r.text and r.completion_tokens == 4
 
 
 @pytest.fixture(scope="module")
