@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -173,12 +174,31 @@ def verdict(diff: dict[str, float] | None, *, want_positive: bool = True) -> str
         ("in the predicted direction)" if m > 0 else "against it)")
 
 
-def _h5(recover: dict[str, Any] | None) -> str | None:
+def recovery_p_value(adaptive: int, naive: int) -> float:
+    """One-sided exact p-value that adaptive recovers more rows than naive at equal call budget.
+
+    Under the null (equal yield per call; both arms spend the same budget), each of the ``adaptive + naive``
+    recovered rows is equally likely to come from either arm, so ``adaptive`` ~ Binomial(adaptive + naive, 1/2);
+    the p-value is P(X >= adaptive). 1.0 when nothing was recovered.
+    """
+    total = adaptive + naive
+    if total <= 0:
+        return 1.0
+    return sum(math.comb(total, k) for k in range(adaptive, total + 1)) / 2 ** total
+
+
+def _h5(recover: dict[str, Any] | None, alpha: float) -> str | None:
     a = lookup(recover, "adaptive.overall.recovered")  # the hypothesis is about rows recovered at equal budget
     n = lookup(recover, "naive.overall.recovered")
     if a is None or n is None:
         return None
-    return "supported" if a > n else "not supported"
+    a, n = int(a), int(n)
+    if recovery_p_value(a, n) < alpha:
+        return "supported"
+    if recovery_p_value(n, a) < alpha:
+        return "rejected (the opposite holds)"
+    return "not supported at this sample size (exact binomial test; point estimate " + \
+        ("in the predicted direction)" if a > n else "against it)" if a < n else "even)")
 
 
 def pick_samples(preds: dict[str, pa.Table], right_f1: float) -> dict[str, str | None]:
@@ -386,7 +406,8 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
             ev = (f"recovered {v.num(M('recover'), 'adaptive.overall.recovered', 'int')} adaptive vs "
                   f"{v.num(M('recover'), 'naive.overall.recovered', 'int')} naive (recovery rate "
                   f"{v.num(M('recover'), 'adaptive.overall.recovery_rate', 'f3')} vs "
-                  f"{v.num(M('recover'), 'naive.overall.recovery_rate', 'f3')})")
+                  f"{v.num(M('recover'), 'naive.overall.recovery_rate', 'f3')}; one-sided exact binomial p "
+                  f"{v.num(S, 'h5_p', 'f3')})")
         elif h == "H4" and v.get(S, "h4_recall") is not None:
             ev = (f"recall {v.num(S, 'h4_recall', 'pct1')} vs required {v.num(S, 'min_factual_recall', 'pct1')}")
         else:
@@ -557,6 +578,10 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
         "min_factual_recall": params.min_factual_recall,
         "h4_recall": lookup(gi, "cascade_and_gates.cascade.recall_factual"),
     }
+    rec = docs.get(f"{metrics_dir}/recover.json")
+    rec_a, rec_n = lookup(rec, "adaptive.overall.recovered"), lookup(rec, "naive.overall.recovered")
+    if rec_a is not None and rec_n is not None:
+        summary["h5_p"] = round(recovery_p_value(int(rec_a), int(rec_n)), 4)
     audit = docs.get(audit_file)
     if isinstance(audit, dict) and "decision" in audit:
         summary["validation"] = {"decision": audit["decision"], "failed_checks": len(audit.get("failed_checks") or [])}
@@ -567,7 +592,7 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
         "h3": verdict(diffs["human_minus_base"]) if "human_minus_base" in diffs else None,
         "h4": (("supported" if summary["h4_recall"] >= params.min_factual_recall else "not supported")
                if summary["h4_recall"] is not None else None),
-        "h5": _h5(docs.get(f"{metrics_dir}/recover.json")),
+        "h5": _h5(rec, 1 - params.ci),
     }
     if environment:
         hw = environment.get("hardware") or {}

@@ -63,7 +63,7 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
             "gates": {g: {"recall_factual": 0.3, "false_rejection_rate": 0.05} for g in gates}}}))
         arm = lambda rec: {"per_mode": {"faithfulness": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}},
                            "overall": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}}  # noqa: E731
-        (folder / "metrics/recover.json").write_text(json.dumps({"budget": 20, "adaptive": arm(7), "naive": arm(3)}))
+        (folder / "metrics/recover.json").write_text(json.dumps({"budget": 20, "adaptive": arm(9), "naive": arm(2)}))
     for m in models:
         table = predictions(m)
         pq.write_table(table, folder / f"eval/predictions_{m}.parquet")
@@ -136,8 +136,9 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     assert share == pytest.approx((f1["curated"] - f1["contaminated"]) / (f1["human"] - f1["contaminated"]), abs=1e-3)
     assert f"C recovers {100 * share:.1f}%" in md
     assert summary["samples"] == {"all_right": "r1", "b_wrong_c_right": "r2", "all_wrong": "r3"}
-    assert "| `overall` | 10 | 7 | 0.700 | 10 | 3 | 0.300 |" in md
-    assert summary["verdicts"]["h5"] == "supported"
+    assert "| `overall` | 10 | 9 | 0.900 | 10 | 2 | 0.200 |" in md
+    assert summary["verdicts"]["h5"] == "supported"  # 9 vs 2: one-sided exact p = 67 / 2048
+    assert summary["h5_p"] == pytest.approx(67 / 2048, abs=1e-4)
     assert "decision **accept**, 0 failed checks" in md
     for name in ("f1", "metrics", "gap", "gate_overlap", "recovery"):
         assert (tmp_path / f"reports/plots/report_{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -187,3 +188,17 @@ def test_the_committed_report_has_no_placeholder_or_untraced_number():
     # from a fresh clone until `dvc pull` / `dvc repro`: their quotes are checked only where present.
     assert check_report(md.read_text(), read_json(trace), lambda f: read_json(ROOT / f),
                         lambda f: pq.read_table(ROOT / f) if (ROOT / f).is_file() else None) == []
+
+
+def test_h5_needs_more_than_a_lead_of_a_row_or_two():
+    from stages.report import _h5, recovery_p_value
+
+    assert recovery_p_value(4, 3) == pytest.approx(0.5)  # P(X >= 4), X ~ Bin(7, 1/2)
+    assert recovery_p_value(0, 0) == 1.0
+    arms = lambda a, n: {"adaptive": {"overall": {"recovered": a}}, "naive": {"overall": {"recovered": n}}}  # noqa: E731
+    assert _h5(arms(4, 3), 0.05).startswith("not supported at this sample size")
+    assert "in the predicted direction" in _h5(arms(4, 3), 0.05)
+    assert "against it" in _h5(arms(8, 9), 0.05)
+    assert _h5(arms(9, 2), 0.05) == "supported"
+    assert _h5(arms(1, 12), 0.05) == "rejected (the opposite holds)"
+    assert _h5({}, 0.05) is None
