@@ -261,7 +261,7 @@ def cli(params_file: str, dataset_file: str, name: str, val_file: str, documents
     from refinery.provenance import code_version
     from schemas import datasets as datasets_schema
     from schemas import split as split_schema
-    from stages.train_verifier import file_sha256
+    from refinery.models.resolve import sha256_file
 
     params = load_section(params_file, "train", TrainParams)
     dataset = datasets_schema.CONTRACT.validate(read_parquet(dataset_file, datasets_schema.ARROW), dataset_file)
@@ -271,8 +271,8 @@ def cli(params_file: str, dataset_file: str, name: str, val_file: str, documents
     documents = read_documents(documents_file)
     ref, student_id = student_path(models_dir)
     version = code_version(sys.modules[__name__], lora, sft)
-    inputs = {"dataset": file_sha256(dataset_file), "val": file_sha256(val_file),
-              "documents": file_sha256(documents_file)}
+    inputs = {"dataset": sha256_file(Path(dataset_file)), "val": sha256_file(Path(val_file)),
+              "documents": sha256_file(Path(documents_file))}
     plots = Path(plots_dir)
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)
