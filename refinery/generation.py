@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -18,6 +18,10 @@ from refinery.prompts import Template
 from refinery.teacher import GenerationCache, Job, RunStats, run_jobs
 from refinery.text import stable_id
 from schemas import synthetic as synthetic_schema
+
+
+# Weights dtype of an in-process teacher (params generate/contaminate/recover.dtype; see teacher_backend).
+TeacherDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)

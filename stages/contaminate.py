@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
 
 import click
 import numpy as np
@@ -19,7 +18,8 @@ from refinery.params import StageParams, load_section, params_hash
 from refinery.prompts import Template
 from refinery.teacher import Job, cache_key
 from schemas import synthetic as synthetic_schema
-from refinery.generation import Planned, call_seed, load_templates, outcome_metrics, teacher_backend
+from refinery.generation import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
+                                 teacher_backend)
 
 STRATEGIES = ("contaminate_answer", "contaminate_paraphrase")
 
@@ -34,7 +34,7 @@ class ContaminateParams(StageParams):
     max_new_tokens: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # in-process teacher weights
+    dtype: TeacherDtype = "auto"  # weights of an in-process teacher
     max_failure_share: float = Field(ge=0, le=1)
 
 

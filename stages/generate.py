@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 import numpy as np
@@ -17,7 +17,8 @@ from refinery.backends.base import GenRequest
 from refinery.errors import RefineryError
 from refinery.params import StageParams, load_section, params_hash
 from refinery.prompts import Template
-from refinery.generation import Planned, call_seed, load_templates, outcome_metrics, teacher_backend
+from refinery.generation import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
+                                 teacher_backend)
 from refinery.teacher import Job, cache_key
 from refinery.text import sentence_spans
 from schemas import synthetic as synthetic_schema
@@ -43,7 +44,7 @@ class GenerateParams(StageParams):
     max_new_tokens: TokenBudget
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # in-process teacher weights
+    dtype: TeacherDtype = "auto"  # weights of an in-process teacher
     skip_stale: bool = True  # do not generate from documents superseded by newer ones
     window_sentences: int = Field(gt=0)  # sentences per passage window for new_question
     max_failure_share: float = Field(ge=0, le=1)  # exit non-zero when more calls than this fail or don't parse

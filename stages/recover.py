@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic import Field
 
 from refinery import recovery as rec
 from refinery.errors import RefineryError
-from refinery.generation import Planned
+from refinery.generation import Planned, TeacherDtype
 from refinery.params import StageParams
 from refinery.prompts import Template
 from schemas import recovered as recovered_schema
@@ -53,7 +52,7 @@ class RecoverParams(StageParams):
     naive_shots: int = Field(ge=0)  # few-shot examples in resampled prompts (generate.shots)
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # in-process teacher weights
+    dtype: TeacherDtype = "auto"  # weights of an in-process teacher
 
 
 @dataclass

@@ -66,7 +66,7 @@ def test_every_stage_depends_on_the_code_it_runs():
     assert problems == [], "dvc.yaml deps miss code the stage imports:\n" + "\n".join(problems)
 
 
-def test_the_closure_follows_imports_inside_functions(tmp_path):
+def test_the_closure_follows_imports_inside_functions():
     # the stages import heavy modules lazily, inside functions: those count
     closure = code_closure(ROOT / "stages" / "train_verifier.py")
     assert "refinery/grounding.py" in closure and "refinery/verifier.py" in closure
