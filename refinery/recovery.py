@@ -45,7 +45,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "rewrite_fluency": ("recover_rewrite_fluency", "answer"),
     "diversify": ("recover_diversify_answer", "answer"),  # rows without a usable question: recover_diversify (qa)
     "regenerate_question": ("recover_question", "qa"),
-    "fix_format": ("recover_format", "qa"),
+    "fix_format": ("recover_format", "qa"),  # a row with a usable question: only the answer (recover_grounded)
     "fix_length": ("recover_short", "answer"),
 }
 OWN_TEMPERATURE = frozenset({"resample"})  # actions that sample at the row's recorded temperature
@@ -205,6 +205,28 @@ def diagnose(row: dict[str, Any], b: Bounds, docs: dict[str, dict[str, Any]], mi
     return out("unrecoverable", 0.5, "unknown:" + ",".join(reasons))
 
 
+_QUESTION_LINE = re.compile(r"^\s*(?:Q(?:uestion)?\s*[:.]\s*)?(?P<q>[^\n?]{6,}\?)")
+
+
+def salvage_question(row: dict[str, Any], seed_row: dict[str, Any] | None) -> str | None:
+    """Return the usable question of a malformed row, or None.
+
+    The row's own question when it has one; for a strategy that only writes answers (answer augmentation), the
+    seed question it answered; otherwise a question on the first line of the raw output (a ``new_question``
+    call that wrote its question and then no "Answer:" line). ``fix_format`` then regenerates only the answer.
+    """
+    question = (row.get("question") or "").strip()
+    if question:
+        return question
+    s = strat.STRATEGIES.get(row.get("strategy") or "")
+    if s is not None and s.output == "answer":
+        return (seed_row or {}).get("question") or None
+    m = _QUESTION_LINE.match(row.get("raw_output") or "")
+    if m and len(m.group("q").split()) >= 3:
+        return " ".join(m.group("q").split())
+    return None
+
+
 def next_action(diag: Diagnosis, tried: list[str]) -> str:
     """Return the next action for a diagnosis: the first of its chain not tried yet, else the chain's first."""
     chain = [_resolve(a, diag) for a in CHAINS.get(diag.mode, ("strict_grounding",))]
@@ -336,6 +358,9 @@ def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str,
         raise ValueError(f"{action} resamples the row's own prompt: plan it with plan_naive")
     tpl = templates[name]
     question = row.get("question")
+    if action == "fix_format" and (question or "").strip():  # the question survived: answer it, grounded
+        name, output = ACTIONS["strict_grounding"][0], "answer"
+        tpl = templates[name]
     if output == "answer" and not (question or "").strip():  # nothing to answer: write a question too
         name, output = ("recover_diversify", "qa") if action == "diversify" else (ACTIONS["fix_format"][0], "qa")
         action = action if action == "diversify" else "fix_format"
@@ -344,7 +369,7 @@ def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str,
     request = GenRequest(prompt=prompt, max_new_tokens=cs.max_new_tokens[output],
                          temperature=cs.temperatures[action], top_p=cs.top_p,
                          stop=_ANSWER_STOP if output == "answer" else _QA_STOP,
-                         seed=call_seed(cs.seed, row["row_id"], action, attempt))
+                         seed=call_seed(cs.seed, row["row_id"], action, attempt), require_text=True)
     key = cache_key(teacher_id, tpl.ref, request, attempt)
     parent = {"row_id": row["row_id"], "doc_id": row["doc_id"], "question": question, "answer": row.get("answer"),
               "intent": row.get("intent")}
@@ -409,7 +434,8 @@ PlanFn = Callable[[dict[str, Any], RowState, int], tuple[str, Planned]]
 def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn, execute: Execute, regate: Regate,
                pool: pa.Table, *, budget: int, max_attempts: int, rediagnose: Callable[[dict], Diagnosis] | None,
                check_error: Callable[[dict, dict], bool] | None,
-               group_of: Callable[[dict], str] | None = None) -> pa.Table | None:
+               group_of: Callable[[dict], str] | None = None,
+               trail: list[pa.Table] | None = None) -> pa.Table | None:
     """Attempt recoverable rows in rounds (one call per row per round) within per-row and global budgets.
 
     Rows are admitted in priority order while their whole per-row budget (``max_attempts`` calls) still fits
@@ -431,6 +457,8 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
         check_error: (rejected row, candidate) -> the planted error is still there (planted rows only).
         group_of: when set, candidates are gated one group at a time (planted rows: one injection kind at a
             time, so twins planted from the same source are never deduplicated against each other).
+        trail: when given, every gated candidate (recovered or not) is appended to it, one table per round,
+            with a ``counted`` column (False where it passed every gate but still held the planted error).
 
     Returns:
         The recovered rows (gated contract columns), in the order they were recovered.
@@ -462,6 +490,7 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
             break
         cands = execute(planned, [states[i].actions[-1] for i in todo])
         gated = _regate_groups(cands, pool, regate, [group_of(rows[i]) for i in todo] if group_of else None)
+        counted = []
         for k, (i, cand) in enumerate(zip(todo, gated.to_pylist())):
             s = states[i]
             s.attempts += 1
@@ -469,10 +498,12 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
             s.tokens += int(cand["prompt_tokens"]) + int(cand["completion_tokens"])
             s.outcome = "failed" if s.outcome != "laundered" else s.outcome
             s.last_reasons = list(cand["gate_reasons"])
+            counted.append(bool(cand["gate_keep"]))
             if cand["gate_keep"]:
                 if check_error is not None and check_error(rows[i], cand):
                     s.outcome, s.error_survives = "laundered", True
                     s.last_reasons = ["injected_error_survives"]
+                    counted[-1] = False
                 else:
                     s.outcome, s.recovered = "recovered", cand
                     s.error_survives = False if check_error is not None else None
@@ -480,6 +511,8 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
                     reserved -= s.cap - s.attempts  # release what this row no longer needs
                     continue
             s.next = next_action(rediagnose(cand), s.actions) if rediagnose is not None else None
+        if trail is not None:
+            trail.append(gated.append_column("counted", pa.array(counted, pa.bool_())))
         if recovered:
             pool = pool_of(base_pool, *recovered)
     return pa.concat_tables(recovered) if recovered else None

@@ -21,7 +21,7 @@ def cache_key(model: str, template_ref: str, request: GenRequest, sample_index: 
     prompt or messages, the sampling params and seed, and the sample index: if any of them changes,
     the call is made again; if none does, the cached result is reused.
     """
-    payload = {"model": model, "template": template_ref, "request": asdict(request), "sample_index": sample_index}
+    payload = {"model": model, "template": template_ref, "request": request.as_dict(), "sample_index": sample_index}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 

@@ -49,9 +49,19 @@ INJECTION_CHECK_FIELDS = [
     pa.field("naive_error_survives", pa.bool_(), nullable=True),  # null: no candidate passed every gate
 ]
 
+ROW_SETS = ("generated", "planted")
+ATTEMPT_FIELDS = [
+    pa.field("recovery_method", pa.string(), nullable=False),  # adaptive | naive
+    pa.field("row_set", pa.string(), nullable=False),  # generated (rejected rows) | planted (rejected planted rows)
+    pa.field("diagnosis", pa.string(), nullable=False),  # failure mode of the rejected parent
+    pa.field("counted", pa.bool_(), nullable=False),  # recovered: passed every gate (and lost any planted error)
+]
+
 RECOVERED_ARROW = pa.schema(list(gated.SYNTHETIC_ARROW) + RECOVERY_FIELDS)
 DIAGNOSED_ARROW = pa.schema(list(gated.SYNTHETIC_ARROW) + DIAGNOSIS_FIELDS)
 DIAGNOSED_INJECTED_ARROW = pa.schema(list(gated.INJECTED_ARROW) + DIAGNOSIS_FIELDS + INJECTION_CHECK_FIELDS)
+# every candidate a recovery call produced, with every gate's verdict: the rejected ones are kept with their reasons
+ATTEMPT_ARROW = pa.schema(list(gated.SYNTHETIC_ARROW) + ATTEMPT_FIELDS)
 
 
 def _recovered_checks(pda) -> dict[str, list]:
@@ -82,6 +92,19 @@ def _diagnosis_checks(pda) -> dict[str, list]:
     }
 
 
+def _attempt_checks(pda) -> dict[str, list]:
+    return {
+        **gated._synthetic_checks(pda),
+        "origin": [pda.Check.isin(["recovered"])],
+        "attempt": [pda.Check.ge(1)],
+        "recovery_action": [pda.Check.isin(list(ACTIONS))],
+        "parent_ids": [pda.Check(lambda s: s.map(len) == 1, element_wise=False, name="one_parent")],
+        "recovery_method": [pda.Check.isin(list(METHODS))],
+        "row_set": [pda.Check.isin(list(ROW_SETS))],
+        "diagnosis": [pda.Check.isin(list(MODES))],
+    }
+
+
 CONTRACT = Contract("recovered", RECOVERED_ARROW, _recovered_checks, unique=("row_id",))
 DIAGNOSED_CONTRACT = Contract("diagnosed", DIAGNOSED_ARROW,
                               lambda pda: {**gated._synthetic_checks(pda), **_diagnosis_checks(pda)},
@@ -89,3 +112,5 @@ DIAGNOSED_CONTRACT = Contract("diagnosed", DIAGNOSED_ARROW,
 DIAGNOSED_INJECTED_CONTRACT = Contract("diagnosed_injected", DIAGNOSED_INJECTED_ARROW,
                                        lambda pda: {**gated._injected_checks(pda), **_diagnosis_checks(pda)},
                                        unique=("row_id",))
+# no unique row_id: adaptive's "resample" action makes the naive method's own call, so both methods log that row
+ATTEMPT_CONTRACT = Contract("recovery_attempts", ATTEMPT_ARROW, _attempt_checks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class Recovery:
     unrecoverable: pa.Table
     diagnosed: pa.Table
     injected: pa.Table
+    attempts: pa.Table
     metrics: dict[str, Any]
 
 
@@ -96,9 +98,11 @@ def _shots(row: dict[str, Any], train_rows: list[dict[str, Any]], n: int, seed: 
 def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, bounds: rec.Bounds,
              docs: dict[str, dict[str, Any]], train_rows: list[dict[str, Any]], templates: dict[str, Template],
              teacher_id: str, execute: Callable[[list[Planned], list[str]], pa.Table], regate: rec.Regate,
-             pool: pa.Table, injected: bool) -> tuple[list[rec.RowState], list[rec.RowState], pa.Table | None,
-                                                      pa.Table | None]:
+             pool: pa.Table, injected: bool, trail: dict[str, list[pa.Table]] | None = None
+             ) -> tuple[list[rec.RowState], list[rec.RowState], pa.Table | None, pa.Table | None]:
     """Diagnose rows, then run the adaptive method and (when on) the naive baseline on the same rows and budget.
+
+    With ``trail`` (method -> list), every gated candidate of each method is appended to its list.
 
     Returns:
         Adaptive and naive states (in ``rows`` order) and each method's recovered rows (or None).
@@ -131,6 +135,9 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
             return action, original(row, attempt, None, "resample")
         if rec.ACTIONS[action][0] is None:  # the row's own prompt at a lower temperature
             return action, original(row, attempt, cs.temperatures[action], action)
+        if not (row.get("question") or "").strip():  # a malformed row may still hold a usable question
+            question = rec.salvage_question(row, by_id.get((row.get("parent_ids") or [None])[0]))
+            row = {**row, "question": question} if question else row
         return rec.plan_adaptive(row, action, attempt, evidence(row), neighbours(row), templates, cs, teacher_id)
 
     def plan_naive(row: dict[str, Any], s: rec.RowState, attempt: int) -> tuple[str, Planned]:
@@ -145,12 +152,14 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
 
     adaptive = [rec.RowState(diags[i]) for i in order]
     got_a = rec.run_method(ordered, adaptive, plan_adaptive, execute, regate, pool, budget=budget,
-                           max_attempts=params.max_attempts, rediagnose=redo, check_error=check, group_of=group)
+                           max_attempts=params.max_attempts, rediagnose=redo, check_error=check, group_of=group,
+                           trail=None if trail is None else trail.setdefault("adaptive", []))
     naive = [rec.RowState(diags[i]) for i in order]
     got_n = None
     if params.naive_baseline:
         got_n = rec.run_method(ordered, naive, plan_naive, execute, regate, pool, budget=budget,
-                               max_attempts=params.max_attempts, rediagnose=None, check_error=check, group_of=group)
+                               max_attempts=params.max_attempts, rediagnose=None, check_error=check, group_of=group,
+                               trail=None if trail is None else trail.setdefault("naive", []))
     else:
         for s in naive:
             s.outcome = "off"
@@ -192,6 +201,36 @@ def _diagnosed(table: pa.Table, a: list[rec.RowState], n: list[rec.RowState], sc
         if name not in table.column_names:
             table = table.append_column(schema.field(name), pa.array(cols[name], schema.field(name).type))
     return table.select(schema.names).cast(schema)
+
+
+def _attempts(trails: dict[str, dict[str, list[pa.Table]]], diagnoses: dict[str, str]) -> pa.Table:
+    """Stack every gated recovery candidate with its method, row set and the parent's diagnosis."""
+    schema = recovered_schema.ATTEMPT_ARROW
+    parts = []
+    for rowset, by_method in trails.items():
+        for method, tables in by_method.items():
+            for t in tables:
+                parents = [p[0] for p in t.column("parent_ids").to_pylist()]
+                extra = {"recovery_method": [method] * t.num_rows, "row_set": [rowset] * t.num_rows,
+                         "diagnosis": [diagnoses[p] for p in parents]}
+                for k, v in extra.items():
+                    t = t.append_column(k, pa.array(v, pa.string()))
+                parts.append(t.select(schema.names).cast(schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def action_metrics(attempts: pa.Table, method: str) -> dict[str, Any]:
+    """Per action of one method on the rejected generated rows: calls, candidates recovered, top rejection reasons."""
+    out: dict[str, Any] = {}
+    for r in attempts.to_pylist():
+        if r["recovery_method"] != method or r["row_set"] != "generated":
+            continue
+        a = out.setdefault(r["recovery_action"], {"calls": 0, "recovered": 0, "reasons": Counter()})
+        a["calls"] += 1
+        a["recovered"] += bool(r["counted"])
+        a["reasons"].update(r["gate_reasons"] or [])
+    return {k: {"calls": v["calls"], "recovered": v["recovered"], "success": round(v["recovered"] / v["calls"], 4),
+                "top_reasons": dict(v["reasons"].most_common(3))} for k, v in sorted(out.items())}
 
 
 def method_metrics(states: list[rec.RowState], *, accepted: int, generated: int) -> dict[str, Any]:
@@ -266,11 +305,17 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
     pool = rec.pool_of(accepted)
     common = dict(params=params, bounds=bounds, docs=docs, train_rows=train_rows, templates=templates,
                   teacher_id=teacher_id, execute=execute, regate=regate)
-    a, n, got_a, got_n = run_both(rows, budget=params.budget, pool=pool, injected=False, **common)
+    trails: dict[str, dict[str, list[pa.Table]]] = {"generated": {}, "planted": {}}
+    a, n, got_a, got_n = run_both(rows, budget=params.budget, pool=pool, injected=False,
+                                  trail=trails["generated"], **common)
     planted_rows = planted.to_pylist()
     p_rows = [r for r in planted_rows if not r["gate_keep"]]
     p_idx = [i for i, r in enumerate(planted_rows) if not r["gate_keep"]]
-    pa_, pn, _, _ = run_both(p_rows, budget=params.injected_budget, pool=pool, injected=True, **common)
+    pa_, pn, _, _ = run_both(p_rows, budget=params.injected_budget, pool=pool, injected=True,
+                             trail=trails["planted"], **common)
+    diagnoses = {r["row_id"]: s.diagnosis.mode for r, s in zip(rows, a)}
+    diagnoses.update({r["row_id"]: s.diagnosis.mode for r, s in zip(p_rows, pa_)})
+    attempts = _attempts(trails, diagnoses)
     recovered = _recovered_rows(got_a, a, rows, "adaptive")
     baseline = _recovered_rows(got_n, n, rows, "naive")
     diag_schema = recovered_schema.DIAGNOSED_ARROW
@@ -280,7 +325,10 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
                           recovered_schema.DIAGNOSED_INJECTED_ARROW)
     generated = rejected.num_rows + accepted.num_rows
     adaptive_m = method_metrics(a, accepted=accepted.num_rows, generated=generated)
+    adaptive_m["per_action"] = action_metrics(attempts, "adaptive")
     naive_m = method_metrics(n, accepted=accepted.num_rows, generated=generated) if params.naive_baseline else None
+    if naive_m is not None:
+        naive_m["per_action"] = action_metrics(attempts, "naive")
     ra, rn = adaptive_m["overall"]["recovered"], (naive_m or {}).get("overall", {}).get("recovered")
     metrics = {
         "rejected": rejected.num_rows, "accepted": accepted.num_rows, "budget": params.budget,
@@ -295,7 +343,7 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
     }
     if params.budget == 0:
         metrics["note"] = "budget is 0: nothing attempted"
-    return Recovery(recovered, baseline, unrecoverable, diagnosed, injected, metrics)
+    return Recovery(recovered, baseline, unrecoverable, diagnosed, injected, attempts, metrics)
 
 
 def report_table(metrics: dict[str, Any]) -> str:
@@ -314,6 +362,12 @@ def report_table(metrics: dict[str, Any]) -> str:
             lines.append(f"| {mode} | {method} | {b['rows']} | {b['attempted']} | {b['recovered']} | "
                          f"{fmt(b['recovery_rate'])} | {fmt(b['calls_per_recovered'])} | "
                          f"{fmt(b['tokens_per_recovered'])} |")
+    lines += ["", "| method | action | calls | recovered | success | most frequent rejection reasons |",
+              "|---|---|---:|---:|---:|---|"]
+    for method in ("adaptive", "naive"):
+        for action, b in ((metrics.get(method) or {}).get("per_action") or {}).items():
+            reasons = ", ".join(f"{k} {v}" for k, v in b["top_reasons"].items()) or "–"
+            lines.append(f"| {method} | {action} | {b['calls']} | {b['recovered']} | {fmt(b['success'])} | {reasons} |")
     o = metrics["adaptive"]["overall"]
     lines.append("")
     lines.append(f"Yield (accepted / generated): {fmt(o['yield_before'])} before, {fmt(o['yield_after'])} after "
@@ -429,6 +483,8 @@ def cli(params_file, rejected_file, accepted_file, injected_file, train_file, va
                         out / "diagnosed.parquet", recovered_schema.DIAGNOSED_ARROW)
         outputs.parquet(recovered_schema.DIAGNOSED_INJECTED_CONTRACT.validate(result.injected, "planted rows"),
                         out / "injected.parquet", recovered_schema.DIAGNOSED_INJECTED_ARROW)
+        outputs.parquet(recovered_schema.ATTEMPT_CONTRACT.validate(result.attempts, "recovery attempts"),
+                        out / "attempts.parquet", recovered_schema.ATTEMPT_ARROW)
         outputs.json(metrics, metrics_file)
         outputs.text(report_table(metrics), table_file)
     a, n = metrics["adaptive"]["overall"], (metrics["naive"] or {}).get("overall")

@@ -18,7 +18,7 @@ from refinery.strategies import GENERATION_STRATEGIES
 from schemas import recovered as recovered_schema
 from schemas.gated import GATES, INJECTED_ARROW, SYNTHETIC_ARROW
 from schemas.injected import INJECTION_FIELDS
-from stages.recover import Margins, RecoverParams, recover
+from stages.recover import Margins, RecoverParams, recover, report_table
 from tests.conftest import ROOT
 from tests.gates.conftest import rows as synthetic_rows
 
@@ -211,6 +211,55 @@ def test_a_candidate_that_fixes_the_rejecting_gate_but_fails_another_is_not_reco
     assert r["reward_keep"] and r["faithfulness_keep"]
 
 
+def test_every_candidate_is_kept_in_the_attempts_output_with_its_gate_reasons(tmp_path):
+    # given a row whose first candidate fails the reward gate and whose second passes
+    rejected = gated([("How long do refunds take?", "Three months <faithfulness>")],
+                     [{"faithfulness": (0.1, "faithfulness_unsupported")}])
+    backend = FakeBackend(responder=responder({"recover_grounded": "Within 14 days <reward>",
+                                               "recover_rewrite_helpfulness": GOOD}))
+    out = run(tmp_path, rejected, backend)
+    tried = recovered_schema.ATTEMPT_CONTRACT.validate(out.attempts, "attempts").to_pylist()
+    adaptive = [r for r in tried if r["recovery_method"] == "adaptive"]
+    # then the rejected candidate is an output with its reason, not dropped, and the recovered one is counted
+    assert [(r["recovery_action"], r["gate_reasons"], r["counted"]) for r in adaptive] == [
+        ("strict_grounding", ["reward_low"], False), ("rewrite_helpfulness", [], True)]
+    assert adaptive[1]["row_id"] == out.recovered.column("row_id")[0].as_py()
+    naive = [r for r in tried if r["recovery_method"] == "naive"]
+    assert len(naive) == out.metrics["naive"]["overall"]["calls"] == 2
+    assert {r["row_set"] for r in tried} == {"generated"} and {r["diagnosis"] for r in tried} == {"ungrounded"}
+    # and the per-action metrics count them
+    per_action = out.metrics["adaptive"]["per_action"]
+    assert per_action["strict_grounding"] == {"calls": 1, "recovered": 0, "success": 0.0,
+                                              "top_reasons": {"reward_low": 1}}
+    assert per_action["rewrite_helpfulness"]["recovered"] == 1
+    assert "| adaptive | strict_grounding | 1 | 0 | 0.00 | reward_low 1 |" in report_table(out.metrics)
+
+
+def test_salvage_question_keeps_the_usable_half_of_a_malformed_row():
+    seed = {"question": "How long do refunds take?"}
+    assert rec.salvage_question({"question": "Why?", "strategy": "new_question"}, None) == "Why?"
+    assert rec.salvage_question({"question": None, "strategy": "answer_augmentation"}, seed) == seed["question"]
+    raw = " What did she bake for the party ?\nPossible answer:\nA:"
+    assert rec.salvage_question({"question": None, "strategy": "new_question", "raw_output": raw}, None) == \
+        "What did she bake for the party ?"
+    assert rec.salvage_question({"question": None, "strategy": "new_question", "raw_output": " Sure!"}, None) is None
+
+
+def test_given_a_malformed_row_with_a_usable_question_then_fix_format_answers_only_that_question(tmp_path):
+    # given a new_question row whose call wrote a question and no "Answer:" line
+    rejected = gated([("placeholder", None)], [{"rules": (1.0, "rules_parse_error")}], strategy=["new_question"],
+                     question=[None], raw_output=[" How long do refunds take ?"],
+                     parse_error=["parse_missing_answer"])
+    # when recovered, with a teacher that answers the grounded prompt well and writes nonsense for the qa prompt
+    out = run(tmp_path, rejected, FakeBackend(responder=responder({"recover_grounded": GOOD,
+                                                                  "recover_format": "no idea <faithfulness>"})))
+    # then the first action keeps the question and regenerates only the answer
+    r = out.recovered.to_pylist()[0]
+    assert (r["recovery_action"], r["attempt"]) == ("fix_format", 1)
+    assert (r["question"], r["answer"]) == ("How long do refunds take ?", GOOD)
+    assert r["prompt_template"].startswith("recover_grounded@")
+
+
 def test_a_candidate_that_duplicates_an_accepted_row_is_rejected_by_dedup(tmp_path):
     rejected = gated([("How long do refunds take?", "Three months <faithfulness>")],
                      [{"faithfulness": (0.1, "faithfulness_unsupported")}])
@@ -238,6 +287,9 @@ def test_given_a_planted_number_error_a_candidate_that_keeps_it_is_not_recovered
     assert inj["passed_gates_with_error"] == 1 and inj["recovered_error_removed"] == 0
     assert inj["errors_surviving_into_recovered"] == 0 and inj["recall_after_gates_only"] == 0.0
     assert out.recovered.num_rows == 0
+    # the candidate that passed every gate with the error is logged, marked as not counted
+    tried = out.attempts.to_pylist()
+    assert tried and all(r["row_set"] == "planted" and r["gate_keep"] and not r["counted"] for r in tried)
 
 
 def test_given_a_planted_number_error_a_candidate_without_it_counts_as_recovered(tmp_path):
@@ -361,7 +413,7 @@ def test_cli_with_an_empty_rejected_set_writes_empty_outputs_and_exits_0(tmp_pat
         "--cache", "teacher.sqlite", "--gate-cache", "gate", "--gate-metrics", "gate.json", "--out", "out",
         "--metrics", "recover.json", "--table", "recover.md", "--quiet"])
     assert result.exit_code == 0, result.output
-    for name in ("recovered", "baseline", "unrecoverable", "diagnosed", "injected"):
+    for name in ("recovered", "baseline", "unrecoverable", "diagnosed", "injected", "attempts"):
         assert pq.read_table(tmp_path / "out" / f"{name}.parquet").num_rows == 0
     assert json.loads((tmp_path / "recover.json").read_text())["adaptive"]["overall"]["attempted"] == 0
 

@@ -27,6 +27,10 @@ class GenRequest:
         top_p: nucleus-sampling mass (only used when temperature > 0).
         stop: strings that end the completion; the text is cut before the first one found.
         seed: per-request sampling seed.
+        require_text: the completion must open with visible text: end-of-sequence, special and whitespace-only
+            tokens are not allowed as its first token (a small model often answers a prompt ending in "Answer:"
+            with an immediate newline or end of turn, which a stop string then cuts to nothing). A hint:
+            backends that cannot constrain decoding (OpenAI-compatible endpoints) ignore it.
     """
 
     messages: tuple[tuple[str, str], ...] | None = None
@@ -36,6 +40,7 @@ class GenRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    require_text: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -54,11 +59,18 @@ class GenRequest:
     @property
     def sampling_key(self) -> tuple:
         """Return the sampling parameters that must be equal for two requests to share a batch."""
-        return (self.max_new_tokens, float(self.temperature), float(self.top_p), tuple(self.stop))
+        return (self.max_new_tokens, float(self.temperature), float(self.top_p), tuple(self.stop), self.require_text)
+
+    def as_dict(self) -> dict:
+        """Return the request's fields; ``require_text`` only when set, so older requests keep their cache keys."""
+        d = asdict(self)
+        if not self.require_text:
+            del d["require_text"]
+        return d
 
     def digest(self) -> str:
         """Return a stable sha256 hex digest of the whole request (used by caches and the fake backend)."""
-        payload = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+        payload = json.dumps(self.as_dict(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

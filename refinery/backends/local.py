@@ -158,6 +158,7 @@ class TransformersBackend:
         if max_length is None:
             max_length = min(int(getattr(config, "max_position_embeddings", None) or 2048), 8192)
         self.max_length = int(max_length)
+        self._no_text: list[int] | None = None  # token ids require_text suppresses (built on first use)
 
     def __repr__(self) -> str:
         return f"TransformersBackend(model_id={self.model_id!r}, revision={self.revision!r}, batch_size={self.batch_size})"
@@ -249,6 +250,11 @@ class TransformersBackend:
             decoder_start_token_id=getattr(self.model.generation_config, "decoder_start_token_id", None),
         )
         processors = LogitsProcessorList()
+        if head.require_text:  # before the sampler, so it never draws a suppressed token
+            from transformers.generation.logits_process import SuppressTokensAtBeginLogitsProcessor
+
+            processors.append(SuppressTokensAtBeginLogitsProcessor(self._no_text_ids(), gen_offset,
+                                                                   device=str(self.device)))
         if head.temperature > 0:
             processors.append(_SeededSampler([r.seed for r in reqs], head.temperature, head.top_p))
         stopper = _StopStrings(self.tokenizer, head.stop, gen_offset, len(reqs)) if head.stop else None
@@ -292,6 +298,15 @@ class TransformersBackend:
                 )
             )
         return results
+
+    def _no_text_ids(self) -> list[int]:
+        """Return the ids of tokens that open no visible text: end-of-sequence, special, whitespace-only."""
+        if self._no_text is None:
+            tok = self.tokenizer
+            ids = set(self.eos_ids) | set(tok.all_special_ids)
+            ids |= {i for i in range(len(tok)) if not tok.decode([i]).strip()}
+            self._no_text = sorted(ids)
+        return self._no_text
 
     # ----- scoring -----
 

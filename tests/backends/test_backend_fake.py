@@ -33,6 +33,18 @@ def test_request_digest_is_stable_and_field_sensitive():
     assert a.sampling_key == GenRequest(prompt="other", seed=9).sampling_key
 
 
+def test_require_text_is_keyed_only_when_set():
+    import hashlib
+    import json
+
+    plain, strict = GenRequest(prompt="hello", seed=1), GenRequest(prompt="hello", seed=1, require_text=True)
+    # requests written before the field existed keep their digest (so their cached teacher calls stay valid)
+    old = {"messages": None, "prompt": "hello", "max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0,
+           "stop": [], "seed": 1}
+    assert plain.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert strict.digest() != plain.digest() and strict.sampling_key != plain.sampling_key
+
+
 def test_apply_stop_cuts_at_earliest():
     assert apply_stop("abc STOP def END", ("END", "STOP")) == ("abc ", True)
     assert apply_stop("abc", ("x",)) == ("abc", False)

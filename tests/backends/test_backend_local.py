@@ -126,6 +126,21 @@ def test_bfloat16_backend_still_answers(smol_dir):
     assert "Paris" in r.text and r.completion_tokens == 4
 
 
+def test_require_text_keeps_a_completion_from_opening_with_its_stop_string(local_backend):
+    # given a prompt whose greedy continuation opens with a newline, which the stop string cuts to nothing
+    prompt = "The capital of France is Paris.\n"
+    (plain,) = local_backend.generate([GenRequest(prompt=prompt, max_new_tokens=6, stop=("\n",))])
+    assert plain.text == "" and plain.completion_tokens == 1
+    # when visible text is required, the first token is a word and the completion holds text
+    (strict,) = local_backend.generate([GenRequest(prompt=prompt, max_new_tokens=6, stop=("\n",),
+                                                   require_text=True)])
+    assert strict.text.strip() and strict.completion_tokens > 1
+    # and a sampled request honours it too
+    (sampled,) = local_backend.generate([GenRequest(prompt=prompt, max_new_tokens=6, stop=("\n",),
+                                                    temperature=0.7, seed=3, require_text=True)])
+    assert sampled.text.strip()
+
+
 @pytest.fixture(scope="module")
 def tiny_seq2seq(smol_dir, tmp_path_factory):
     """Save a tiny random T5 that reuses the SmolLM2 tokenizer (no download)."""
