@@ -235,6 +235,19 @@ def test_every_candidate_is_kept_in_the_attempts_output_with_its_gate_reasons(tm
     assert "| adaptive | strict_grounding | 1 | 0 | 0.00 | reward_low 1 |" in report_table(out.metrics)
 
 
+def test_a_row_close_to_the_seed_through_its_seed_question_gets_a_new_question_first():
+    fails = {"overlap_embedding": (0.95, "overlap_embedding")}
+    # given an answer-augmentation row (it answers its seed row's question) and a new_question row, both too close
+    by_question = rec.diagnose(one(fails), BOUNDS, {"d1": {"text": TEXT, "stale": False}}, 0.5)
+    by_answer = rec.diagnose(one(fails, strategy=["new_question"]), BOUNDS, {"d1": {"text": TEXT, "stale": False}},
+                             0.5)
+    # then the first regenerates the question, the second rewords its answer first
+    assert by_question.detail == "seed_question:overlap_embedding"
+    assert [rec.next_action(by_question, []), rec.next_action(by_question, ["regenerate_question"])] == \
+        ["regenerate_question", "diversify"]
+    assert rec.next_action(by_answer, []) == "diversify"
+
+
 def test_salvage_question_keeps_the_usable_half_of_a_malformed_row():
     seed = {"question": "How long do refunds take?"}
     assert rec.salvage_question({"question": "Why?", "strategy": "new_question"}, None) == "Why?"
