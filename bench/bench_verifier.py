@@ -1,8 +1,9 @@
 """Print a trained verifier's held-out false-rejection rate, recall per corruption kind and scoring speed.
 
 Usage: python bench/bench_verifier.py --model DIR --split data/02_split/test.parquet \
-           --documents data/01_seed/documents.parquet [--threshold T] [--seed 7] [--threads 2]
-The threshold defaults to the one recorded in the model folder's TRAINING.json (calibrated on val).
+           --documents data/01_seed/documents.parquet [--threshold T] [--seed 7] [--threads 2] [--models models/base]
+The threshold defaults to the one recorded in the model folder's TRAINING.json (calibrated on val). A verifier
+whose combiner reads the judge's answer likelihood loads the judge from the provisioned models folder.
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ from stages.train_verifier import build_pairs  # noqa: E402
 @click.option("--threads", type=int, default=2)
 @click.option("--lexical/--no-lexical", default=True, show_default=True,
               help="Use the folder's lexical combiner (COMBINER.json) when it has one.")
+@click.option("--models", "models_dir", default="models/base", show_default=True,
+              help="Provisioned models (the judge, when the combiner reads its likelihood features).")
 def main(model_dir: str, split_file: str, documents_file: str, threshold: float | None, seed: int,
-         threads: int, lexical: bool) -> None:
+         threads: int, lexical: bool, models_dir: str) -> None:
     """Score clean and corrupted rows of a held-out split and print the gate's figures as JSON."""
-    verifier = load_verifier(model_dir, batch_size=64, threads=threads, lexical=lexical)
+    judge = None
+    spec = Path(model_dir) / "COMBINER.json"
+    if lexical and spec.is_file() and "judge" in json.loads(spec.read_text()):
+        from refinery.backends.factory import make_backend
+        from refinery.models.resolve import backend_spec, load_target
+
+        judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=16, threads=threads))
+    verifier = load_verifier(model_dir, batch_size=64, threads=threads, lexical=lexical, judge=judge)
     threshold = verifier.threshold if threshold is None else threshold
     pairs = build_pairs(pq.read_table(split_file), pq.read_table(documents_file), seed=seed,
                         negatives_per_positive=len(corr.FACTUAL_KINDS), counterfactual=False,

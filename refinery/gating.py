@@ -242,7 +242,7 @@ def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_d
     judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=params.batch_size,
                                       threads=params.threads))
     return Models(
-        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads),
+        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads, judge=judge),
         reward=load_reward(reward_ref, batch_size=params.batch_size, threads=params.threads),
         judge=judge,
         embedder=Embedder(embed["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=embed["id"]),

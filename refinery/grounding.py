@@ -6,6 +6,12 @@ never uses. Those cues are cheap to compute and complementary to the model, so t
 the model's logit and these features combined by a logistic regression fitted on held-out training pairs
 (never on the val rows that calibrate the threshold or the rows the injection harness plants errors in).
 
+With a judge language model (the pipeline's perplexity judge), two more features read how likely the judge
+finds each answer token given the exact evidence passage and the question: the mean and the minimum token
+log-probability. A swapped-in word or an answer written for another passage holds tokens the passage makes
+improbable, which word overlap cannot see (conditional likelihood as a faithfulness score: Yuan et al. 2021,
+BARTScore).
+
 Sources: lexical-overlap baselines for factual consistency (Kryscinski et al. 2020, FactCC; Laban et al.
 2022, SummaC report n-gram overlap as a strong baseline); number / entity hallucination checks
 (Nan et al. 2021, entity-level factual consistency).
@@ -30,6 +36,9 @@ FEATURES = ("model_logit", "novel_number", "novel_entity_share", "novel_word_sha
             # the answer alone (the claim after its question), so a grounded question does not dilute it
             "answer_novel_word_share", "max_sentence_novel_word_share", "answer_bigram_support",
             "min_sentence_bigram_support", "answer_sentences_gt1", "answer_words_in_question")
+
+LIKELIHOOD_FEATURES = ("answer_logprob_mean", "answer_logprob_min")
+LIKELIHOOD_CONTEXT = "Passage: {passage}\nQuestion: {question}\nAnswer:"
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
@@ -100,6 +109,32 @@ def features(passage: str, claim: str, model_prob: float) -> list[float]:
             float(len(sentences) > 1), in_question]
 
 
+def split_claim(claim: str) -> tuple[str, str]:
+    """Split a claim (``claim_text``: question, then answer) into (question, answer) at its last "?"."""
+    question, mark, answer = claim.rpartition("?")
+    if mark and answer.strip():
+        return (question + mark).strip(), answer.strip()
+    return "", claim.strip()
+
+
+def likelihood_matrix(judge: Any, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
+    """Return an (n, 2) matrix of LIKELIHOOD_FEATURES: the judge's answer-token log-probs given passage + question.
+
+    Args:
+        judge: a backend with ``token_logprobs(contexts, continuations)`` (the local transformers backend).
+        passages: the evidence each claim is checked against.
+        claims: question + answer texts.
+
+    Returns:
+        Mean and minimum log-prob per answer token; NaN for a claim without answer tokens.
+    """
+    parts = [split_claim(c) for c in claims]
+    contexts = [LIKELIHOOD_CONTEXT.format(passage=p, question=q) for p, (q, _) in zip(passages, parts)]
+    logps = judge.token_logprobs(contexts, [" " + a for _, a in parts])
+    return np.array([[float(t.mean()), float(t.min())] if len(t) else [np.nan, np.nan] for t in logps]).reshape(
+        len(claims), len(LIKELIHOOD_FEATURES))
+
+
 def feature_matrix(passages: Sequence[str], claims: Sequence[str], model_probs: np.ndarray) -> np.ndarray:
     """Return an (n, len(FEATURES)) matrix; rows whose model score is NaN get NaN."""
     x = np.full((len(claims), len(FEATURES)), np.nan)
@@ -109,7 +144,8 @@ def feature_matrix(passages: Sequence[str], claims: Sequence[str], model_probs: 
     return x
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iterations: int = 50) -> dict[str, Any]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iterations: int = 50,
+                 names: Sequence[str] | None = None) -> dict[str, Any]:
     """Fit an L2-regularised logistic regression by Newton's method on standardised features.
 
     Args:
@@ -117,12 +153,15 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iterations: i
         y: n labels in {0, 1}.
         l2: ridge penalty on the (standardised) weights, not on the intercept.
         iterations: Newton steps (it converges in far fewer on k ≈ 8).
+        names: the feature names of x's columns (default FEATURES).
 
     Returns:
         {"features", "mean", "std", "weights", "bias"} — what ``Combiner`` reads.
     """
     if len(np.unique(y)) < 2:
         raise ValueError("logistic combiner: needs both labels")
+    if names is not None and len(names) != x.shape[1]:
+        raise ValueError(f"logistic combiner: {len(names)} names for {x.shape[1]} features")
     mean, std = x.mean(axis=0), x.std(axis=0)
     std[std < 1e-9] = 1.0
     z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
@@ -137,17 +176,20 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iterations: i
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    return {"features": list(FEATURES), "mean": mean.round(8).tolist(), "std": std.round(8).tolist(),
+    return {"features": list(names or FEATURES), "mean": mean.round(8).tolist(), "std": std.round(8).tolist(),
             "weights": w[:-1].round(8).tolist(), "bias": round(float(w[-1]), 8)}
 
 
 class Combiner:
-    """The fitted logistic regression over FEATURES."""
+    """The fitted logistic regression over FEATURES (and LIKELIHOOD_FEATURES, when fitted with a judge)."""
 
     def __init__(self, spec: dict[str, Any]):
-        if list(spec.get("features", [])) != list(FEATURES):
-            raise ValueError(f"combiner features {spec.get('features')} differ from this version's {list(FEATURES)}")
+        known = (list(FEATURES), list(FEATURES + LIKELIHOOD_FEATURES))
+        if list(spec.get("features", [])) not in known:
+            raise ValueError(f"combiner features {spec.get('features')} differ from this version's {list(FEATURES)} "
+                             f"(optionally + {list(LIKELIHOOD_FEATURES)})")
         self.spec = spec
+        self.needs_judge = len(spec["features"]) > len(FEATURES)
         self.mean, self.std = np.asarray(spec["mean"]), np.asarray(spec["std"])
         self.weights, self.bias = np.asarray(spec["weights"]), float(spec["bias"])
 
@@ -170,15 +212,20 @@ class Combiner:
 
 
 class GroundedVerifier:
-    """A verifier whose score is the combiner over its model's score and lexical grounding features.
+    """A verifier whose score is the combiner over its model's score and grounding features.
 
     Keeps the wrapped verifier's interface (``name``, ``threshold``, ``score``), so gates and the
-    calibration code use it unchanged.
+    calibration code use it unchanged. A combiner fitted with LIKELIHOOD_FEATURES needs the judge backend.
     """
 
-    def __init__(self, base: Any, combiner: Combiner):
-        self.base, self.combiner = base, combiner
-        self.name, self.threshold = f"{base.name}+lexical", base.threshold
+    def __init__(self, base: Any, combiner: Combiner, judge: Any | None = None):
+        if combiner.needs_judge and not callable(getattr(judge, "token_logprobs", None)):
+            got = "none was given" if judge is None else f"{type(judge).__name__} cannot return token log-probs"
+            raise ValueError(f"verifier {base.name}: its combiner reads the judge's answer likelihood "
+                             f"({', '.join(LIKELIHOOD_FEATURES)}), but {got}: use a local judge model")
+        self.base, self.combiner, self.judge = base, combiner, judge if combiner.needs_judge else None
+        suffix = "+lexical+likelihood" if self.judge is not None else "+lexical"
+        self.name, self.threshold = f"{base.name}{suffix}", base.threshold
 
     @property
     def full_max_chars(self) -> int:
@@ -191,4 +238,7 @@ class GroundedVerifier:
     def score(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
         """Return the combined support probability per pair; NaN where the model could not score."""
         probs = np.asarray(self.base.score(passages, claims), dtype=float)
-        return self.combiner.predict(feature_matrix(passages, claims, probs))
+        x = feature_matrix(passages, claims, probs)
+        if self.judge is not None:
+            x = np.hstack([x, likelihood_matrix(self.judge, passages, claims)])
+        return self.combiner.predict(x)

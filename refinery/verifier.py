@@ -176,7 +176,7 @@ def load_classifier(ref: str, what: str, threads: int | None) -> tuple[Any, Any]
 
 
 def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: int | None = None,
-                  threads: int | None = None, lexical: bool = True) -> Verifier:
+                  threads: int | None = None, lexical: bool = True, judge: Any | None = None) -> Verifier:
     """Load a verifier from a trained head folder, an HF NLI model or a single-logit cross-encoder.
 
     Args:
@@ -187,6 +187,8 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
         threads: torch CPU threads (None leaves torch's default).
         lexical: when the folder holds a COMBINER.json (written by train_verifier), combine the model's
             score with lexical grounding features (refinery.grounding); False: the model alone.
+        judge: a backend with ``token_logprobs``, required when the combiner was fitted with the judge's
+            answer-likelihood features (train_verifier ``likelihood_features``).
 
     Returns:
         A loaded verifier (model in eval mode, loaded once).
@@ -215,7 +217,12 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
     from refinery.grounding import Combiner, GroundedVerifier
 
     combiner = Combiner.load(ref) if Path(ref).is_dir() else None
-    return GroundedVerifier(verifier, combiner) if combiner is not None else verifier
+    if combiner is None:
+        return verifier
+    try:
+        return GroundedVerifier(verifier, combiner, judge)
+    except ValueError as e:
+        raise ModelResolutionError(str(e)) from None
 
 
 def read_training(folder: str | Path) -> dict[str, Any] | None:

@@ -53,6 +53,7 @@ class TrainVerifierParams(StageParams):
     target_false_rejection: float = Field(gt=0, lt=1)  # share of clean val rows the calibrated threshold rejects
     lexical_combiner: bool = True  # combine the model with lexical grounding features (refinery.grounding)
     combiner_holdout: float = Field(default=0.2, gt=0, lt=1)  # share of train documents held out to fit it
+    likelihood_features: bool = False  # the combiner also reads the judge's answer-token log-probs given the passage
     threads: int = Field(ge=1)
 
 
@@ -218,23 +219,31 @@ def holdout_by_document(pairs: pa.Table, share: float, seed: int) -> tuple[pa.Ta
     return pairs.filter(pa.array(~mask)), out
 
 
-def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_dir: Path) -> dict[str, Any]:
+def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_dir: Path, *,
+                 judge: Any | None = None, judge_id: str | None = None) -> dict[str, Any]:
     """Fit the lexical combiner on held-out training pairs and save it beside the model (COMBINER.json).
+
+    With ``judge`` (a backend with ``token_logprobs``), the combiner also reads LIKELIHOOD_FEATURES.
 
     Returns:
         Its weights, the pairs it was fitted on, and the val AUC of the model alone and combined.
     """
-    from refinery.grounding import Combiner, feature_matrix, fit_logistic
+    from refinery.grounding import FEATURES, LIKELIHOOD_FEATURES, Combiner, feature_matrix, fit_logistic, \
+        likelihood_matrix
     from refinery.verifier import roc_auc
 
     def matrix(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         passages, claims = t.column("passage").to_pylist(), t.column("claim").to_pylist()
         probs = np.asarray(model_only.score(passages, claims), dtype=float)
-        return feature_matrix(passages, claims, probs), np.asarray(t.column("label").to_pylist()) >= 0.5
+        x = feature_matrix(passages, claims, probs)
+        if judge is not None:
+            x = np.hstack([x, likelihood_matrix(judge, passages, claims)])
+        return x, np.asarray(t.column("label").to_pylist()) >= 0.5
 
+    names = FEATURES + (LIKELIHOOD_FEATURES if judge is not None else ())
     x, y = matrix(holdout)
     ok = np.isfinite(x).all(axis=1)
-    combiner = Combiner(fit_logistic(x[ok], y[ok].astype(float)))
+    combiner = Combiner(fit_logistic(x[ok], y[ok].astype(float), names=names))
     xv, yv = matrix(val_pairs)
     okv = np.isfinite(xv).all(axis=1)
     model_auc = roc_auc(yv[okv], xv[okv, 0])
@@ -242,7 +251,7 @@ def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_di
     metrics = {"fit_pairs": int(ok.sum()), "fit_documents": len(set(holdout.column("doc_id").to_pylist())),
                "val_auc_model_only": _r(model_auc), "val_auc_combined": _r(combined_auc),
                "weights": dict(zip(combiner.spec["features"], combiner.spec["weights"]))}
-    combiner.save(out_dir, {"fit_pairs": metrics["fit_pairs"]})
+    combiner.save(out_dir, {"fit_pairs": metrics["fit_pairs"], **({"judge": judge_id} if judge is not None else {})})
     return metrics
 
 
@@ -308,8 +317,8 @@ def _r(x: float | None) -> float | None:
 
 
 def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, params: TrainVerifierParams,
-                        base_path: str, out_dir: Path, *, snli: pa.Table | None = None,
-                        log: Callable[[str], None] = lambda s: None) -> VerifierResult:
+                        base_path: str, out_dir: Path, *, snli: pa.Table | None = None, judge: Any | None = None,
+                        judge_id: str | None = None, log: Callable[[str], None] = lambda s: None) -> VerifierResult:
     """Build pairs, (optionally pre-train on SNLI,) train, save into ``out_dir`` and evaluate on val.
 
     Args:
@@ -319,12 +328,20 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         base_path: the encoder folder to start from.
         out_dir: an empty folder the model and tokenizer are saved into.
         snli: SNLI pairs to pre-train on first (read by the command), or None.
+        judge: the judge backend whose answer likelihood the combiner reads (``likelihood_features``), or None.
+        judge_id: its provenance id (recorded in COMBINER.json).
         log: progress callback.
 
     Returns:
         Train and val pairs, the calibrated threshold and the metrics.
     """
     from refinery.verifier import load_base, load_verifier, seed_everything, train_verifier
+
+    if params.likelihood_features and not params.lexical_combiner:
+        raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
+    if params.likelihood_features and judge is None:
+        raise RefineryError("train_verifier: likelihood_features is on but no judge model was given")
+    judge = judge if params.likelihood_features else None
 
     all_train = build_pairs(train, documents, seed=params.seed, negatives_per_positive=params.negatives_per_positive,
                             counterfactual=params.counterfactual, where="train")
@@ -347,10 +364,11 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
                                lexical=False)
     combiner_metrics = None
     if holdout is not None:
-        combiner_metrics = fit_combiner(model_only, holdout, val_pairs, out_dir)
+        combiner_metrics = fit_combiner(model_only, holdout, val_pairs, out_dir, judge=judge, judge_id=judge_id)
         log(f"lexical combiner: val AUC model {combiner_metrics['val_auc_model_only']} -> "
             f"combined {combiner_metrics['val_auc_combined']}")
-    verifier = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads)
+    verifier = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads,
+                             judge=judge)
     threshold, val_metrics = evaluate(verifier, val_pairs, params.target_false_rejection)
     metrics = {
         "train_pairs": train_pairs.num_rows, "train_pairs_built": all_train.num_rows,
@@ -415,6 +433,17 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     base_path, base_id = base_model_path(base_dir)
+    judge = judge_id = None
+    if params.likelihood_features:
+        from refinery.backends.factory import make_backend
+        from refinery.models.resolve import backend_spec, load_target
+
+        target = load_target(base_dir, "judge")
+        judge, judge_id = make_backend(backend_spec(target, batch_size=params.batch_size, threads=params.threads)), \
+            target["id"]
+        if not callable(getattr(judge, "token_logprobs", None)):
+            raise RefineryError(f"train_verifier.likelihood_features: the judge {judge_id} cannot return token "
+                                f"log-probs (an endpoint): provision a local judge model or turn it off")
     snli = read_snli(params.snli_path, max_pairs=params.snli_max_pairs, seed=params.seed) if params.snli_path else None
     inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file), "documents": file_sha256(documents_file)}
     if params.snli_path:
@@ -423,8 +452,8 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
 
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)
-        result = train_verifier_core(train, val, documents, params, base_path, folder, snli=snli,
-                                     log=lambda s: click.echo(s, err=True))
+        result = train_verifier_core(train, val, documents, params, base_path, folder, snli=snli, judge=judge,
+                                     judge_id=judge_id, log=lambda s: click.echo(s, err=True))
         record = training_record(params, result, inputs=inputs, base_id=base_id, task="faithfulness_verifier",
                                  code_version=code_version(sys.modules[__name__], corruptions, verifier))
         (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

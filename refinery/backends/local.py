@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from refinery.backends.base import BackendError, GenRequest, GenResult, apply_stop
 
 log = logging.getLogger(__name__)
@@ -330,16 +332,28 @@ class TransformersBackend:
             (sum of continuation token log-probs, continuation token count) per pair, in order.
             An empty continuation scores (0.0, 0).
         """
+        return [(float(t.sum()), len(t)) for t in self.token_logprobs(contexts, continuations)]
+
+    def token_logprobs(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
+        """Return the log-prob of every continuation token given its context (an empty array when empty).
+
+        Args:
+            contexts: conditioning texts.
+            continuations: texts to score, one per context.
+
+        Returns:
+            One float64 array per pair, in order.
+        """
         import torch
 
         if len(contexts) != len(continuations):
             raise BackendError(f"loglikelihood got {len(contexts)} contexts but {len(continuations)} continuations")
         pairs = [self._encode_pair(c, k) for c, k in zip(contexts, continuations, strict=True)]
-        out: list[tuple[float, int] | None] = [None] * len(pairs)
+        out: list[np.ndarray | None] = [None] * len(pairs)
         todo = []
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
-                out[i] = (0.0, 0)
+                out[i] = np.zeros(0)
             else:
                 todo.append(i)
         todo.sort(key=lambda i: (len(pairs[i][0]) + len(pairs[i][1]), i))
@@ -355,7 +369,7 @@ class TransformersBackend:
                     out[i] = s
         return [o for o in out if o is not None]
 
-    def _score_causal(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+    def _score_causal(self, pairs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
         """Score a batch with a causal LM (right padding, context left-truncated to max_length)."""
         import torch
 
@@ -374,10 +388,10 @@ class TransformersBackend:
             # Position p predicts token p+1 of ctx+cont: the continuation's tokens come last.
             pos = torch.arange(len(seq) - n, len(seq), device=logp.device)
             tgt = torch.tensor(cont, device=logp.device)
-            res.append((float(logp[row, pos, tgt].sum()), n))
+            res.append(logp[row, pos, tgt].double().cpu().numpy())
         return res
 
-    def _score_seq2seq(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+    def _score_seq2seq(self, pairs: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
         """Score a batch with an encoder-decoder model (context to encoder, continuation as labels)."""
         import torch
 
@@ -393,7 +407,7 @@ class TransformersBackend:
         for row, cont in enumerate(conts):
             n = len(cont)
             tgt = torch.tensor(cont, device=logp.device)
-            res.append((float(logp[row, torch.arange(n, device=logp.device), tgt].sum()), n))
+            res.append(logp[row, torch.arange(n, device=logp.device), tgt].double().cpu().numpy())
         return res
 
 

@@ -91,6 +91,11 @@ def test_loglikelihood_orders_plausible_above_garbage(local_backend):
         assert n1 == n2 and s1 == pytest.approx(s2, abs=1e-3)
     assert local_backend.loglikelihood(["x"], [""]) == [(0.0, 0)]
     assert local_backend.loglikelihood([""], [" Paris"])[0][1] == 1
+    # per-token log-probs: one per continuation token, summing to the pair's log-likelihood
+    tokens = local_backend.token_logprobs(ctx, cont)
+    assert [len(t) for t in tokens] == [n for _, n in scores]
+    assert [float(t.sum()) for t in tokens] == pytest.approx([s for s, _ in scores], abs=1e-6)
+    assert (tokens[1] <= 0).all() and len(local_backend.token_logprobs(["x"], [""])[0]) == 0
 
 
 def test_factory_local_and_bad_path(tmp_path):

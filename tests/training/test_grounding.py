@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refinery.grounding import FEATURES, Combiner, GroundedVerifier, feature_matrix, features, fit_logistic
+from refinery.grounding import (FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier, feature_matrix, features,
+                                fit_logistic, likelihood_matrix, split_claim)
 
 PASSAGE = "The Berlin office opens at 9 am. Refunds take 14 days and are not available for gift cards."
 
@@ -93,3 +94,58 @@ def test_a_row_the_model_cannot_score_stays_unscored():
     verifier.full_max_chars = 7
     assert verifier.base.full_max_chars == 7
     assert np.isnan(feature_matrix(["p"], ["c"], np.array([np.nan]))).all()
+
+
+class _Judge:
+    """A judge double: every answer token scores -1, except a token 'gift', which scores -9."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def token_logprobs(self, contexts, continuations):
+        self.contexts += list(contexts)
+        return [np.array([-9.0 if w == "gift" else -1.0 for w in c.split()]) for c in continuations]
+
+
+def test_likelihood_features_read_the_answer_given_the_passage_and_question():
+    judge = _Judge()
+    x = likelihood_matrix(judge, [PASSAGE] * 3, ["How long do refunds take? 14 days.",
+                                                 "How long do refunds take? gift days.", "How long?"])
+    assert x[0].tolist() == [-1.0, -1.0]
+    assert x[1].tolist() == [-5.0, -9.0]  # mean and min over the answer's tokens
+    # the context is the exact passage, then the question; the answer is what is scored
+    assert judge.contexts[0] == f"Passage: {PASSAGE}\nQuestion: How long do refunds take?\nAnswer:"
+    assert split_claim("How long?") == ("", "How long?") and x.shape == (3, len(LIKELIHOOD_FEATURES))
+
+
+def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
+    names = FEATURES + LIKELIHOOD_FEATURES
+    spec = fit_logistic(np.vstack([np.zeros(len(names)), np.ones(len(names))]), np.array([0.0, 1.0]), names=names)
+    combiner = Combiner(spec)
+    assert combiner.needs_judge and spec["features"] == list(names)
+    with pytest.raises(ValueError, match="reads the judge's answer likelihood"):
+        GroundedVerifier(_Model(), combiner)
+    verifier = GroundedVerifier(_Model(), combiner, _Judge())
+    assert verifier.name == "m+lexical+likelihood"
+    out = verifier.score([PASSAGE, PASSAGE], ["How long do refunds take? 14 days.", "x"])
+    assert np.isfinite(out[0]) and np.isnan(out[1])
+    # a lexical-only combiner ignores a judge it does not need
+    lexical = GroundedVerifier(_Model(), Combiner(fit_logistic(np.vstack([np.zeros(len(FEATURES)),
+                                                                           np.ones(len(FEATURES))]),
+                                                               np.array([0.0, 1.0]))), _Judge())
+    assert lexical.judge is None and lexical.name == "m+lexical"
+    with pytest.raises(ValueError, match="differ from this version"):
+        Combiner({**spec, "features": list(FEATURES) + ["other"]})
+
+
+def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(smol_dir):
+    # given the embedded teacher as judge, and an answer with one word swapped for another word of the passage
+    from refinery.backends.local import TransformersBackend
+
+    judge = TransformersBackend(str(smol_dir), batch_size=2, threads=2)
+    passage = "We drove to the lake on Saturday. My sister caught a big fish and we cooked it for dinner."
+    question = "What did the narrator's sister do at the lake?"
+    x = likelihood_matrix(judge, [passage] * 2, [f"{question} She caught a big fish.",
+                                                 f"{question} She cooked a big Saturday."])
+    # then the swapped answer's least likely token is far less likely than any token of the faithful answer
+    assert x[1, 1] < x[0, 1] - 2.0 and x[1, 0] < x[0, 0]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery.errors import InputError, ModelResolutionError
+from refinery.errors import InputError, ModelResolutionError, RefineryError
 from refinery.verifier import (claim_text, load_verifier, passage_windows, roc_auc, threshold_for_frr,
                                train_verifier)
 from stages.train_verifier import PAIRS_ARROW, TrainVerifierParams, build_pairs, evaluate, train_verifier_core
@@ -136,6 +136,39 @@ def test_stage_core_is_deterministic(tmp_path, seed_tables, tiny_bert):
     assert a.threshold == b.threshold
 
 
+class _Judge:
+    """A judge double whose answer-token log-probs fall with the share of the answer's words not in the passage."""
+
+    def token_logprobs(self, contexts, continuations):
+        out = []
+        for ctx, cont in zip(contexts, continuations):
+            passage = ctx.split("\nQuestion:")[0].lower()
+            out.append(np.array([-0.5 if w.strip(".,?").lower() in passage else -6.0 for w in cont.split()]))
+        return out
+
+
+def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_path, seed_tables, tiny_bert):
+    from refinery.grounding import FEATURES, LIKELIHOOD_FEATURES, Combiner
+
+    documents, qa = seed_tables
+    params = TrainVerifierParams(**{**PARAMS, "epochs": 1, "lexical_combiner": True, "likelihood_features": True,
+                                    "combiner_holdout": 0.4})
+    result = train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "v", judge=_Judge(),
+                                 judge_id="judge@1")
+    spec = json.loads((tmp_path / "v" / "COMBINER.json").read_text())
+    assert spec["features"] == list(FEATURES + LIKELIHOOD_FEATURES) and spec["judge"] == "judge@1"
+    assert Combiner(spec).needs_judge and result.metrics["lexical_combiner"]["fit_pairs"] > 0
+    # the saved verifier cannot be loaded without a judge that returns token log-probs
+    with pytest.raises(ModelResolutionError, match="reads the judge's answer likelihood"):
+        load_verifier(tmp_path / "v")
+    assert load_verifier(tmp_path / "v", judge=_Judge()).name.endswith("+lexical+likelihood")
+    with pytest.raises(RefineryError, match="no judge model was given"):
+        train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "w")
+    with pytest.raises(RefineryError, match="needs lexical_combiner"):
+        train_verifier_core(qa, qa, documents, params.model_copy(update={"lexical_combiner": False}),
+                            str(tiny_bert), tmp_path / "x", judge=_Judge())
+
+
 def test_command_writes_model_training_record_and_metrics(in_tmp, seed_tables, base_dir):
     import yaml
 
@@ -157,6 +190,25 @@ def test_command_writes_model_training_record_and_metrics(in_tmp, seed_tables, b
     metrics = json.loads((in_tmp / "metrics/train_verifier.json").read_text())
     assert metrics["val"]["clean"] == qa.num_rows and "recall_per_kind" in metrics["val"]
     assert load_verifier(in_tmp / "out/verifier").threshold == record["threshold"]
+
+
+def test_command_with_likelihood_features_and_no_provisioned_judge_fails_before_training(in_tmp, seed_tables,
+                                                                                       base_dir):
+    import yaml
+
+    from stages.train_verifier import cli
+
+    documents, qa = seed_tables
+    pq.write_table(as_split(qa, "train"), in_tmp / "train.parquet")
+    pq.write_table(documents, in_tmp / "documents.parquet")
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"train_verifier": {**PARAMS, "lexical_combiner": True,
+                                                                           "likelihood_features": True}}))
+    result = CliRunner().invoke(cli, ["--params", "params.yaml", "--train", "train.parquet", "--val", "train.parquet",
+                                      "--documents", "documents.parquet", "--base", str(base_dir), "--out",
+                                      "out/verifier", "--metrics", "m.json"])
+    assert result.exit_code != 0
+    assert "role 'judge'" in str(result.exception) + result.output
+    assert not (in_tmp / "out").exists() and not (in_tmp / "m.json").exists()
 
 
 def test_command_rejects_an_input_missing_a_column(in_tmp, seed_tables, base_dir):
