@@ -121,18 +121,47 @@ def likelihood_matrix(judge: Any, passages: Sequence[str], claims: Sequence[str]
     """Return an (n, 2) matrix of LIKELIHOOD_FEATURES: the judge's answer-token log-probs given passage + question.
 
     Args:
-        judge: a backend with ``token_logprobs(contexts, continuations)`` (the local transformers backend).
+        judge: a backend with ``token_logprobs(contexts, continuations)`` (the local transformers backend), or a
+            :class:`Likelihood` (which remembers pairs it has scored).
         passages: the evidence each claim is checked against.
         claims: question + answer texts.
 
     Returns:
         Mean and minimum log-prob per answer token; NaN for a claim without answer tokens.
     """
+    if isinstance(judge, Likelihood):
+        return judge.matrix(passages, claims)
     parts = [split_claim(c) for c in claims]
     contexts = [LIKELIHOOD_CONTEXT.format(passage=p, question=q) for p, (q, _) in zip(passages, parts)]
     logps = judge.token_logprobs(contexts, [" " + a for _, a in parts])
     return np.array([[float(t.mean()), float(t.min())] if len(t) else [np.nan, np.nan] for t in logps]).reshape(
         len(claims), len(LIKELIHOOD_FEATURES))
+
+
+class Likelihood:
+    """A judge's LIKELIHOOD_FEATURES with a memory of the (passage, claim) pairs already scored.
+
+    One judge forward pass per pair costs far more than the verifier itself; train_verifier scores its val pairs
+    for the combiner, then for the calibration, then twice more for the aggregation check, and the lexical
+    features do not change in between.
+    """
+
+    def __init__(self, judge: Any):
+        self.judge = judge
+        self.memo: dict[tuple[str, str], np.ndarray] = {}
+
+    def token_logprobs(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
+        """Pass through to the judge (so a Likelihood is accepted wherever a judge is)."""
+        return self.judge.token_logprobs(contexts, continuations)
+
+    def matrix(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
+        """Return the features of every pair, scoring only the pairs not seen before."""
+        keys = list(zip(passages, claims))
+        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        if todo:
+            x = likelihood_matrix(self.judge, [p for p, _ in todo], [c for _, c in todo])
+            self.memo.update(zip(todo, x))
+        return np.array([self.memo[k] for k in keys]).reshape(len(keys), len(LIKELIHOOD_FEATURES))
 
 
 def feature_matrix(passages: Sequence[str], claims: Sequence[str], model_probs: np.ndarray) -> np.ndarray:
@@ -223,6 +252,8 @@ class GroundedVerifier:
             got = "none was given" if judge is None else f"{type(judge).__name__} cannot return token log-probs"
             raise ValueError(f"verifier {base.name}: its combiner reads the judge's answer likelihood "
                              f"({', '.join(LIKELIHOOD_FEATURES)}), but {got}: use a local judge model")
+        if combiner.needs_judge and not isinstance(judge, Likelihood):
+            judge = Likelihood(judge)
         self.base, self.combiner, self.judge = base, combiner, judge if combiner.needs_judge else None
         suffix = "+lexical+likelihood" if self.judge is not None else "+lexical"
         self.name, self.threshold = f"{base.name}{suffix}", base.threshold

@@ -341,7 +341,10 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
     if params.likelihood_features and judge is None:
         raise RefineryError("train_verifier: likelihood_features is on but no judge model was given")
-    judge = judge if params.likelihood_features else None
+    from refinery.grounding import Likelihood
+
+    # one memory of judge scores for the combiner fit, the calibration and the aggregation check
+    judge = Likelihood(judge) if params.likelihood_features else None
 
     all_train = build_pairs(train, documents, seed=params.seed, negatives_per_positive=params.negatives_per_positive,
                             counterfactual=params.counterfactual, where="train")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from refinery.grounding import (FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier, feature_matrix, features,
-                                fit_logistic, likelihood_matrix, split_claim)
+                                Likelihood, fit_logistic, likelihood_matrix, split_claim)
 
 PASSAGE = "The Berlin office opens at 9 am. Refunds take 14 days and are not available for gift cards."
 
@@ -149,3 +149,14 @@ def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(
                                                  f"{question} She cooked a big Saturday."])
     # then the swapped answer's least likely token is far less likely than any token of the faithful answer
     assert x[1, 1] < x[0, 1] - 2.0 and x[1, 0] < x[0, 0]
+
+
+def test_likelihood_remembers_pairs_it_has_scored():
+    judge = _Judge()
+    memo = Likelihood(judge)
+    claims = ["How long do refunds take? 14 days.", "How long do refunds take? gift days."]
+    first = likelihood_matrix(memo, [PASSAGE] * 2, claims)
+    again = likelihood_matrix(memo, [PASSAGE] * 3, claims + ["How long do refunds take? 14 days."])
+    # then the second call scores nothing new, and returns the same features in the caller's order
+    assert len(judge.contexts) == 2
+    assert np.array_equal(again[:2], first) and np.array_equal(again[2], first[0])
