@@ -197,13 +197,18 @@ def test_given_an_ungrounded_row_when_recovered_then_the_strict_grounding_candid
     assert m["naive"]["overall"]["calls"] == 2  # same budget, both attempts spent
 
 
-def test_a_candidate_that_fixes_the_rejecting_gate_but_fails_another_is_not_recovered_and_is_rediagnosed(tmp_path):
+def reward_fails_first(tmp_path):
+    """An ungrounded row whose strict-grounding candidate fails the reward gate and whose rewrite passes."""
     rejected = gated([("How long do refunds take?", "Three months <faithfulness>")],
                      [{"faithfulness": (0.1, "faithfulness_unsupported")}])
-    # strict grounding fixes support but the reward gate rejects it; the next action targets the reward failure
     backend = FakeBackend(responder=responder({"recover_grounded": "Within 14 days <reward>",
                                                "recover_rewrite_helpfulness": GOOD}))
-    out = run(tmp_path, rejected, backend)
+    return run(tmp_path, rejected, backend)
+
+
+def test_a_candidate_that_fixes_the_rejecting_gate_but_fails_another_is_not_recovered_and_is_rediagnosed(tmp_path):
+    # strict grounding fixes support but the reward gate rejects it; the next action targets the reward failure
+    out = reward_fails_first(tmp_path)
     diag = out.diagnosed.to_pylist()[0]
     assert diag["actions"] == ["strict_grounding", "rewrite_helpfulness"]
     r = out.recovered.to_pylist()[0]
@@ -213,11 +218,7 @@ def test_a_candidate_that_fixes_the_rejecting_gate_but_fails_another_is_not_reco
 
 def test_every_candidate_is_kept_in_the_attempts_output_with_its_gate_reasons(tmp_path):
     # given a row whose first candidate fails the reward gate and whose second passes
-    rejected = gated([("How long do refunds take?", "Three months <faithfulness>")],
-                     [{"faithfulness": (0.1, "faithfulness_unsupported")}])
-    backend = FakeBackend(responder=responder({"recover_grounded": "Within 14 days <reward>",
-                                               "recover_rewrite_helpfulness": GOOD}))
-    out = run(tmp_path, rejected, backend)
+    out = reward_fails_first(tmp_path)
     tried = recovered_schema.ATTEMPT_CONTRACT.validate(out.attempts, "attempts").to_pylist()
     adaptive = [r for r in tried if r["recovery_method"] == "adaptive"]
     # then the rejected candidate is an output with its reason, not dropped, and the recovered one is counted
