@@ -231,16 +231,32 @@ def salvage_question(row: dict[str, Any], seed_row: dict[str, Any] | None) -> st
     return None
 
 
-def next_action(diag: Diagnosis, tried: list[str]) -> str:
+def next_action(diag: Diagnosis, tried: list[str], row: Diagnosis | None = None) -> str:
     """Return the next action for a diagnosis: the first of its chain not tried yet, else the chain's first.
 
     A row too close to the seed through the seed question it answers (detail ``seed_question``) gets a new
     question first: on CosmosQA, diversified answers to such rows passed 2 of 14 times, new questions 5 of 9.
+
+    Args:
+        diag: the diagnosis to act on (the row's own, or a failed candidate's).
+        tried: actions this row has taken, in order.
+        row: the row's own diagnosis, when ``diag`` is a failed candidate's. Every action runs on the row, not
+            on the candidate, so a row whose question is the defect (close to the seed through its seed
+            question, or ``question_defect``) keeps getting new questions whatever its candidate failed by: an
+            action that keeps the question (a reworded, reformatted or grounded answer) leaves that defect in
+            place (on CosmosQA, such later attempts on seed-question rows passed 0 of 38 times; a later new
+            question, on any row, 23 of 36).
     """
+    if row is not None and (_close_by_seed_question(row) or row.mode == "question_defect"):
+        return "regenerate_question"
     chain = [_resolve(a, diag) for a in CHAINS.get(diag.mode, ("strict_grounding",))]
-    if diag.mode == "too_close_to_seed" and "seed_question:" in diag.detail:
+    if _close_by_seed_question(diag):
         chain = ["regenerate_question"] + [a for a in chain if a != "regenerate_question"]
     return next((a for a in chain if a not in tried), chain[0])
+
+
+def _close_by_seed_question(diag: Diagnosis) -> bool:
+    return diag.mode == "too_close_to_seed" and "seed_question:" in diag.detail
 
 
 def _resolve(action: str, diag: Diagnosis) -> str:
@@ -431,7 +447,7 @@ class RowState:
     tokens: int = 0
     recovered: dict[str, Any] | None = None
     last_reasons: list[str] = field(default_factory=list)
-    error_survives: bool | None = None
+    error_survives: bool | None = None  # planted rows: some candidate passed every gate still holding the error
     next: str | None = None
     cap: int = 0  # calls this row may use (0: not admitted yet)
 
@@ -516,11 +532,12 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
                     counted[-1] = False
                 else:
                     s.outcome, s.recovered = "recovered", cand
-                    s.error_survives = False if check_error is not None else None
+                    # sticky: an earlier candidate that passed every gate with the error is still counted
+                    s.error_survives = bool(s.error_survives) if check_error is not None else None
                     recovered.append(gated.slice(k, 1))
                     reserved -= s.cap - s.attempts  # release what this row no longer needs
                     continue
-            s.next = next_action(rediagnose(cand), s.actions) if rediagnose is not None else None
+            s.next = next_action(rediagnose(cand), s.actions, s.diagnosis) if rediagnose is not None else None
         if trail is not None:
             trail.append(gated.append_column("counted", pa.array(counted, pa.bool_())))
         if recovered:

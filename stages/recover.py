@@ -264,6 +264,8 @@ def injection_metrics(rows: list[dict[str, Any]], states: list[rec.RowState], pl
     n = sum(r["injection_kind"] != "clean" for r in planted)
     caught = sum(r["injection_kind"] != "clean" and not r["gate_keep"] for r in planted)
     errs = [(r, s) for r, s in zip(rows, states) if r["injection_kind"] != "clean"]
+    # rows where gates alone would have let a planted error through: some candidate passed every gate with it
+    # (the ground-truth check stopped it; the row may still be recovered by a later candidate)
     laundered = sum(s.error_survives is True for _, s in errs)
     fixed = sum(s.outcome == "recovered" for _, s in errs)
     return {"planted_errors": n, "rejected_by_gates": caught, "attempted": sum(s.attempts > 0 for _, s in errs),

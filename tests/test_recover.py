@@ -249,6 +249,23 @@ def test_a_row_close_to_the_seed_through_its_seed_question_gets_a_new_question_f
     assert rec.next_action(by_answer, []) == "diversify"
 
 
+def test_a_row_whose_question_is_the_defect_keeps_getting_new_questions_whatever_its_candidate_failed_by():
+    docs = {"d1": {"text": TEXT, "stale": False}}
+    by_question = rec.diagnose(one({"overlap_embedding": (0.95, "overlap_embedding")}), BOUNDS, docs, 0.5)
+    # given failed candidates whose own diagnoses would pick an answer-only action (which keeps the question)
+    malformed = rec.Diagnosis("malformed", 0.95, "rules_parse_error", True)
+    ungrounded = rec.Diagnosis("ungrounded", 0.8, "faithfulness_score:0.100", True)
+    tried = ["regenerate_question"]
+    assert [rec.next_action(d, tried) for d in (malformed, ungrounded)] == ["fix_format", "strict_grounding"]
+    # then a row close to the seed through its seed question, or with a defective question, gets a new question
+    defect = rec.Diagnosis("question_defect", 0.8, "question_support:0.00", True)
+    for row in (by_question, defect):
+        assert [rec.next_action(d, tried, row) for d in (malformed, ungrounded)] == ["regenerate_question"] * 2
+    # while any other row follows its candidate's diagnosis
+    other = rec.Diagnosis("ungrounded", 0.8, "faithfulness_score:0.100", True)
+    assert rec.next_action(malformed, ["strict_grounding"], other) == "fix_format"
+
+
 def test_salvage_question_keeps_the_usable_half_of_a_malformed_row():
     seed = {"question": "How long do refunds take?"}
     assert rec.salvage_question({"question": "Why?", "strategy": "new_question"}, None) == "Why?"
@@ -314,6 +331,22 @@ def test_given_a_planted_number_error_a_candidate_without_it_counts_as_recovered
     d = out.injected.to_pylist()[0]
     assert d["outcome"] == "recovered" and d["error_survives"] is False
     assert out.metrics["injected"]["adaptive"]["recovered_error_removed"] == 1
+
+
+def test_a_row_recovered_after_a_candidate_that_kept_its_error_still_counts_that_candidate(tmp_path):
+    row = planted("Refunds take 21 days.", "number_change", "'14' -> '21'",
+                  {"faithfulness": (0.1, "faithfulness_unsupported")})
+    answers = iter(["Refunds are issued within 21 days.", GOOD])  # the first grounded answer keeps the error
+    first = load_template(ROOT / "prompts" / "recover_grounded.txt").body.split("\n")[0]
+    backend = FakeBackend(responder=lambda req: " " + (next(answers) if req.prompt.startswith(first) else "no idea"))
+    out = run(tmp_path, SYNTHETIC_ARROW.empty_table(), backend, planted_rows=row, naive_baseline=False)
+    d = out.injected.to_pylist()[0]
+    # the second candidate recovers the row, and the first (which gates alone would have accepted) still counts
+    assert d["outcome"] == "recovered" and d["error_survives"] is True
+    inj = out.metrics["injected"]["adaptive"]
+    assert inj["recovered_error_removed"] == 1 and inj["passed_gates_with_error"] == 1
+    assert inj["recall_after_gates_only"] == 0.0 and inj["recall_after"] == 1.0
+    assert [r["counted"] for r in out.attempts.to_pylist()] == [False, True]
 
 
 @pytest.mark.parametrize("kind, detail, planted_answer, candidate, present", [
