@@ -129,9 +129,10 @@ def main(n_rows: int, repeats: int, params_file: str, synthetic_file: str, docum
         flat_c += [c] * len(windows)
     judge_in = None
     if isinstance(models.verifier, GroundedVerifier) and models.verifier.judge is not None:
-        split = [split_claim(c) for c in claims]
-        judge_in = ([LIKELIHOOD_CONTEXT.format(passage=p, question=q) for p, (q, _) in zip(passages, split)],
-                    [" " + a for _, a in split])
+        pairs = list(dict.fromkeys(zip(passages, claims)))  # the gate's judge scores each distinct pair once
+        split = [(p, *split_claim(c)) for p, c in pairs]
+        judge_in = ([LIKELIHOOD_CONTEXT.format(passage=p, question=q) for p, q, _ in split],
+                    [" " + a for _, _, a in split])
 
     def bare_verifier() -> None:
         bare_classifier(base.model, base.tokenizer, flat_p, flat_c, base.batch_size, base.max_length, "only_first")
@@ -145,7 +146,8 @@ def main(n_rows: int, repeats: int, params_file: str, synthetic_file: str, docum
 
     gate_faithfulness()  # warm-up
     report("faithfulness", n, best_of(gate_faithfulness, repeats), best_of(bare_verifier, repeats),
-           f"verifier forward ({len(flat_p):,} window pairs{', + judge' if judge_in else ''})")
+           f"verifier forward ({len(flat_p):,} window pairs"
+           f"{f', + judge on {len(judge_in[0]):,} distinct pairs' if judge_in else ''})")
 
     # reward
     rm = models.reward
