@@ -46,6 +46,7 @@ class RecoverParams(StageParams):
     order: Literal["round_robin", "by_mode"]  # how rows queue for the budget (both methods use the same queue)
     margins: Margins
     temperatures: dict[str, float]  # per adaptive action
+    chains: dict[str, list[str]] = Field(default_factory=dict)  # per failure mode: actions in order (replaces built-in)
     top_p: float = Field(gt=0, le=1)
     max_new_tokens: dict[str, int]  # per output kind: answer, qa
     naive_temperature: float = Field(ge=0)  # resampling temperature of rows that record none (planted rows)
@@ -70,10 +71,19 @@ class Recovery:
 
 
 def check_params(p: RecoverParams) -> None:
-    """Fail with one line on an action without a temperature or an output kind without a token budget."""
+    """Fail with one line on an action without a temperature, a chain naming an unknown mode or action, or an
+    output kind without a token budget."""
     missing = [a for a in rec.ACTIONS if a not in p.temperatures and a not in rec.OWN_TEMPERATURE]
     if missing:
         raise RefineryError(f"recover.temperatures: no temperature for action {missing[0]}")
+    for mode, chain in p.chains.items():
+        if mode not in rec.CHAINS:
+            raise RefineryError(f"recover.chains.{mode}: not a recoverable failure mode "
+                                f"(one of {', '.join(sorted(rec.CHAINS))})")
+        bad = [a for a in chain if a not in rec.ACTIONS and a != "rewrite_weakest"]
+        if not chain or bad:
+            raise RefineryError(f"recover.chains.{mode}: " + (f"unknown action {bad[0]}" if bad else "empty chain")
+                                + f" (actions: {', '.join(sorted([*rec.ACTIONS, 'rewrite_weakest']))})")
     for kind in ("answer", "qa"):
         if kind not in p.max_new_tokens:
             raise RefineryError(f"recover.max_new_tokens: no budget for output kind {kind}")
@@ -130,7 +140,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
                               temperature=temperature, tag=tag)
 
     def plan_adaptive(row: dict[str, Any], s: rec.RowState, attempt: int) -> tuple[str, Planned]:
-        action = s.next or rec.next_action(s.diagnosis, s.actions)
+        action = s.next or rec.next_action(s.diagnosis, s.actions, chains=params.chains)
         if action in rec.OWN_TEMPERATURE:  # the row's own prompt and temperature: the naive call, same seed
             return action, original(row, attempt, None, "resample")
         if rec.ACTIONS[action][0] is None:  # the row's own prompt at a lower temperature
@@ -153,7 +163,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
     adaptive = [rec.RowState(diags[i]) for i in order]
     got_a = rec.run_method(ordered, adaptive, plan_adaptive, execute, regate, pool, budget=budget,
                            max_attempts=params.max_attempts, rediagnose=redo, check_error=check, group_of=group,
-                           trail=None if trail is None else trail.setdefault("adaptive", []))
+                           trail=None if trail is None else trail.setdefault("adaptive", []), chains=params.chains)
     naive = [rec.RowState(diags[i]) for i in order]
     got_n = None
     if params.naive_baseline:

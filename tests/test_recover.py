@@ -10,6 +10,7 @@ import pytest
 from refinery import generation
 from refinery import recovery as rec
 from refinery.backends.fake import FakeBackend
+from refinery.errors import RefineryError
 from refinery.gates.base import Verdicts
 from refinery.gates.dedup import DedupGate
 from refinery.gating import run_gates
@@ -18,7 +19,7 @@ from refinery.strategies import GENERATION_STRATEGIES
 from schemas import recovered as recovered_schema
 from schemas.gated import GATES, INJECTED_ARROW, SYNTHETIC_ARROW
 from schemas.injected import INJECTION_FIELDS
-from stages.recover import Margins, RecoverParams, recover, report_table
+from stages.recover import Margins, RecoverParams, check_params, recover, report_table
 from tests.conftest import ROOT
 from tests.gates.conftest import rows as synthetic_rows
 
@@ -165,11 +166,34 @@ def test_given_a_stale_source_document_then_the_detail_says_so():
     assert (d.mode, d.detail) == ("unrecoverable", "source_document_stale")
 
 
-def test_low_quality_rewrites_its_weakest_dimension():
+def test_low_quality_grounds_first_and_a_chain_from_params_can_rewrite_its_weakest_dimension():
     docs = {d["doc_id"]: d for d in DOCS.to_pylist()}
     length = rec.diagnose(one({"rules": (1.0, "rules_too_short")}), BOUNDS, docs, 0.5)
     fluency = rec.diagnose(one({"perplexity": (900.0, "perplexity_too_high")}), BOUNDS, docs, 0.5)
-    assert rec.next_action(length, []) == "rewrite_length" and rec.next_action(fluency, []) == "rewrite_fluency"
+    # by default: a strict-grounding answer, then a new question (the rewrites passed 3 of 29 first attempts)
+    assert [rec.next_action(length, tried) for tried in ([], ["strict_grounding"])] == \
+        ["strict_grounding", "regenerate_question"]
+    # a chain from params replaces the built-in one for its mode; 'rewrite_weakest' resolves per diagnosis
+    chains = {"low_quality": ["rewrite_weakest", "strict_grounding"]}
+    assert [rec.next_action(d, [], chains=chains) for d in (length, fluency)] == ["rewrite_length", "rewrite_fluency"]
+    assert rec.next_action(length, ["rewrite_length"], chains=chains) == "strict_grounding"
+
+
+def test_a_truncated_row_gets_a_new_question_first():
+    truncated = rec.Diagnosis("truncated", 0.9, "rules_truncated", True)
+    assert [rec.next_action(truncated, tried) for tried in ([], ["regenerate_question"])] == \
+        ["regenerate_question", "strict_grounding"]
+    assert rec.next_action(truncated, [], chains={"truncated": ["fix_length"]}) == "fix_length"
+
+
+@pytest.mark.parametrize("chains, message", [
+    ({"sideways": ["resample"]}, "recover.chains.sideways: not a recoverable failure mode"),
+    ({"low_quality": ["polish"]}, "recover.chains.low_quality: unknown action polish"),
+    ({"truncated": []}, "recover.chains.truncated: empty chain"),
+])
+def test_a_chain_naming_an_unknown_mode_or_action_fails_at_stage_start(chains, message):
+    with pytest.raises(RefineryError, match=message):
+        check_params(params(chains=chains))
 
 
 # ---- targeted regeneration, re-gated by every gate ----
@@ -198,12 +222,13 @@ def test_given_an_ungrounded_row_when_recovered_then_the_strict_grounding_candid
 
 
 def reward_fails_first(tmp_path):
-    """An ungrounded row whose strict-grounding candidate fails the reward gate and whose rewrite passes."""
+    """An ungrounded row whose strict-grounding candidate fails the reward gate and whose rewrite passes
+    (low_quality's chain from params: rewrite the weakest dimension first)."""
     rejected = gated([("How long do refunds take?", "Three months <faithfulness>")],
                      [{"faithfulness": (0.1, "faithfulness_unsupported")}])
     backend = FakeBackend(responder=responder({"recover_grounded": "Within 14 days <reward>",
                                                "recover_rewrite_helpfulness": GOOD}))
-    return run(tmp_path, rejected, backend)
+    return run(tmp_path, rejected, backend, chains={"low_quality": ["rewrite_weakest", "strict_grounding"]})
 
 
 def test_a_candidate_that_fixes_the_rejecting_gate_but_fails_another_is_not_recovered_and_is_rediagnosed(tmp_path):
