@@ -31,6 +31,10 @@ class GenRequest:
             tokens are not allowed as its first token (a small model often answers a prompt ending in "Answer:"
             with an immediate newline or end of turn, which a stop string then cuts to nothing). A hint:
             backends that cannot constrain decoding (OpenAI-compatible endpoints) ignore it.
+        require: a field marker the completion must reach at the start of a line: it may not end before it
+            (end-of-sequence is forbidden and stop strings count only after it), and once a line of text ends
+            without it, the marker is written next (a question-and-answer prompt: SmolLM2 often ends its turn,
+            or starts another example, right after the question line). A hint, as ``require_text``.
     """
 
     messages: tuple[tuple[str, str], ...] | None = None
@@ -41,6 +45,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     seed: int = 0
     require_text: bool = False
+    require: str = ""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -59,13 +64,16 @@ class GenRequest:
     @property
     def sampling_key(self) -> tuple:
         """Return the sampling parameters that must be equal for two requests to share a batch."""
-        return (self.max_new_tokens, float(self.temperature), float(self.top_p), tuple(self.stop), self.require_text)
+        return (self.max_new_tokens, float(self.temperature), float(self.top_p), tuple(self.stop), self.require_text,
+                self.require)
 
     def as_dict(self) -> dict:
-        """Return the request's fields; ``require_text`` only when set, so older requests keep their cache keys."""
+        """Return the request's fields; ``require_text`` and ``require`` only when set, so older requests keep
+        their cache keys."""
         d = asdict(self)
-        if not self.require_text:
-            del d["require_text"]
+        for key in ("require_text", "require"):
+            if not d[key]:
+                del d[key]
         return d
 
     def digest(self) -> str:
@@ -123,19 +131,26 @@ def error_result(reason: str, detail: str, *, latency_s: float = 0.0, prompt_tok
     )
 
 
-def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def apply_stop(text: str, stop: Sequence[str], require: str = "") -> tuple[str, bool]:
     """Cut ``text`` before the earliest occurrence of any stop string.
 
     Args:
         text: generated text.
         stop: stop strings.
+        require: when set, stop strings count only after its first occurrence (none count without it).
 
     Returns:
         (text, True) truncated when a stop string was found, else (text, False).
     """
+    start = 0
+    if require:
+        at = text.find(require)
+        if at == -1:
+            return text, False
+        start = at + len(require)
     cut = -1
     for s in stop:
-        i = text.find(s)
+        i = text.find(s, start)
         if i != -1 and (cut == -1 or i < cut):
             cut = i
     if cut == -1:

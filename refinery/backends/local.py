@@ -257,9 +257,11 @@ class TransformersBackend:
 
             processors.append(SuppressTokensAtBeginLogitsProcessor(self._no_text_ids(), gen_offset,
                                                                    device=str(self.device)))
+        if head.require:  # before the sampler too: the required line is forced, never sampled past
+            processors.append(_RequireLine(self.tokenizer, head.require, sorted(self.eos_ids), gen_offset))
         if head.temperature > 0:
             processors.append(_SeededSampler([r.seed for r in reqs], head.temperature, head.top_p))
-        stopper = _StopStrings(self.tokenizer, head.stop, gen_offset, len(reqs)) if head.stop else None
+        stopper = _StopStrings(self.tokenizer, head.stop, gen_offset, len(reqs), head.require) if head.stop else None
         criteria = StoppingCriteriaList([stopper] if stopper else [])
         with torch.inference_mode():
             out = self.model.generate(
@@ -283,7 +285,7 @@ class TransformersBackend:
                     break
             body = gen[:-1] if hit_eos else gen
             text = self.tokenizer.decode(body, skip_special_tokens=True)
-            text, stopped = apply_stop(text, req.stop)
+            text, stopped = apply_stop(text, req.stop, req.require)
             if stopped or hit_eos:
                 reason = "stop"
             elif len(gen) >= req.max_new_tokens:
@@ -443,15 +445,52 @@ class _SeededSampler:
         return out
 
 
-class _StopStrings:
-    """Stop each row once its decoded completion contains a stop string; remember where."""
+class _RequireLine:
+    """Make each row's completion reach ``require`` at the start of a line.
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], gen_offset: int, rows: int) -> None:
+    Until the decoded completion holds it: end-of-sequence tokens are forbidden, and once a line of text is
+    ended (the completion ends with a newline) the next tokens are forced to spell ``require``.
+    """
+
+    def __init__(self, tokenizer: Any, require: str, eos_ids: list[int], gen_offset: int) -> None:
+        self.tokenizer = tokenizer
+        self.require = require
+        self.eos_ids = eos_ids
+        self.forced = tokenizer(require, add_special_tokens=False)["input_ids"]
+        self.gen_offset = gen_offset
+        self.done: set[int] = set()  # rows whose completion already holds it
+        self.at: dict[int, int] = {}  # row -> index of the next forced token
+
+    def __call__(self, input_ids, scores):
+        for row in range(input_ids.shape[0]):
+            if row in self.done:
+                continue
+            text = self.tokenizer.decode(input_ids[row, self.gen_offset:].tolist(), skip_special_tokens=True)
+            if self.require in text:
+                self.done.add(row)
+                continue
+            k = self.at.get(row)
+            if k is None and text.endswith("\n") and text.strip():
+                k = 0
+            if k is not None and k < len(self.forced):
+                scores[row, :] = float("-inf")
+                scores[row, self.forced[k]] = 0.0
+                self.at[row] = k + 1
+            elif self.eos_ids:
+                scores[row, self.eos_ids] = float("-inf")
+        return scores
+
+
+class _StopStrings:
+    """Stop each row once its decoded completion contains a stop string (after ``require``); remember where."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], gen_offset: int, rows: int, require: str = "") -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.gen_offset = gen_offset
         self.stopped_at: dict[int, int] = {}
         self.rows = rows
+        self.require = require
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -463,7 +502,7 @@ class _StopStrings:
                 done[row] = True
                 continue
             text = self.tokenizer.decode(input_ids[row, self.gen_offset :].tolist(), skip_special_tokens=True)
-            if any(s in text for s in self.stop):
+            if apply_stop(text, self.stop, self.require)[1]:
                 self.stopped_at[row] = n_gen
                 done[row] = True
         return done

@@ -8,6 +8,8 @@ import pytest
 
 from refinery.backends import Backend, BackendError, GenRequest, make_backend
 from refinery.backends.local import cpu_has_bf16, resolve_dtype, weights_digest
+from refinery.prompts import load_template
+from tests.conftest import ROOT
 
 PROMPTS = [
     "The capital of France is",
@@ -144,6 +146,27 @@ def test_require_text_keeps_a_completion_from_opening_with_its_stop_string(local
     (sampled,) = local_backend.generate([GenRequest(prompt=prompt, max_new_tokens=6, stop=("\n",),
                                                     temperature=0.7, seed=3, require_text=True)])
     assert sampled.text.strip()
+
+
+def test_require_writes_the_answer_line_a_completion_would_have_left_out(local_backend):
+    # given a question-and-answer prompt whose sampled completion (seeds 3 and 6) ends after the question line
+    passage = "We could not find a church that we loved, so we kept looking."
+    prompt = load_template(ROOT / "prompts" / "recover_question.txt").render(
+        {"evidence": passage, "passage": passage, "question": "", "answer": "", "title": ""}, [])
+
+    def ask(seed, require=""):
+        (r,) = local_backend.generate([GenRequest(prompt=prompt, max_new_tokens=40, temperature=0.7, top_p=0.95,
+                                                  seed=seed, stop=("\n\n", "\nPassage:", "\nQuestion:"),
+                                                  require_text=True, require=require)])
+        return r.text
+    for seed in (3, 6):
+        plain, required = ask(seed), ask(seed, "Answer:")
+        assert "Answer:" not in plain
+        # when the answer line is required, it is written after the question and answered
+        question, answer = required.split("\nAnswer:")
+        assert question == plain and answer.strip()
+    # and a completion that already holds it is unchanged
+    assert ask(0, "Answer:") == ask(0) and "\nAnswer:" in ask(0)
 
 
 @pytest.fixture(scope="module")
