@@ -223,8 +223,10 @@ def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: p
         threshold, recall, frr = recall_at_frr(support[clean], support[factual], target_frr)
         per_kind = {k: round(float(np.mean(np.nan_to_num(support[kinds == k], nan=-1.0) < threshold)), 4)
                     for k in FACTUAL if (kinds == k).any()}
+        # the clean-control count is the resolution of the false-rejection rate (20 controls: steps of 0.05)
         out[mode] = {"threshold": round(float(threshold), 4), "recall_factual": round(float(recall), 4),
-                     "false_rejection": round(float(frr), 4), "recall_per_kind": per_kind}
+                     "false_rejection": round(float(frr), 4), "recall_per_kind": per_kind,
+                     "clean_controls": int(clean.sum()), "factual_rows": int(factual.sum())}
     return out
 
 
