@@ -48,6 +48,7 @@ def test_require_text_is_keyed_only_when_set():
 def test_apply_stop_cuts_at_earliest():
     assert apply_stop("abc STOP def END", ("END", "STOP")) == ("abc ", True)
     assert apply_stop("abc", ("x",)) == ("abc", False)
+    assert apply_stop("abc", ()) == ("abc", False)
 
 
 def test_apply_stop_with_a_required_marker_counts_stop_strings_only_after_it():
@@ -60,7 +61,6 @@ def test_require_is_keyed_only_when_set():
     plain, required = GenRequest(prompt="hello", seed=1), GenRequest(prompt="hello", seed=1, require="Answer:")
     assert "require" not in plain.as_dict() and required.as_dict()["require"] == "Answer:"
     assert required.digest() != plain.digest() and required.sampling_key != plain.sampling_key
-    assert apply_stop("abc", ()) == ("abc", False)
 
 
 def test_error_result_is_one_line():
