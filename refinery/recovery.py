@@ -61,7 +61,8 @@ CHAINS: dict[str, tuple[str, ...]] = {
     # A marginal row failed by noise near a bound: a fresh draw of its own prompt (the naive baseline's call,
     # same seed) recovered more than re-answering at temperature 0.2 did first (demo 7 vs 5 of 14 rows, CosmosQA
     # 8 of 19 vs 3 of 16), so that comes first. Second, a new question passed 6 of 10 times, the cooler re-answer
-    # 2 of 8 (both datasets, full budget); 'reanswer_low_temp' stays available through recover.chains.
+    # 2 of 6 (both datasets, full budget, second and third attempts); 'reanswer_low_temp' stays available through
+    # recover.chains.
     "threshold_marginal": ("resample", "regenerate_question"),
     "duplicate": ("diversify", "regenerate_question"),
     "too_close_to_seed": ("diversify", "regenerate_question"),
