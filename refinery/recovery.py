@@ -55,7 +55,7 @@ CHAINS: dict[str, tuple[str, ...]] = {
     "malformed": ("fix_format", "regenerate_question"),
     # A truncated row rambled past its token budget. Asking for one short sentence ('fix_length') passed 0 of 9
     # first attempts (demo 0/7, CosmosQA 0/2, SmolLM2 teacher); a new question and answer from the passage, tried
-    # second, passed 6 of 8. So the new question comes first; 'fix_length' stays available through recover.chains.
+    # later, passed 6 of 8. So the new question comes first; 'fix_length' stays available through recover.chains.
     "truncated": ("regenerate_question", "strict_grounding"),
     "refusal": ("strict_grounding", "regenerate_question"),
     # A marginal row failed by noise near a bound: a fresh draw of its own prompt (the naive baseline's call,
@@ -68,8 +68,8 @@ CHAINS: dict[str, tuple[str, ...]] = {
     "too_close_to_seed": ("diversify", "regenerate_question"),
     "question_defect": ("regenerate_question", "diversify"),
     "ungrounded": ("strict_grounding", "regenerate_question"),
-    # Rewriting the weakest dimension first passed 3 of 29 times (demo 1/19, CosmosQA 2/10): SmolLM2 mostly copies
-    # the answer or shortens it. The strict-grounding answer, tried second, passed 8 of 21, and the naive resample
+    # Rewriting the weakest dimension first passed 3 of 28 times (demo 1/18, CosmosQA 2/10): SmolLM2 mostly copies
+    # the answer or shortens it. The strict-grounding answer, tried later, passed 8 of 21, and the naive resample
     # 9 of 28 first calls. So grounding comes first, then a new question; 'rewrite_weakest' stays available through
     # recover.chains for a teacher that rewrites well.
     "low_quality": ("strict_grounding", "regenerate_question"),

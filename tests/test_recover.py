@@ -170,7 +170,7 @@ def test_low_quality_grounds_first_and_a_chain_from_params_can_rewrite_its_weake
     docs = {d["doc_id"]: d for d in DOCS.to_pylist()}
     length = rec.diagnose(one({"rules": (1.0, "rules_too_short")}), BOUNDS, docs, 0.5)
     fluency = rec.diagnose(one({"perplexity": (900.0, "perplexity_too_high")}), BOUNDS, docs, 0.5)
-    # by default: a strict-grounding answer, then a new question (the rewrites passed 3 of 29 first attempts)
+    # by default: a strict-grounding answer, then a new question (the rewrites passed 3 of 28 first attempts)
     assert [rec.next_action(length, tried) for tried in ([], ["strict_grounding"])] == \
         ["strict_grounding", "regenerate_question"]
     # a chain from params replaces the built-in one for its mode; 'rewrite_weakest' resolves per diagnosis
