@@ -45,7 +45,15 @@ def main(model_dir: str, split_file: str, documents_file: str, threshold: float 
         from refinery.models.resolve import backend_spec, load_target
 
         judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=16, threads=threads))
-    verifier = load_verifier(model_dir, batch_size=64, threads=threads, lexical=lexical, judge=judge)
+    embedder = None
+    if lexical and spec.is_file() and "answer_passage_cosine" in json.loads(spec.read_text())["features"]:
+        from refinery.embed import Embedder
+        from refinery.models.resolve import load_target
+
+        target = load_target(models_dir, "embedder")
+        embedder = Embedder(target["path"], batch_size=64, model_id=target["id"])
+    verifier = load_verifier(model_dir, batch_size=64, threads=threads, lexical=lexical, judge=judge,
+                             embedder=embedder)
     threshold = verifier.threshold if threshold is None else threshold
     pairs = build_pairs(pq.read_table(split_file), pq.read_table(documents_file), seed=seed,
                         negatives_per_positive=len(corr.FACTUAL_KINDS), counterfactual=False,

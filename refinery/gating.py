@@ -243,9 +243,11 @@ def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_d
     embed = load_target(models_dir, "embedder")
     judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=params.batch_size,
                                       threads=params.threads))
+    embedder = Embedder(embed["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=embed["id"])
     return Models(
-        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads, judge=judge),
+        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads, judge=judge,
+                               embedder=embedder),
         reward=load_reward(reward_ref, batch_size=params.batch_size, threads=params.threads),
         judge=judge,
-        embedder=Embedder(embed["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=embed["id"]),
+        embedder=embedder,
     )

@@ -12,6 +12,12 @@ log-probability. A swapped-in word or an answer written for another passage hold
 improbable, which word overlap cannot see (conditional likelihood as a faithfulness score: Yuan et al. 2021,
 BARTScore).
 
+Two more judge features are per answer word: the least likely word that the passage also holds (a word lifted
+from the passage into the wrong place is improbable even with the passage in view) and the least likely word it
+does not. Optionally, sentence-embedding cosines of the answer with its passage and its question see an answer
+written for another document, and one regression per corruption kind, the score being their minimum, keeps each
+kind's cue at full weight where one linear score must trade them against each other.
+
 Sources: lexical-overlap baselines for factual consistency (Kryscinski et al. 2020, FactCC; Laban et al.
 2022, SummaC report n-gram overlap as a strong baseline); number / entity hallucination checks
 (Nan et al. 2021, entity-level factual consistency).
@@ -37,7 +43,17 @@ FEATURES = ("model_logit", "novel_number", "novel_entity_share", "novel_word_sha
             "answer_novel_word_share", "max_sentence_novel_word_share", "answer_bigram_support",
             "min_sentence_bigram_support", "answer_sentences_gt1", "answer_words_in_question")
 
-LIKELIHOOD_FEATURES = ("answer_logprob_mean", "answer_logprob_min")
+LIKELIHOOD_FEATURES = ("answer_logprob_mean", "answer_logprob_min",
+                       # per answer content word (log-prob summed over its tokens): the least likely word the
+                       # answer shares with the passage, and the least likely word it does not
+                       "copied_word_logprob_min", "new_word_logprob_min",
+                       # and the least likely negation word ("not", "never", "n't"): a flipped claim's inserted
+                       # "not" is one the passage makes improbable
+                       "negation_word_logprob_min")
+# the first two need only token log-probs; the word features also need the judge's token offsets
+_TOKEN_ONLY = 2
+EMBEDDING_FEATURES = ("answer_passage_cosine", "answer_question_cosine")
+EXTRA_FEATURES = LIKELIHOOD_FEATURES + EMBEDDING_FEATURES
 LIKELIHOOD_CONTEXT = "Passage: {passage}\nQuestion: {question}\nAnswer:"
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -117,25 +133,65 @@ def split_claim(claim: str) -> tuple[str, str]:
     return "", claim.strip()
 
 
+def _word_logprobs(continuation: str, logps: np.ndarray, offsets: Sequence[tuple[int, int]],
+                   passage_words: set[str]) -> list[float]:
+    """Return the word features (LIKELIHOOD_FEATURES after the first two) of one scored continuation.
+
+    A word's log-prob is the sum over the tokens that overlap it. Copied and new words are content words (no
+    stopwords, more than two letters); negation words are those of the negation cue. 0.0 where there is no
+    such word. ``offsets`` are the scored tokens' character spans in ``continuation``.
+    """
+    copied, new, negations = [], [], []
+    spans = list(offsets)[len(offsets) - len(logps):]  # the backend scores the last tokens of a long continuation
+    for m in _WORD.finditer(continuation.lower()):
+        word = m.group(0)
+        negation, content = bool(_NEGATION.fullmatch(word) or word.endswith("n't")), bool(_content([word]))
+        if not (negation or content):
+            continue
+        lp = [float(v) for (start, end), v in zip(spans, logps) if start < m.end() and end > m.start()]
+        if not lp:
+            continue
+        if negation:
+            negations.append(sum(lp))
+        if content:
+            (copied if word in passage_words else new).append(sum(lp))
+    return [min(copied, default=0.0), min(new, default=0.0), min(negations, default=0.0)]
+
+
 def likelihood_matrix(judge: Any, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
-    """Return an (n, 2) matrix of LIKELIHOOD_FEATURES: the judge's answer-token log-probs given passage + question.
+    """Return an (n, len(LIKELIHOOD_FEATURES)) matrix: the judge's answer log-probs given passage + question.
+
+    An answer word that the passage holds but puts in the wrong place (a swapped name, a word lifted from
+    another sentence) is one the judge finds improbable even with the passage in view, where a faithful
+    answer's copied words are the likeliest it has; so the least likely copied word is a feature of its own.
 
     Args:
         judge: a backend with ``token_logprobs(contexts, continuations)`` (the local transformers backend), or a
-            :class:`Likelihood` (which remembers pairs it has scored).
+            :class:`Likelihood` (which remembers pairs it has scored). The word features also need
+            ``token_offsets(continuations)``; without it they are NaN.
         passages: the evidence each claim is checked against.
         claims: question + answer texts.
 
     Returns:
-        Mean and minimum log-prob per answer token; NaN for a claim without answer tokens.
+        Per pair: mean and minimum log-prob per answer token, then the word features; NaN for a claim without
+        answer tokens.
     """
     if isinstance(judge, Likelihood):
         return judge.matrix(passages, claims)
     parts = [split_claim(c) for c in claims]
     contexts = [LIKELIHOOD_CONTEXT.format(passage=p, question=q) for p, (q, _) in zip(passages, parts)]
-    logps = judge.token_logprobs(contexts, [" " + a for _, a in parts])
-    return np.array([[float(t.mean()), float(t.min())] if len(t) else [np.nan, np.nan] for t in logps]).reshape(
-        len(claims), len(LIKELIHOOD_FEATURES))
+    continuations = [" " + a for _, a in parts]
+    logps = judge.token_logprobs(contexts, continuations)
+    offsets = judge.token_offsets(continuations) if callable(getattr(judge, "token_offsets", None)) else None
+    x = np.full((len(claims), len(LIKELIHOOD_FEATURES)), np.nan)
+    for i, t in enumerate(logps):
+        if not len(t):
+            continue
+        x[i, :_TOKEN_ONLY] = [float(t.mean()), float(t.min())]
+        if offsets is not None:
+            words = set(_WORD.findall(passages[i].lower()))
+            x[i, _TOKEN_ONLY:] = _word_logprobs(continuations[i], t, offsets[i], words)
+    return x
 
 
 class Likelihood:
@@ -149,6 +205,8 @@ class Likelihood:
     def __init__(self, judge: Any):
         self.judge = judge
         self.memo: dict[tuple[str, str], np.ndarray] = {}
+        if callable(getattr(judge, "token_offsets", None)):
+            self.token_offsets = judge.token_offsets
 
     def token_logprobs(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
         """Pass through to the judge (so a Likelihood is accepted wherever a judge is)."""
@@ -162,6 +220,29 @@ class Likelihood:
             x = likelihood_matrix(self.judge, [p for p, _ in todo], [c for _, c in todo])
             self.memo.update(zip(todo, x))
         return np.array([self.memo[k] for k in keys]).reshape(len(keys), len(LIKELIHOOD_FEATURES))
+
+
+def embedding_matrix(embedder: Any, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
+    """Return an (n, 2) matrix of EMBEDDING_FEATURES: cosine of the answer with its passage and with its question.
+
+    An answer written for another document shares neither topic nor vocabulary with this passage, even when it
+    is a fluent, plausible sentence; sentence embeddings see the topic where word overlap sees nothing.
+
+    Args:
+        embedder: an object with ``embed(texts)`` returning L2-normalised vectors (``refinery.embed.Embedder``).
+        passages: the evidence passages.
+        claims: question + answer texts.
+
+    Returns:
+        float64 matrix; a claim without a question gets cosine 0 with its (empty) question.
+    """
+    parts = [split_claim(c) for c in claims]
+    answers = embedder.embed([a for _, a in parts])
+    evidence = embedder.embed(list(passages))
+    questions = embedder.embed([q or "" for q, _ in parts])
+    x = np.stack([(answers * evidence).sum(axis=1), (answers * questions).sum(axis=1)], axis=1).astype(float)
+    x[[not q for q, _ in parts], 1] = 0.0
+    return x
 
 
 def feature_matrix(passages: Sequence[str], claims: Sequence[str], model_probs: np.ndarray) -> np.ndarray:
@@ -210,22 +291,51 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iterations: i
 
 
 class Combiner:
-    """The fitted logistic regression over FEATURES (and LIKELIHOOD_FEATURES, when fitted with a judge)."""
+    """The fitted logistic regression over FEATURES, plus any of EXTRA_FEATURES it was fitted with.
+
+    A spec may also hold ``per_kind``: one regression per corruption kind, each fitted on clean answers against
+    that kind's negatives alone and ranked against the clean answers (``fit_combiner_spec``). The score is then
+    the minimum over the overall regression and the per-kind ones, so a row is as supported as its most damning
+    detector says. One linear score has to trade a swapped word's cue against an answer-from-another-document's
+    cue; the minimum keeps each cue at full strength.
+    """
 
     def __init__(self, spec: dict[str, Any]):
-        known = (list(FEATURES), list(FEATURES + LIKELIHOOD_FEATURES))
-        if list(spec.get("features", [])) not in known:
+        names = list(spec.get("features", []))
+        extra = names[len(FEATURES):]
+        if names[:len(FEATURES)] != list(FEATURES) or len(set(extra)) != len(extra) or \
+                not set(extra) <= set(EXTRA_FEATURES):
             raise ValueError(f"combiner features {spec.get('features')} differ from this version's {list(FEATURES)} "
-                             f"(optionally + {list(LIKELIHOOD_FEATURES)})")
+                             f"(optionally + some of {list(EXTRA_FEATURES)})")
         self.spec = spec
-        self.needs_judge = len(spec["features"]) > len(FEATURES)
-        self.mean, self.std = np.asarray(spec["mean"]), np.asarray(spec["std"])
-        self.weights, self.bias = np.asarray(spec["weights"]), float(spec["bias"])
+        self.likelihood_columns = [LIKELIHOOD_FEATURES.index(n) for n in extra if n in LIKELIHOOD_FEATURES]
+        self.embedding_columns = [EMBEDDING_FEATURES.index(n) for n in extra if n in EMBEDDING_FEATURES]
+        if [n for n in extra if n in LIKELIHOOD_FEATURES] + [n for n in extra if n in EMBEDDING_FEATURES] != extra:
+            raise ValueError(f"combiner features {extra}: likelihood features must come before embedding features")
+        self.needs_judge = bool(self.likelihood_columns)
+        self.needs_offsets = any(c >= _TOKEN_ONLY for c in self.likelihood_columns)
+        self.needs_embedder = bool(self.embedding_columns)
+        self.models = [spec] + [spec["per_kind"][k] for k in sorted(spec.get("per_kind") or {})]
+        for m in self.models:
+            if not len(m["mean"]) == len(m["std"]) == len(m["weights"]) == len(names):
+                raise ValueError(f"combiner: {len(names)} features but a regression of {len(m['weights'])} weights")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Return P(supported) per row; NaN rows stay NaN."""
-        z = ((x - self.mean) / self.std) @ self.weights + self.bias
-        return 1 / (1 + np.exp(-np.clip(z, -30, 30)))
+        """Return the support score per row; NaN rows stay NaN.
+
+        One regression: P(supported). Per kind: the minimum over the regressions of the share of clean answers
+        each one scores the row above (``fit_combiner_spec``).
+        """
+        out = None
+        for m in self.models:
+            z = _logit(m, x)
+            if "clean_logits" in m:
+                ref = np.asarray(m["clean_logits"])
+                p = np.where(np.isnan(z), np.nan, np.searchsorted(ref, z, side="right") / max(1, len(ref)))
+            else:
+                p = 1 / (1 + np.exp(-np.clip(z, -30, 30)))
+            out = p if out is None else np.minimum(out, p)
+        return out
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write COMBINER.json into a model folder."""
@@ -240,22 +350,80 @@ class Combiner:
         return cls(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
+def _logit(m: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    return ((x - np.asarray(m["mean"])) / np.asarray(m["std"])) @ np.asarray(m["weights"]) + float(m["bias"])
+
+
+def fit_combiner_spec(x: np.ndarray, y: np.ndarray, names: Sequence[str], kinds: Sequence[str] | None = None,
+                      *, l2: float = 1.0, min_rows: int = 5) -> dict[str, Any]:
+    """Fit the combiner: one regression, or with ``kinds`` one overall and one per corruption kind.
+
+    Per kind, the regressions are fitted on clean answers (pairs of kind ``clean``) against that kind's negatives
+    (or against all negatives, for the overall one): passage sentences and counterfactual sentences are positives
+    of another shape than the answers a gate scores. Each regression's score is then its logit's rank among the
+    clean answers' logits (the share of clean answers it scores above), so every detector rejects the same share
+    of clean answers at a given threshold and the minimum over them favours none.
+
+    Args:
+        x: (n, len(names)) finite features.
+        y: labels in {0, 1}.
+        names: the feature names.
+        kinds: per row, its pair kind (``clean``, ``passage_sentence``, ``counterfactual`` or a corruption kind);
+            None: a single regression over all rows.
+        l2: ridge penalty.
+        min_rows: fewer clean answers than this: all positives stand in for them; fewer negatives of a kind:
+            that kind gets no regression of its own.
+
+    Returns:
+        A Combiner spec; with kinds, ``per_kind`` maps each kind to its regression, and every regression holds
+        ``clean_logits``, the sorted logits of the clean answers it is ranked against.
+    """
+    spec = fit_logistic(x, y, l2=l2, names=names)
+    if kinds is None:
+        return spec
+    kinds = np.asarray(kinds, dtype=object)
+    neg = y < 0.5
+    answers = ~neg & (kinds == "clean")
+    if answers.sum() < min_rows:
+        answers = ~neg
+
+    def fit(sel: np.ndarray) -> dict[str, Any]:
+        m = {k: v for k, v in fit_logistic(x[sel], y[sel], l2=l2, names=names).items() if k != "features"}
+        m["clean_logits"] = np.sort(_logit(m, x[answers])).round(6).tolist()
+        return m
+
+    spec = {"features": list(names), **fit(answers | neg)}
+    spec["per_kind"] = {k: fit(answers | (neg & (kinds == k))) for k in sorted({str(v) for v in kinds[neg]})
+                        if (neg & (kinds == k)).sum() >= min_rows}
+    return spec
+
+
 class GroundedVerifier:
     """A verifier whose score is the combiner over its model's score and grounding features.
 
     Keeps the wrapped verifier's interface (``name``, ``threshold``, ``score``), so gates and the
-    calibration code use it unchanged. A combiner fitted with LIKELIHOOD_FEATURES needs the judge backend.
+    calibration code use it unchanged. A combiner fitted with LIKELIHOOD_FEATURES needs the judge backend (with
+    ``token_offsets`` for the word features); one fitted with EMBEDDING_FEATURES needs the embedder.
     """
 
-    def __init__(self, base: Any, combiner: Combiner, judge: Any | None = None):
+    def __init__(self, base: Any, combiner: Combiner, judge: Any | None = None, embedder: Any | None = None):
         if combiner.needs_judge and not callable(getattr(judge, "token_logprobs", None)):
             got = "none was given" if judge is None else f"{type(judge).__name__} cannot return token log-probs"
             raise ValueError(f"verifier {base.name}: its combiner reads the judge's answer likelihood "
                              f"({', '.join(LIKELIHOOD_FEATURES)}), but {got}: use a local judge model")
+        if combiner.needs_offsets and not callable(getattr(judge, "token_offsets", None)):
+            raise ValueError(f"verifier {base.name}: its combiner reads the judge's word log-probs, but "
+                             f"{type(judge).__name__} cannot return token offsets: use a local judge model")
+        if combiner.needs_embedder and not callable(getattr(embedder, "embed", None)):
+            raise ValueError(f"verifier {base.name}: its combiner reads sentence-embedding cosines "
+                             f"({', '.join(EMBEDDING_FEATURES)}), but no embedder was given")
         if combiner.needs_judge and not isinstance(judge, Likelihood):
             judge = Likelihood(judge)
-        self.base, self.combiner, self.judge = base, combiner, judge if combiner.needs_judge else None
-        suffix = "+lexical+likelihood" if self.judge is not None else "+lexical"
+        self.base, self.combiner = base, combiner
+        self.judge = judge if combiner.needs_judge else None
+        self.embedder = embedder if combiner.needs_embedder else None
+        suffix = "+lexical" + ("+likelihood" if self.judge is not None else "") + \
+            ("+embedding" if self.embedder is not None else "")
         self.name, self.threshold = f"{base.name}{suffix}", base.threshold
 
     @property
@@ -269,7 +437,16 @@ class GroundedVerifier:
     def score(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
         """Return the combined support probability per pair; NaN where the model could not score."""
         probs = np.asarray(self.base.score(passages, claims), dtype=float)
-        x = feature_matrix(passages, claims, probs)
-        if self.judge is not None:
-            x = np.hstack([x, likelihood_matrix(self.judge, passages, claims)])
-        return self.combiner.predict(x)
+        return self.combiner.predict(combiner_matrix(self.combiner, passages, claims, probs, judge=self.judge,
+                                                     embedder=self.embedder))
+
+
+def combiner_matrix(combiner: Combiner, passages: Sequence[str], claims: Sequence[str], model_probs: np.ndarray,
+                    *, judge: Any | None = None, embedder: Any | None = None) -> np.ndarray:
+    """Return the feature matrix in ``combiner``'s column order (FEATURES, then its extra features)."""
+    x = [feature_matrix(passages, claims, model_probs)]
+    if combiner.likelihood_columns:
+        x.append(likelihood_matrix(judge, passages, claims)[:, combiner.likelihood_columns])
+    if combiner.embedding_columns:
+        x.append(embedding_matrix(embedder, passages, claims)[:, combiner.embedding_columns])
+    return np.hstack(x)

@@ -176,7 +176,8 @@ def load_classifier(ref: str, what: str, threads: int | None) -> tuple[Any, Any]
 
 
 def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: int | None = None,
-                  threads: int | None = None, lexical: bool = True, judge: Any | None = None) -> Verifier:
+                  threads: int | None = None, lexical: bool = True, judge: Any | None = None,
+                  embedder: Any | None = None) -> Verifier:
     """Load a verifier from a trained head folder, an HF NLI model or a single-logit cross-encoder.
 
     Args:
@@ -189,6 +190,8 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
             score with lexical grounding features (refinery.grounding); False: the model alone.
         judge: a backend with ``token_logprobs``, required when the combiner was fitted with the judge's
             answer-likelihood features (train_verifier ``likelihood_features``).
+        embedder: a ``refinery.embed.Embedder``, required when the combiner reads sentence-embedding cosines
+            (train_verifier ``embedding_features``).
 
     Returns:
         A loaded verifier (model in eval mode, loaded once).
@@ -220,7 +223,7 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
     if combiner is None:
         return verifier
     try:
-        return GroundedVerifier(verifier, combiner, judge)
+        return GroundedVerifier(verifier, combiner, judge, embedder)
     except ValueError as e:
         raise ModelResolutionError(str(e)) from None
 

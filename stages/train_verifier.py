@@ -54,6 +54,8 @@ class TrainVerifierParams(StageParams):
     lexical_combiner: bool = True  # combine the model with lexical grounding features (refinery.grounding)
     combiner_holdout: float = Field(default=0.2, gt=0, lt=1)  # share of train documents held out to fit it
     likelihood_features: bool = False  # the combiner also reads the judge's answer-token log-probs given the passage
+    embedding_features: bool = False  # ... and the answer's embedding cosine with its passage and its question
+    combiner_per_kind: bool = False  # one regression per corruption kind too; the score is the minimum over them
     threads: int = Field(ge=1)
 
 
@@ -220,37 +222,45 @@ def holdout_by_document(pairs: pa.Table, share: float, seed: int) -> tuple[pa.Ta
 
 
 def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_dir: Path, *,
-                 judge: Any | None = None, judge_id: str | None = None) -> dict[str, Any]:
+                 judge: Any | None = None, judge_id: str | None = None, embedder: Any | None = None,
+                 per_kind: bool = False) -> dict[str, Any]:
     """Fit the lexical combiner on held-out training pairs and save it beside the model (COMBINER.json).
 
-    With ``judge`` (a backend with ``token_logprobs``), the combiner also reads LIKELIHOOD_FEATURES.
+    With ``judge`` (a backend with ``token_logprobs``, and ``token_offsets`` for the word features), the combiner
+    also reads LIKELIHOOD_FEATURES; with ``embedder``, EMBEDDING_FEATURES. With ``per_kind``, it also fits one
+    regression per corruption kind of the holdout, and scores by the minimum over them (``Combiner``).
 
     Returns:
         Its weights, the pairs it was fitted on, and the val AUC of the model alone and combined.
     """
-    from refinery.grounding import FEATURES, LIKELIHOOD_FEATURES, Combiner, feature_matrix, fit_logistic, \
-        likelihood_matrix
+    from refinery.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner, \
+        combiner_matrix, fit_combiner_spec
     from refinery.verifier import roc_auc
+
+    likelihood = () if judge is None else LIKELIHOOD_FEATURES if callable(getattr(judge, "token_offsets", None)) \
+        else LIKELIHOOD_FEATURES[:2]  # a judge without token offsets gives no word features
+    names = FEATURES + likelihood + (EMBEDDING_FEATURES if embedder is not None else ())
+    layout = Combiner({"features": list(names), "mean": [0.0] * len(names), "std": [1.0] * len(names),
+                       "weights": [0.0] * len(names), "bias": 0.0})
 
     def matrix(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         passages, claims = t.column("passage").to_pylist(), t.column("claim").to_pylist()
         probs = np.asarray(model_only.score(passages, claims), dtype=float)
-        x = feature_matrix(passages, claims, probs)
-        if judge is not None:
-            x = np.hstack([x, likelihood_matrix(judge, passages, claims)])
+        x = combiner_matrix(layout, passages, claims, probs, judge=judge, embedder=embedder)
         return x, np.asarray(t.column("label").to_pylist()) >= 0.5
 
-    names = FEATURES + (LIKELIHOOD_FEATURES if judge is not None else ())
     x, y = matrix(holdout)
     ok = np.isfinite(x).all(axis=1)
-    combiner = Combiner(fit_logistic(x[ok], y[ok].astype(float), names=names))
+    kinds = np.asarray(holdout.column("kind").to_pylist(), dtype=object)[ok] if per_kind else None
+    combiner = Combiner(fit_combiner_spec(x[ok], y[ok].astype(float), names, kinds))
     xv, yv = matrix(val_pairs)
     okv = np.isfinite(xv).all(axis=1)
     model_auc = roc_auc(yv[okv], xv[okv, 0])
     combined_auc = roc_auc(yv[okv], combiner.predict(xv[okv]))
     metrics = {"fit_pairs": int(ok.sum()), "fit_documents": len(set(holdout.column("doc_id").to_pylist())),
                "val_auc_model_only": _r(model_auc), "val_auc_combined": _r(combined_auc),
-               "weights": dict(zip(combiner.spec["features"], combiner.spec["weights"]))}
+               "weights": dict(zip(combiner.spec["features"], combiner.spec["weights"])),
+               "per_kind": sorted(combiner.spec.get("per_kind") or {})}
     combiner.save(out_dir, {"fit_pairs": metrics["fit_pairs"], **({"judge": judge_id} if judge is not None else {})})
     return metrics
 
@@ -318,7 +328,8 @@ def _r(x: float | None) -> float | None:
 
 def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, params: TrainVerifierParams,
                         base_path: str, out_dir: Path, *, snli: pa.Table | None = None, judge: Any | None = None,
-                        judge_id: str | None = None, log: Callable[[str], None] = lambda s: None) -> VerifierResult:
+                        judge_id: str | None = None, embedder: Any | None = None,
+                        log: Callable[[str], None] = lambda s: None) -> VerifierResult:
     """Build pairs, (optionally pre-train on SNLI,) train, save into ``out_dir`` and evaluate on val.
 
     Args:
@@ -330,6 +341,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         snli: SNLI pairs to pre-train on first (read by the command), or None.
         judge: the judge backend whose answer likelihood the combiner reads (``likelihood_features``), or None.
         judge_id: its provenance id (recorded in COMBINER.json).
+        embedder: the sentence embedder whose cosines the combiner reads (``embedding_features``), or None.
         log: progress callback.
 
     Returns:
@@ -341,6 +353,12 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
     if params.likelihood_features and judge is None:
         raise RefineryError("train_verifier: likelihood_features is on but no judge model was given")
+    for knob in ("embedding_features", "combiner_per_kind"):
+        if getattr(params, knob) and not params.lexical_combiner:
+            raise RefineryError(f"train_verifier: {knob} needs lexical_combiner: true (it is part of the combiner)")
+    if params.embedding_features and embedder is None:
+        raise RefineryError("train_verifier: embedding_features is on but no embedder was given")
+    embedder = embedder if params.embedding_features else None
     from refinery.grounding import Likelihood
 
     # one memory of judge scores for the combiner fit, the calibration and the aggregation check
@@ -367,11 +385,12 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
                                lexical=False)
     combiner_metrics = None
     if holdout is not None:
-        combiner_metrics = fit_combiner(model_only, holdout, val_pairs, out_dir, judge=judge, judge_id=judge_id)
+        combiner_metrics = fit_combiner(model_only, holdout, val_pairs, out_dir, judge=judge, judge_id=judge_id,
+                                        embedder=embedder, per_kind=params.combiner_per_kind)
         log(f"lexical combiner: val AUC model {combiner_metrics['val_auc_model_only']} -> "
             f"combined {combiner_metrics['val_auc_combined']}")
     verifier = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads,
-                             judge=judge)
+                             judge=judge, embedder=embedder)
     threshold, val_metrics = evaluate(verifier, val_pairs, params.target_false_rejection)
     metrics = {
         "train_pairs": train_pairs.num_rows, "train_pairs_built": all_train.num_rows,
@@ -447,6 +466,13 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
         if not callable(getattr(judge, "token_logprobs", None)):
             raise RefineryError(f"train_verifier.likelihood_features: the judge {judge_id} cannot return token "
                                 f"log-probs (an endpoint): provision a local judge model or turn it off")
+    embedder = None
+    if params.embedding_features:
+        from refinery.embed import Embedder
+        from refinery.models.resolve import load_target
+
+        target = load_target(base_dir, "embedder")
+        embedder = Embedder(target["path"], batch_size=64, model_id=target["id"])
     snli = read_snli(params.snli_path, max_pairs=params.snli_max_pairs, seed=params.seed) if params.snli_path else None
     inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file), "documents": file_sha256(documents_file)}
     if params.snli_path:
@@ -456,7 +482,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)
         result = train_verifier_core(train, val, documents, params, base_path, folder, snli=snli, judge=judge,
-                                     judge_id=judge_id, log=lambda s: click.echo(s, err=True))
+                                     judge_id=judge_id, embedder=embedder, log=lambda s: click.echo(s, err=True))
         record = training_record(params, result, inputs=inputs, base_id=base_id, task="faithfulness_verifier",
                                  code_version=code_version(sys.modules[__name__], corruptions, verifier))
         (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

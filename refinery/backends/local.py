@@ -336,6 +336,16 @@ class TransformersBackend:
         """
         return [(float(t.sum()), len(t)) for t in self.token_logprobs(contexts, continuations)]
 
+    def token_offsets(self, continuations: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Return the character span of each token of each continuation, as ``token_logprobs`` tokenizes it.
+
+        ``token_logprobs`` scores the last tokens of a continuation longer than ``max_length``: align from the end.
+        """
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise BackendError(f"{self.model_id}: token offsets need a fast tokenizer (tokenizer.json)")
+        enc = self.tokenizer(list(continuations), add_special_tokens=False, return_offsets_mapping=True)
+        return [[(int(a), int(b)) for a, b in spans] for spans in enc["offset_mapping"]]
+
     def token_logprobs(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
         """Return the log-prob of every continuation token given its context (an empty array when empty).
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from refinery.grounding import (FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier, feature_matrix, features,
-                                Likelihood, fit_logistic, likelihood_matrix, split_claim)
+from refinery.grounding import (EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier,
+                                embedding_matrix, feature_matrix, features, fit_combiner_spec, fit_logistic,
+                                Likelihood, likelihood_matrix, split_claim)
 
 PASSAGE = "The Berlin office opens at 9 am. Refunds take 14 days and are not available for gift cards."
 
@@ -106,16 +109,26 @@ class _Judge:
         self.contexts += list(contexts)
         return [np.array([-9.0 if w == "gift" else -1.0 for w in c.split()]) for c in continuations]
 
+    def token_offsets(self, continuations):
+        return [[m.span() for m in re.finditer(r"\S+", c)] for c in continuations]
+
 
 def test_likelihood_features_read_the_answer_given_the_passage_and_question():
     judge = _Judge()
-    x = likelihood_matrix(judge, [PASSAGE] * 3, ["How long do refunds take? 14 days.",
-                                                 "How long do refunds take? gift days.", "How long?"])
-    assert x[0].tolist() == [-1.0, -1.0]
-    assert x[1].tolist() == [-5.0, -9.0]  # mean and min over the answer's tokens
+    x = likelihood_matrix(judge, [PASSAGE] * 5, ["How long do refunds take? 14 days.",
+                                                 "How long do refunds take? gift days.", "How long?",
+                                                 "How long do refunds take? Two weeks.",
+                                                 "How long do refunds take? They do n't."])
+    # mean and min over the answer's tokens, then the least likely content word the passage holds ("days",
+    # "gift"), the least likely one it does not ("weeks") and the least likely negation word ("n't"); 0.0 where
+    # the answer has no such word
+    assert x[0].tolist() == [-1.0, -1.0, -1.0, 0.0, 0.0]
+    assert x[1].tolist() == [-5.0, -9.0, -9.0, 0.0, 0.0]
+    assert x[3].tolist() == [-1.0, -1.0, 0.0, -1.0, 0.0]
+    assert x[4].tolist() == [-1.0, -1.0, 0.0, -1.0, -1.0]
     # the context is the exact passage, then the question; the answer is what is scored
     assert judge.contexts[0] == f"Passage: {PASSAGE}\nQuestion: How long do refunds take?\nAnswer:"
-    assert split_claim("How long?") == ("", "How long?") and x.shape == (3, len(LIKELIHOOD_FEATURES))
+    assert split_claim("How long?") == ("", "How long?") and x.shape == (5, len(LIKELIHOOD_FEATURES))
 
 
 def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
@@ -136,6 +149,10 @@ def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
     assert lexical.judge is None and lexical.name == "m+lexical"
     with pytest.raises(ValueError, match="differ from this version"):
         Combiner({**spec, "features": list(FEATURES) + ["other"]})
+    # a combiner saved before the word features (mean and min only) still loads and needs no token offsets
+    old = FEATURES + LIKELIHOOD_FEATURES[:2]
+    spec = fit_logistic(np.vstack([np.zeros(len(old)), np.ones(len(old))]), np.array([0.0, 1.0]), names=old)
+    assert Combiner(spec).needs_judge and not Combiner(spec).needs_offsets
 
 
 def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(smol_dir):
@@ -149,6 +166,77 @@ def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(
                                                  f"{question} She cooked a big Saturday."])
     # then the swapped answer's least likely token is far less likely than any token of the faithful answer
     assert x[1, 1] < x[0, 1] - 2.0 and x[1, 0] < x[0, 0]
+    # and its least likely word taken from the passage ("Saturday", in the wrong place) far less likely than
+    # the faithful answer's ("caught", "big", "fish"), though both answers only use the passage's words
+    copied, new = LIKELIHOOD_FEATURES.index("copied_word_logprob_min"), LIKELIHOOD_FEATURES.index("new_word_logprob_min")
+    assert x[1, copied] < x[0, copied] - 3.0 and x[0, new] == x[1, new] == 0.0
+
+
+def test_per_kind_regressions_score_a_row_by_its_most_damning_detector():
+    # given clean rows (both features high) and two corruption kinds, each low on a different feature
+    rng = np.random.default_rng(0)
+    names = FEATURES + LIKELIHOOD_FEATURES
+    clean = rng.normal(0, 1, (60, len(names)))
+    swap, other = rng.normal(0, 1, (60, len(names))), rng.normal(0, 1, (60, len(names)))
+    swap[:, len(FEATURES) + 2] -= 4.0  # copied_word_logprob_min
+    other[:, 3] += 4.0  # novel_word_share
+    x = np.vstack([clean, swap, other])
+    y = np.r_[np.ones(60), np.zeros(120)]
+    kinds = ["clean"] * 60 + ["entity_swap"] * 60 + ["other_document"] * 60
+    spec = fit_combiner_spec(x, y, names, kinds)
+    # then one regression per kind is kept beside the overall one, and the score is their minimum
+    assert sorted(spec["per_kind"]) == ["entity_swap", "other_document"]
+    combiner = Combiner(spec)
+    p = combiner.predict(x)
+    assert np.isnan(combiner.predict(np.full((1, len(names)), np.nan))).all()
+    # each regression's score is its rank among the clean answers, so the score is a share in [0, 1] and the
+    # clean rows spread over it while each corruption sits at the bottom of its own detector
+    ranks = {k: Combiner({"features": spec["features"], **m}).predict(x) for k, m in spec["per_kind"].items()}
+    assert np.array_equal(p, np.minimum.reduce([Combiner({**spec, "per_kind": {}}).predict(x), *ranks.values()]))
+    assert 0 <= p.min() and p.max() <= 1 and np.median(p[:60]) > 0.15 and np.median(p[60:]) < 0.05
+    assert np.median(ranks["entity_swap"][60:120]) < 0.05 and np.median(ranks["other_document"][120:]) < 0.05
+    assert np.median(ranks["entity_swap"][120:]) > 0.1  # the swap detector does not flag the other kind
+    # a kind with fewer than 5 negatives gets no regression of its own
+    few = fit_combiner_spec(x[:64], y[:64], names, kinds[:64])
+    assert few["per_kind"] == {}
+    with pytest.raises(ValueError, match="a regression of"):
+        Combiner({**spec, "per_kind": {"entity_swap": {**spec["per_kind"]["entity_swap"], "weights": [1.0]}}})
+
+
+class _Embedder:
+    """Embeds a text as a unit vector: axis 0 for texts about refunds, axis 1 for anything else."""
+
+    def embed(self, texts):
+        return np.array([[1.0, 0.0] if "refund" in t.lower() else [0.0, 1.0] for t in texts])
+
+
+def test_embedding_features_and_a_combiner_that_reads_them_needs_an_embedder():
+    x = embedding_matrix(_Embedder(), [PASSAGE] * 3, ["How long do refunds take? Refunds take 14 days.",
+                                                      "How long do refunds take? It's a joke.", "Refunds are slow."])
+    # answer-passage cosine, then answer-question cosine (0 for a claim without a question)
+    assert x.tolist() == [[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]
+    names = FEATURES + LIKELIHOOD_FEATURES[:2] + EMBEDDING_FEATURES
+    spec = fit_logistic(np.vstack([np.zeros(len(names)), np.ones(len(names))]), np.array([0.0, 1.0]), names=names)
+    combiner = Combiner(spec)
+    assert combiner.needs_embedder and combiner.needs_judge and not combiner.needs_offsets
+    with pytest.raises(ValueError, match="no embedder was given"):
+        GroundedVerifier(_Model(), combiner, _Judge())
+    verifier = GroundedVerifier(_Model(), combiner, _Judge(), _Embedder())
+    assert verifier.name == "m+lexical+likelihood+embedding"
+    out = verifier.score([PASSAGE, PASSAGE], ["How long do refunds take? 14 days.", "x"])
+    assert np.isfinite(out[0]) and np.isnan(out[1])
+    # the word features need the judge's token offsets
+    words = FEATURES + LIKELIHOOD_FEATURES
+    spec = fit_logistic(np.vstack([np.zeros(len(words)), np.ones(len(words))]), np.array([0.0, 1.0]), names=words)
+
+    class _NoOffsets:
+        def token_logprobs(self, contexts, continuations):
+            return [np.array([-1.0]) for _ in continuations]
+
+    with pytest.raises(ValueError, match="cannot return token offsets"):
+        GroundedVerifier(_Model(), Combiner(spec), _NoOffsets())
+    with pytest.raises(ValueError, match="must come before"):
+        Combiner({**spec, "features": list(FEATURES + EMBEDDING_FEATURES + LIKELIHOOD_FEATURES[:2])})
 
 
 def test_likelihood_remembers_pairs_it_has_scored():

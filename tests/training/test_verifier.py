@@ -146,9 +146,23 @@ class _Judge:
             out.append(np.array([-0.5 if w.strip(".,?").lower() in passage else -6.0 for w in cont.split()]))
         return out
 
+    def token_offsets(self, continuations):
+        import re
+
+        return [[m.span() for m in re.finditer(r"\S+", c)] for c in continuations]
+
+
+class _Embedder:
+    """Embeds a text as the unit vector of its length bucket (a stand-in with real cosines in [0, 1])."""
+
+    def embed(self, texts):
+        out = np.zeros((len(texts), 4))
+        out[np.arange(len(texts)), [min(3, len(t) // 25) for t in texts]] = 1.0
+        return out
+
 
 def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_path, seed_tables, tiny_bert):
-    from refinery.grounding import FEATURES, LIKELIHOOD_FEATURES, Combiner
+    from refinery.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner
 
     documents, qa = seed_tables
     params = TrainVerifierParams(**{**PARAMS, "epochs": 1, "lexical_combiner": True, "likelihood_features": True,
@@ -162,6 +176,22 @@ def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_pa
     with pytest.raises(ModelResolutionError, match="reads the judge's answer likelihood"):
         load_verifier(tmp_path / "v")
     assert load_verifier(tmp_path / "v", judge=_Judge()).name.endswith("+lexical+likelihood")
+    # with the embedding cosines and one regression per corruption kind as well
+    both = params.model_copy(update={"embedding_features": True, "combiner_per_kind": True})
+    result = train_verifier_core(qa, qa, documents, both, str(tiny_bert), tmp_path / "e", judge=_Judge(),
+                                 judge_id="judge@1", embedder=_Embedder())
+    spec = json.loads((tmp_path / "e" / "COMBINER.json").read_text())
+    assert spec["features"] == list(FEATURES + LIKELIHOOD_FEATURES + EMBEDDING_FEATURES)
+    assert spec["per_kind"] and result.metrics["lexical_combiner"]["per_kind"] == sorted(spec["per_kind"])
+    assert load_verifier(tmp_path / "e", judge=_Judge(), embedder=_Embedder()).name.endswith(
+        "+lexical+likelihood+embedding")
+    with pytest.raises(RefineryError, match="no embedder was given"):
+        train_verifier_core(qa, qa, documents, both, str(tiny_bert), tmp_path / "f", judge=_Judge())
+    with pytest.raises(RefineryError, match="combiner_per_kind needs lexical_combiner"):
+        train_verifier_core(qa, qa, documents, params.model_copy(update={"lexical_combiner": False,
+                                                                         "likelihood_features": False,
+                                                                         "combiner_per_kind": True}),
+                            str(tiny_bert), tmp_path / "g")
     with pytest.raises(RefineryError, match="no judge model was given"):
         train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "w")
     with pytest.raises(RefineryError, match="needs lexical_combiner"):
