@@ -330,8 +330,7 @@ class Combiner:
         for m in self.models:
             z = _logit(m, x)
             if "clean_logits" in m:
-                ref = np.asarray(m["clean_logits"])
-                p = np.where(np.isnan(z), np.nan, np.searchsorted(ref, z, side="right") / max(1, len(ref)))
+                p = _clean_rank(z, np.asarray(m["clean_logits"], dtype=float))
             else:
                 p = 1 / (1 + np.exp(-np.clip(z, -30, 30)))
             out = p if out is None else np.minimum(out, p)
@@ -352,6 +351,22 @@ class Combiner:
 
 def _logit(m: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return ((x - np.asarray(m["mean"])) / np.asarray(m["std"])) @ np.asarray(m["weights"]) + float(m["bias"])
+
+
+def _clean_rank(z: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Return the share of clean answers (sorted logits ``ref``) below each logit, strictly increasing in z.
+
+    Between clean logits it interpolates; beyond them it decays exponentially into the outer half-step
+    (0 < p < 0.5/n below the lowest, 1 - 0.5/n < p < 1 above the highest), so rows below every clean answer keep
+    their order instead of tying at 0, and a threshold can still be set at any false-rejection rate.
+    """
+    n = len(ref)
+    if n == 0:
+        return 1 / (1 + np.exp(-np.clip(z, -30, 30)))
+    mid = np.interp(z, ref, (np.arange(n) + 0.5) / n)
+    low = 0.5 / n * np.exp(np.clip(z - ref[0], -700, 0))
+    high = 1 - 0.5 / n * np.exp(np.clip(ref[-1] - z, -700, 0))
+    return np.where(np.isnan(z), np.nan, np.where(z < ref[0], low, np.where(z > ref[-1], high, mid)))
 
 
 def fit_combiner_spec(x: np.ndarray, y: np.ndarray, names: Sequence[str], kinds: Sequence[str] | None = None,

@@ -248,3 +248,14 @@ def test_likelihood_remembers_pairs_it_has_scored():
     # then the second call scores nothing new, and returns the same features in the caller's order
     assert len(judge.contexts) == 2
     assert np.array_equal(again[:2], first) and np.array_equal(again[2], first[0])
+
+
+def test_a_clean_rank_keeps_the_order_of_rows_beyond_every_clean_answer():
+    from refinery.grounding import _clean_rank
+
+    ref = np.array([-1.0, 0.0, 1.0, 2.0])
+    z = np.array([-50.0, -5.0, -1.0, -0.5, 2.0, 9.0, np.nan])
+    p = _clean_rank(z, ref)
+    # inside the clean logits: the share below, interpolated; outside: inside the outer half-steps, in order
+    assert p[2] == 0.125 and p[3] == 0.25 and p[4] == 0.875
+    assert 0 < p[0] < p[1] < 0.125 and 0.875 < p[5] < 1 and np.isnan(p[6])
