@@ -12,9 +12,9 @@ log-probability. A swapped-in word or an answer written for another passage hold
 improbable, which word overlap cannot see (conditional likelihood as a faithfulness score: Yuan et al. 2021,
 BARTScore).
 
-Two more judge features are per answer word: the least likely word that the passage also holds (a word lifted
-from the passage into the wrong place is improbable even with the passage in view) and the least likely word it
-does not. Optionally, sentence-embedding cosines of the answer with its passage and its question see an answer
+Three more judge features are per answer word: the least likely word that the passage also holds (a word lifted
+from the passage into the wrong place is improbable even with the passage in view), the least likely word it
+does not, and the least likely negation word. Optionally, sentence-embedding cosines of the answer with its passage and its question see an answer
 written for another document, and one regression per corruption kind, the score being their minimum, keeps each
 kind's cue at full weight where one linear score must trade them against each other.
 
@@ -450,7 +450,7 @@ class GroundedVerifier:
         self.base.full_max_chars = value
 
     def score(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
-        """Return the combined support probability per pair; NaN where the model could not score."""
+        """Return the combined support score per pair (see ``Combiner.predict``); NaN where a feature is NaN."""
         probs = np.asarray(self.base.score(passages, claims), dtype=float)
         return self.combiner.predict(combiner_matrix(self.combiner, passages, claims, probs, judge=self.judge,
                                                      embedder=self.embedder))
