@@ -49,9 +49,16 @@ LIKELIHOOD_FEATURES = ("answer_logprob_mean", "answer_logprob_min",
                        "copied_word_logprob_min", "new_word_logprob_min",
                        # and the least likely negation word ("not", "never", "n't"): a flipped claim's inserted
                        # "not" is one the passage makes improbable
-                       "negation_word_logprob_min")
-# the first two need only token log-probs; the word features also need the judge's token offsets
+                       "negation_word_logprob_min",
+                       # the counterfactual: how much likelier the answer becomes with its negations removed
+                       # (summed log-prob, 0 for an answer without one); a faithful "did not" loses, a flipped one
+                       # gains
+                       "negation_removal_gain")
+# the word features need the judge's token offsets; the others need only its token log-probs
+OFFSET_FEATURES = ("copied_word_logprob_min", "new_word_logprob_min", "negation_word_logprob_min")
 _TOKEN_ONLY = 2
+_WORD_COLUMNS = slice(_TOKEN_ONLY, _TOKEN_ONLY + len(OFFSET_FEATURES))
+_GAIN = LIKELIHOOD_FEATURES.index("negation_removal_gain")
 EMBEDDING_FEATURES = ("answer_passage_cosine", "answer_question_cosine")
 EXTRA_FEATURES = LIKELIHOOD_FEATURES + EMBEDDING_FEATURES
 LIKELIHOOD_CONTEXT = "Passage: {passage}\nQuestion: {question}\nAnswer:"
@@ -64,6 +71,9 @@ _NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _NEGATION = re.compile(r"\b(?:not|no|never|none|nobody|nothing|neither|nor|cannot|without|no longer)\b|n't\b",
                        re.IGNORECASE)
+# (pattern, replacement): each removes one negation; "can't" and "won't" keep their modal
+_DENEGATE = [(re.compile(p, re.IGNORECASE), r) for p, r in (
+    (r"\b(c)an(?:'t|not)\b", r"\1an"), (r"\b(w)on't\b", r"\1ill"), (r"\s*n't\b", ""), (r"\s+(?:not|never)\b", ""))]
 
 
 def _stem(word: str) -> str:
@@ -133,9 +143,16 @@ def split_claim(claim: str) -> tuple[str, str]:
     return "", claim.strip()
 
 
+def denegate(answer: str) -> str:
+    """Return ``answer`` with its negations removed ("did not go" -> "did go", "can't" -> "can", "never" -> "")."""
+    for pattern, repl in _DENEGATE:
+        answer = pattern.sub(repl, answer)
+    return answer
+
+
 def _word_logprobs(continuation: str, logps: np.ndarray, offsets: Sequence[tuple[int, int]],
                    passage_words: set[str]) -> list[float]:
-    """Return the word features (LIKELIHOOD_FEATURES after the first two) of one scored continuation.
+    """Return the word features (OFFSET_FEATURES) of one scored continuation.
 
     A word's log-prob is the sum over the tokens that overlap it. Copied and new words are content words (no
     stopwords, more than two letters); negation words are those of the negation cue. 0.0 where there is no
@@ -173,7 +190,8 @@ def likelihood_matrix(judge: Any, passages: Sequence[str], claims: Sequence[str]
         claims: question + answer texts.
 
     Returns:
-        Per pair: mean and minimum log-prob per answer token, then the word features; NaN for a claim without
+        Per pair: mean and minimum log-prob per answer token, the word features, and the negation-removal gain
+        (the answer with its negations removed, ``denegate``, scored in a second pass); NaN for a claim without
         answer tokens.
     """
     if isinstance(judge, Likelihood):
@@ -188,9 +206,16 @@ def likelihood_matrix(judge: Any, passages: Sequence[str], claims: Sequence[str]
         if not len(t):
             continue
         x[i, :_TOKEN_ONLY] = [float(t.mean()), float(t.min())]
+        x[i, _GAIN] = 0.0
         if offsets is not None:
             words = set(_WORD.findall(passages[i].lower()))
-            x[i, _TOKEN_ONLY:] = _word_logprobs(continuations[i], t, offsets[i], words)
+            x[i, _WORD_COLUMNS] = _word_logprobs(continuations[i], t, offsets[i], words)
+    # one more judge pass, over the answers that hold a negation only
+    flipped = {i: " " + denegate(a) for i, (_, a) in enumerate(parts) if len(logps[i]) and denegate(a) != a}
+    if flipped:
+        gained = judge.token_logprobs([contexts[i] for i in flipped], list(flipped.values()))
+        for i, t in zip(flipped, gained):
+            x[i, _GAIN] = float(t.sum() - logps[i].sum())
     return x
 
 
@@ -293,6 +318,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, iterations: i
 class Combiner:
     """The fitted logistic regression over FEATURES, plus any of EXTRA_FEATURES it was fitted with.
 
+    A spec may instead hold ``boosted``: gradient-boosted trees over the same features (``fit_combiner_spec``
+    with ``boosted``), exported as plain node arrays so no pickled model is ever loaded.
+
     A spec may also hold ``per_kind``: one regression per corruption kind, each fitted on clean answers against
     that kind's negatives alone and ranked against the clean answers (``fit_combiner_spec``). The score is then
     the minimum over the overall regression and the per-kind ones, so a row is as supported as its most damning
@@ -302,6 +330,7 @@ class Combiner:
 
     def __init__(self, spec: dict[str, Any]):
         names = list(spec.get("features", []))
+        self.trees = _Trees(spec["boosted"], len(names)) if "boosted" in spec else None
         extra = names[len(FEATURES):]
         if names[:len(FEATURES)] != list(FEATURES) or len(set(extra)) != len(extra) or \
                 not set(extra) <= set(EXTRA_FEATURES):
@@ -313,9 +342,10 @@ class Combiner:
         if [n for n in extra if n in LIKELIHOOD_FEATURES] + [n for n in extra if n in EMBEDDING_FEATURES] != extra:
             raise ValueError(f"combiner features {extra}: likelihood features must come before embedding features")
         self.needs_judge = bool(self.likelihood_columns)
-        self.needs_offsets = any(c >= _TOKEN_ONLY for c in self.likelihood_columns)
+        self.needs_offsets = any(n in OFFSET_FEATURES for n in extra)
         self.needs_embedder = bool(self.embedding_columns)
-        self.models = [spec] + [spec["per_kind"][k] for k in sorted(spec.get("per_kind") or {})]
+        self.models = [] if self.trees is not None else \
+            [spec] + [spec["per_kind"][k] for k in sorted(spec.get("per_kind") or {})]
         for m in self.models:
             if not len(m["mean"]) == len(m["std"]) == len(m["weights"]) == len(names):
                 raise ValueError(f"combiner: {len(names)} features but a regression of {len(m['weights'])} weights")
@@ -323,9 +353,12 @@ class Combiner:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Return the support score per row; NaN rows stay NaN.
 
-        One regression: P(supported). Per kind: the minimum over the regressions of the share of clean answers
-        each one scores the row above (``fit_combiner_spec``).
+        One regression, or boosted trees: P(supported). Per kind: the minimum over the regressions of the share of
+        clean answers each one scores the row above (``fit_combiner_spec``).
         """
+        if self.trees is not None:
+            p = 1 / (1 + np.exp(-np.clip(self.trees.raw(x), -30, 30)))
+            return np.where(np.isnan(x).any(axis=1), np.nan, p)
         out = None
         for m in self.models:
             z = _logit(m, x)
@@ -370,8 +403,8 @@ def _clean_rank(z: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def fit_combiner_spec(x: np.ndarray, y: np.ndarray, names: Sequence[str], kinds: Sequence[str] | None = None,
-                      *, l2: float = 1.0, min_rows: int = 5) -> dict[str, Any]:
-    """Fit the combiner: one regression, or with ``kinds`` one overall and one per corruption kind.
+                      *, l2: float = 1.0, min_rows: int = 5, boosted: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Fit the combiner: one regression, with ``kinds`` one overall and one per corruption kind, or boosted trees.
 
     Per kind, the regressions are fitted on clean answers (pairs of kind ``clean``) against that kind's negatives
     (or against all negatives, for the overall one): passage sentences and counterfactual sentences are positives
@@ -388,19 +421,27 @@ def fit_combiner_spec(x: np.ndarray, y: np.ndarray, names: Sequence[str], kinds:
         l2: ridge penalty.
         min_rows: fewer clean answers than this: all positives stand in for them; fewer negatives of a kind:
             that kind gets no regression of its own.
+        boosted: instead of regressions, fit gradient-boosted trees (depth 2, 300 rounds, learning rate 0.05;
+            ``fit_boosted``) on the clean answers (by ``kinds``) against every negative. Trees can read a cue
+            one way beside one value of another feature and another way beside another, and cut a feature at
+            a threshold, which a weighted sum cannot.
+        seed: the trees' random state.
 
     Returns:
         A Combiner spec; with kinds, ``per_kind`` maps each kind to its regression, and every regression holds
-        ``clean_logits``, the sorted logits of the clean answers it is ranked against.
+        ``clean_logits``, the sorted logits of the clean answers it is ranked against; boosted: ``boosted``.
     """
+    neg = y < 0.5
+    answers = ~neg
+    if kinds is not None:
+        kinds = np.asarray(kinds, dtype=object)
+        if (~neg & (kinds == "clean")).sum() >= min_rows:
+            answers = ~neg & (kinds == "clean")
+    if boosted:
+        return fit_boosted(x[answers | neg], y[answers | neg], names, seed=seed)
     spec = fit_logistic(x, y, l2=l2, names=names)
     if kinds is None:
         return spec
-    kinds = np.asarray(kinds, dtype=object)
-    neg = y < 0.5
-    answers = ~neg & (kinds == "clean")
-    if answers.sum() < min_rows:
-        answers = ~neg
 
     def fit(sel: np.ndarray) -> dict[str, Any]:
         m = {k: v for k, v in fit_logistic(x[sel], y[sel], l2=l2, names=names).items() if k != "features"}
@@ -411,6 +452,82 @@ def fit_combiner_spec(x: np.ndarray, y: np.ndarray, names: Sequence[str], kinds:
     spec["per_kind"] = {k: fit(answers | (neg & (kinds == k))) for k in sorted({str(v) for v in kinds[neg]})
                         if (neg & (kinds == k)).sum() >= min_rows}
     return spec
+
+
+def fit_boosted(x: np.ndarray, y: np.ndarray, names: Sequence[str], *, max_depth: int = 2, rounds: int = 300,
+                learning_rate: float = 0.05, l2: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """Fit gradient-boosted trees (scikit-learn's histogram booster) and export them as node arrays.
+
+    The defaults were chosen by 5-fold cross-validation on the CosmosQA combiner holdout (factual recall at a
+    false-rejection rate of 0.10, out of fold: 0.842 at depth 2; depths 2-4, 150-300 rounds, rates 0.05-0.1 and
+    balanced class weights all read 0.82-0.84).
+
+    Args:
+        x: (n, len(names)) finite features.
+        y: labels in {0, 1}, both present.
+        names: the feature names.
+        max_depth, rounds, learning_rate, l2: the booster's knobs.
+        seed: its random state (no early stopping, so the fit is deterministic).
+
+    Returns:
+        {"features", "boosted": {"baseline", "trees", "settings", "importance"}}: ``baseline`` is the raw log-odds
+        before the first tree; each tree holds per node its feature, threshold (left when x <= threshold), side for
+        a missing value, children, leaf flag and value (the learning rate already applied).
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    if len(np.unique(y)) < 2:
+        raise ValueError("boosted combiner: needs both labels")
+    if len(names) != x.shape[1]:
+        raise ValueError(f"boosted combiner: {len(names)} names for {x.shape[1]} features")
+    model = HistGradientBoostingClassifier(max_depth=max_depth, max_iter=rounds, learning_rate=learning_rate,
+                                           l2_regularization=l2, early_stopping=False, random_state=seed).fit(x, y)
+    trees, gain = [], np.zeros(x.shape[1])
+    # scikit-learn keeps the fitted trees in private attributes; tests check the export against its predictions
+    for (predictor,) in model._predictors:
+        nodes = predictor.nodes
+        trees.append({"feature": nodes["feature_idx"].tolist(), "threshold": nodes["num_threshold"].tolist(),
+                      "missing_left": nodes["missing_go_to_left"].astype(bool).tolist(),
+                      "left": nodes["left"].tolist(), "right": nodes["right"].tolist(),
+                      "leaf": nodes["is_leaf"].astype(bool).tolist(), "value": nodes["value"].tolist()})
+        inner = ~nodes["is_leaf"].astype(bool)
+        np.add.at(gain, nodes["feature_idx"][inner], nodes["gain"][inner])
+    importance = gain / gain.sum() if gain.sum() > 0 else gain
+    return {"features": list(names), "boosted": {
+        "baseline": float(np.ravel(model._baseline_prediction)[0]), "trees": trees,
+        "settings": {"max_depth": max_depth, "rounds": rounds, "learning_rate": learning_rate, "l2": l2,
+                     "seed": seed},
+        "importance": dict(zip(names, np.round(importance, 4).tolist()))}}
+
+
+class _Trees:
+    """Boosted trees from a spec's ``boosted`` entry, evaluated with numpy."""
+
+    def __init__(self, boosted: dict[str, Any], n_features: int):
+        self.baseline = float(boosted["baseline"])
+        self.trees = []
+        for t in boosted["trees"]:
+            arrays = tuple(np.asarray(t[k]) for k in ("feature", "threshold", "missing_left", "left", "right",
+                                                       "leaf", "value"))
+            feature, _, _, left, right, leaf, _ = arrays
+            inner = ~leaf.astype(bool)
+            if len({len(a) for a in arrays}) != 1 or (feature[inner] >= n_features).any() or \
+                    (left[inner] >= len(leaf)).any() or (right[inner] >= len(leaf)).any():
+                raise ValueError(f"combiner: a boosted tree does not fit its {n_features} features")
+            self.trees.append(arrays[:5] + (leaf.astype(bool), arrays[6].astype(float)))
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """Return the raw log-odds per row."""
+        out = np.full(len(x), self.baseline)
+        rows = np.arange(len(x))
+        for feature, threshold, missing_left, left, right, leaf, value in self.trees:
+            node = np.zeros(len(x), dtype=int)
+            while not leaf[node].all():
+                v = x[rows, feature[node]]
+                go_left = np.where(np.isnan(v), missing_left[node].astype(bool), v <= threshold[node])
+                node = np.where(leaf[node], node, np.where(go_left, left[node], right[node]))
+            out += value[node]
+        return out
 
 
 class GroundedVerifier:

@@ -56,6 +56,7 @@ class TrainVerifierParams(StageParams):
     likelihood_features: bool = False  # the combiner also reads the judge's answer-token log-probs given the passage
     embedding_features: bool = False  # ... and the answer's embedding cosine with its passage and its question
     combiner_per_kind: bool = False  # one regression per corruption kind too; the score is the minimum over them
+    combiner_boosted: bool = False  # gradient-boosted trees over the same features instead of regressions
     threads: int = Field(ge=1)
 
 
@@ -223,22 +224,24 @@ def holdout_by_document(pairs: pa.Table, share: float, seed: int) -> tuple[pa.Ta
 
 def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_dir: Path, *,
                  judge: Any | None = None, judge_id: str | None = None, embedder: Any | None = None,
-                 per_kind: bool = False) -> dict[str, Any]:
+                 per_kind: bool = False, boosted: bool = False, seed: int = 0) -> dict[str, Any]:
     """Fit the lexical combiner on held-out training pairs and save it beside the model (COMBINER.json).
 
     With ``judge`` (a backend with ``token_logprobs``, and ``token_offsets`` for the word features), the combiner
     also reads LIKELIHOOD_FEATURES; with ``embedder``, EMBEDDING_FEATURES. With ``per_kind``, it also fits one
-    regression per corruption kind of the holdout, and scores by the minimum over them (``Combiner``).
+    regression per corruption kind of the holdout, and scores by the minimum over them (``Combiner``). With
+    ``boosted``, it fits gradient-boosted trees (seeded by ``seed``) on the holdout's clean answers and negatives.
 
     Returns:
-        Its weights, the pairs it was fitted on, and the val AUC of the model alone and combined.
+        Its weights (boosted: the tree count and each feature's share of the split gain), the pairs it was fitted
+        on, and the val AUC of the model alone and combined.
     """
-    from refinery.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner, \
+    from refinery.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES, Combiner, \
         combiner_matrix, fit_combiner_spec
     from refinery.verifier import roc_auc
 
     likelihood = () if judge is None else LIKELIHOOD_FEATURES if callable(getattr(judge, "token_offsets", None)) \
-        else LIKELIHOOD_FEATURES[:2]  # a judge without token offsets gives no word features
+        else tuple(n for n in LIKELIHOOD_FEATURES if n not in OFFSET_FEATURES)  # no offsets: no word features
     names = FEATURES + likelihood + (EMBEDDING_FEATURES if embedder is not None else ())
     layout = Combiner({"features": list(names), "mean": [0.0] * len(names), "std": [1.0] * len(names),
                        "weights": [0.0] * len(names), "bias": 0.0})
@@ -251,16 +254,20 @@ def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_di
 
     x, y = matrix(holdout)
     ok = np.isfinite(x).all(axis=1)
-    kinds = np.asarray(holdout.column("kind").to_pylist(), dtype=object)[ok] if per_kind else None
-    combiner = Combiner(fit_combiner_spec(x[ok], y[ok].astype(float), names, kinds))
+    kinds = np.asarray(holdout.column("kind").to_pylist(), dtype=object)[ok] if per_kind or boosted else None
+    combiner = Combiner(fit_combiner_spec(x[ok], y[ok].astype(float), names, kinds, boosted=boosted, seed=seed))
     xv, yv = matrix(val_pairs)
     okv = np.isfinite(xv).all(axis=1)
     model_auc = roc_auc(yv[okv], xv[okv, 0])
     combined_auc = roc_auc(yv[okv], combiner.predict(xv[okv]))
     metrics = {"fit_pairs": int(ok.sum()), "fit_documents": len(set(holdout.column("doc_id").to_pylist())),
                "val_auc_model_only": _r(model_auc), "val_auc_combined": _r(combined_auc),
-               "weights": dict(zip(combiner.spec["features"], combiner.spec["weights"])),
                "per_kind": sorted(combiner.spec.get("per_kind") or {})}
+    if boosted:
+        metrics["boosted_trees"] = len(combiner.spec["boosted"]["trees"])
+        metrics["importance"] = combiner.spec["boosted"]["importance"]
+    else:
+        metrics["weights"] = dict(zip(combiner.spec["features"], combiner.spec["weights"]))
     combiner.save(out_dir, {"fit_pairs": metrics["fit_pairs"], **({"judge": judge_id} if judge is not None else {})})
     return metrics
 
@@ -353,9 +360,11 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
     if params.likelihood_features and judge is None:
         raise RefineryError("train_verifier: likelihood_features is on but no judge model was given")
-    for knob in ("embedding_features", "combiner_per_kind"):
+    for knob in ("embedding_features", "combiner_per_kind", "combiner_boosted"):
         if getattr(params, knob) and not params.lexical_combiner:
             raise RefineryError(f"train_verifier: {knob} needs lexical_combiner: true (it is part of the combiner)")
+    if params.combiner_per_kind and params.combiner_boosted:
+        raise RefineryError("train_verifier: combiner_per_kind and combiner_boosted are two combiners: turn one off")
     if params.embedding_features and embedder is None:
         raise RefineryError("train_verifier: embedding_features is on but no embedder was given")
     embedder = embedder if params.embedding_features else None
@@ -386,7 +395,8 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     combiner_metrics = None
     if holdout is not None:
         combiner_metrics = fit_combiner(model_only, holdout, val_pairs, out_dir, judge=judge, judge_id=judge_id,
-                                        embedder=embedder, per_kind=params.combiner_per_kind)
+                                        embedder=embedder, per_kind=params.combiner_per_kind,
+                                        boosted=params.combiner_boosted, seed=params.seed)
         log(f"lexical combiner: val AUC model {combiner_metrics['val_auc_model_only']} -> "
             f"combined {combiner_metrics['val_auc_combined']}")
     verifier = load_verifier(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads,

@@ -121,14 +121,26 @@ def test_likelihood_features_read_the_answer_given_the_passage_and_question():
                                                  "How long do refunds take? They do n't."])
     # mean and min over the answer's tokens, then the least likely content word the passage holds ("days",
     # "gift"), the least likely one it does not ("weeks") and the least likely negation word ("n't"); 0.0 where
-    # the answer has no such word
-    assert x[0].tolist() == [-1.0, -1.0, -1.0, 0.0, 0.0]
-    assert x[1].tolist() == [-5.0, -9.0, -9.0, 0.0, 0.0]
-    assert x[3].tolist() == [-1.0, -1.0, 0.0, -1.0, 0.0]
-    assert x[4].tolist() == [-1.0, -1.0, 0.0, -1.0, -1.0]
-    # the context is the exact passage, then the question; the answer is what is scored
+    # the answer has no such word; last, the summed log-prob gained by removing the negation ("They do." scores
+    # -2 against -3)
+    assert x[0].tolist() == [-1.0, -1.0, -1.0, 0.0, 0.0, 0.0]
+    assert x[1].tolist() == [-5.0, -9.0, -9.0, 0.0, 0.0, 0.0]
+    assert x[3].tolist() == [-1.0, -1.0, 0.0, -1.0, 0.0, 0.0]
+    assert x[4].tolist() == [-1.0, -1.0, 0.0, -1.0, -1.0, 1.0]
+    # the context is the exact passage, then the question; the answer is what is scored, and only the answer
+    # with a negation is scored again, de-negated, in the same context
     assert judge.contexts[0] == f"Passage: {PASSAGE}\nQuestion: How long do refunds take?\nAnswer:"
+    assert len(judge.contexts) == 6 and judge.contexts[5] == judge.contexts[4]
     assert split_claim("How long?") == ("", "How long?") and x.shape == (5, len(LIKELIHOOD_FEATURES))
+
+
+def test_denegate_removes_each_negation_and_keeps_the_modal():
+    from refinery.grounding import denegate
+
+    assert denegate("He did not go and she never called.") == "He did go and she called."
+    assert denegate("It can't be, it cannot be, it won't be, it isn't, they don't.") == \
+        "It can be, it can be, it will be, it is, they do."
+    assert denegate("Can't stop. Notice nothing.") == "Can stop. Notice nothing."
 
 
 def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
@@ -153,6 +165,13 @@ def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
     old = FEATURES + LIKELIHOOD_FEATURES[:2]
     spec = fit_logistic(np.vstack([np.zeros(len(old)), np.ones(len(old))]), np.array([0.0, 1.0]), names=old)
     assert Combiner(spec).needs_judge and not Combiner(spec).needs_offsets
+    # nor does the negation-removal gain, which a judge without offsets still gives
+    from refinery.grounding import OFFSET_FEATURES
+
+    plain = FEATURES + tuple(n for n in LIKELIHOOD_FEATURES if n not in OFFSET_FEATURES)
+    assert plain[-1] == "negation_removal_gain"
+    assert not Combiner({**spec, "features": list(plain), "mean": [0.0] * len(plain), "std": [1.0] * len(plain),
+                         "weights": [0.0] * len(plain)}).needs_offsets
 
 
 def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(smol_dir):
@@ -170,6 +189,19 @@ def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(
     # the faithful answer's ("caught", "big", "fish"), though both answers only use the passage's words
     copied, new = LIKELIHOOD_FEATURES.index("copied_word_logprob_min"), LIKELIHOOD_FEATURES.index("new_word_logprob_min")
     assert x[1, copied] < x[0, copied] - 3.0 and x[0, new] == x[1, new] == 0.0
+
+
+def test_the_small_teacher_gains_more_from_removing_a_negation_the_passage_contradicts(smol_dir):
+    # given the same "can't" answer to a passage that states it and to one that states the opposite
+    from refinery.backends.local import TransformersBackend
+
+    judge = TransformersBackend(str(smol_dir), batch_size=2, threads=2)
+    claim = "Can the shop refund opened items? The shop can't refund opened items."
+    x = likelihood_matrix(judge, ["The shop can't refund opened items. Unopened items can be returned within 14 days.",
+                                  "The shop can refund opened items within 14 days."], [claim, claim])
+    gain = x[:, LIKELIHOOD_FEATURES.index("negation_removal_gain")]
+    # then "The shop can refund opened items." is far likelier than the answer only where the passage says so
+    assert gain[1] > gain[0] + 3.0
 
 
 def test_per_kind_regressions_score_a_row_by_its_most_damning_detector():
@@ -259,3 +291,40 @@ def test_a_clean_rank_keeps_the_order_of_rows_beyond_every_clean_answer():
     # inside the clean logits: the share below, interpolated; outside: inside the outer half-steps, in order
     assert p[2] == 0.125 and p[3] == 0.25 and p[4] == 0.875
     assert 0 < p[0] < p[1] < 0.125 and 0.875 < p[5] < 1 and np.isnan(p[6])
+
+
+def test_boosted_trees_catch_a_cue_that_matters_only_beside_another_and_load_from_plain_json(tmp_path):
+    import json
+
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    # given rows where a cue condemns an answer with a negation and clears one without (an interaction no weighted
+    # sum of the two features expresses)
+    rng = np.random.default_rng(0)
+    names = FEATURES + LIKELIHOOD_FEATURES
+    x = rng.normal(0, 1, (400, len(names)))
+    has_negation, gain = rng.random(400) < 0.5, len(FEATURES) + LIKELIHOOD_FEATURES.index("negation_removal_gain")
+    x[:, 5] = has_negation  # claim_negation
+    y = ((x[:, gain] > 0) != has_negation).astype(float)
+    kinds = np.where(y > 0.5, "clean", "negation_flip")
+    spec = fit_combiner_spec(x, y, names, kinds, boosted=True)
+    # then the exported trees, read back from JSON, give exactly scikit-learn's probabilities
+    combiner = Combiner(json.loads(json.dumps(spec)))
+    reference = HistGradientBoostingClassifier(max_depth=2, max_iter=300, learning_rate=0.05, l2_regularization=1.0,
+                                               early_stopping=False, random_state=0).fit(x, y)
+    test = rng.normal(0, 1, (50, len(names)))
+    assert np.allclose(combiner.predict(test), reference.predict_proba(test)[:, 1], atol=1e-12)
+    # and they separate what a single regression cannot
+    from refinery.verifier import roc_auc
+
+    linear = Combiner(fit_combiner_spec(x, y, names))
+    assert roc_auc(y, combiner.predict(x)) > 0.99 and roc_auc(y, linear.predict(x)) < 0.7
+    importance = spec["boosted"]["importance"]
+    assert list(importance) == list(names) and abs(sum(importance.values()) - 1) < 1e-3
+    # a row with a NaN feature stays NaN; a tree that reads a feature the spec lacks does not load
+    assert np.isnan(combiner.predict(np.full((1, len(names)), np.nan))).all()
+    bad = json.loads(json.dumps(spec))
+    bad["boosted"]["trees"][0]["feature"] = [len(names) + 3] * len(bad["boosted"]["trees"][0]["feature"])
+    with pytest.raises(ValueError, match="does not fit its"):
+        Combiner(bad)
+    assert Combiner.load(combiner.save(tmp_path).parent).predict(test[:3]).tolist() == combiner.predict(test[:3]).tolist()

@@ -187,6 +187,20 @@ def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_pa
         "+lexical+likelihood+embedding")
     with pytest.raises(RefineryError, match="no embedder was given"):
         train_verifier_core(qa, qa, documents, both, str(tiny_bert), tmp_path / "f", judge=_Judge())
+    # or with boosted trees over the same features, which load as a plain combiner too
+    boosted = params.model_copy(update={"embedding_features": True, "combiner_boosted": True})
+    result = train_verifier_core(qa, qa, documents, boosted, str(tiny_bert), tmp_path / "b", judge=_Judge(),
+                                 judge_id="judge@1", embedder=_Embedder())
+    spec = json.loads((tmp_path / "b" / "COMBINER.json").read_text())
+    assert spec["boosted"]["trees"] and "weights" not in spec
+    combiner_metrics = result.metrics["lexical_combiner"]
+    assert combiner_metrics["boosted_trees"] == 300 and set(combiner_metrics["importance"]) == set(spec["features"])
+    loaded = load_verifier(tmp_path / "b", judge=_Judge(), embedder=_Embedder())
+    assert 0 <= result.metrics["val"]["auc"] <= 1 and np.isfinite(loaded.score(
+        [documents.column("text")[0].as_py()], ["What? An answer."])).all()
+    with pytest.raises(RefineryError, match="two combiners"):
+        train_verifier_core(qa, qa, documents, boosted.model_copy(update={"combiner_per_kind": True}), str(tiny_bert),
+                            tmp_path / "k", judge=_Judge(), embedder=_Embedder())
     with pytest.raises(RefineryError, match="combiner_per_kind needs lexical_combiner"):
         train_verifier_core(qa, qa, documents, params.model_copy(update={"lexical_combiner": False,
                                                                          "likelihood_features": False,
@@ -194,6 +208,14 @@ def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_pa
                             str(tiny_bert), tmp_path / "g")
     with pytest.raises(RefineryError, match="no judge model was given"):
         train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "w")
+    # a judge without token offsets (no word features) still gives the log-probs and the negation-removal gain
+
+    class _NoOffsets:
+        token_logprobs = _Judge.token_logprobs
+
+    train_verifier_core(qa, qa, documents, params, str(tiny_bert), tmp_path / "n", judge=_NoOffsets())
+    assert json.loads((tmp_path / "n" / "COMBINER.json").read_text())["features"] == list(FEATURES) + [
+        "answer_logprob_mean", "answer_logprob_min", "negation_removal_gain"]
     with pytest.raises(RefineryError, match="needs lexical_combiner"):
         train_verifier_core(qa, qa, documents, params.model_copy(update={"lexical_combiner": False}),
                             str(tiny_bert), tmp_path / "x", judge=_Judge())
