@@ -522,10 +522,15 @@ class _Trees:
         rows = np.arange(len(x))
         for feature, threshold, missing_left, left, right, leaf, value in self.trees:
             node = np.zeros(len(x), dtype=int)
-            while not leaf[node].all():
+            for _ in range(len(leaf)):  # a path is at most as long as the tree has nodes
+                if leaf[node].all():
+                    break
                 v = x[rows, feature[node]]
                 go_left = np.where(np.isnan(v), missing_left[node].astype(bool), v <= threshold[node])
                 node = np.where(leaf[node], node, np.where(go_left, left[node], right[node]))
+            else:
+                if not leaf[node].all():
+                    raise ValueError("combiner: a boosted tree has a cycle (no leaf is reached)")
             out += value[node]
         return out
 

@@ -327,4 +327,9 @@ def test_boosted_trees_catch_a_cue_that_matters_only_beside_another_and_load_fro
     bad["boosted"]["trees"][0]["feature"] = [len(names) + 3] * len(bad["boosted"]["trees"][0]["feature"])
     with pytest.raises(ValueError, match="does not fit its"):
         Combiner(bad)
+    cycle = json.loads(json.dumps(spec))
+    cycle["boosted"]["trees"][0] = {"feature": [0], "threshold": [0.0], "missing_left": [True], "left": [0],
+                                    "right": [0], "leaf": [False], "value": [0.0]}
+    with pytest.raises(ValueError, match="has a cycle"):
+        Combiner(cycle).predict(test[:2])
     assert Combiner.load(combiner.save(tmp_path).parent).predict(test[:3]).tolist() == combiner.predict(test[:3]).tolist()
