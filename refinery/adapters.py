@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.errors import InputError
-from refinery.io import TABLE_SUFFIXES, Records, read_json, read_records
+from refinery.io import TABLE_SUFFIXES, Records, check_input, read_json, read_records
 from refinery.text import stable_id
 
 FORMATS = ("refinery", "qa_table", "cosmosqa", "squad", "hf")
@@ -97,7 +97,7 @@ def value(recs: Records, i: int, name: str, *, required: bool = True) -> str | N
 
 
 def _table_in(folder: Path, stem: str) -> Path:
-    found = sorted(p for p in folder.iterdir() if p.stem == stem and p.is_file())
+    found = sorted(p for p in folder.iterdir() if p.stem == stem and (p.is_file() or p.is_symlink()))
     if not found:
         raise InputError(str(folder / stem), f"no {stem}.{{csv,jsonl,parquet}} in the seed folder")
     if len(found) > 1:
@@ -114,10 +114,9 @@ def read_refinery(path: Path) -> SeedSource:
     documents: ``doc_id, title, text, updated_at, category`` (+ optional ``supersedes``);
     qa: ``qa_id, doc_id, question, answer, intent, evidence``.
     """
-    if not path.exists():
-        raise InputError(str(path), "seed folder not found")
-    if not path.is_dir():
+    if path.is_file():
         raise InputError(str(path), "format 'refinery' expects a folder with documents.* and qa.*")
+    check_input(path, "folder", missing="seed folder not found")
     docs = read_records(_table_in(path, "documents"))
     require_columns(docs, ["doc_id", "title", "text", "updated_at", "category"])
     qa = read_records(_table_in(path, "qa"))
@@ -335,7 +334,5 @@ def read_source(fmt: str, path: str, *, hf_split: str = "train", drop_none_of_th
     if fmt == "cosmosqa":
         return read_cosmosqa(p, drop_none_of_the_above=drop_none_of_the_above)
     if fmt == "squad":
-        if not p.exists():
-            raise InputError(str(p), "file not found")
-        return read_squad(p)
+        return read_squad(check_input(p))
     raise InputError(str(p), f"unknown format '{fmt}' (expected one of: {', '.join(FORMATS)})")

@@ -8,7 +8,7 @@ import sys
 import click
 
 from refinery import __version__
-from refinery.errors import RefineryError
+from refinery.errors import RefineryError, os_error
 
 # name -> (module:attribute, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -63,12 +63,24 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning user-fixable errors into one line and exit code 2."""
+    """Entry point: run the CLI, turning user-fixable errors into one line and exit code 2.
+
+    Before any command runs, leftovers of killed refinery runs in the current folder are removed (a
+    commit cut short by a kill is rolled back to the previous outputs first).
+    """
+    from refinery.scratch import clean_stale
+
     try:
+        for line in clean_stale("."):
+            click.echo(f"refinery: {line} (left by a killed run)", err=True)
         cli.main(args=argv, prog_name="refinery", standalone_mode=False)
     except RefineryError as e:
         click.echo(f"error: {e}", err=True)
         return e.exit_code
+    except OSError as e:  # a file system error outside atomic_outputs (reading an input, a cache)
+        err = os_error(e)
+        click.echo(f"error: {err}", err=True)
+        return err.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130

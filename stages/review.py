@@ -56,7 +56,7 @@ def cli(rows, documents, seeds, params_file, out_dir, metrics_file) -> None:
     seed_table = pa.concat_tables(seed_tables, promote_options="default") if seed_tables else None
     data = build_review(tables, read_parquet(documents), seed_table, spec)
     tasks = label_studio_tasks(data)
-    with atomic_outputs(Path(out_dir).parent) as out:
+    with atomic_outputs() as out:
         folder = out.folder(out_dir)
         (folder / "index.html").write_text(render_html(data), encoding="utf-8")
         (folder / "label_studio_tasks.json").write_text(json.dumps(tasks, indent=1, ensure_ascii=False) + "\n",
