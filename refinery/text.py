@@ -46,14 +46,24 @@ def find_span(haystack: str, needle: str) -> tuple[int, int] | None:
     """Find ``needle`` in ``haystack`` where any whitespace run matches any whitespace run.
 
     Returns:
-        (start, end) character offsets into ``haystack``, or None when absent.
+        (start, end) character offsets of the first occurrence in ``haystack``, or None when absent.
     """
+    spans = find_spans(haystack, needle, limit=1)
+    return spans[0] if spans else None
+
+
+def find_spans(haystack: str, needle: str, limit: int | None = None) -> list[tuple[int, int]]:
+    """Return every non-overlapping occurrence of ``needle`` in ``haystack`` (whitespace runs match any run)."""
     words = needle.split()
     if not words:
-        return None
-    pattern = r"\s+".join(re.escape(w) for w in words)
-    m = re.search(pattern, haystack)
-    return (m.start(), m.end()) if m else None
+        return []
+    pattern = re.compile(r"\s+".join(re.escape(w) for w in words))
+    spans = []
+    for m in pattern.finditer(haystack):
+        spans.append((m.start(), m.end()))
+        if limit is not None and len(spans) >= limit:
+            break
+    return spans
 
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]]*[ \t]+(?=[\"'(\[]?[A-Z0-9])|\n+")

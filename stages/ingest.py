@@ -18,7 +18,7 @@ from refinery import adapters
 from refinery.adapters import RawDoc, RawExcluded, RawQA, SeedSource
 from refinery.errors import InputError
 from refinery.params import StageParams, load_section, params_hash
-from refinery.text import find_span, match_key, normalize_line, normalize_passage, sha256_hex, stable_id
+from refinery.text import find_spans, match_key, normalize_line, normalize_passage, sha256_hex, stable_id
 from schemas import documents as documents_schema
 from schemas import seed_excluded as excluded_schema
 from schemas import seed_qa as qa_schema
@@ -34,6 +34,7 @@ class IngestParams(StageParams):
     max_field_chars: int = Field(gt=0)
     hf_split: str = "train"
     cosmosqa_drop_none_of_the_above: bool = True
+    unknown_columns: Literal["error", "ignore"] = "error"
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _check_lengths(record: RawDoc | RawQA, limit: int) -> None:
         val = getattr(record, f.name)
         if isinstance(val, str) and f.name != "file" and len(val) > limit:
             raise InputError(record.file, f"{len(val):,} characters, over the limit of {limit:,} "
-                                          f"(ingest.max_field_chars)", row=record.row, field=f.name)
+                                          f"(ingest.max_field_chars)", row=record.row, field=record.column(f.name))
 
 
 def ingest(source: SeedSource, params: IngestParams, code_version: str) -> IngestResult:
@@ -69,18 +70,19 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
         InputError: the first bad record, naming file, row and field.
     """
     phash = params_hash(params)
+    where = source.path or params.input  # the input as the command was given it
     if not source.documents:
-        raise InputError(params.input, "no documents")
+        raise InputError(where, "no documents")
     docs: dict[str, dict[str, Any]] = {}
     for d in source.documents:
         _check_lengths(d, params.max_field_chars)
         if d.doc_id in docs:
             first = docs[d.doc_id]
             raise InputError(d.file, f"duplicate id '{d.doc_id}' (first at row {first['source_row']})",
-                             row=d.row, field="doc_id")
+                             row=d.row, field=d.column("doc_id"))
         if d.updated_at is not None and not _ISO_DATE.match(d.updated_at.strip()):
             raise InputError(d.file, f"'{d.updated_at}' is not an ISO date (YYYY-MM-DD)", row=d.row,
-                             field="updated_at")
+                             field=d.column("updated_at"))
         text = normalize_passage(d.text)
         docs[d.doc_id] = {
             "doc_id": d.doc_id, "title": normalize_line(d.title) if d.title else None, "text": text,
@@ -96,7 +98,7 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
             continue
         if old == d.doc_id or old not in docs:
             why = "a document cannot supersede itself" if old == d.doc_id else f"no document with doc_id '{old}'"
-            raise InputError(d.file, why, row=d.row, field="supersedes")
+            raise InputError(d.file, why, row=d.row, field=d.column("supersedes"))
         docs[old]["superseded_by"] = d.doc_id
         docs[old]["stale"] = True
 
@@ -108,11 +110,11 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
         _check_lengths(q, params.max_field_chars)
         if q.qa_id in seen_ids:
             raise InputError(q.file, f"duplicate id '{q.qa_id}' (first at row {seen_ids[q.qa_id]})", row=q.row,
-                             field="qa_id")
+                             field=q.column("qa_id"))
         seen_ids[q.qa_id] = q.row
         doc = docs.get(q.doc_id)
         if doc is None:
-            raise InputError(q.file, f"no document with doc_id '{q.doc_id}'", row=q.row, field="doc_id")
+            raise InputError(q.file, f"no document with doc_id '{q.doc_id}'", row=q.row, field=q.column("doc_id"))
         question, answer = normalize_line(q.question), normalize_line(q.answer)
         key = (q.doc_id, match_key(question), match_key(answer))
         if key in seen_content:
@@ -125,10 +127,17 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
         if q.evidence is None:
             span = (0, len(doc["text"]))
         else:
-            span = find_span(doc["text"], normalize_line(q.evidence))
-            if span is None:
+            spans = find_spans(doc["text"], normalize_line(q.evidence))
+            if not spans:
                 raise InputError(q.file, f"not found verbatim in the text of document '{q.doc_id}'", row=q.row,
-                                 field="evidence")
+                                 field=q.column("evidence"))
+            if (len(spans) > 1 and q.evidence_occurrence is None) or \
+                    (q.evidence_occurrence is not None and q.evidence_occurrence >= len(spans)):
+                at = ", ".join(str(a) for a, _ in spans[:5])
+                raise InputError(q.file, f"found {len(spans)} times in the text of document '{q.doc_id}' (at "
+                                         f"characters {at}): quote a longer span so it names one place",
+                                 row=q.row, field=q.column("evidence"))
+            span = spans[q.evidence_occurrence or 0]
         rows.append({
             "row_id": stable_id("qa", "human", q.doc_id, question, answer), "origin": "human", "parent_ids": [],
             "doc_id": q.doc_id, "evidence_start": span[0], "evidence_end": span[1], "strategy": None,
@@ -138,7 +147,7 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
             "evidence": doc["text"][span[0]:span[1]], "source_file": q.file, "source_row": q.row,
         })
     if not rows:
-        raise InputError(params.input, "no usable QA rows (every row was excluded or the QA table is empty)")
+        raise InputError(where, "no usable QA rows (every row was excluded or the QA table is empty)")
 
     excluded_rows = [{**dataclasses.asdict(e), "source_row": e.row, "source_file": e.file, "params_hash": phash,
                       "code_version": code_version} for e in excluded]
@@ -159,6 +168,7 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
         **{f"excluded_{r}": n for r, n in sorted(reasons.items())},
         "intents": dict(sorted(intents.items())),
         "documents_without_qa": len(set(docs) - {r["doc_id"] for r in rows}),
+        "ignored_columns": {Path(f).name: cols for f, cols in sorted(source.ignored_columns.items())},
     }
     return IngestResult(documents, qa, excl, metrics)
 
@@ -175,7 +185,8 @@ def cli(input_path: str, out_dir: str, metrics_file: str, params_file: str) -> N
 
     params = load_section(params_file, "ingest", IngestParams)
     source = adapters.read_source(params.format, input_path, hf_split=params.hf_split,
-                                  drop_none_of_the_above=params.cosmosqa_drop_none_of_the_above)
+                                  drop_none_of_the_above=params.cosmosqa_drop_none_of_the_above,
+                                  unknown_columns=params.unknown_columns)
     result = ingest(source, params, code_version(sys.modules[__name__], adapters))
     out = Path(out_dir)
     documents = documents_schema.CONTRACT.validate(result.documents, str(out / "documents.parquet"))

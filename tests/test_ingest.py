@@ -297,3 +297,162 @@ def test_cosmosqa_shared_file_ingests(in_tmp):
     assert m["source_qa_rows"] == 1963
     assert m["qa_rows"] + m["excluded"] == 1963
     assert m["excluded_ingest_no_reference_answer"] > 0
+
+
+# ---- seed edge cases: each a clear error naming file, row and field, or an explicit, counted decision ----
+
+def test_a_nul_byte_in_a_field_is_an_error_naming_row_and_field(in_tmp, tmp_path, capsys):
+    qa = [dict(r) for r in TINY_QA]
+    qa[2]["answer"] = "PDF\x00 and Markdown."
+    seed = _seed_with(tmp_path, qa=qa)
+    assert run_ingest(in_tmp, seed) == 2
+    line = one_error_line(capsys)
+    assert "qa.jsonl: row 3: field 'answer': contains a NUL byte (U+0000) at character 4" in line
+    assert_no_output(in_tmp)
+
+
+def test_a_nul_byte_in_a_csv_field_is_an_error_too(in_tmp, tmp_path, capsys):
+    header = b"qa_id,doc_id,question,answer,intent,evidence\n"
+    row = b'q1,d1,How long?\x00,Within 14 days.,billing,Refunds are issued within 14 days.\n'
+    seed = _seed_with(tmp_path, qa_text=header + row, qa_name="qa.csv")
+    assert run_ingest(in_tmp, seed) == 2
+    assert "qa.csv: row 1: field 'question': contains a NUL byte" in one_error_line(capsys)
+    assert_no_output(in_tmp)
+
+
+def test_a_number_where_a_question_belongs_is_an_error_not_the_text_42(in_tmp, tmp_path, capsys):
+    qa = [dict(r) for r in TINY_QA]
+    qa[1]["question"] = 42
+    seed = _seed_with(tmp_path, qa=qa)
+    assert run_ingest(in_tmp, seed) == 2
+    line = one_error_line(capsys)
+    assert "qa.jsonl: row 2: field 'question': expected text (a JSON string), got int 42" in line
+    assert_no_output(in_tmp)
+
+
+def test_a_whole_number_id_is_read_as_an_id(in_tmp, tmp_path):
+    docs = [{**d, "doc_id": i + 1, "supersedes": 1 if d["supersedes"] else None} for i, d in enumerate(TINY_DOCS)]
+    ids = {d["doc_id"]: i + 1 for i, d in enumerate(TINY_DOCS)}
+    qa = [{**r, "doc_id": ids[r["doc_id"]], "qa_id": n} for n, r in enumerate(TINY_QA, start=100)]
+    seed = _seed_with(tmp_path, docs=docs, qa=qa)
+    assert run_ingest(in_tmp, seed) == 0
+    rows = pq.read_table(in_tmp / "out" / "qa.parquet").to_pylist()
+    assert rows[0]["qa_id"] == "100" and rows[0]["doc_id"] == "1"
+
+
+def test_an_unreadable_input_file_is_one_line(in_tmp, tmp_path, capsys, monkeypatch):
+    # (root reads any file whatever its mode, so the refusal is simulated where the file is read)
+    seed = _seed_with(tmp_path)
+    real = Path.read_bytes
+
+    def refuse(self):
+        if self.name == "qa.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert run_ingest(in_tmp, seed) == 2
+    line = one_error_line(capsys)
+    assert "qa.jsonl: cannot be read: permission denied" in line and "[EACCES]" in line
+    assert_no_output(in_tmp)
+
+
+def test_whole_input_errors_name_the_input_path_not_the_params_value(in_tmp, tmp_path, capsys):
+    # given a seed whose every QA row is a duplicate of another... of none: all rows point nowhere usable
+    seed = tmp_path / "given_on_the_command_line"
+    write_jsonl(seed / "documents.jsonl", TINY_DOCS)
+    (seed / "qa.jsonl").write_text("")
+    params = params_for(in_tmp, ingest={"format": "qa_table", "input": "params/value/elsewhere.csv"})
+    table = tmp_path / "table.csv"
+    table.write_text("question,answer,context\n")
+    assert main(["ingest", "--params", str(params), "--input", str(table), "--out", str(in_tmp / "out"),
+                 "--metrics", str(in_tmp / "metrics" / "ingest.json")]) == 2
+    line = one_error_line(capsys)
+    assert str(table) in line and "params/value" not in line
+
+
+def test_no_usable_rows_names_the_input_path(in_tmp, tmp_path, capsys):
+    from refinery import adapters
+    from refinery.errors import InputError
+    from stages.ingest import IngestParams, ingest
+
+    src = adapters.SeedSource(documents=[adapters.RawDoc("d1", "Text.", "docs.jsonl", 1)], path="the/input")
+    import pytest
+
+    with pytest.raises(InputError, match=r"^the/input: no usable QA rows"):
+        ingest(src, IngestParams(input="the/params/value", format="refinery", max_field_chars=100), "test")
+
+
+def test_cosmosqa_errors_name_the_csv_columns(in_tmp, tmp_path, capsys):
+    header = "id,context,question,answer0,answer1,answer2,answer3,label\n"
+    rows = ('a1,"She left early.",Why did she leave?,Tired,Bored,Late,Sick,0\n'
+            'a1,"She left early.",Where did she go?,Home,Work,Park,Shop,1\n')
+    path = tmp_path / "cosmos.csv"
+    path.write_text(header + rows)
+    params = params_for(in_tmp, ingest={"format": "cosmosqa", "input": str(path)})
+    assert main(["ingest", "--params", str(params), "--input", str(path), "--out", str(in_tmp / "out"),
+                 "--metrics", str(in_tmp / "m.json")]) == 2
+    line = one_error_line(capsys)
+    assert "cosmos.csv: row 2: field 'id': duplicate id 'a1' (first at row 1)" in line
+    # and a too-long context is named by its CSV column, not the internal 'text'
+    path.write_text(header + 'a1,"' + "x" * 50 + '",Why?,A,B,C,D,0\n')
+    params = params_for(in_tmp, ingest={"format": "cosmosqa", "input": str(path), "max_field_chars": 20})
+    assert main(["ingest", "--params", str(params), "--input", str(path), "--out", str(in_tmp / "out"),
+                 "--metrics", str(in_tmp / "m.json")]) == 2
+    assert "cosmos.csv: row 1: field 'context': 50 characters, over the limit" in one_error_line(capsys)
+
+
+def test_a_misspelt_column_is_an_error_listing_it_not_silently_dropped(in_tmp, tmp_path, capsys):
+    docs = [{("supercedes" if k == "supersedes" else k): v for k, v in d.items()} for d in TINY_DOCS]
+    seed = _seed_with(tmp_path, docs=docs)
+    assert run_ingest(in_tmp, seed) == 2
+    line = one_error_line(capsys)
+    assert "documents.jsonl: field 'supercedes': unknown column(s) 'supercedes' (did you mean 'supersedes'?)" in line
+    assert "ingest.unknown_columns: ignore" in line
+    assert_no_output(in_tmp)
+
+
+def test_unknown_columns_can_be_ignored_and_are_counted(in_tmp, tmp_path):
+    qa = [{**r, "reviewer": "ann"} for r in TINY_QA]
+    seed = _seed_with(tmp_path, qa=qa)
+    assert run_ingest(in_tmp, seed, unknown_columns="ignore") == 0
+    metrics = json.loads((in_tmp / "metrics" / "ingest.json").read_text())
+    assert metrics["ignored_columns"] == {"qa.jsonl": ["reviewer"]}
+
+
+def test_evidence_found_twice_in_its_document_is_an_error_naming_both_places(in_tmp, tmp_path, capsys):
+    docs = [dict(d) for d in TINY_DOCS]
+    text = "You can export notes as PDF or Markdown from the File menu. Or open the File menu."
+    docs[2]["text"] = text
+    qa = [dict(r) for r in TINY_QA]
+    qa[3]["evidence"] = "the File menu"
+    seed = _seed_with(tmp_path, docs=docs, qa=qa)
+    assert run_ingest(in_tmp, seed) == 2
+    line = one_error_line(capsys)
+    first, second = text.index("the File menu"), text.rindex("the File menu")
+    assert (f"qa.jsonl: row 4: field 'evidence': found 2 times in the text of document 'd3' (at characters "
+            f"{first}, {second}): quote a longer span") in line
+    assert_no_output(in_tmp)
+
+
+def test_squad_evidence_that_stands_twice_takes_the_sentence_answer_start_points_at(in_tmp, tmp_path):
+    context = "Press Save. Then close it. Press Save."
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "s1", "question": "What next?", "answers": [{"text": "Press Save", "answer_start": 27}]}]}]}]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(squad))
+    params = params_for(in_tmp, ingest={"format": "squad", "input": str(path)})
+    assert main(["ingest", "--params", str(params), "--input", str(path), "--out", str(in_tmp / "out"),
+                 "--metrics", str(in_tmp / "m.json")]) == 0
+    row = pq.read_table(in_tmp / "out" / "qa.parquet").to_pylist()[0]
+    assert (row["evidence_start"], row["evidence"]) == (27, "Press Save.")
+
+
+def test_a_symlink_loop_is_reported_as_a_loop_not_as_missing(in_tmp, tmp_path, capsys):
+    seed = _seed_with(tmp_path)
+    (seed / "qa.jsonl").unlink()
+    (seed / "qa.jsonl").symlink_to(seed / "qa.jsonl")
+    assert run_ingest(in_tmp, seed) == 2
+    line = one_error_line(capsys)
+    assert "qa.jsonl" in line and "symlink loop" in line and "not found" not in line
+    assert_no_output(in_tmp)
