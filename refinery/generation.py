@@ -67,31 +67,46 @@ def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Tabl
             "question": question, "answer": answer, "intent": p.parent["intent"],
             "evidence": texts[p.parent["doc_id"]][p.span[0]:p.span[1]], "raw_output": r.text,
             "parse_error": parse_error, "error": r.error, "finish_reason": r.finish_reason,
-            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "latency_s": r.latency_s,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
             "seed": req.seed, "sample_index": p.sample_index, "cache_key": p.job.key,
         })
     return pa.Table.from_pylist(out, schema=synthetic_schema.ARROW)
 
 
 def outcome_metrics(table: pa.Table) -> dict[str, Any]:
-    """Count rows, parse failures and transport errors, overall and per strategy.
+    """Count rows, failed teacher calls and unparseable outputs, overall and per strategy.
 
-    Call counts and cache hits are logged, not stored: metrics must not depend on what was cached.
+    One vocabulary for every teacher stage: ``call_errors`` are calls that returned no text (transport,
+    HTTP status, malformed reply after its retries; ``call_errors_by_reason`` names them), ``parse_errors``
+    are replies that did not parse (``dropped_<reason>``); ``failure_share`` = both over ``rows``. Call
+    counts, cache hits, retries and latencies go to the run log, not here: metrics must not depend on
+    what was cached or how the server behaved.
     """
     rows = table.to_pylist()
-    per = {}
-    for name in sorted({r["strategy"] for r in rows}):
-        sub = [r for r in rows if r["strategy"] == name]
-        parsed = sum(r["parse_error"] is None and r["error"] is None for r in sub)
-        per[name] = {"rows": len(sub), "parsed": parsed, "parse_failure_share": round(1 - parsed / len(sub), 4)}
-    failed = sum(r["parse_error"] is not None or r["error"] is not None for r in rows)
-    tokens = sum(r["completion_tokens"] for r in rows)
+
+    def counts(sub: list[dict[str, Any]]) -> dict[str, Any]:
+        call = sum(r["error"] is not None for r in sub)
+        parse = sum(r["error"] is None and r["parse_error"] is not None for r in sub)
+        return {"rows": len(sub), "parsed": len(sub) - call - parse, "call_errors": call, "parse_errors": parse,
+                "failure_share": round((call + parse) / max(len(sub), 1), 4)}
+
+    per = {name: counts([r for r in rows if r["strategy"] == name]) for name in sorted({r["strategy"] for r in rows})}
     return {
-        "rows": len(rows), "parsed": len(rows) - failed, "failure_share": round(failed / max(len(rows), 1), 4),
-        "transport_errors": sum(r["error"] is not None for r in rows),
+        **counts(rows),
+        "call_errors_by_reason": dict(sorted(Counter(r["error"].split(":", 1)[0] for r in rows if r["error"]).items())),
         **{f"dropped_{k}": v for k, v in sorted(Counter(r["parse_error"] for r in rows if r["parse_error"]).items())},
-        "per_strategy": per, "completion_tokens": tokens,
+        "per_strategy": per, "completion_tokens": sum(r["completion_tokens"] for r in rows),
     }
+
+
+def write_run_log(path: Path, record: dict[str, Any]) -> None:
+    """Write a run's wall-clock figures (latencies, retries, seconds) beside the teacher cache.
+
+    They differ from run to run and machine to machine, so they never enter a DVC-tracked output: the
+    same inputs must give byte-identical tables everywhere.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_templates(folder: Path, names: list[str]) -> dict[str, Template]:
@@ -142,6 +157,8 @@ def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: 
     finally:
         cache.close()
     seconds = time.perf_counter() - t0
+    write_run_log(Path(cache_file).parent / "runs" / f"{desc}.json", {"stage": desc, "teacher": teacher_id,
+                                                                      "seconds": round(seconds, 2), **stats.summary()})
     table = to_rows(planned, results, documents, origin=origin, teacher_id=teacher_id, phash=phash,
                     code_version=code_version)
     return synthetic_schema.CONTRACT.validate(table, f"{origin} rows"), stats, seconds

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +76,29 @@ class Job:
 
 @dataclass
 class RunStats:
-    """Counts of a run: calls made to the model, cache hits, failures."""
+    """Counts of a run: calls made to the model, cache hits, failures, and the latency of each fresh call.
+
+    These depend on the run (what was cached, how the server behaved), so they go to the run log and the
+    console, never into a DVC-tracked table or metrics file.
+    """
 
     calls: int = 0
     cache_hits: int = 0
     errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    retries: dict[str, int] = field(default_factory=dict)  # e.g. {'malformed_response': 3} from the backend
+
+    def summary(self) -> dict[str, Any]:
+        """Return the run's counts and latency percentiles (seconds) as plain JSON values."""
+        lat = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(int(q * len(lat)), len(lat) - 1)], 4) if lat else None
+
+        return {"calls": self.calls, "cache_hits": self.cache_hits, "call_errors": self.errors,
+                "retries": dict(sorted(self.retries.items())),
+                "latency_s": {"mean": round(sum(lat) / len(lat), 4) if lat else None, "p50": pct(0.5),
+                              "p99": pct(0.99), "max": lat[-1] if lat else None}}
 
 
 def progress_bar(total: int, desc: str, quiet: bool) -> Any:
@@ -127,9 +145,12 @@ def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cach
             out = model.generate([j.request for j in todo])
             stats.calls += len(todo)
             stats.errors += sum(not r.ok for r in out)
+            stats.latencies.extend(r.latency_s for r in out)
             results.update({j.key: r for j, r in zip(todo, out)})
             cache.put_many([(j.key, r) for j, r in zip(todo, out) if r.ok])
             bar.update(len(batch))
     finally:
         bar.close()
+    if model is not None and isinstance(getattr(model, "retries", None), dict):
+        stats.retries = dict(model.retries)
     return [results[j.key] for j in jobs], stats

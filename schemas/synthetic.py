@@ -21,7 +21,6 @@ GENERATION_FIELDS = [
     pa.field("finish_reason", pa.string(), nullable=False),  # stop | length | error
     pa.field("prompt_tokens", pa.int32(), nullable=False),
     pa.field("completion_tokens", pa.int32(), nullable=False),
-    pa.field("latency_s", pa.float32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),  # sampling seed of this sample
     pa.field("sample_index", pa.int32(), nullable=False),  # k-th sample for the same parent and strategy
     pa.field("cache_key", pa.string(), nullable=False),  # content address of the teacher call

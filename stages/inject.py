@@ -139,7 +139,7 @@ def _row(kind: str, source: dict[str, Any], question: str, answer: str, field: s
         "gen_params": None, "attempt": 0, "recovery_action": None, "params_hash": phash,
         "code_version": code_version, "question": question, "answer": answer, "intent": source["intent"],
         "evidence": source["evidence"], "raw_output": answer, "parse_error": None, "error": None,
-        "finish_reason": "stop", "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "seed": params.seed,
+        "finish_reason": "stop", "prompt_tokens": 0, "completion_tokens": 0, "seed": params.seed,
         "sample_index": 0, "cache_key": sha256_hex(kind, source["row_id"], question, answer),
         "injection_kind": kind, "injection_source": source["row_id"], "injection_field": field,
         "injection_detail": detail,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +147,23 @@ def test_rows_carry_provenance_and_evidence_and_keep_failures(tables):
         assert texts[r["doc_id"]][r["evidence_start"]:r["evidence_end"]] == r["evidence"]
     assert rows[0]["question"] == "What plan is needed?" and rows[0]["parse_error"] is None
     assert rows[-1]["error"].startswith("transport_timeout") and rows[-1]["question"] is None
+    assert "latency_s" not in table.column_names  # wall-clock stays out of DVC-tracked tables
+
+
+def test_failure_counters_use_one_vocabulary_overall_and_per_strategy(tables):
+    from refinery.generation import outcome_metrics
+
+    documents, train = tables
+    planned, _ = plan(train, documents, templates(), params(budget=4, strategy_mix={"new_question": 1.0}), "fake@1")
+    results = [GenResult(" What plan?\nAnswer: Pro.", "stop", 10, 8, 0.1), GenResult("no answer line", "stop", 1, 1, 0.1),
+               GenResult("", "error", 0, 0, 0.0, "malformed_response: <html>"),
+               GenResult("", "error", 0, 0, 0.0, "transport_timeout: read timed out")]
+    m = outcome_metrics(to_rows(planned, results, documents, origin="synthetic", teacher_id="fake@1", phash="p",
+                                code_version="c"))
+    assert (m["rows"], m["parsed"], m["call_errors"], m["parse_errors"], m["failure_share"]) == (4, 1, 2, 1, 0.75)
+    assert m["call_errors_by_reason"] == {"malformed_response": 1, "transport_timeout": 1}
+    assert m["per_strategy"]["new_question"] == {"rows": 4, "parsed": 1, "call_errors": 2, "parse_errors": 1,
+                                                 "failure_share": 0.75}
 
 
 # ---- cache: zero calls on rerun, resume after a kill ----
@@ -294,9 +313,12 @@ def test_endpoint_returning_garbage_keeps_every_row_with_a_reason_and_fails_on_t
         rc = _generate(params)
     finally:
         server.shutdown()
-    # the stage finished: every row is written with its transport/parse reason ...
+    # the stage finished: every row is written with its transport/parse reason, after the bounded retries ...
     rows = pq.read_table(in_tmp / "syn.parquet").to_pylist()
     assert len(rows) == 6 and all(r["error"].startswith("malformed_response") for r in rows)
+    assert all("(after 3 attempts)" in r["error"] for r in rows)
+    run_log = json.loads(next((in_tmp).rglob("runs/generate.json")).read_text())
+    assert run_log["retries"] == {"malformed_response": 12} and run_log["call_errors"] == 6
     # ... and exits non-zero because the failure share (100%) is over generate.max_failure_share
     assert rc == 2
     assert "over generate.max_failure_share" in capsys.readouterr().err

@@ -192,7 +192,8 @@ class OpenAICompatBackend:
     HTTP 5xx, timeouts and connection errors are retried up to ``max_retries`` times with
     exponential backoff (backoff_initial_s * 2**k) plus up to backoff_initial_s of random jitter;
     a Retry-After header, when present, sets the wait instead. Every single wait is capped at
-    ``backoff_max_s``. Other 4xx answers are not retried. ``generate`` never raises: failures come
+    ``backoff_max_s``. Malformed replies (not JSON, not the OpenAI shape) are asked again up to
+    ``max_malformed_retries`` times. Other 4xx answers are not retried. ``generate`` never raises: failures come
     back as error results with a stable reason: 'transport_<rate_limited|server_error|timeout|
     connection|other>', 'http_<status>', 'malformed_response'. The API key is read only from the
     environment variable named by ``api_key_env``, held in a ``_Secret`` (repr '***', not
@@ -207,6 +208,7 @@ class OpenAICompatBackend:
         concurrency: requests in flight at once.
         timeout_s: HTTP timeout per attempt (connect, and each read/write, as httpx applies it).
         max_retries: retries after the first attempt for transient failures.
+        max_malformed_retries: retries of a request whose reply is malformed.
         backoff_initial_s: first backoff wait (doubles each retry, plus up to this much jitter).
         backoff_max_s: cap on any single wait, Retry-After included.
         check: probe the server at construction (raises BackendError when unreachable).
@@ -223,6 +225,7 @@ class OpenAICompatBackend:
         concurrency: int = 4,
         timeout_s: float = 60,
         max_retries: int = 5,
+        max_malformed_retries: int = 2,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 20,
         check: bool = True,
@@ -232,14 +235,16 @@ class OpenAICompatBackend:
         self.base_url = normalize_base_url(base_url)
         self.model_id = model
         self.model = model
-        if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_initial_s < 0 or backoff_max_s < 0:
+        if concurrency < 1 or max_retries < 0 or max_malformed_retries < 0 or timeout_s <= 0 \
+                or backoff_initial_s < 0 or backoff_max_s < 0:
             raise BackendError(
                 "invalid OpenAICompatBackend settings: need concurrency >= 1, max_retries >= 0, "
-                "timeout_s > 0, backoffs >= 0"
+                "max_malformed_retries >= 0, timeout_s > 0, backoffs >= 0"
             )
         self.concurrency = int(concurrency)
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
+        self.max_malformed_retries = int(max_malformed_retries)
         self.backoff_initial_s = float(backoff_initial_s)
         self.backoff_max_s = float(backoff_max_s)
         self.api_key_env = api_key_env
@@ -262,6 +267,7 @@ class OpenAICompatBackend:
         self._lock = threading.Lock()
         self._ll_max_tokens: int | None = None  # max_tokens that works for echo scoring, once known
         self.attempts = 0  # HTTP attempts made, retries included (for tests and logs)
+        self.retries: dict[str, int] = {}  # retries by reason, e.g. {'malformed_response': 2} (the run log)
         self.revision = self.model
         if check:
             self.revision = self.check()
@@ -401,20 +407,37 @@ class OpenAICompatBackend:
         body["prompt"] = req.prompt
         return "/completions", body, False
 
+    def _count_retry(self, reason: str) -> None:
+        with self._lock:
+            self.retries[reason] = self.retries.get(reason, 0) + 1
+
     def _generate_one(self, req: GenRequest) -> GenResult:
-        """Run one request to completion; never raises."""
+        """Run one request to completion; never raises.
+
+        A reply that is not JSON or not of the OpenAI shape (a proxy's HTML page, an empty ``choices``) is
+        asked again up to ``max_malformed_retries`` times, counted in ``retries['malformed_response']``;
+        after that the row keeps the reason ``malformed_response``.
+        """
         t0 = time.perf_counter()
         path, payload, chat = self._payload(req)
         try:
-            body = self._request("POST", path, payload)
-            text, reason, ptoks, ctoks = parse_generation(body, chat=chat)
+            for attempt in range(self.max_malformed_retries + 1):
+                try:
+                    body = self._request("POST", path, payload)
+                    text, reason, ptoks, ctoks = parse_generation(body, chat=chat)
+                    break
+                except _Malformed:
+                    if attempt == self.max_malformed_retries:
+                        raise
+                    self._count_retry("malformed_response")
         except _Retryable as exc:
             detail = f"{exc.detail} (gave up after {self.max_retries + 1} attempts)"
             return error_result(f"transport_{exc.kind}", self._scrub(detail), latency_s=time.perf_counter() - t0)
         except _HTTPStatusError as exc:
             return error_result(f"http_{exc.status}", self._scrub(exc.detail), latency_s=time.perf_counter() - t0)
         except _Malformed as exc:
-            return error_result("malformed_response", self._scrub(exc), latency_s=time.perf_counter() - t0)
+            detail = f"{exc} (after {self.max_malformed_retries + 1} attempts)"
+            return error_result("malformed_response", self._scrub(detail), latency_s=time.perf_counter() - t0)
         except httpx.HTTPError as exc:
             return error_result("transport_other", self._scrub(f"{type(exc).__name__}: {exc}"), latency_s=time.perf_counter() - t0)
         text, stopped = apply_stop(text, req.stop)

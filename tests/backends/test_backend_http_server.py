@@ -78,11 +78,19 @@ def test_exhausted_retries_are_error_results(openai_server, fault_proxy):
 @pytest.mark.parametrize("fault", ["garbage", "nochoices", "wrongtype"])
 def test_garbage_is_malformed_response(openai_server, fault_proxy, fault):
     fault_proxy.set_schedule([fault])
-    b = backend(fault_proxy.url, openai_server.model, check=False)
+    b = backend(fault_proxy.url, openai_server.model, check=False, max_malformed_retries=0)
     bad, good = b.generate([CHAT, PROMPT])  # concurrency 4: either may meet the fault
     results = sorted([bad, good], key=lambda r: r.ok)
     assert results[0].finish_reason == "error" and results[0].error.startswith("malformed_response: ")
     assert results[1].ok
+
+
+@pytest.mark.parametrize("fault", ["garbage", "nochoices"])
+def test_garbage_is_asked_again_and_the_row_is_not_lost(openai_server, fault_proxy, fault):
+    fault_proxy.set_schedule([fault, fault])
+    b = backend(fault_proxy.url, openai_server.model, check=False, concurrency=1)
+    (r,) = b.generate([PROMPT])
+    assert r.ok and b.retries == {"malformed_response": 2}
 
 
 def test_mixed_faults_under_concurrency_all_recover(openai_server, fault_proxy):
@@ -99,7 +107,8 @@ def test_api_key_never_leaks(openai_server, fault_proxy, monkeypatch, caplog):
     monkeypatch.setenv("REFINERY_SERVER_TEST_KEY", FAKE_KEY)
     caplog.set_level(logging.DEBUG)
     fault_proxy.set_schedule(["429", "garbage", "500", "500"])
-    b = backend(fault_proxy.url, openai_server.model, api_key_env="REFINERY_SERVER_TEST_KEY", max_retries=1, concurrency=1)
+    b = backend(fault_proxy.url, openai_server.model, api_key_env="REFINERY_SERVER_TEST_KEY", max_retries=1, concurrency=1,
+                max_malformed_retries=0)
     out = b.generate([PROMPT, PROMPT, PROMPT])
     assert [r.error.split(":")[0] if r.error else "ok" for r in out] == ["malformed_response", "transport_server_error", "ok"]
     assert fault_proxy.auth_headers and set(fault_proxy.auth_headers) == {f"Bearer {FAKE_KEY}"}

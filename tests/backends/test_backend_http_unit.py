@@ -205,7 +205,26 @@ def test_malformed_bodies_give_error_results(response):
     b = make(lambda r: response)
     (r,) = b.generate([GenRequest(messages=(("user", "x"),))])
     assert r.finish_reason == "error" and r.error.startswith("malformed_response: ")
-    assert "\n" not in r.error
+    assert "\n" not in r.error and "(after 3 attempts)" in r.error
+    assert b.retries == {"malformed_response": 2} and b.attempts == 3
+
+
+def test_a_malformed_reply_is_asked_again_within_the_run():
+    # given a server whose first two replies are an HTML page and an empty choices list
+    replies = iter([httpx.Response(200, text="<html>proxy error</html>"), httpx.Response(200, json={"choices": []}),
+                    httpx.Response(200, json=chat_body("fine"))])
+    b = make(lambda r: next(replies))
+    # when one request is sent, then the third reply is the row's, and the retries are counted
+    (r,) = b.generate([GenRequest(messages=(("user", "x"),))])
+    assert r.ok and r.text == "fine"
+    assert b.retries == {"malformed_response": 2}
+
+
+def test_malformed_retries_are_bounded_by_their_own_setting():
+    calls = []
+    b = make(lambda r: calls.append(1) or httpx.Response(200, text="nope"), max_malformed_retries=0)
+    (r,) = b.generate([GenRequest(prompt="x")])
+    assert r.error.startswith("malformed_response: ") and len(calls) == 1 and b.retries == {}
 
 
 def test_concurrency_is_bounded_and_order_kept():
@@ -247,7 +266,7 @@ def test_api_key_never_leaks(monkeypatch, caplog):
         return next(responses)(auth)
 
     caplog.set_level(logging.DEBUG)
-    b = make(handler, api_key_env="REFINERY_TEST_KEY", max_retries=1)
+    b = make(handler, api_key_env="REFINERY_TEST_KEY", max_retries=1, max_malformed_retries=0)
     out = b.generate([GenRequest(prompt="a")]) + b.generate([GenRequest(prompt="b")])
     out += b.generate([GenRequest(prompt="c")]) + b.generate([GenRequest(messages=(("user", "d"),))])
     assert seen_auth and all(a == f"Bearer {FAKE_KEY}" for a in seen_auth)  # it is sent...

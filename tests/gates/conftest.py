@@ -29,7 +29,7 @@ def rows(pairs: list[tuple[str | None, str | None]], **columns: list) -> pa.Tabl
         "code_version": ["c"] * n, "question": [q for q, _ in pairs], "answer": [a for _, a in pairs],
         "intent": [None] * n, "evidence": [None] * n, "raw_output": [f"{q}\n{a}" for q, a in pairs],
         "parse_error": [None] * n, "error": [None] * n, "finish_reason": ["stop"] * n, "prompt_tokens": [1] * n,
-        "completion_tokens": [1] * n, "latency_s": [0.1] * n, "seed": [0] * n, "sample_index": [0] * n,
+        "completion_tokens": [1] * n, "seed": [0] * n, "sample_index": [0] * n,
         "cache_key": [stable_id("k", str(i), length=64)[2:] for i in range(n)],
     }
     base.update(columns)
