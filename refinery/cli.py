@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("refinery.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
     "trace": ("refinery.trace:cli", "Show a row's lineage back to its seed rows and document span, and where it ended."),
     "doctor": ("refinery.doctor:cli", "Check installed packages and that every role's model resolves."),
+    "check": ("refinery.check:cli", "Check every params section, model role and the seed input before dvc repro."),
 }
 
 

@@ -54,14 +54,20 @@ def load_section(path: str | Path, section: str, model: type[P]) -> P:
 
 
 def parse_section(raw: Any, model: type[P], *, where: str) -> P:
-    """Validate a raw mapping into ``model`` with a one-line error naming the first bad key."""
+    """Validate a raw mapping into ``model``; the error names every bad key, each with its path, in one line."""
+    problems = validation_problems(raw, model, where=where)
+    if problems:
+        raise ParamsError("; ".join(problems))
+    return model.model_validate(raw if raw is not None else {})
+
+
+def validation_problems(raw: Any, model: type[StageParams], *, where: str) -> list[str]:
+    """Return one ``<where>.<key path>: <what is wrong>`` per problem in ``raw`` (empty when valid)."""
     try:
-        return model.model_validate(raw if raw is not None else {})
+        model.model_validate(raw if raw is not None else {})
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(section)"
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ParamsError(f"{where}.{key}: {err['msg']}{more}") from None
+        return [f"{where}.{'.'.join(str(p) for p in err['loc']) or '(section)'}: {err['msg']}" for err in e.errors()]
+    return []
 
 
 def params_hash(params: StageParams) -> str:
