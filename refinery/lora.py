@@ -140,14 +140,18 @@ def num_layers(model: Any) -> int | None:
 
 
 def attach_lora(model: Any, *, seq2seq: bool, r: int, alpha: int, dropout: float,
-                target_modules: Sequence[str] | None, top_layers: int | None = None) -> Any:
+                target_modules: Sequence[str] | None, top_layers: int | None = None, seed: int = 0) -> Any:
     """Wrap ``model`` with fresh LoRA adapters (Hu et al. 2021); ``target_modules=None`` takes peft's default.
 
     ``top_layers=k`` puts adapters on the last ``k`` blocks only (causal models): the backward pass then
-    stops there, which roughly halves a CPU step. None adapts every block.
+    stops there, which roughly halves a CPU step. None adapts every block. The adapters' A matrices are
+    drawn from torch's RNG, seeded here with ``seed``: unseeded, every run starts from other weights (B is
+    zero, so the first loss agrees and only later steps drift).
     """
+    import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
+    torch.manual_seed(seed)
     layers = None
     if top_layers is not None:
         n = num_layers(model)

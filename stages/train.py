@@ -125,7 +125,7 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
     train_ex = build_examples(dataset, documents, tokenizer, seq2seq=seq2seq, params=params, where=name)
     val_ex = build_examples(val, documents, tokenizer, seq2seq=seq2seq, params=params, where="val")
     model = lora.attach_lora(model, seq2seq=seq2seq, r=params.r, alpha=params.alpha, dropout=params.dropout,
-                             target_modules=params.target_modules, top_layers=params.top_layers)
+                             target_modules=params.target_modules, top_layers=params.top_layers, seed=params.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     cfg = lora.LoraTrainConfig(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
