@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +326,32 @@ def run_suites(frames: dict[str, pa.Table], suites: dict[str, Path], parameters:
             if isinstance(observed, np.generic):
                 observed = observed.item()
             outcomes.append(Outcome(kind, spec["meta"]["check"], bool(r.success), observed, bound, limit, shown))
+    if docs_dir is not None:
+        reproducible_docs(Path(docs_dir), run_time())
     return outcomes
+
+
+_STAMP = re.compile(r"\b\d{8}T\d{6}\.\d{6}Z\b")  # GE's run, load and render times (and a logo URL's ?d=)
+_UUID4 = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\b")
+
+
+def reproducible_docs(folder: Path, when) -> None:
+    """Make GE's Data Docs pages depend on the data only: wall-clock stamps become ``when``, random ids derived ones.
+
+    Great Expectations writes the render time into every page (a logo URL's cache-buster, ``ge_load_time``)
+    and a fresh uuid4 per collapsible block, so two runs on the same data never give the same bytes. Each
+    uuid4 becomes a uuid5 of the page's path and its order on the page, each stamp ``when``.
+    """
+    import uuid
+
+    stamp = when.strftime("%Y%m%dT%H%M%S.%fZ")
+    for page in sorted(folder.rglob("*.html")):
+        rel = page.relative_to(folder).as_posix()
+        ids: dict[str, str] = {}
+        text = page.read_text(encoding="utf-8")
+        text = _UUID4.sub(lambda m: ids.setdefault(m.group(0), str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rel}#{len(ids)}"))),
+                          text)
+        page.write_text(_STAMP.sub(stamp, text), encoding="utf-8")
 
 
 def run_time():

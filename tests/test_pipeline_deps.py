@@ -11,8 +11,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("refinery", "stages", "schemas")
-# Plumbing that does not shape any output's content: error types, atomic writes, params loading, provenance stamps.
-PLUMBING = {"refinery/errors.py", "refinery/io.py", "refinery/params.py", "refinery/provenance.py"}
+# Plumbing that does not shape any output's content: error types, atomic writes and their scratch, params loading,
+# provenance stamps.
+PLUMBING = {"refinery/errors.py", "refinery/io.py", "refinery/scratch.py", "refinery/params.py",
+            "refinery/provenance.py"}
 
 
 def _imports(path: Path) -> set[str]:
