@@ -463,7 +463,7 @@ class RowState:
     tokens: int = 0
     recovered: dict[str, Any] | None = None
     last_reasons: list[str] = field(default_factory=list)
-    error_survives: bool | None = None  # planted rows: some candidate passed every gate still holding the error
+    error_survives: bool | None = None  # planted rows: the candidate the gates recovered still holds the error
     next: str | None = None
     cap: int = 0  # calls this row may use (0: not admitted yet)
 
@@ -484,8 +484,10 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
     Rows are admitted in priority order while their whole per-row budget (``max_attempts`` calls) still fits
     in the global one; a recovered row gives back what it did not use, so later rounds admit further rows.
 
-    A candidate is recovered when it passes every gate (and, on planted rows, no longer holds the planted
-    error). A failed candidate is diagnosed again (``rediagnose``, adaptive) to choose the next action.
+    A candidate is recovered when it passes every gate: the gates alone decide, as they would in a real run.
+    On planted rows ``check_error`` then measures whether the recovered candidate still holds the planted
+    error (outcome ``laundered``): ground truth measures what the gates let through, and never refuses a
+    candidate. A failed candidate is diagnosed again (``rediagnose``, adaptive) to choose the next action.
 
     Args:
         rows: the rejected rows, in priority order.
@@ -497,11 +499,12 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
         budget: global teacher calls for this method.
         max_attempts: calls per row.
         rediagnose: diagnoses a failed candidate (None: keep the row's diagnosis, as the naive method does).
-        check_error: (rejected row, candidate) -> the planted error is still there (planted rows only).
+        check_error: (rejected row, candidate) -> the planted error is still there (planted rows only; a
+            measurement of the recovered candidate, not a filter).
         group_of: when set, candidates are gated one group at a time (planted rows: one injection kind at a
             time, so twins planted from the same source are never deduplicated against each other).
         trail: when given, every gated candidate (recovered or not) is appended to it, one table per round,
-            with a ``counted`` column (False where it passed every gate but still held the planted error).
+            with a ``counted`` column (True where it passed every gate and so recovered its row).
         chains: per-mode action chains replacing the built-in ones (``next_action``).
 
     Returns:
@@ -540,21 +543,18 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
             s.attempts += 1
             s.calls += 1
             s.tokens += int(cand["prompt_tokens"]) + int(cand["completion_tokens"])
-            s.outcome = "failed" if s.outcome != "laundered" else s.outcome
+            s.outcome = "failed"
             s.last_reasons = list(cand["gate_reasons"])
             counted.append(bool(cand["gate_keep"]))
-            if cand["gate_keep"]:
-                if check_error is not None and check_error(rows[i], cand):
-                    s.outcome, s.error_survives = "laundered", True
-                    s.last_reasons = ["injected_error_survives"]
-                    counted[-1] = False
-                else:
-                    s.outcome, s.recovered = "recovered", cand
-                    # sticky: an earlier candidate that passed every gate with the error is still counted
-                    s.error_survives = bool(s.error_survives) if check_error is not None else None
-                    recovered.append(gated.slice(k, 1))
-                    reserved -= s.cap - s.attempts  # release what this row no longer needs
-                    continue
+            if cand["gate_keep"]:  # the gates alone decide, as in a real run
+                s.outcome, s.recovered = "recovered", cand
+                if check_error is not None:  # planted rows: measure (never filter) whether the error got through
+                    s.error_survives = bool(check_error(rows[i], cand))
+                    if s.error_survives:
+                        s.outcome = "laundered"
+                recovered.append(gated.slice(k, 1))
+                reserved -= s.cap - s.attempts  # release what this row no longer needs
+                continue
             s.next = next_action(rediagnose(cand), s.actions, s.diagnosis, chains) if rediagnose is not None else None
         if trail is not None:
             trail.append(gated.append_column("counted", pa.array(counted, pa.bool_())))

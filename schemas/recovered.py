@@ -13,7 +13,8 @@ METHODS = ("adaptive", "naive")
 ACTIONS = ("strict_grounding", "reanswer_low_temp", "rewrite_helpfulness", "rewrite_length", "rewrite_fluency",
            "diversify", "regenerate_question", "fix_format", "fix_length", "resample")
 # Outcome of a rejected row under one method: recovered; failed (every attempt was rejected); laundered (planted
-# rows only: a candidate passed every gate but still holds the planted error, so it does not count); not_attempted
+# rows only: the gates recovered it with a candidate that still holds the planted error: an error let through,
+# measured with the injection's ground truth after the gates decided); not_attempted
 # (diagnosed unrecoverable); budget_exhausted (recoverable, but the global call budget ran out first); off (the
 # naive baseline is switched off).
 OUTCOMES = ("recovered", "failed", "laundered", "not_attempted", "budget_exhausted", "off")
@@ -45,7 +46,7 @@ DIAGNOSIS_FIELDS = [
     pa.field("failure_reasons", pa.list_(pa.string()), nullable=False),  # adaptive: last candidate's gate reasons
 ]
 INJECTION_CHECK_FIELDS = [
-    pa.field("error_survives", pa.bool_(), nullable=True),  # adaptive: a candidate passed all gates with the error
+    pa.field("error_survives", pa.bool_(), nullable=True),  # adaptive: the recovered candidate holds the error
     pa.field("naive_error_survives", pa.bool_(), nullable=True),  # null: no candidate passed every gate
 ]
 
@@ -54,7 +55,7 @@ ATTEMPT_FIELDS = [
     pa.field("recovery_method", pa.string(), nullable=False),  # adaptive | naive
     pa.field("row_set", pa.string(), nullable=False),  # generated (rejected rows) | planted (rejected planted rows)
     pa.field("diagnosis", pa.string(), nullable=False),  # failure mode of the rejected parent
-    pa.field("counted", pa.bool_(), nullable=False),  # recovered: passed every gate (and lost any planted error)
+    pa.field("counted", pa.bool_(), nullable=False),  # recovered its row: passed every gate
 ]
 
 RECOVERED_ARROW = pa.schema(list(gated.SYNTHETIC_ARROW) + RECOVERY_FIELDS)

@@ -270,20 +270,21 @@ def method_metrics(states: list[rec.RowState], *, accepted: int, generated: int)
 
 
 def injection_metrics(rows: list[dict[str, Any]], states: list[rec.RowState], planted: list[dict[str, Any]]) -> dict:
-    """Recall on planted errors before and after recovery (with and without the ground-truth check)."""
+    """Recall on planted errors before and after recovery, where after = what the gates alone let through.
+
+    A planted row the gates rejected and recovery then rescued with a candidate that still holds the error
+    (``laundered``, measured with the injection's ground truth after the gates decided) is an error that got
+    through: it no longer counts as caught.
+    """
     n = sum(r["injection_kind"] != "clean" for r in planted)
     caught = sum(r["injection_kind"] != "clean" and not r["gate_keep"] for r in planted)
     errs = [(r, s) for r, s in zip(rows, states) if r["injection_kind"] != "clean"]
-    # rows where gates alone would have let a planted error through: some candidate passed every gate with it
-    # (the ground-truth check stopped it; the row may still be recovered by a later candidate)
-    laundered = sum(s.error_survives is True for _, s in errs)
+    surviving = sum(s.outcome == "laundered" for _, s in errs)
     fixed = sum(s.outcome == "recovered" for _, s in errs)
     return {"planted_errors": n, "rejected_by_gates": caught, "attempted": sum(s.attempts > 0 for _, s in errs),
-            "recovered_error_removed": fixed, "passed_gates_with_error": laundered,
-            "errors_surviving_into_recovered": 0,  # rows that still hold their error are never written as recovered
+            "recovered_error_removed": fixed, "errors_surviving_into_recovered": surviving,
             "recall_before": round(caught / n, 4) if n else None,
-            "recall_after": round(caught / n, 4) if n else None,
-            "recall_after_gates_only": round((caught - laundered) / n, 4) if n else None,
+            "recall_after": round((caught - surviving) / n, 4) if n else None,
             "clean_rows_recovered": sum(s.outcome == "recovered" for r, s in zip(rows, states)
                                         if r["injection_kind"] == "clean")}
 
@@ -384,6 +385,13 @@ def report_table(metrics: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Yield (accepted / generated): {fmt(o['yield_before'])} before, {fmt(o['yield_after'])} after "
                  f"adaptive recovery (extra calls counted as generated).")
+    for method in ("adaptive", "naive"):
+        inj = (metrics.get("injected") or {}).get(method)
+        if inj and inj["planted_errors"]:
+            lines.append(f"\nPlanted errors, {method}: recall {fmt(inj['recall_before'])} before recovery, "
+                         f"{fmt(inj['recall_after'])} after (the gates alone decided; "
+                         f"{inj['errors_surviving_into_recovered']} of {inj['rejected_by_gates']} caught errors came "
+                         f"back through a recovered candidate that still held them).")
     return "\n".join(lines) + "\n"
 
 

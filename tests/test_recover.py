@@ -328,24 +328,27 @@ def test_a_candidate_that_duplicates_an_accepted_row_is_rejected_by_dedup(tmp_pa
     assert out.diagnosed.to_pylist()[0]["failure_reasons"] == ["dedup_exact_accepted"]
 
 
-# ---- planted errors are never laundered ----
+# ---- planted errors: the gates alone decide; ground truth only measures what they let through ----
 
-def test_given_a_planted_number_error_a_candidate_that_keeps_it_is_not_recovered(tmp_path):
+def test_given_a_planted_number_error_a_candidate_that_keeps_it_and_passes_the_gates_is_counted_as_let_through(
+        tmp_path):
     row = planted("Refunds take 21 days.", "number_change", "'14' -> '21'",
                   {"faithfulness": (0.1, "faithfulness_unsupported")})
     backend = FakeBackend(responder=responder({"recover_grounded": "Refunds are issued within 21 days."},
                                               default="Refunds take 21 days, as stated."))
     out = run(tmp_path, SYNTHETIC_ARROW.empty_table(), backend, planted_rows=row)
     d = recovered_schema.DIAGNOSED_INJECTED_CONTRACT.validate(out.injected, "planted").to_pylist()[0]
-    assert d["outcome"] == "laundered" and d["error_survives"] is True and d["recovered_row_id"] is None
+    # the gates passed the candidate, so recovery took it (no ground-truth refusal) ...
+    assert d["recovered_row_id"] is not None and d["attempts"] == 1
+    # ... and the measurement says it still holds the planted error
+    assert d["outcome"] == "laundered" and d["error_survives"] is True
     assert d["naive_outcome"] == "laundered"
     inj = out.metrics["injected"]["adaptive"]
-    assert inj["passed_gates_with_error"] == 1 and inj["recovered_error_removed"] == 0
-    assert inj["errors_surviving_into_recovered"] == 0 and inj["recall_after_gates_only"] == 0.0
-    assert out.recovered.num_rows == 0
-    # the candidate that passed every gate with the error is logged, marked as not counted
+    assert inj["errors_surviving_into_recovered"] == 1 and inj["recovered_error_removed"] == 0
+    assert inj["recall_before"] == 1.0 and inj["recall_after"] == 0.0
+    assert out.recovered.num_rows == 0  # planted rows never enter the datasets
     tried = out.attempts.to_pylist()
-    assert tried and all(r["row_set"] == "planted" and r["gate_keep"] and not r["counted"] for r in tried)
+    assert tried and all(r["row_set"] == "planted" and r["gate_keep"] and r["counted"] for r in tried)
 
 
 def test_given_a_planted_number_error_a_candidate_without_it_counts_as_recovered(tmp_path):
@@ -355,23 +358,25 @@ def test_given_a_planted_number_error_a_candidate_without_it_counts_as_recovered
               planted_rows=row)
     d = out.injected.to_pylist()[0]
     assert d["outcome"] == "recovered" and d["error_survives"] is False
-    assert out.metrics["injected"]["adaptive"]["recovered_error_removed"] == 1
+    inj = out.metrics["injected"]["adaptive"]
+    assert inj["recovered_error_removed"] == 1 and inj["errors_surviving_into_recovered"] == 0
+    assert inj["recall_after"] == 1.0
 
 
-def test_a_row_recovered_after_a_candidate_that_kept_its_error_still_counts_that_candidate(tmp_path):
+def test_recall_after_recovery_falls_when_a_laundering_candidate_gets_through_the_gates(tmp_path):
+    # given the same planted row recovered once by a teacher that removes the error, once by one that keeps it
     row = planted("Refunds take 21 days.", "number_change", "'14' -> '21'",
                   {"faithfulness": (0.1, "faithfulness_unsupported")})
-    answers = iter(["Refunds are issued within 21 days.", GOOD])  # the first grounded answer keeps the error
-    first = load_template(ROOT / "prompts" / "recover_grounded.txt").body.split("\n")[0]
-    backend = FakeBackend(responder=lambda req: " " + (next(answers) if req.prompt.startswith(first) else "no idea"))
-    out = run(tmp_path, SYNTHETIC_ARROW.empty_table(), backend, planted_rows=row, naive_baseline=False)
-    d = out.injected.to_pylist()[0]
-    # the second candidate recovers the row, and the first (which gates alone would have accepted) still counts
-    assert d["outcome"] == "recovered" and d["error_survives"] is True
-    inj = out.metrics["injected"]["adaptive"]
-    assert inj["recovered_error_removed"] == 1 and inj["passed_gates_with_error"] == 1
-    assert inj["recall_after_gates_only"] == 0.0 and inj["recall_after"] == 1.0
-    assert [r["counted"] for r in out.attempts.to_pylist()] == [False, True]
+    figures = {}
+    for name, answer in (("fixes", GOOD), ("launders", "Refunds are issued within 21 days.")):
+        out = run(tmp_path / name, SYNTHETIC_ARROW.empty_table(),
+                  FakeBackend(responder=responder({"recover_grounded": answer})), planted_rows=row,
+                  naive_baseline=False)
+        figures[name] = out.metrics["injected"]["adaptive"]
+    # then recall before recovery is the same, and after it the laundered error is no longer caught
+    assert figures["fixes"]["recall_before"] == figures["launders"]["recall_before"] == 1.0
+    assert figures["fixes"]["recall_after"] == 1.0 and figures["launders"]["recall_after"] == 0.0
+    assert figures["launders"]["errors_surviving_into_recovered"] == 1
 
 
 @pytest.mark.parametrize("kind, detail, planted_answer, candidate, present", [
