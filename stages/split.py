@@ -30,6 +30,7 @@ class SplitParams(StageParams):
     fractions: dict[str, float]  # share of QA rows per split; keys train, val, test; sum 1
     stratify_by: str | None = "intent"  # QA column to balance across splits; null to balance sizes only
     stratify_weight: float = Field(default=1.0, ge=0)  # weight of class balance against size balance
+    control_share: float = Field(default=0.5, ge=0, lt=1)  # share of val rows (whole groups) kept as controls
 
     @model_validator(mode="after")
     def _check_fractions(self) -> SplitParams:
@@ -45,6 +46,7 @@ class SplitResult:
     """One table per split, the counts metrics, and the groups used."""
 
     tables: dict[str, pa.Table]
+    parts: dict[str, pa.Table]  # val_calibration and val_control: val cut in two by group, disjoint
     metrics: dict[str, Any]
 
 
@@ -139,6 +141,33 @@ def check_leakage(tables: dict[str, pa.Table]) -> dict[str, int]:
     return {f"shared_{k}": sum(len(v) > 1 for v in m.values()) for k, m in seen.items()}
 
 
+def val_parts(val: pa.Table, groups: list[str], control_share: float, seed: int) -> dict[str, pa.Table]:
+    """Cut the val split in two by leakage group: rows that calibrate thresholds, and controls that measure them.
+
+    Every threshold the project calibrates (the verifier's, the reward and perplexity bounds) is fitted on
+    ``val_calibration``; the clean controls and planted errors that measure the gates come from
+    ``val_control``. No document (nor a document it supersedes) is in both, so a false-rejection rate
+    measured on the controls does not hold by construction.
+
+    Args:
+        val: the val split.
+        groups: each val row's leakage group.
+        control_share: the share of val rows to put in the control part (whole groups, in a seeded order;
+            at least one group on each side when there are two or more).
+        seed: the order in which groups are drawn.
+    """
+    unique = sorted(set(groups))
+    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    size = Counter(groups)
+    control: set[str] = set()
+    for g in order:
+        if len(unique) - len(control) <= 1 or sum(size[c] for c in control) >= control_share * len(groups):
+            break
+        control.add(g)
+    is_control = pa.array([g in control for g in groups], pa.bool_())
+    return {"val_calibration": val.filter(pc.invert(is_control)), "val_control": val.filter(is_control)}
+
+
 def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult:
     """Split seed QA rows into train, val and test.
 
@@ -166,6 +195,8 @@ def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult
         raise RefineryError(f"split: leakage across splits despite grouping ({leakage}); please report this bug")
     per_class = {s: dict(sorted(Counter(x for x, lab in zip(classes, labels) if lab == s and x).items()))
                  for s in SPLITS}
+    parts = val_parts(tables["val"], [g for g, lab in zip(groups, labels) if lab == "val"], params.control_share,
+                      params.seed)
     metrics = {
         "rows": {s: tables[s].num_rows for s in SPLITS},
         "share": {s: round(tables[s].num_rows / max(qa.num_rows, 1), 4) for s in SPLITS},
@@ -174,8 +205,10 @@ def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult
         "leakage": leakage,
         "classes_per_split": per_class if params.stratify_by else {},
         "classes_missing_from_train": sorted({c for c in classes if c} - set(per_class["train"])),
+        "val_parts": {name: {"rows": t.num_rows, "documents": len(set(t.column("doc_id").to_pylist()))}
+                      for name, t in parts.items()},
     }
-    return SplitResult(tables, metrics)
+    return SplitResult(tables, parts, metrics)
 
 
 @click.command("split")
@@ -195,7 +228,7 @@ def cli(in_dir: str, out_dir: str, metrics_file: str, params_file: str) -> None:
     result = split(documents, qa, params)
     out = Path(out_dir)
     with atomic_outputs() as outputs:
-        for name, table in result.tables.items():
+        for name, table in {**result.tables, **result.parts}.items():
             path = out / f"{name}.parquet"
             outputs.parquet(split_schema.CONTRACT.validate(table, str(path)), path, split_schema.ARROW)
         outputs.json(result.metrics, metrics_file)

@@ -125,3 +125,38 @@ def test_cosmosqa_splits_share_no_context(in_tmp):
     assert not contexts["val"] & contexts["test"]
     assert abs(result.metrics["share"]["test"] - 0.1) < 0.02
     print(json.dumps(result.metrics["rows"]))
+
+
+# ---- val cut in two: the rows that calibrate thresholds and the controls that measure the gates ----
+
+def test_val_calibration_and_val_control_are_disjoint_by_group_and_make_up_val(tmp_path):
+    # given a seed with several val groups (the tiny seed repeated on fresh documents)
+    docs = [{**d, "doc_id": f"{d['doc_id']}_{k}", "supersedes": f"{d['supersedes']}_{k}" if d["supersedes"] else None}
+            for k in range(4) for d in TINY_DOCS]
+    qa = [{**r, "qa_id": f"{r['qa_id']}_{k}", "doc_id": f"{r['doc_id']}_{k}", "question": f"{r['question']} ({k})"}
+          for k in range(4) for r in TINY_QA]
+    documents, table = seed_tables(tmp_path, docs=docs, qa=qa)
+    result = split(documents, table, SplitParams(seed=3, fractions={"train": 0.5, "val": 0.5, "test": 0.0}))
+    cal, ctl, val = (result.parts["val_calibration"], result.parts["val_control"], result.tables["val"])
+    ids = lambda t, c: set(t.column(c).to_pylist())  # noqa: E731
+    # then they share no row and no document, and together they are val
+    assert cal.num_rows and ctl.num_rows
+    assert not ids(cal, "row_id") & ids(ctl, "row_id") and not ids(cal, "doc_id") & ids(ctl, "doc_id")
+    assert ids(cal, "row_id") | ids(ctl, "row_id") == ids(val, "row_id")
+    # and a stale document stays on the side of the one that supersedes it
+    stale = {d["doc_id"]: d["superseded_by"] for d in documents.to_pylist() if d["superseded_by"]}
+    in_val = [(old, new) for old, new in stale.items() if old in ids(val, "doc_id")]
+    assert in_val and all((old in ids(cal, "doc_id")) == (new in ids(cal, "doc_id")) for old, new in in_val)
+    assert result.metrics["val_parts"]["val_control"]["rows"] == ctl.num_rows
+
+
+def test_every_threshold_is_calibrated_on_val_calibration_and_every_measurement_uses_val_control():
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    cmd = {name: " ".join(s.get("do", s)["cmd"].split()) for name, s in stages.items()}
+    for name in ("train_verifier", "gate", "recover"):  # the faithfulness threshold, reward and perplexity bounds
+        assert "--val data/02_split/val_calibration.parquet" in cmd[name], name
+        assert "val_control" not in cmd[name], name
+    assert "--val data/02_split/val_control.parquet" in cmd["inject"]  # clean controls and planted errors
+    assert "val_calibration" not in cmd["inject"]
