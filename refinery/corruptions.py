@@ -14,6 +14,36 @@ FACTUAL_KINDS = ("entity_swap", "number_change", "negation_flip", "unsupported_c
 FORM_KINDS = ("truncation", "refusal", "near_duplicate", "seed_paraphrase")
 # Kinds that make an answer worse to read or act on (reward-model preference pairs).
 STYLE_KINDS = ("condescending_tone", "vague_answer", "missing_direct_answer", "missing_escalation")
+# Families of factual kinds, for leave-families-out measurement: the learned gates (verifier, reward head) are
+# trained without the families named in params (inject.unseen_families), and the planted errors of those
+# families then measure whether a gate learned faithfulness or only the corruption generator.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "substitution": ("entity_swap", "number_change"),  # one span of the answer replaced by another
+    "polarity": ("negation_flip",),  # the answer says the opposite
+    "addition": ("unsupported_claim",),  # a claim the passage does not make is added
+    "misattribution": ("other_document",),  # an answer written for another passage
+}
+
+
+def unseen_kinds(families: object, where: str) -> tuple[str, ...]:
+    """Return the kinds of ``inject.unseen_families`` as read from ``where`` (a params file), failing in one line."""
+    from refinery.errors import ParamsError
+
+    if not isinstance(families, list) or not all(isinstance(f, str) for f in families):
+        raise ParamsError(f"{where}: inject.unseen_families: expected a list of family names")
+    try:
+        return kinds_of(families)
+    except ValueError as e:
+        raise ParamsError(f"{where}: inject.unseen_families: {e}") from None
+
+
+def kinds_of(families: Sequence[str]) -> tuple[str, ...]:
+    """Return the corruption kinds of the named families (in FACTUAL_KINDS order); unknown names fail."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown corruption family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
+    named = {k for f in families for k in FAMILIES[f]}
+    return tuple(k for k in FACTUAL_KINDS if k in named)
 
 
 @dataclass(frozen=True)

@@ -54,13 +54,34 @@ def _kinds(labels: np.ndarray) -> list[str]:
     return [k for k in KINDS if k in present] + sorted(present - set(KINDS))
 
 
-def _gate_scores(rejected: np.ndarray, labels: np.ndarray, kinds: list[str]) -> dict[str, Any]:
+def wilson(hits: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """Return the 95% Wilson score interval ``[low, high]`` of a share ``hits / n`` (None when n is 0)."""
+    if n == 0:
+        return None
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [round(float((centre - half) / (1 + z * z / n)), 4), round(float((centre + half) / (1 + z * z / n)), 4)]
+
+
+def _gate_scores(rejected: np.ndarray, labels: np.ndarray, kinds: list[str],
+                 unseen: Sequence[str] = ()) -> dict[str, Any]:
     clean = labels == CLEAN
     factual = np.isin(labels, FACTUAL_KINDS)
     injected = ~clean
     n_rej, n_rej_inj, n_rej_clean = int(rejected.sum()), int((rejected & injected).sum()), int((rejected & clean).sum())
+
+    def family(members: list[str]) -> dict[str, Any]:
+        rows = np.isin(labels, members)
+        hits, n = int((rejected & rows).sum()), int(rows.sum())
+        return {"kinds": members, "planted": n, "rejected": hits, "recall": _share(hits, n), "ci95": wilson(hits, n)}
+
+    factual_present = [k for k in FACTUAL_KINDS if k in kinds]
     return {
         "recall": {k: _share(int((rejected & (labels == k)).sum()), int((labels == k).sum())) for k in kinds},
+        "recall_ci95": {k: wilson(int((rejected & (labels == k)).sum()), int((labels == k).sum())) for k in kinds},
+        # leave-families-out: factual kinds the learned gates trained on, and those they never saw
+        "families": {"seen": family([k for k in factual_present if k not in unseen]),
+                     "unseen": family([k for k in factual_present if k in unseen])},
         "recall_factual": _share(int((rejected & factual).sum()), int(factual.sum())),
         "recall_injected": _share(n_rej_inj, int(injected.sum())),
         "false_rejection_rate": _share(n_rej_clean, int(clean.sum())),
@@ -71,18 +92,22 @@ def _gate_scores(rejected: np.ndarray, labels: np.ndarray, kinds: list[str]) -> 
     }
 
 
-def evaluate_injection(table: pa.Table, gates: list[str]) -> dict[str, Any]:
+def evaluate_injection(table: pa.Table, gates: list[str], unseen: Sequence[str] = ()) -> dict[str, Any]:
     """Score each gate and the cascade of all gates on injected rows and clean controls.
 
     Args:
         table: rows with ``injection_kind`` (a kind or 'clean') and a bool ``<gate>_keep`` per gate.
         gates: gate names, e.g. ``['rules', 'dedup', 'faithfulness']``; the cascade rejects a row when any does.
+        unseen: corruption kinds the learned gates never trained on (``inject.unseen_families``): each gate's
+            ``families`` block gives recall over the seen and the unseen factual kinds, with 95% intervals.
 
     Returns:
         JSON-ready dict (plain ints; floats rounded to 4 decimals; null where a share has no denominator)::
 
             {"rows": n, "counts": {kind: n, ..., "clean": n}, "factual_kinds": [...],
-             "gates": {gate: {"recall": {kind: r}, "recall_factual": r, "recall_injected": r,
+             "gates": {gate: {"recall": {kind: r}, "recall_ci95": {kind: [low, high]},
+                              "families": {"seen" | "unseen": {"kinds", "planted", "rejected", "recall", "ci95"}},
+                              "recall_factual": r, "recall_injected": r,
                               "false_rejection_rate": r, "precision": p,
                               "rejected": n, "rejected_injected": n, "rejected_clean": n}},
              "cascade": {... same keys ...},
@@ -118,8 +143,9 @@ def evaluate_injection(table: pa.Table, gates: list[str]) -> dict[str, Any]:
         "rows": int(table.num_rows),
         "counts": counts,
         "factual_kinds": [k for k in FACTUAL_KINDS if k in kinds],
-        "gates": {g: _gate_scores(rejected[:, j], labels, kinds) for j, g in enumerate(gates)},
-        CASCADE: _gate_scores(any_rejected, labels, kinds),
+        "unseen_kinds": [k for k in FACTUAL_KINDS if k in unseen],
+        "gates": {g: _gate_scores(rejected[:, j], labels, kinds, unseen) for j, g in enumerate(gates)},
+        CASCADE: _gate_scores(any_rejected, labels, kinds, unseen),
         "caught_by": caught_by,
         "missed": missed,
     }

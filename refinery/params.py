@@ -53,6 +53,19 @@ def load_section(path: str | Path, section: str, model: type[P]) -> P:
     return parse_section(data[section], model, where=f"{path}: {section}")
 
 
+def read_key(path: str | Path, key: str, default: Any = None) -> Any:
+    """Read one dotted key of another stage's section (``inject.unseen_families``), for a stage that shares it.
+
+    dvc.yaml lists the key under the stage's ``params`` so a change reruns it too.
+    """
+    node: Any = load_yaml(path)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def parse_section(raw: Any, model: type[P], *, where: str) -> P:
     """Validate a raw mapping into ``model``; the error names every bad key, each with its path, in one line."""
     problems = validation_problems(raw, model, where=where)

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 import pyarrow.compute as pc
 
+from refinery.corruptions import unseen_kinds
 from refinery.gating import (GateParams, build_gates, compare_modes, load_models, reason_counts, run_gates,
                               run_gates_by_kind)
-from refinery.params import load_section
+from refinery.params import load_section, read_key
 from schemas.gated import GATES
 
 
@@ -45,6 +46,7 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
 
     t0 = time.perf_counter()
     params = load_section(params_file, "gate", GateParams)
+    unseen = unseen_kinds(read_key(params_file, "inject.unseen_families", []), params_file)
     synthetic = synthetic_schema.CONTRACT.validate(read_parquet(synthetic_file), synthetic_file)
     injected = injected_schema.CONTRACT.validate(read_parquet(injected_file), injected_file)
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
@@ -59,7 +61,7 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     accepted, rejected = gated.filter(keep), gated.filter(pc.invert(keep))
     overlap = gate_overlap(gated, list(GATES))
     metrics = {**reason_counts(gated), "thresholds": thresholds, "overlap": overlap}
-    injection = {"cascade_and_gates": evaluate_injection(planted, list(GATES)),
+    injection = {"cascade_and_gates": evaluate_injection(planted, list(GATES), unseen),
                  "overlap": gate_overlap(planted, list(GATES)),
                  "faithfulness_modes": compare_modes(planted, gates, documents, models,
                                                      params.faithfulness.target_false_rejection)

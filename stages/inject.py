@@ -36,6 +36,18 @@ class InjectParams(StageParams):
     kinds: list[str]  # injection kinds to plant (a subset of schemas.injected.KINDS)
     per_kind: int = Field(ge=0)  # rows requested per kind (fewer when too few source rows can take the kind)
     clean_controls: int = Field(ge=0)  # unmodified val rows, to measure false rejections
+    # corruption families (refinery.corruptions.FAMILIES) the verifier and the reward head never train on; their
+    # planted rows measure the learned gates on error kinds they have not seen (read by train_verifier,
+    # train_reward and gate too)
+    unseen_families: list[str] = []
+
+    @field_validator("unseen_families")
+    @classmethod
+    def _check_families(cls, families: list[str]) -> list[str]:
+        from refinery.corruptions import kinds_of
+
+        kinds_of(families)  # raises on an unknown name
+        return families
 
     @field_validator("kinds")
     @classmethod

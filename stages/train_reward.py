@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,12 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from refinery import corruptions as corr
-from refinery.errors import InputError
-from refinery.params import StageParams, load_section, params_hash
+from refinery.errors import InputError, RefineryError
+from refinery.params import StageParams, load_section, params_hash, read_key
 from refinery.text import stable_id
 from schemas import preference_pairs as pairs_schema
 
@@ -122,7 +123,8 @@ def pairwise_accuracy(model: Any, pairs: pa.Table) -> dict[str, Any]:
 
 
 def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams, base_path: str, out_dir: Path, *,
-                      code_version: str, log: Callable[[str], None] = lambda s: None) -> RewardResult:
+                      code_version: str, unseen_kinds: Sequence[str] = (),
+                      log: Callable[[str], None] = lambda s: None) -> RewardResult:
     """Build train and val preference pairs, train the reward head into ``out_dir``, and measure val accuracy.
 
     Args:
@@ -131,6 +133,8 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
         base_path: the encoder folder to start from.
         out_dir: an empty folder the model and tokenizer are saved into.
         code_version: stamped on the exported pairs.
+        unseen_kinds: corruption kinds the head never trains on (leave-families-out); their pairs are still
+            exported (the DPO data keeps every category) and measured in the val accuracy.
         log: progress callback.
 
     Returns:
@@ -143,16 +147,19 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
                                    code_version=code_version, where="train")
     val_pairs = build_preference_pairs(val, seed=params.seed + 1, pairs_per_row=len(GROUPS), phash=phash,
                                        code_version=code_version, where="val")
-    train_metrics = train_reward(pairs, base_path, out_dir, epochs=params.epochs, lr=params.lr,
+    seen = pairs.filter(pc.invert(pc.is_in(pairs.column("corruption"), pa.array(list(unseen_kinds), pa.string()))))
+    if seen.num_rows == 0:
+        raise RefineryError("inject.unseen_families leaves the reward head no preference pair to train on")
+    train_metrics = train_reward(seen, base_path, out_dir, epochs=params.epochs, lr=params.lr,
                                  batch_size=params.batch_size, seed=params.seed, max_length=params.max_length,
                                  threads=params.threads, trainable_layers=params.trainable_layers, log=log)
     model = load_reward(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads)
     metrics = {
-        "pairs": pairs.num_rows,
+        "pairs": pairs.num_rows, "train_pairs": seen.num_rows, "unseen_kinds": list(unseen_kinds),
         "pairs_per_category": dict(sorted(Counter(pairs.column("category").to_pylist()).items())),
         "pairs_per_corruption": dict(sorted(Counter(pairs.column("corruption").to_pylist()).items())),
         "train": train_metrics,
-        "train_pairwise": pairwise_accuracy(model, pairs),
+        "train_pairwise": pairwise_accuracy(model, seen),
         "val": pairwise_accuracy(model, val_pairs),
     }
     return RewardResult(pairs, val_pairs, metrics)
@@ -177,6 +184,7 @@ def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir
     from stages.train_verifier import base_model_path, file_sha256
 
     params = load_section(params_file, "train_reward", TrainRewardParams)
+    unseen = corr.unseen_kinds(read_key(params_file, "inject.unseen_families", []), params_file)
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     base_path, base_id = base_model_path(base_dir)
@@ -187,7 +195,7 @@ def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)
         result = train_reward_core(train, val, params, base_path, folder, code_version=version,
-                                   log=lambda s: click.echo(s, err=True))
+                                   unseen_kinds=unseen, log=lambda s: click.echo(s, err=True))
         pairs = pairs_schema.CONTRACT.validate(result.pairs, pairs_file)
         pairs_schema.check_dataset(pairs, pairs_file)
         record = {"task": "reward", "base": base_id, "params": params.model_dump(mode="json"),

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from refinery import corruptions as corr
 from refinery.errors import InputError, RefineryError
-from refinery.params import StageParams, load_section, params_hash
+from refinery.params import StageParams, load_section, params_hash, read_key
 
 SPLIT_COLUMNS = ("question", "answer", "evidence", "doc_id")
 DOCUMENT_COLUMNS = ("doc_id", "text")
@@ -87,7 +87,8 @@ def _corrupt_first(kinds: Sequence[str], text: str, *, passage: str, other_texts
 
 def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per_positive: int,
                 counterfactual: bool, sentence_positives: bool = True,
-                kinds: Sequence[str] = corr.FACTUAL_KINDS, where: str = "split") -> pa.Table:
+                kinds: Sequence[str] = corr.FACTUAL_KINDS,
+                counterfactual_kinds: Sequence[str] = COUNTERFACTUAL_KINDS, where: str = "split") -> pa.Table:
     """Build (passage, claim, label) pairs from seed QA rows.
 
     Per row: the clean answer (with its question) against its evidence is supported; with
@@ -104,6 +105,7 @@ def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per
         counterfactual: add the counterfactual sentence pair.
         sentence_positives: add an evidence sentence as a supported claim.
         kinds: corruption kinds for the negatives.
+        counterfactual_kinds: the kinds that may edit the counterfactual sentence.
         where: the input's name for error messages.
 
     Returns:
@@ -154,9 +156,10 @@ def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per
             if c.applied and c.text.strip() != a.strip():
                 add(ev, claim_text(q, c.text), 0.0, kind, doc, c.detail)
                 made += 1
-        if counterfactual and sents:
+        if counterfactual and sents and counterfactual_kinds:
             s = corr._pick(rng, sents)
-            order = [COUNTERFACTUAL_KINDS[(int(rng.integers(3)) + i) % 3] for i in range(3)]
+            m = len(counterfactual_kinds)
+            order = [counterfactual_kinds[(int(rng.integers(m)) + i) % m] for i in range(m)]
             c = _corrupt_first(order, s, passage=ev, other_texts=context, rng=rng)
             if c is not None:
                 add(ev.replace(s, c.text, 1), c.text, 1.0, "counterfactual", doc, c.kind)
@@ -336,6 +339,7 @@ def _r(x: float | None) -> float | None:
 def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, params: TrainVerifierParams,
                         base_path: str, out_dir: Path, *, snli: pa.Table | None = None, judge: Any | None = None,
                         judge_id: str | None = None, embedder: Any | None = None,
+                        unseen_kinds: Sequence[str] = (),
                         log: Callable[[str], None] = lambda s: None) -> VerifierResult:
     """Build pairs, (optionally pre-train on SNLI,) train, save into ``out_dir`` and evaluate on val.
 
@@ -349,6 +353,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         judge: the judge backend whose answer likelihood the combiner reads (``likelihood_features``), or None.
         judge_id: its provenance id (recorded in COMBINER.json).
         embedder: the sentence embedder whose cosines the combiner reads (``embedding_features``), or None.
+        unseen_kinds: corruption kinds left out of every training pair (leave-families-out).
         log: progress callback.
 
     Returns:
@@ -373,8 +378,15 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     # one memory of judge scores for the combiner fit, the calibration and the aggregation check
     judge = Likelihood(judge) if params.likelihood_features else None
 
+    seen = tuple(k for k in corr.FACTUAL_KINDS if k not in unseen_kinds)
+    if not seen:
+        raise RefineryError("inject.unseen_families leaves the verifier no corruption kind to train on")
+    # leave-families-out: no training pair (nor combiner holdout pair) of an unseen kind; val pairs hold every
+    # kind, so the val metrics show how the verifier does on the kinds it never saw
     all_train = build_pairs(train, documents, seed=params.seed, negatives_per_positive=params.negatives_per_positive,
-                            counterfactual=params.counterfactual, where="train")
+                            counterfactual=params.counterfactual, kinds=seen,
+                            counterfactual_kinds=tuple(k for k in COUNTERFACTUAL_KINDS if k not in unseen_kinds),
+                            where="train")
     holdout = None
     if params.lexical_combiner:
         all_train, holdout = holdout_by_document(all_train, params.combiner_holdout, params.seed)
@@ -407,7 +419,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
         "train_pairs_per_kind": dict(sorted(Counter(train_pairs.column("kind").to_pylist()).items())),
         "val_pairs_per_kind": dict(sorted(Counter(val_pairs.column("kind").to_pylist()).items())),
         "snli_pretrain": snli_metrics, "train": train_metrics, "lexical_combiner": combiner_metrics,
-        "val": val_metrics,
+        "val": val_metrics, "unseen_kinds": list(unseen_kinds),
     }
     return VerifierResult(train_pairs, val_pairs, threshold, metrics)
 
@@ -461,6 +473,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     from schemas import split as split_schema
 
     params = load_section(params_file, "train_verifier", TrainVerifierParams)
+    unseen = corr.unseen_kinds(read_key(params_file, "inject.unseen_families", []), params_file)
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
@@ -492,7 +505,8 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)
         result = train_verifier_core(train, val, documents, params, base_path, folder, snli=snli, judge=judge,
-                                     judge_id=judge_id, embedder=embedder, log=lambda s: click.echo(s, err=True))
+                                     judge_id=judge_id, embedder=embedder, unseen_kinds=unseen,
+                                     log=lambda s: click.echo(s, err=True))
         record = training_record(params, result, inputs=inputs, base_id=base_id, task="faithfulness_verifier",
                                  code_version=code_version(sys.modules[__name__], corruptions, verifier))
         (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

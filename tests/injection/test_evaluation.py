@@ -40,6 +40,8 @@ def test_evaluate_injection_reports_exact_recall_frr_precision_and_catches():
     # then every number is as counted by hand
     assert result["counts"] == {"entity_swap": 2, "number_change": 1, "refusal": 2, "clean": 4}
     assert result["factual_kinds"] == ["entity_swap", "number_change"]
+    for block in [*result["gates"].values(), result["cascade"]]:  # intervals and families: their own test below
+        block.pop("recall_ci95"), block.pop("families")
     assert result["gates"]["rules"] == {
         "recall": {"entity_swap": 0.0, "number_change": 0.0, "refusal": 1.0}, "recall_factual": 0.0,
         "recall_injected": 0.4, "false_rejection_rate": 0.0, "precision": 1.0, "rejected": 2,
@@ -60,6 +62,24 @@ def test_evaluate_injection_reports_exact_recall_frr_precision_and_catches():
     }
     assert result["missed"] == {"entity_swap": 1, "number_change": 0, "refusal": 0, "clean": 3}
     assert json.loads(json.dumps(result)) == result  # JSON-ready
+
+
+def test_recall_comes_with_wilson_intervals_and_seen_and_unseen_families():
+    from refinery.injection import wilson
+
+    # given verdicts where number_change is a kind the learned gates never trained on
+    result = evaluate_injection(verdict_table(), GATES, unseen=["number_change"])
+    faith = result["gates"]["faithfulness"]
+    # then each kind's recall has its 95% Wilson interval, and factual kinds are pooled as seen / unseen
+    assert faith["recall_ci95"]["entity_swap"] == wilson(1, 2)
+    assert faith["families"]["seen"] == {"kinds": ["entity_swap"], "planted": 2, "rejected": 1, "recall": 0.5,
+                                         "ci95": wilson(1, 2)}
+    assert faith["families"]["unseen"] == {"kinds": ["number_change"], "planted": 1, "rejected": 1, "recall": 1.0,
+                                           "ci95": wilson(1, 1)}
+    assert result["unseen_kinds"] == ["number_change"]
+    # and the interval is the textbook one: 1 of 2 -> [0.0945, 0.9055]; 0 of 0 has none
+    assert wilson(1, 2) == [0.0945, 0.9055] and wilson(0, 0) is None
+    assert wilson(10, 10)[1] == 1.0 and 0.69 < wilson(10, 10)[0] < 0.73
 
 
 def test_shares_without_a_denominator_are_null():

@@ -193,3 +193,21 @@ def test_command_writes_validated_rows_and_metrics(in_tmp):
     assert table.schema.equals(injected_schema.ARROW) and table.num_rows == 5
     metrics = json.loads((in_tmp / "metrics" / "inject.json").read_text())
     assert metrics["produced"] == {"refusal": 2, "duplicate": 2, "clean": 1} and metrics["rows"] == 5
+
+
+def test_unseen_families_name_known_families_and_map_to_their_kinds():
+    import pydantic
+
+    from refinery.corruptions import FAMILIES, kinds_of, unseen_kinds
+    from refinery.errors import ParamsError
+    from stages.inject import InjectParams
+
+    base = dict(seed=1, kinds=["entity_swap"], per_kind=1, clean_controls=1)
+    assert InjectParams(**base, unseen_families=["polarity"]).unseen_families == ["polarity"]
+    with pytest.raises(pydantic.ValidationError, match="unknown corruption family 'polarty'"):
+        InjectParams(**base, unseen_families=["polarty"])
+    assert kinds_of(["misattribution", "polarity"]) == ("negation_flip", "other_document")
+    assert sorted(k for ks in FAMILIES.values() for k in ks) == sorted(
+        ("entity_swap", "number_change", "negation_flip", "unsupported_claim", "other_document"))
+    with pytest.raises(ParamsError, match=r"^p.yaml: inject.unseen_families: expected a list"):
+        unseen_kinds("polarity", "p.yaml")

@@ -75,6 +75,19 @@ def test_stage_core_is_deterministic(tmp_path, seed_tables, tiny_bert):
     assert a.pairs.equals(b.pairs)
 
 
+def test_the_reward_head_never_trains_on_unseen_kinds_but_exports_them(tmp_path, seed_tables, tiny_bert):
+    documents, qa = seed_tables
+    params = TrainRewardParams(**PARAMS)
+    result = train_reward_core(qa, qa, params, str(tiny_bert), tmp_path / "r", code_version="c",
+                               unseen_kinds=("negation_flip", "other_document"))
+    exported = result.pairs.column("corruption").to_pylist()
+    m = result.metrics
+    assert m["train_pairs"] == sum(k not in ("negation_flip", "other_document") for k in exported) < m["pairs"]
+    assert m["unseen_kinds"] == ["negation_flip", "other_document"]
+    assert "other_document" in exported and "off_topic" not in m["train_pairwise"]["per_category"]
+    assert "off_topic" in m["val"]["per_category"]  # measured on them all the same
+
+
 def test_command_exports_pairs_model_and_metrics(in_tmp, seed_tables, base_dir):
     import yaml
 

@@ -42,6 +42,22 @@ def test_build_pairs_balances_clean_and_corrupted_rows(seed_tables):
     assert build_pairs(qa, documents, seed=0, negatives_per_positive=2, counterfactual=True).equals(pairs)
 
 
+def test_unseen_kinds_never_reach_the_training_pairs_but_stay_in_val(tmp_path, seed_tables, tiny_bert):
+    # given negation flips and other-document answers held out (leave-families-out)
+    documents, qa = seed_tables
+    unseen = ("negation_flip", "other_document")
+    result = train_verifier_core(qa, qa, documents, TrainVerifierParams(**{**PARAMS, "counterfactual": True}),
+                                 str(tiny_bert), tmp_path / "v", unseen_kinds=unseen)
+    # then no training pair is of those kinds, nor a counterfactual edited by a negation ...
+    train_kinds = set(result.train_pairs.column("kind").to_pylist())
+    details = result.train_pairs.column("detail").to_pylist()
+    assert not train_kinds & set(unseen) and "negation_flip" not in details
+    assert {"entity_swap", "number_change"} & train_kinds
+    # ... while the val pairs that measure the verifier still hold them
+    assert set(unseen) & set(result.val_pairs.column("kind").to_pylist())
+    assert result.metrics["unseen_kinds"] == list(unseen)
+
+
 def test_build_pairs_names_a_missing_column(seed_tables):
     documents, qa = seed_tables
     with pytest.raises(InputError, match="missing column.*evidence"):
