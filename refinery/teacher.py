@@ -1,4 +1,4 @@
-"""Run teacher requests through a content-addressed, resumable cache, in fixed batches, with progress."""
+"""Run teacher requests through a content-addressed, resumable cache (a continuous window or fixed batches)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,13 +110,30 @@ def progress_bar(total: int, desc: str, quiet: bool) -> Any:
                 dynamic_ncols=True)
 
 
+def _stream(model: Any, todo: list[Job], jobs: Sequence[Job], results: dict[str, GenResult],
+            cache: GenerationCache, stats: RunStats, bar: Any) -> None:
+    """Answer ``todo`` through a backend's continuous window, committing each group of results as it arrives."""
+    per_key = Counter(j.key for j in jobs)
+    for group in model.generate_stream([j.request for j in todo]):
+        done = [(todo[i].key, r) for i, r in group]
+        stats.calls += len(done)
+        stats.errors += sum(not r.ok for _, r in done)
+        stats.latencies.extend(r.latency_s for _, r in done)
+        results.update(done)
+        cache.put_many([(k, r) for k, r in done if r.ok])
+        bar.update(sum(per_key[k] for k, _ in done))
+
+
 def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cache: GenerationCache, *,
              batch_size: int, desc: str = "teacher", quiet: bool = False) -> tuple[list[GenResult], RunStats]:
-    """Answer every job from the cache or the backend, in batches fixed by job order.
+    """Answer every job from the cache or the backend.
 
-    Batches are cut from the full job list (not from what is missing), so a resumed run sends the
-    same batches as an uninterrupted one. Each finished batch is committed to the cache before the
-    next starts.
+    A backend with ``generate_stream`` (HTTP servers) gets every missing job in job order through its
+    continuous window of ``concurrency`` requests in flight; each group of results is committed to the
+    cache as it arrives, so a kill loses at most the requests in flight. Other backends (in-process
+    models) get batches cut from the full job list (not from what is missing), so a resumed run sends
+    the same batches as an uninterrupted one; each finished batch is committed before the next starts.
+    Either way a result depends only on its job (request, seed), never on completion order.
 
     Args:
         jobs: the calls, in a deterministic order.
@@ -134,20 +152,24 @@ def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cach
     model: Backend | None = None if callable(backend) and not hasattr(backend, "generate") else backend
     bar = progress_bar(len(jobs), desc, quiet)
     bar.update(stats.cache_hits)
+    todo = list({j.key: j for j in jobs if j.key not in results}.values())  # job order, each key once
+    if todo and model is None:
+        model = backend()
     try:
-        for start in range(0, len(jobs), batch_size):
+        if todo and callable(getattr(model, "generate_stream", None)):
+            _stream(model, todo, jobs, results, cache, stats, bar)
+            todo = []
+        for start in range(0, len(jobs) if todo else 0, batch_size):
             batch = [j for j in jobs[start:start + batch_size] if j.key not in results]
-            todo = list({j.key: j for j in batch}.values())
-            if not todo:
+            sent = list({j.key: j for j in batch}.values())
+            if not sent:
                 continue
-            if model is None:
-                model = backend()
-            out = model.generate([j.request for j in todo])
-            stats.calls += len(todo)
+            out = model.generate([j.request for j in sent])
+            stats.calls += len(sent)
             stats.errors += sum(not r.ok for r in out)
             stats.latencies.extend(r.latency_s for r in out)
-            results.update({j.key: r for j, r in zip(todo, out)})
-            cache.put_many([(j.key, r) for j, r in zip(todo, out) if r.ok])
+            results.update({j.key: r for j, r in zip(sent, out)})
+            cache.put_many([(j.key, r) for j, r in zip(sent, out) if r.ok])
             bar.update(len(batch))
     finally:
         bar.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import Field
 
 from refinery.models import resolve
 from refinery.params import StageParams, load_section
@@ -21,6 +22,13 @@ class EndpointSpec(StageParams):
     endpoint: str
     model: str
     api_key_env: str | None = None
+    # client settings (throughput only; none changes a row): requests in flight, per-read timeout, retry budgets
+    concurrency: int | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0)
+    max_malformed_retries: int | None = Field(default=None, ge=0)
+    backoff_initial_s: float | None = Field(default=None, ge=0)
+    backoff_max_s: float | None = Field(default=None, ge=0)
 
 
 class ProvisionParams(StageParams):
@@ -33,7 +41,7 @@ class ProvisionParams(StageParams):
 
 
 def _raw(value: str | EndpointSpec) -> Any:
-    return value.model_dump() if isinstance(value, EndpointSpec) else value
+    return value.model_dump(exclude_none=True) if isinstance(value, EndpointSpec) else value
 
 
 def plan(params: ProvisionParams) -> dict[str, resolve.ModelSpec]:

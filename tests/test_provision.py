@@ -31,6 +31,8 @@ def test_parse_spec(value, kind, ref, rev):
     ("not a model", "neither embedded"),
     ({"endpoint": "ftp://x", "model": "m"}, "must start with http"),
     ({"endpoint": "http://x", "model": "m", "api_key": "secret"}, "unknown endpoint key"),
+    ({"endpoint": "http://x", "model": "m", "concurrency": 0}, "endpoint concurrency must be an integer >= 1"),
+    ({"endpoint": "http://x", "model": "m", "timeout_s": "fast"}, "endpoint timeout_s must be a number"),
 ])
 def test_bad_specs_fail_with_one_line_naming_the_role(value, message):
     with pytest.raises(ModelResolutionError, match=message):
@@ -83,6 +85,22 @@ def test_local_path_is_hashed_in_place_and_endpoint_stores_no_secret(in_tmp, mon
     judge_text = (in_tmp / "base" / "judge" / "PROVENANCE.json").read_text()
     assert "MY_KEY" in judge_text and "sk-very-secret" not in judge_text
     assert resolve.load_target(in_tmp / "base", "teacher")["path"] == "./mymodel"
+
+
+def test_endpoint_client_settings_reach_the_backend(in_tmp):
+    from refinery.backends.factory import make_backend
+
+    params = params_for(in_tmp, provision={
+        "teacher": {"endpoint": "http://127.0.0.1:9/v1", "model": "m", "concurrency": 128, "timeout_s": 30,
+                    "max_retries": 2, "max_malformed_retries": 1, "backoff_max_s": 4},
+        "judge": "./base_judge", "student": "./base_judge", "embedder": "./base_judge"})
+    (in_tmp / "base_judge").mkdir()
+    assert main(["provision", "--params", str(params), "--out", "base", "--metrics", "m.json"]) == 0
+    spec = resolve.backend_spec(resolve.load_target(in_tmp / "base", "teacher"))
+    backend = make_backend({**spec, "check": False})
+    assert (backend.concurrency, backend.timeout_s, backend.max_retries, backend.max_malformed_retries,
+            backend.backoff_max_s) == (128, 30.0, 2, 1, 4.0)
+    backend.close()
 
 
 def test_provision_with_a_bad_spec_writes_nothing(in_tmp, capsys):

@@ -16,6 +16,7 @@ _OPENAI_KEYS = {
     "concurrency",
     "timeout_s",
     "max_retries",
+    "max_malformed_retries",
     "backoff_initial_s",
     "backoff_max_s",
     "check",

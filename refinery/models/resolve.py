@@ -59,6 +59,7 @@ class ModelSpec:
     ref: str
     revision: str | None = None
     api_key_env: str | None = None
+    client: tuple[tuple[str, Any], ...] = ()  # endpoint client settings (CLIENT_KEYS); they do not change outputs
 
     @property
     def slug(self) -> str:
@@ -67,12 +68,21 @@ class ModelSpec:
         return f"{self.kind}--{base.strip('-')}"[:120]
 
 
+# Client settings an endpoint spec may carry, with their type and lower bound: how many requests stay in flight,
+# the per-read timeout, and the retry budgets. They shape throughput, not the rows, so they are in no cache key.
+CLIENT_KEYS: dict[str, tuple[type, float]] = {
+    "concurrency": (int, 1), "timeout_s": (float, 0.001), "max_retries": (int, 0), "max_malformed_retries": (int, 0),
+    "backoff_initial_s": (float, 0), "backoff_max_s": (float, 0),
+}
+
+
 def parse_spec(role: str, value: Any) -> ModelSpec:
     """Parse what params.yaml names for ``role``.
 
     Accepted: ``embedded:<name>``; a Hugging Face id ``org/name`` or ``hf:org/name``, optionally ``@revision``;
     a local folder path; or a mapping ``{endpoint: URL, model: NAME, api_key_env: VAR}`` for an
-    OpenAI-compatible server.
+    OpenAI-compatible server, optionally with client settings (``concurrency``, ``timeout_s``,
+    ``max_retries``, ``max_malformed_retries``, ``backoff_initial_s``, ``backoff_max_s``).
 
     Raises:
         ModelResolutionError: one line naming the role and what to set.
@@ -83,10 +93,21 @@ def parse_spec(role: str, value: Any) -> ModelSpec:
             raise ModelResolutionError(f"role '{role}': an endpoint spec needs 'endpoint' (base URL) and 'model'")
         if not str(url).startswith(("http://", "https://")):
             raise ModelResolutionError(f"role '{role}': endpoint '{url}' must start with http:// or https://")
-        unknown = set(value) - {"endpoint", "model", "api_key_env"}
+        unknown = set(value) - {"endpoint", "model", "api_key_env", *CLIENT_KEYS}
         if unknown:
-            raise ModelResolutionError(f"role '{role}': unknown endpoint key(s) {sorted(unknown)}")
-        return ModelSpec(role, "endpoint", str(url).rstrip("/"), str(model), value.get("api_key_env"))
+            raise ModelResolutionError(f"role '{role}': unknown endpoint key(s) {sorted(unknown)} (known: endpoint, "
+                                       f"model, api_key_env, {', '.join(CLIENT_KEYS)})")
+        client = []
+        for key, (kind, low) in CLIENT_KEYS.items():
+            if value.get(key) is None:
+                continue
+            v = value[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)) \
+                    or v < low:
+                raise ModelResolutionError(f"role '{role}': endpoint {key} must be {'an integer' if kind is int else 'a number'}"
+                                           f" >= {low:g}, got {v!r}")
+            client.append((key, kind(v)))
+        return ModelSpec(role, "endpoint", str(url).rstrip("/"), str(model), value.get("api_key_env"), tuple(client))
     if not isinstance(value, str) or not value.strip():
         raise ModelResolutionError(f"role '{role}': expected a model name, got {value!r}")
     value = value.strip()
@@ -240,7 +261,8 @@ def materialize(spec: ModelSpec, weights_root: Path, log: Callable[[str], None] 
         return record
     if spec.kind == "endpoint":
         record.update(model=spec.revision, api_key_env=spec.api_key_env)
-        record["load"] = {"endpoint": spec.ref, "model": spec.revision, "api_key_env": spec.api_key_env}
+        record["load"] = {"endpoint": spec.ref, "model": spec.revision, "api_key_env": spec.api_key_env,
+                          **dict(spec.client)}
         return record
     raise ModelResolutionError(f"role '{spec.role}': unknown model kind '{spec.kind}'")
 
@@ -277,7 +299,7 @@ def backend_spec(load: dict[str, Any], **local_options: Any) -> dict[str, Any]:
     """
     if "endpoint" in load:
         return {"kind": "openai", "base_url": load["endpoint"], "model": load["model"],
-                "api_key_env": load.get("api_key_env")}
+                "api_key_env": load.get("api_key_env"), **{k: load[k] for k in CLIENT_KEYS if k in load}}
     if "hf_id" in load:
         from huggingface_hub import snapshot_download
 

@@ -228,14 +228,16 @@ def test_malformed_retries_are_bounded_by_their_own_setting():
 
 
 def test_concurrency_is_bounded_and_order_kept():
+    import asyncio
+
     lock = threading.Lock()
     state = {"now": 0, "peak": 0}
 
-    def handler(request):
+    async def handler(request):
         with lock:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
         with lock:
             state["now"] -= 1
         prompt = json.loads(request.content)["prompt"]
