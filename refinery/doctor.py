@@ -12,7 +12,7 @@ import click
 
 # distribution -> import name (checked by metadata only: nothing heavy is imported)
 REQUIRED = ("torch", "transformers", "peft", "sentence-transformers", "dvc", "pandera", "pyarrow", "duckdb",
-            "great-expectations", "click", "pydantic", "gguf", "accelerate", "rensa", "tenacity", "httpx")
+            "great-expectations", "click", "pydantic", "gguf", "accelerate", "rensa", "tenacity", "httpx", "aiohttp")
 
 
 def check_packages() -> list[tuple[str, str | None]]:

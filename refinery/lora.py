@@ -312,7 +312,8 @@ def train_lora(model: Any, tokenizer: Any, *, seq2seq: bool, train: Sequence[Exa
         The loss curves and the best step.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from refinery.progress import progress as progress_bar
 
     if not train:
         raise RefineryError("train: no training rows")
@@ -346,8 +347,7 @@ def train_lora(model: Any, tokenizer: Any, *, seq2seq: bool, train: Sequence[Exa
     log(f"val loss before training: {first:.4f}")
     best_state: dict | None = None
     eval_every = cfg.eval_every
-    bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True,
-               mininterval=1.0)
+    bar = progress_bar(total, "train", "step", enabled=progress, file=sys.stderr)
     step = 0
     model.train()
     for epoch, batches in enumerate(epochs):
@@ -404,7 +404,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, seq2seq: boo
         The decoded answers, stripped, in input order.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from refinery.progress import progress as progress_bar
 
     model.eval()
     out: list[str] = [""] * len(prompts)
@@ -414,8 +415,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, seq2seq: boo
     tokenizer.padding_side = "right" if seq2seq else "left"
     try:
         with torch.inference_mode():
-            for s in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", file=sys.stderr,
-                          disable=not progress, mininterval=1.0):
+            bar = progress_bar(math.ceil(len(order) / batch_size), "generate", "batch", enabled=progress,
+                               file=sys.stderr)
+            for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                                 add_special_tokens=special)
@@ -425,6 +427,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, seq2seq: boo
                     gen = gen[:, enc["input_ids"].shape[1]:]
                 for i, g in zip(idx, gen):
                     out[i] = tokenizer.decode(g, skip_special_tokens=True).strip()
+                bar.update(1)
+            bar.close()
     finally:
         tokenizer.padding_side = side
     return out

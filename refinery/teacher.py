@@ -103,11 +103,10 @@ class RunStats:
 
 
 def progress_bar(total: int, desc: str, quiet: bool) -> Any:
-    """Return a tqdm bar on stderr (rate and ETA), disabled when quiet or stderr is not a terminal."""
-    from tqdm import tqdm
+    """Return progress on stderr (rate and ETA): a bar on a terminal, a line every few seconds in a log."""
+    from refinery.progress import progress
 
-    return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=quiet or not sys.stderr.isatty(),
-                dynamic_ncols=True)
+    return progress(total, desc, "call", enabled=not quiet, file=sys.stderr)
 
 
 def _stream(model: Any, todo: list[Job], jobs: Sequence[Job], results: dict[str, GenResult],

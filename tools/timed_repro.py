@@ -3,8 +3,9 @@
 Usage: python tools/timed_repro.py [dvc repro arguments...]
 
 DVC prints "Running stage 'NAME':" when a stage starts; a stage ends when the next one starts or the
-command exits. The output is passed through unchanged; at the end a table of stage wall times is printed
-and written to .refinery/stage_times.json (git-ignored). The exit code is dvc's.
+command exits. The output is passed through unchanged, each stage's wall time is printed as it finishes,
+and at the end a table of stage wall times (also written to .refinery/stage_times.json, git-ignored) and
+where the results are. The exit code is dvc's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
             now = time.monotonic()
             if current is not None:
                 times[current[0]] = now - current[1]
+                print(f"timed_repro: {current[0]} finished in {_fmt(times[current[0]])} "
+                      f"(total {_fmt(now - started)})", flush=True)
             current = (match.group(1), now)
     code = proc.wait()
     end = time.monotonic()
@@ -49,6 +52,13 @@ def main(argv: list[str]) -> int:
     out = Path(".refinery/stage_times.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"stages_s": times, "total_s": total, "exit_code": code}, indent=2) + "\n")
+    results = [("report", "reports/report.md"), ("review page", "reports/review/index.html"),
+               ("Data Docs", "reports/data_docs/index.html"), ("audit", "reports/audit.json"),
+               ("datasets", "data/06_datasets"), ("metrics", "metrics"), ("stage times", str(out))]
+    print("\nresults:", file=sys.stderr)
+    for what, path in results:
+        if Path(path).exists():
+            print(f"  {what:<12} {path}", file=sys.stderr)
     return code
 
 
