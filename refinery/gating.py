@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.gates.base import Gate
+from refinery.gates.base import Gate, Verdicts
 from refinery.params import StageParams
 from schemas.gated import GATES
 
@@ -82,31 +82,59 @@ class GateParams(StageParams):
     perplexity: PerplexityParams
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
+    mode: Literal["full", "cascade"] = "full"  # full: every verdict on every row; cascade: see run_gates
 
 
-def run_gates(rows: pa.Table, gates: dict[str, Gate]) -> pa.Table:
-    """Apply every gate to every row and append their columns, ``gate_keep`` and ``gate_reasons``.
+# Cascade order: the gates that need no model first, then the model gates from the cheapest per row (an embedding,
+# a reward-head pass, a cross-encoder pass, a language-model pass over every token).
+CASCADE = ("rules", "dedup", "overlap_ngram", "overlap_embedding", "reward", "faithfulness", "perplexity")
+
+
+def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full") -> pa.Table:
+    """Apply the gates to the rows and append their columns, ``gate_keep`` and ``gate_reasons``.
 
     Args:
         rows: rows of the synthetic (or injected) contract.
-        gates: name -> gate, in the order of ``schemas.gated.GATES``.
+        gates: name -> gate, for every name of ``schemas.gated.GATES``.
+        mode: ``full``: every gate judges every row (every verdict is measured; reasons in GATES order).
+            ``cascade``: gates run in ``CASCADE`` order and each judges only the rows every earlier gate
+            kept, so a model scores a row at most once and never one already rejected; a gate's columns
+            are null on rows it did not judge, and ``gate_reasons`` holds the one reason that stopped a row.
 
     Returns:
-        ``rows`` with the gate columns; no row is dropped.
+        ``rows`` with the gate columns (in GATES order); no row is dropped.
     """
-    keep_all = np.ones(rows.num_rows, bool)
-    reasons: list[list[str]] = [[] for _ in range(rows.num_rows)]
+    if mode not in ("full", "cascade"):
+        raise ValueError(f"gate mode must be 'full' or 'cascade', got {mode!r}")
+    n = rows.num_rows
+    keep_all = np.ones(n, bool)
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    columns: dict[str, dict[str, pa.Array]] = {}
+    for name in GATES if mode == "full" else CASCADE:
+        idx = np.arange(n) if mode == "full" else np.flatnonzero(keep_all)
+        sub = rows if len(idx) == n else rows.take(pa.array(idx, pa.int64()))
+        verdicts = gates[name].apply(sub) if len(idx) else Verdicts([], [], [])
+        keep: list[bool | None] = [None] * n
+        score: list[float | None] = [None] * n
+        reason: list[str | None] = [None] * n
+        for j, i in enumerate(idx):
+            keep[i], score[i], reason[i] = verdicts.keep[j], verdicts.score[j], verdicts.reason[j]
+            if verdicts.reason[j] is not None:
+                reasons[i].append(verdicts.reason[j])
+        keep_all[idx] &= np.asarray(verdicts.keep, bool)
+        columns[name] = {f"{name}_keep": pa.array(keep, pa.bool_()), f"{name}_score": pa.array(score, pa.float64()),
+                         f"{name}_reason": pa.array(reason, pa.string())}
     for name in GATES:
-        verdicts = gates[name].apply(rows)
-        for col, arr in verdicts.to_columns(name).items():
+        for col, arr in columns[name].items():
             rows = rows.append_column(col, arr)
-        keep_all &= np.asarray(verdicts.keep, bool)
-        for i, r in enumerate(verdicts.reason):
-            if r is not None:
-                reasons[i].append(r)
     rows = rows.append_column(pa.field("gate_keep", pa.bool_(), nullable=False), pa.array(keep_all, pa.bool_()))
     return rows.append_column(pa.field("gate_reasons", pa.list_(pa.string()), nullable=False),
                               pa.array(reasons, pa.list_(pa.string())))
+
+
+def judged_rows(gated: pa.Table) -> dict[str, int]:
+    """Rows each gate judged (its model's calls, for the model gates): all rows in full mode."""
+    return {g: gated.num_rows - gated.column(f"{g}_keep").null_count for g in GATES}
 
 
 class _ByKind:
@@ -132,7 +160,7 @@ def reason_counts(gated: pa.Table) -> dict[str, Any]:
     kept = int(pc.sum(gated.column("gate_keep")).as_py() or 0) if total else 0
     first = Counter(r[0] for r in gated.column("gate_reasons").to_pylist() if r)
     every = Counter(x for r in gated.column("gate_reasons").to_pylist() for x in r)
-    per_gate = {g: total - int(pc.sum(gated.column(f"{g}_keep")).as_py() or 0) if total else 0 for g in GATES}
+    per_gate = {g: int(pc.sum(pc.invert(gated.column(f"{g}_keep"))).as_py() or 0) if total else 0 for g in GATES}
     return {"total": total, "kept": kept, "rejected": total - kept,
             **{f"dropped_{k}": v for k, v in sorted(first.items())},
             "rejected_by_gate": per_gate, "reasons_all": dict(sorted(every.items()))}

@@ -11,10 +11,14 @@ GATES = ("rules", "dedup", "overlap_ngram", "overlap_embedding", "faithfulness",
 
 
 def gate_fields(gates: tuple[str, ...] = GATES) -> list[pa.Field]:
-    """Per gate ``<gate>_keep``/``_score``/``_reason``, then ``gate_keep`` and every failing reason in order."""
+    """Per gate ``<gate>_keep``/``_score``/``_reason``, then ``gate_keep`` and every failing reason in order.
+
+    ``<gate>_keep`` is null only where the gate did not judge the row: in ``gate.mode: cascade`` an earlier
+    gate had already rejected it.
+    """
     fields = []
     for g in gates:
-        fields += [pa.field(f"{g}_keep", pa.bool_(), nullable=False), pa.field(f"{g}_score", pa.float64()),
+        fields += [pa.field(f"{g}_keep", pa.bool_(), nullable=True), pa.field(f"{g}_score", pa.float64()),
                    pa.field(f"{g}_reason", pa.string())]
     return fields + [pa.field("gate_keep", pa.bool_(), nullable=False),
                      pa.field("gate_reasons", pa.list_(pa.string()), nullable=False)]

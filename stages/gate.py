@@ -9,8 +9,8 @@ import click
 import pyarrow.compute as pc
 
 from refinery.corruptions import unseen_kinds
-from refinery.gating import (GateParams, build_gates, compare_modes, load_models, reason_counts, run_gates,
-                              run_gates_by_kind)
+from refinery.gating import (GateParams, build_gates, compare_modes, judged_rows, load_models, reason_counts,
+                             run_gates, run_gates_by_kind)
 from refinery.params import load_section, read_key
 from schemas.gated import GATES
 
@@ -55,12 +55,16 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     cache = Path(cache_dir)
     models = load_models(params, models_dir, verifier_dir, reward_dir, cache)
     gates, thresholds = build_gates(params, train, val, documents, models, cache)
-    gated = gated_schema.CONTRACT.validate(run_gates(synthetic, gates), "gated synthetic rows")
+    gated = gated_schema.CONTRACT.validate(run_gates(synthetic, gates, params.mode), "gated synthetic rows")
+    # planted rows get every verdict in either mode, so recall, overlap and who-caught-what keep their meaning
     planted = gated_schema.INJECTED_CONTRACT.validate(run_gates_by_kind(injected, gates), "gated injected rows")
     keep = gated.column("gate_keep")
     accepted, rejected = gated.filter(keep), gated.filter(pc.invert(keep))
-    overlap = gate_overlap(gated, list(GATES))
-    metrics = {**reason_counts(gated), "thresholds": thresholds, "overlap": overlap}
+    judged = judged_rows(gated)
+    metrics = {**reason_counts(gated), "thresholds": thresholds, "mode": params.mode,
+               "rows_judged": judged, "rows_not_judged": {g: gated.num_rows - n for g, n in judged.items()},
+               # which gates reject the same generated rows needs every verdict: full mode only
+               "overlap": gate_overlap(gated, list(GATES)) if params.mode == "full" else None}
     injection = {"cascade_and_gates": evaluate_injection(planted, list(GATES), unseen),
                  "overlap": gate_overlap(planted, list(GATES)),
                  "faithfulness_modes": compare_modes(planted, gates, documents, models,
@@ -73,7 +77,8 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
         outputs.parquet(planted, out / "injected.parquet", gated_schema.INJECTED_ARROW)
         outputs.json(metrics, metrics_file)
         outputs.json(injection, injection_file)
-        plot_overlap(overlap, outputs.path(Path(plots_dir) / "gate_overlap.png"))
+        # (cascade mode has no overlap of generated rows: the plot then shows the planted rows', as the next one)
+        plot_overlap(metrics["overlap"] or injection["overlap"], outputs.path(Path(plots_dir) / "gate_overlap.png"))
         plot_overlap(injection["overlap"], outputs.path(Path(plots_dir) / "gate_overlap_injected.png"))
     cascade = injection["cascade_and_gates"]
     click.echo(f"gate: {metrics['kept']}/{metrics['total']} accepted; planted errors: cascade recall "

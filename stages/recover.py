@@ -486,7 +486,7 @@ def cli(params_file, rejected_file, accepted_file, injected_file, train_file, va
     def regate(cands: pa.Table, pool: pa.Table) -> pa.Table:
         pool_gate = DedupGate(pool, max_jaccard=gp.dedup.max_jaccard, num_perm=gp.dedup.num_perm,
                               shingle=gp.dedup.shingle, cache_dir=cache) if pool.num_rows else None
-        return run_gates(cands, {**gates, "dedup": rec.PooledDedup(gates["dedup"], pool_gate)})
+        return run_gates(cands, {**gates, "dedup": rec.PooledDedup(gates["dedup"], pool_gate)}, gate_params.mode)
 
     result = recover(rejected, accepted, planted, train, documents, params=params, bounds=bounds,
                      templates=templates, teacher_id=teacher_id, execute=execute, regate=regate)

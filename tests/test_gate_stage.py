@@ -52,3 +52,27 @@ def test_empty_input_gives_empty_output_with_gate_columns():
     out = run_gates(pa.table({"answer": pa.array([], pa.string())}), doubles())
     assert out.num_rows == 0 and "faithfulness_reason" in out.column_names
     assert reason_counts(out)["total"] == 0
+
+
+def test_cascade_judges_each_row_only_while_it_stands_and_models_never_see_rejected_rows():
+    # given rows that the rules gate, the reward gate and nothing reject
+    gates = doubles()
+    rows = pa.table({"answer": ["fine", "<rules> <faithfulness>", "<reward> <perplexity>", "also fine"]})
+    # when gated in cascade mode
+    out = run_gates(rows, gates, "cascade")
+    # then each gate saw only the rows every earlier gate kept (CASCADE order), and verdicts it never gave are null
+    from refinery.gating import CASCADE, judged_rows
+
+    assert CASCADE.index("reward") < CASCADE.index("faithfulness") < CASCADE.index("perplexity")
+    assert gates["rules"].batches == [4] and gates["reward"].batches == [3]
+    assert gates["faithfulness"].batches == [2] and gates["perplexity"].batches == [2]
+    assert out.column("faithfulness_keep").to_pylist() == [True, None, None, True]
+    assert out.column("gate_keep").to_pylist() == [True, False, False, True]
+    assert out.column("gate_reasons").to_pylist() == [[], ["rules_hit"], ["reward_hit"], []]
+    assert judged_rows(out)["perplexity"] == 2 and judged_rows(out)["rules"] == 4
+    counts = reason_counts(out)
+    assert counts["rejected_by_gate"]["faithfulness"] == 0 and counts["rejected_by_gate"]["rules"] == 1
+    # and full mode still gives every verdict on every row, with the same keep decisions
+    full = run_gates(rows, doubles(), "full")
+    assert full.column("gate_keep").to_pylist() == out.column("gate_keep").to_pylist()
+    assert full.column("faithfulness_keep").null_count == 0
