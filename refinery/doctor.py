@@ -26,6 +26,47 @@ def check_packages() -> list[tuple[str, str | None]]:
     return out
 
 
+def _in_hf_cache(role: str, spec) -> None:
+    """Fail unless the HF id (at its revision) is in the local cache: offline runs cannot download it."""
+    from refinery.errors import RefineryError
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(spec.ref, revision=spec.revision, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - the hub raises several types for "not cached"
+        raise RefineryError(f"role '{role}': {spec.ref} is not in the local Hugging Face cache ({type(e).__name__}); "
+                            f"download it while online: huggingface-cli download {spec.ref}") from None
+
+
+def _endpoint_answers(role: str, spec) -> None:
+    """Fail unless the key variable is set and the server answers /v1/models accepting the key."""
+    import os
+
+    from refinery.backends.base import BackendError
+    from refinery.backends.http import OpenAICompatBackend
+    from refinery.errors import RefineryError
+
+    if spec.api_key_env and not os.environ.get(spec.api_key_env):
+        raise RefineryError(f"role '{role}': environment variable {spec.api_key_env} (the API key for {spec.ref}) "
+                            f"is not set: export it")
+    try:
+        OpenAICompatBackend(spec.ref, spec.revision, api_key_env=spec.api_key_env, timeout_s=5).close()
+    except BackendError as e:
+        raise RefineryError(f"role '{role}': {e}: start the server or fix provision.{role}.endpoint") from None
+
+
+def check_disk(base_dir: str, need_gb: float = 2.0) -> str | None:
+    """Return a problem when the folder that will hold the models has less than ``need_gb`` free."""
+    folder = Path(base_dir).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free / 1e9
+    if free < need_gb:
+        return f"only {free:.1f} GB free under {folder}: the models need about {need_gb:g} GB; free space there"
+    return None
+
+
 def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | None]]:
     """Return ``(role, what it resolves to, problem or None)`` for each role in params.yaml."""
     from refinery.errors import RefineryError
@@ -50,8 +91,10 @@ def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | 
                     raise RefineryError(f"role '{role}': local path '{spec.ref}' does not exist")
             elif spec.kind == "hf":
                 where = f"Hugging Face {spec.ref}{'@' + spec.revision if spec.revision else ''} (HF cache)"
+                _in_hf_cache(role, spec)
             else:
                 where = f"endpoint {spec.ref} model {spec.revision}"
+                _endpoint_answers(role, spec)
             prov = Path(base_dir) / role / resolve.PROVENANCE_FILE
             where += f"  [provisioned: {prov}]" if prov.exists() else "  [not provisioned yet: dvc repro provision]"
             rows.append((role, where, None))
@@ -80,6 +123,12 @@ def cli(params_file: str, base_dir: str) -> None:
         click.echo(f"model    {role:<22} {where if problem is None else 'UNRESOLVED'}")
         if problem:
             problems.append(problem)
+    disk = check_disk(base_dir)
+    click.echo(f"disk     {base_dir:<22} {'LOW' if disk else 'ok'}")
+    if disk:
+        problems.append(disk)
+    for tool, why in (("/usr/bin/chromium", "browser tests of the review page and Data Docs (make test-tools)"),):
+        click.echo(f"optional {Path(tool).name:<22} {tool if Path(tool).exists() else 'absent: ' + why}")
     if problems:
         for p in problems:
             click.echo(f"fix: {p}", err=True)

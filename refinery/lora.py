@@ -100,6 +100,9 @@ def encode(tokenizer: Any, prompt: str, answer: str, *, seq2seq: bool, max_lengt
 
 
 # --------------------------------------------------------------------------------------------- models
+DEVICE = "cpu"  # where the student is loaded, trained and decoded (environment.json records it)
+
+
 def load_student(ref: str, threads: int) -> tuple[Any, Any, bool]:
     """Load a causal or seq2seq student (local folder or HF id in the local cache) in fp32 on CPU.
 
@@ -118,7 +121,7 @@ def load_student(ref: str, threads: int) -> tuple[Any, Any, bool]:
         seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(ref)
-        model = cls.from_pretrained(ref, dtype=torch.float32)
+        model = cls.from_pretrained(ref, dtype=torch.float32).to(DEVICE)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelResolutionError(f"student '{ref}': cannot load it as a causal or seq2seq LM ({first[:160]})") \

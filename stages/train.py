@@ -189,9 +189,12 @@ def environment(params: TrainParams, student_id: str, inputs: dict[str, str], co
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             versions[dist] = None
+    from refinery.lora import DEVICE
+
+    # the device the student was trained on (not merely one that is present: a GPU sits unused today)
     hardware = {"machine": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+                "torch_threads": torch.get_num_threads(), "device": DEVICE,
+                "cuda_present": torch.cuda.is_available()}
     return {"versions": versions, "hardware": hardware, "seeds": {"train": params.seed},
             "config_hash": params_hash(params), "params": params.model_dump(mode="json"), "git_commit": commit,
             "code_version": code_version, "student": student_id, "inputs_sha256": inputs}

