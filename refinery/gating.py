@@ -236,26 +236,62 @@ def build_gates(params: GateParams, train: pa.Table, calib: pa.Table, documents:
 
 
 def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: pa.Table, models: Models,
-                  target_frr: float) -> dict[str, Any]:
-    """Score planted rows in grounded, retrieved and ungrounded modes; recall on factual errors at equal FRR."""
-    from refinery.gates.faithfulness import MODES, FaithfulnessGate, PassageRetriever
-    from refinery.injection import recall_at_frr
+                  target_frr: float, *, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Score planted rows in grounded, retrieved and ungrounded modes, for two judges, at equal FRR.
+
+    Both the trained verifier and the LLM judge score the same planted rows in the three evidence modes (the
+    provenance claim is that the exact source passage helps judges, the stronger ones most). Each mode's
+    threshold keeps the clean controls' false rejections at ``target_frr``; recall on the factual errors
+    carries a 95% Wilson interval, and the differences grounded - retrieved and grounded - ungrounded a
+    paired bootstrap interval over the planted rows (thresholds re-picked in every resample).
+
+    Returns:
+        ``{mode: {...}}`` for the configured judge (as before), ``judge`` (its name), and ``by_judge``:
+        ``{verifier|llm: {modes: {mode: {...}}, differences: {name: {mean, low, high}}}}``.
+    """
+    from refinery.gates.faithfulness import MODES, FaithfulnessGate, LLMJudge, PassageRetriever
+    from refinery.injection import recall_at_frr, wilson
 
     kinds = np.asarray(injected_gated.column("injection_kind").to_pylist())
     clean, factual = kinds == "clean", np.isin(kinds, FACTUAL)
-    scorer = gates["faithfulness"].scorer
-    out = {}
-    for mode in MODES:
-        retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
-        support, _ = FaithfulnessGate(scorer, documents, mode=mode, retriever=retriever).scores(injected_gated)
-        threshold, recall, frr = recall_at_frr(support[clean], support[factual], target_frr)
-        per_kind = {k: round(float(np.mean(np.nan_to_num(support[kinds == k], nan=-1.0) < threshold)), 4)
-                    for k in FACTUAL if (kinds == k).any()}
-        # the clean-control count is the resolution of the false-rejection rate (20 controls: steps of 0.05)
-        out[mode] = {"threshold": round(float(threshold), 4), "recall_factual": round(float(recall), 4),
-                     "false_rejection": round(float(frr), 4), "recall_per_kind": per_kind,
-                     "clean_controls": int(clean.sum()), "factual_rows": int(factual.sum())}
-    return out
+    configured = gates["faithfulness"].scorer
+    judges = {"verifier": models.verifier, "llm": LLMJudge(models.judge)}
+    name_of = next((n for n, j in judges.items() if j is configured), None)
+    if name_of is None:  # the configured judge is an LLM judge built by build_gates
+        name_of = "llm" if isinstance(configured, LLMJudge) else "verifier"
+        judges[name_of] = configured
+    rng = np.random.default_rng(seed)
+    draws = [(rng.integers(0, clean.sum(), clean.sum()), rng.integers(0, factual.sum(), factual.sum()))
+             for _ in range(bootstrap)] if clean.any() and factual.any() else []
+    by_judge: dict[str, Any] = {}
+    for judge_name, scorer in judges.items():
+        modes, support_by_mode = {}, {}
+        for mode in MODES:
+            retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
+            support, _ = FaithfulnessGate(scorer, documents, mode=mode, retriever=retriever).scores(injected_gated)
+            support_by_mode[mode] = support
+            threshold, recall, frr = recall_at_frr(support[clean], support[factual], target_frr)
+            per_kind = {k: round(float(np.mean(np.nan_to_num(support[kinds == k], nan=-1.0) < threshold)), 4)
+                        for k in FACTUAL if (kinds == k).any()}
+            hits = int(round(recall * factual.sum()))
+            # the clean-control count is the resolution of the false-rejection rate (20 controls: steps of 0.05)
+            modes[mode] = {"threshold": round(float(threshold), 4), "recall_factual": round(float(recall), 4),
+                           "recall_ci95": wilson(hits, int(factual.sum())), "false_rejection": round(float(frr), 4),
+                           "recall_per_kind": per_kind, "clean_controls": int(clean.sum()),
+                           "factual_rows": int(factual.sum())}
+        diffs = {}
+        for other in ("retrieved", "ungrounded"):
+            g, o = support_by_mode["grounded"], support_by_mode[other]
+            gc, gf, oc, of = g[clean], g[factual], o[clean], o[factual]
+            boot = [recall_at_frr(gc[ci], gf[fi], target_frr)[1] - recall_at_frr(oc[ci], of[fi], target_frr)[1]
+                    for ci, fi in draws]
+            point = modes["grounded"]["recall_factual"] - modes[other]["recall_factual"]
+            diffs[f"grounded_minus_{other}"] = {
+                "mean": round(float(point), 4),
+                "low": round(float(np.quantile(boot, 0.025)), 4) if boot else None,
+                "high": round(float(np.quantile(boot, 0.975)), 4) if boot else None}
+        by_judge[judge_name] = {"modes": modes, "differences": diffs}
+    return {**by_judge[name_of]["modes"], "judge": name_of, "by_judge": by_judge}
 
 
 def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_dir: str, cache_dir: Path) -> Models:

@@ -54,13 +54,14 @@ def _kinds(labels: np.ndarray) -> list[str]:
     return [k for k in KINDS if k in present] + sorted(present - set(KINDS))
 
 
-def wilson(hits: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """Return the 95% Wilson score interval ``[low, high]`` of a share ``hits / n`` (None when n is 0)."""
+def wilson(hits: int, n: int, z: float = 1.959964) -> dict[str, float] | None:
+    """Return the 95% Wilson score interval ``{low, high}`` of a share ``hits / n`` (None when n is 0)."""
     if n == 0:
         return None
     p = hits / n
     centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [round(float((centre - half) / (1 + z * z / n)), 4), round(float((centre + half) / (1 + z * z / n)), 4)]
+    return {"low": round(float((centre - half) / (1 + z * z / n)), 4),
+            "high": round(float((centre + half) / (1 + z * z / n)), 4)}
 
 
 def _gate_scores(rejected: np.ndarray, labels: np.ndarray, kinds: list[str],
@@ -105,7 +106,7 @@ def evaluate_injection(table: pa.Table, gates: list[str], unseen: Sequence[str] 
         JSON-ready dict (plain ints; floats rounded to 4 decimals; null where a share has no denominator)::
 
             {"rows": n, "counts": {kind: n, ..., "clean": n}, "factual_kinds": [...],
-             "gates": {gate: {"recall": {kind: r}, "recall_ci95": {kind: [low, high]},
+             "gates": {gate: {"recall": {kind: r}, "recall_ci95": {kind: {low, high}},
                               "families": {"seen" | "unseen": {"kinds", "planted", "rejected", "recall", "ci95"}},
                               "recall_factual": r, "recall_injected": r,
                               "false_rejection_rate": r, "precision": p,

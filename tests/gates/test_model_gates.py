@@ -121,3 +121,28 @@ def test_perplexity_gate_rejects_nonsense_and_repetition():
     assert v.reason == [None, "perplexity_too_high", "perplexity_too_low", "perplexity_error",
                         "perplexity_no_answer"]
     assert v.score[0] == pytest.approx(math.e)
+
+
+def test_evidence_modes_are_compared_for_both_judges_with_intervals():
+    from types import SimpleNamespace
+
+    from refinery.gating import compare_modes
+
+    # given planted rows: 6 clean controls and 6 number changes, the exact evidence span on each
+    answers = ["It takes 30 days."] * 6 + [f"It takes {n} days." for n in (14, 21, 40, 45, 60, 90)]
+    table = rows(answers).append_column("injection_kind", pa.array(["clean"] * 6 + ["number_change"] * 6))
+    # and a verifier that checks numbers against the passage, an LLM judge that cannot tell (always 0.5)
+    verifier = WordScorer()
+    models = SimpleNamespace(verifier=verifier, embedder=FixedEmbedder(),
+                             judge=LL(lambda c, x: (math.log(0.5), 1)))
+    gates = {"faithfulness": FaithfulnessGate(verifier, DOCS)}
+    out = compare_modes(table, gates, DOCS, models, target_frr=0.0, bootstrap=200)
+    # then the configured judge's modes stay at the top level, and both judges are measured
+    assert out["judge"] == "verifier" and out["grounded"] == out["by_judge"]["verifier"]["modes"]["grounded"]
+    v, llm = out["by_judge"]["verifier"], out["by_judge"]["llm"]
+    assert v["modes"]["grounded"]["recall_factual"] == 1.0 and v["modes"]["ungrounded"]["recall_factual"] == 0.0
+    assert v["modes"]["grounded"]["recall_ci95"]["low"] > 0.5
+    # grounded beats ungrounded for the verifier with an interval that excludes 0; the blind judge shows nothing
+    d = v["differences"]["grounded_minus_ungrounded"]
+    assert d["mean"] == 1.0 and d["low"] > 0
+    assert llm["differences"]["grounded_minus_ungrounded"] == {"mean": 0.0, "low": 0.0, "high": 0.0}

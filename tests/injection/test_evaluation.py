@@ -77,9 +77,9 @@ def test_recall_comes_with_wilson_intervals_and_seen_and_unseen_families():
     assert faith["families"]["unseen"] == {"kinds": ["number_change"], "planted": 1, "rejected": 1, "recall": 1.0,
                                            "ci95": wilson(1, 1)}
     assert result["unseen_kinds"] == ["number_change"]
-    # and the interval is the textbook one: 1 of 2 -> [0.0945, 0.9055]; 0 of 0 has none
-    assert wilson(1, 2) == [0.0945, 0.9055] and wilson(0, 0) is None
-    assert wilson(10, 10)[1] == 1.0 and 0.69 < wilson(10, 10)[0] < 0.73
+    # and the interval is the textbook one: 1 of 2 -> 0.0945 to 0.9055; 0 of 0 has none
+    assert wilson(1, 2) == {"low": 0.0945, "high": 0.9055} and wilson(0, 0) is None
+    assert wilson(10, 10)["high"] == 1.0 and 0.69 < wilson(10, 10)["low"] < 0.73
 
 
 def test_shares_without_a_denominator_are_null():
