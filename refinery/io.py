@@ -7,7 +7,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
