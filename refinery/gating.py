@@ -253,6 +253,8 @@ def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: p
     from refinery.injection import recall_at_frr, wilson
 
     kinds = np.asarray(injected_gated.column("injection_kind").to_pylist())
+    measured = np.flatnonzero((kinds == "clean") | np.isin(kinds, FACTUAL))  # only these rows enter the figures
+    injected_gated, kinds = injected_gated.take(pa.array(measured, pa.int64())), kinds[measured]
     clean, factual = kinds == "clean", np.isin(kinds, FACTUAL)
     configured = gates["faithfulness"].scorer
     judges = {"verifier": models.verifier, "llm": LLMJudge(models.judge)}
