@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -141,14 +140,12 @@ def kill_and_resume(url: str, n: int, concurrency: int, tmp: Path) -> None:
     cache = tmp / "kill.sqlite"
     proc = subprocess.Popen([sys.executable, "-c", KILLED.format(root=str(ROOT), url=url, n=n, c=concurrency,
                                                                  cache=str(cache))])
+    from refinery.teacher import GenerationCache
+
     committed = 0
     while committed < n // 2 and proc.poll() is None:
         time.sleep(0.05)
-        try:
-            with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=0.05) as db:
-                committed = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        except sqlite3.OperationalError:
-            pass
+        committed = GenerationCache.committed(cache)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     stage_path(url, n, concurrency, "kill", cache)

@@ -62,6 +62,15 @@ class GenerationCache:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
+    @staticmethod
+    def committed(path: str | Path) -> int:
+        """Count the results another process has committed so far (read-only; 0 while the store is not there yet)."""
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05) as db:
+                return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
     def close(self) -> None:
         """Close the database."""
         self._db.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from refinery.teacher import GenerationCache
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -182,18 +183,6 @@ def _after(seconds: float):
     return ready
 
 
-def _cached_calls(cache: Path) -> int:
-    import sqlite3
-
-    if not cache.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_kill_9_during_teacher_training_and_gate_stages_resumes_to_the_same_outputs(run_a):
     a = run_a
     recorded = stage_outs(a)
@@ -202,7 +191,7 @@ def test_kill_9_during_teacher_training_and_gate_stages_resumes_to_the_same_outp
     for f in cache.parent.glob("teacher.sqlite*"):
         f.unlink()  # a cold cache, so generate really calls the teacher
     cases = [
-        ("generate", lambda: _cached_calls(cache) > 0),  # killed after its first batch was committed
+        ("generate", lambda: GenerationCache.committed(cache) > 0),  # killed after its first batch was committed
         ("train_reward", _scratch_under(a / "models")),  # killed while its new model folder is written
         ("gate", _after(20.0)),  # killed while its model gates score rows
     ]
