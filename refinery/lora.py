@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -394,8 +395,20 @@ def train_lora(model: Any, tokenizer: Any, *, seq2seq: bool, train: Sequence[Exa
         model.load_state_dict(best_state, strict=False)
     model.eval()
     model.save_pretrained(out_dir)
+    _sorted_target_modules(Path(out_dir) / "adapter_config.json")
     tokenizer.save_pretrained(out_dir)
     return result
+
+
+def _sorted_target_modules(config_file: Path) -> None:
+    """Rewrite peft's adapter config with ``target_modules`` sorted: peft keeps them as a set, so their order
+    (and the file's bytes) changed with Python's hash seed from run to run."""
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------- generation

@@ -24,8 +24,9 @@ LABEL = {"base": "Base (untuned)", "human": "A: human", "contaminated": "B: cont
 METRICS = (("exact_match", "EM"), ("f1", "F1"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
            ("bertscore_f1", "BERTScore"), ("factual_accuracy", "Factual acc."))
 NOT_RUN = "not run"
-# Numbers the report's fixed prose contains (ROUGE-1/2, seed 004); every other number is traced to a file.
-STATIC_NUMBERS = frozenset({"1", "2", "004"})
+# Numbers the report's fixed prose contains (ROUGE-1/2, seed 004, the 95% of Wilson intervals); every other number
+# is traced to a file.
+STATIC_NUMBERS = frozenset({"1", "2", "004", "95"})
 PLACEHOLDER = re.compile(r"\[FILL[^\]]*\]|\bX\.X+\b|\bTODO\b|\bTBD\b|\{\{?[^}\n]*\}\}?|<[A-Z_]+>")
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -274,3 +275,20 @@ def test_a_symlink_loop_as_input_is_named_as_such(tmp_path):
     proc = _refinery(["ingest", "--params", str(params), "--input", str(loop), "--out", str(tmp_path / "o"),
                       "--metrics", str(tmp_path / "m.json")], tmp_path)
     assert proc.returncode == 2 and "symlink loop" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_killed_but_unreaped_process_counts_as_gone():
+    from refinery.scratch import _pid_alive
+
+    # given a child that has exited but was not waited for (a zombie, as an orphaned stage is for a while)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(200):
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    try:
+        # then its scratch may be removed, while a live process's may not
+        assert not _pid_alive(proc.pid) and _pid_alive(os.getpid())
+    finally:
+        proc.wait()

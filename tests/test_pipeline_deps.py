@@ -12,8 +12,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("refinery", "stages", "schemas")
 # Plumbing that does not shape any output's content: error types, atomic writes and their scratch, params loading,
-# provenance stamps.
-PLUMBING = {"refinery/errors.py", "refinery/io.py", "refinery/scratch.py", "refinery/params.py",
+# progress lines, provenance stamps.
+PLUMBING = {"refinery/errors.py", "refinery/io.py", "refinery/scratch.py", "refinery/params.py", "refinery/progress.py",
             "refinery/provenance.py"}
 
 
