@@ -546,11 +546,12 @@ class OpenAICompatBackend:
     def generate_stream(self, requests: Sequence[GenRequest]) -> Iterator[list[tuple[int, GenResult]]]:
         """Yield groups of ``(index, result)`` as requests complete, keeping ``concurrency`` requests in flight.
 
-        Requests are sent in index order and a finished one is replaced at once by the next (no batch
-        barrier: a slow request holds up only its own slot). Each group holds every result that completed
-        since the last one was taken, so a caller that commits each group loses at most the requests in
-        flight when it is killed. Failures are error results, never exceptions. Closing the iterator early
-        cancels what is still in flight.
+        Requests are sent in index order and a finished one is replaced by the next as soon as the caller
+        has taken its result (no batch barrier: a slow request holds up only its own slot). Each group holds
+        every result that completed since the last one was taken; a slot sends its next request only when
+        the caller comes back for more, so a caller that commits each group before asking for the next
+        loses at most ``concurrency`` requests, in flight or uncommitted, when it is killed. Failures are
+        error results, never exceptions. Closing the iterator early cancels what is still in flight.
         """
         if not requests:
             return
@@ -559,7 +560,9 @@ class OpenAICompatBackend:
 
         async def worker() -> None:
             for i, req in todo:  # one shared iterator: each slot takes the next request when its last one ends
-                done.put((i, await self._generate_one(req)))
+                taken = asyncio.Event()
+                done.put((i, await self._generate_one(req), taken))
+                await taken.wait()  # the caller has taken (and committed) the result: only then a new request
 
         async def window() -> None:
             try:
@@ -567,7 +570,8 @@ class OpenAICompatBackend:
             finally:
                 done.put(None)
 
-        future = asyncio.run_coroutine_threadsafe(window(), self._event_loop())
+        loop = self._event_loop()
+        future = asyncio.run_coroutine_threadsafe(window(), loop)
         try:
             finished = False
             while not finished:
@@ -577,7 +581,9 @@ class OpenAICompatBackend:
                 finished = group[-1] is None
                 group = [g for g in group if g is not None]
                 if group:
-                    yield group
+                    yield [(i, result) for i, result, _ in group]
+                    for _, _, taken in group:  # the caller is back for more: what it took is committed
+                        loop.call_soon_threadsafe(taken.set)
             future.result()
         finally:
             if not future.done():
