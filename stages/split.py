@@ -22,6 +22,8 @@ from schemas import seed_qa as qa_schema
 from schemas import split as split_schema
 from schemas.split import SPLITS
 
+UNUSED = "unused"  # pseudo split of the rows split.rows leaves out (counted in metrics, in no output)
+
 
 class SplitParams(StageParams):
     """Knobs of the split stage."""
@@ -31,6 +33,23 @@ class SplitParams(StageParams):
     stratify_by: str | None = "intent"  # QA column to balance across splits; null to balance sizes only
     stratify_weight: float = Field(default=1.0, ge=0)  # weight of class balance against size balance
     control_share: float = Field(default=0.5, ge=0, lt=1)  # share of val rows (whole groups) kept as controls
+    rows: dict[str, int] | None = None  # target rows per split instead of fractions; the rest is left unused
+
+    @model_validator(mode="after")
+    def _check_rows(self) -> SplitParams:
+        if self.rows is not None and (set(self.rows) != set(SPLITS) or any(v < 0 for v in self.rows.values())):
+            raise ValueError(f"rows needs exactly the keys {', '.join(SPLITS)}, each >= 0")
+        return self
+
+    def targets(self, total: int) -> dict[str, float]:
+        """Share of ``total`` QA rows per split, plus ``unused`` (rows no split takes) when ``rows`` is set."""
+        if self.rows is None:
+            return dict(self.fractions)
+        want = sum(self.rows.values())
+        if want > total:
+            raise RefineryError(f"split.rows asks for {want} rows ({self.rows}) but the seed has {total} QA rows")
+        shares = {s: n / max(total, 1) for s, n in self.rows.items()}
+        return {**shares, UNUSED: max(0.0, 1 - sum(shares.values()))}
 
     @model_validator(mode="after")
     def _check_fractions(self) -> SplitParams:
@@ -105,17 +124,18 @@ def assign_groups(groups: list[str], classes: list[str | None], fractions: dict[
     total = len(groups)
     class_total = Counter(classes)
     order = [g for _, g in sorted(zip(rng.permutation(len(size)), sorted(size)))]
-    count = {s: 0 for s in SPLITS}
-    class_count = {s: Counter() for s in SPLITS}
+    names = list(fractions)
+    count = {s: 0 for s in names}
+    class_count = {s: Counter() for s in names}
     assignment: dict[str, str] = {}
     n_classes = max(len(class_total), 1)
     for g in order:
         best, best_cost = None, None
-        for s in SPLITS:
+        for s in names:
             if fractions[s] == 0:
                 continue
             cost = 0.0
-            for t in SPLITS:
+            for t in names:
                 n = count[t] + (size[g] if t == s else 0)
                 cost += ((n - fractions[t] * total) / total) ** 2
                 for c, k in by_group[g].items():
@@ -186,7 +206,7 @@ def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult
         raise RefineryError(f"split.stratify_by: no column '{params.stratify_by}' in the seed QA table")
     groups = leakage_groups(documents, qa)
     classes = qa.column(params.stratify_by).to_pylist() if params.stratify_by else [None] * qa.num_rows
-    assignment = assign_groups(groups, classes, dict(params.fractions), params.seed, params.stratify_weight)
+    assignment = assign_groups(groups, classes, params.targets(qa.num_rows), params.seed, params.stratify_weight)
     labels = [assignment[g] for g in groups]
     labelled = qa.append_column(pa.field("split", pa.string(), nullable=False), pa.array(labels, pa.string()))
     tables = {s: labelled.filter(pc.equal(labelled.column("split"), s)) for s in SPLITS}
@@ -199,6 +219,7 @@ def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult
                       params.seed)
     metrics = {
         "rows": {s: tables[s].num_rows for s in SPLITS},
+        "unused_rows": labels.count(UNUSED),  # split.rows: seed rows no split takes
         "share": {s: round(tables[s].num_rows / max(qa.num_rows, 1), 4) for s in SPLITS},
         "documents": {s: len(set(tables[s].column("doc_id").to_pylist())) for s in SPLITS},
         "groups": {s: len({g for g, lab in zip(groups, labels) if lab == s}) for s in SPLITS},

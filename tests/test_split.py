@@ -160,3 +160,28 @@ def test_every_threshold_is_calibrated_on_val_calibration_and_every_measurement_
         assert "val_control" not in cmd[name], name
     assert "--val data/02_split/val_control.parquet" in cmd["inject"]  # clean controls and planted errors
     assert "val_calibration" not in cmd["inject"]
+
+
+
+@needs_cosmosqa()
+def test_rows_target_counts_by_group_and_leave_the_rest_unused():
+    # given the CosmosQA file and split.rows asking for a scarce train set and a large test set
+    r = read_source("cosmosqa", str(COSMOSQA))
+    seed = ingest(r, IngestParams(input=str(COSMOSQA), format="cosmosqa", max_field_chars=10_000), "t")
+    documents, qa = seed.documents, seed.qa
+    params = SplitParams(seed=42, fractions={"train": 0.8, "val": 0.1, "test": 0.1},
+                         rows={"train": 150, "val": 200, "test": 400})
+    result = split(documents, qa, params)
+    rows = result.metrics["rows"]
+    # then each split is near its target (whole context groups), no context is shared, the rest is counted
+    assert abs(rows["train"] - 150) <= 10 and abs(rows["val"] - 200) <= 10 and abs(rows["test"] - 400) <= 10
+    assert result.metrics["leakage"]["shared_documents"] == 0
+    assert sum(rows.values()) + result.metrics["unused_rows"] == qa.num_rows
+    assert result.metrics["unused_rows"] > 0
+
+
+def test_rows_asking_for_more_than_the_seed_is_an_error(tmp_path):
+    documents, qa = seed_tables(tmp_path)
+    params = SplitParams(seed=1, fractions=PARAMS.fractions, rows={"train": 100, "val": 1, "test": 1})
+    with pytest.raises(RefineryError, match="split.rows asks for 102 rows"):
+        split(documents, qa, params)
