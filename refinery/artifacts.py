@@ -76,6 +76,22 @@ class Snapshot:
         proc = subprocess.run(["git", "show", f"{self.rev}:{path}"], cwd=self.root, capture_output=True)
         return proc.stdout if proc.returncode == 0 else None
 
+    def list_files(self, folder: str) -> list[str]:
+        """Return the files directly in ``folder`` at this revision, sorted: git-tracked ones, else those of a
+        DVC-cached folder output (the folder's files on disk for the workspace)."""
+        folder = folder.rstrip("/")
+        if self.rev is None:
+            p = self.root / folder
+            return sorted(str(f.relative_to(self.root)) for f in p.iterdir() if f.is_file()) if p.is_dir() else []
+        proc = subprocess.run(["git", "ls-tree", "--name-only", f"{self.rev}:{folder}"], cwd=self.root,
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return sorted(f"{folder}/{name}" for name in proc.stdout.split())
+        md5 = self.lock_outs().get(folder, "")
+        if md5.endswith(".dir"):
+            return sorted(f"{folder}/{e['relpath']}" for e in self._dir_manifest(folder, md5) if "/" not in e["relpath"])
+        return []
+
     def lock_outs(self) -> dict[str, str]:
         """Return ``{out path: md5}`` from dvc.lock at this revision (empty when there is none)."""
         raw = self.read_git("dvc.lock")

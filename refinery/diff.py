@@ -28,7 +28,8 @@ class DiffOptions:
         sample: rows shown per kind (added, removed, changed) and dataset.
         ignore_columns: columns left out of the comparison (e.g. wall-clock ``latency_s``).
         under: only artifacts below this folder are compared.
-        audit: the validate stage's report, read at both revisions for threshold status.
+        audit: the validate stage's audit, read at both revisions for threshold status: a folder of one JSON per
+            dataset (reports/audit/<arm>.json) or one JSON file.
         threads: DuckDB threads (None: DuckDB's default, all cores).
     """
 
@@ -36,7 +37,7 @@ class DiffOptions:
     sample: int = 3
     ignore_columns: tuple[str, ...] = ()
     under: str = "data/"
-    audit: str = "reports/audit.json"
+    audit: str = "reports/audit"
     threads: int | None = None
 
 
@@ -237,8 +238,22 @@ def audit_status(audit: Any) -> dict[str, dict]:
     return found
 
 
+def read_audit(snap: Snapshot, path: str) -> dict | None:
+    """The audit at a revision: one JSON file, or a folder of per-dataset audit files merged (None: neither)."""
+    if path.endswith(".json"):
+        return snap.read_json(path)
+    files = [f for f in snap.list_files(path) if f.endswith(".json")]
+    if not files:
+        return None
+    records: list = []
+    for f in files:
+        doc = snap.read_json(f) or {}
+        records += [r for r in doc.get("datasets") or [] if isinstance(r, dict)]
+    return {"datasets": records}
+
+
 def _thresholds(snap_a: Snapshot, snap_b: Snapshot, path: str) -> dict:
-    before, after = snap_a.read_json(path), snap_b.read_json(path)
+    before, after = read_audit(snap_a, path), read_audit(snap_b, path)
     if before is None and after is None:
         return {"available": False, "reason": f"{path} not found at either revision", "datasets": []}
     sa, sb = audit_status(before), audit_status(after)
@@ -478,7 +493,8 @@ def _detail(d: dict, markdown: bool) -> str:
 @click.option("--sample", default=3, show_default=True, help="Sample rows shown per kind and dataset.")
 @click.option("--ignore-column", "ignore", multiple=True, help="Leave a column out of the comparison (repeatable).")
 @click.option("--under", default="data/", show_default=True, help="Compare artifacts below this folder.")
-@click.option("--audit", default="reports/audit.json", show_default=True, help="Validate report (thresholds).")
+@click.option("--audit", default="reports/audit", show_default=True,
+              help="Validate audit (thresholds): a folder of <dataset>.json, or one JSON file.")
 @click.option("--no-dvc-diffs", is_flag=True, help="Skip `dvc metrics diff` / `dvc params diff`.")
 @click.option("--fail-on-threshold", is_flag=True, help="Exit 1 when a dataset threshold fails after the change.")
 @click.option("--threads", type=int, default=None, help="DuckDB threads (default: all cores).")

@@ -1,4 +1,4 @@
-"""Contract of data/06_datasets/{human,contaminated,curated}.parquet: one row per training example, with provenance.
+"""Contract of data/06_datasets/<arm>.parquet: one row per training example, with provenance.
 
 Row level: the Arrow schema and strict Pandera checks below (:data:`CONTRACT`). Dataset level: the thresholds
 (:class:`Thresholds`, read from ``params.yaml: validate``) and the per-kind Great Expectations suite stored as JSON
@@ -17,10 +17,11 @@ from refinery.params import StageParams
 from schemas.base import Contract
 from schemas.provenance import PROVENANCE_FIELDS, provenance_checks
 
-KINDS = ("human", "contaminated", "curated")  # the datasets of the experiment, one Parquet file each
-SOURCES = ("human", "accepted", "recovered", "contaminated")  # where a row came from in assembly
-SYNTHETIC_SOURCES = ("accepted", "recovered", "contaminated")  # every source but the human anchor
-EXPECTATIONS = Path(__file__).resolve().parent / "expectations"  # one GE suite per kind: <kind>.json
+# Where a row came from in assembly: the human train split, the rows every gate kept, the recovered rows, every
+# generated row before any gate (the `unfiltered` arm), and the AI-contaminated rewrites of human rows.
+SOURCES = ("human", "accepted", "recovered", "generated", "contaminated")
+SYNTHETIC_SOURCES = ("accepted", "recovered", "generated", "contaminated")  # every source but the human anchor
+EXPECTATIONS = Path(__file__).resolve().parent / "expectations"  # GE suites: <name>.json (an arm names its suite)
 
 # Provenance a synthetic row must carry (seed 003: teacher, template hash, parents, evidence span); each is checked
 # as the GE check column missing_<name> (evidence_span: evidence_start and evidence_end).

@@ -1,4 +1,4 @@
-"""Contract of data/07_eval/predictions_<model>.parquet: one row per (model, human test row), with its scores."""
+"""Contract of data/07_eval/<run>.parquet (base, <arm>-s<seed>): one row per (model, human test row), with its scores."""
 
 from __future__ import annotations
 

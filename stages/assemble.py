@@ -1,9 +1,13 @@
-"""Assemble the experiment's datasets: human anchor, AI-contaminated set, and curated = human + capped synthetic.
+"""Assemble the experiment's datasets, one per arm, each a recipe over row sources declared in params.yaml.
 
-Seed 001 ("accumulate, never replace"): the curated set always holds every human train row; accepted and recovered
-synthetic rows are added on top. Seed 003 ("cap synthetic influence"): synthetic rows are capped at a share of
-the dataset, rare intents and document categories are topped up from synthetic rows first (never beyond the cap), and per-row sampling
-weights keep the synthetic share of the total weight under its own bound.
+An arm (``assemble.arms``) names the row sources it draws from: every human train row (the anchor; seed 001
+"accumulate, never replace"), and synthetic sources: ``accepted`` (rows every gate kept), ``recovered`` (rows the
+recover stage rescued), ``generated`` (every parsed generated row before any gate) and ``contaminated`` (the
+AI-rewritten human rows). Seed 003 ("cap synthetic influence"): an arm's synthetic rows can be capped at a share of
+the dataset, rare intents and document categories are topped up from synthetic rows first (never beyond the cap),
+and per-row sampling weights keep the synthetic share of the total weight under its own bound. An arm can also take
+exactly as many synthetic rows as another arm holds (``synthetic_rows_of``), so two arms differ only in where their
+synthetic rows come from.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from refinery.arms import ArmRecipe, check_arms
 from refinery.errors import InputError
 from refinery.gating import DedupParams
 from refinery.params import StageParams, load_section
 from schemas import datasets as datasets_schema
-from schemas.datasets import KINDS
 from schemas.provenance import PROVENANCE_NAMES
 
 ROW_COLUMNS = PROVENANCE_NAMES + ("question", "answer", "intent", "evidence")  # read from every input, by name
@@ -37,6 +41,7 @@ class WeightParams(StageParams):
     human: float = Field(gt=0)
     accepted: float = Field(gt=0)
     recovered: float = Field(gt=0)
+    generated: float = Field(default=0.5, gt=0)
     contaminated: float = Field(gt=0)
 
 
@@ -44,13 +49,15 @@ class AssembleParams(StageParams):
     """Knobs of the assemble stage."""
 
     seed: int  # order in which synthetic rows are drawn under the cap
-    max_synthetic_share: float = Field(ge=0, lt=1)  # synthetic rows / all rows of curated
-    max_synthetic_weight_share: float = Field(ge=0, lt=1)  # synthetic weight / all weight of curated
-    rare_intent_min: int = Field(ge=0)  # intents with fewer human rows are topped up to this from synthetic rows
-    rare_category_min: int = Field(ge=0)  # the same for document categories (after intents)
     weights: WeightParams
     dedup: DedupParams  # exact + MinHash removal of synthetic rows duplicating the human anchor or each other
     max_passage_chars: int = Field(gt=0)  # passage length in the SFT export (characters; cut at a word)
+    arms: dict[str, ArmRecipe]  # arm name -> recipe; data/06_datasets/<arm>.parquet each
+
+    @model_validator(mode="after")
+    def _check_arms(self) -> AssembleParams:
+        check_arms(self.arms)
+        return self
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,18 @@ def _top_up(labels: list, human_labels: list, target: int, order: np.ndarray, ta
     return dict(sorted(added.items())), dict(sorted(short.items()))
 
 
-def select_synthetic(pool: pa.Table, human: pa.Table, params: AssembleParams,
+def synthetic_cap(arm: ArmRecipe, human_rows: int, pool_rows: int, rows_of: int | None = None) -> int:
+    """Synthetic rows the arm may take: the share cap against its human rows, the pool, and ``synthetic_rows_of``."""
+    cap = pool_rows
+    if arm.max_synthetic_share is not None:
+        share = arm.max_synthetic_share
+        cap = min(cap, int(np.floor(share / (1 - share) * human_rows + 1e-9)))
+    if rows_of is not None:
+        cap = min(cap, rows_of)
+    return cap
+
+
+def select_synthetic(pool: pa.Table, human: pa.Table, arm: ArmRecipe, seed: int, cap: int,
                      categories: dict[str, str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Choose which synthetic rows join the human anchor: rare intents, then rare categories, then the rest.
 
@@ -122,24 +140,24 @@ def select_synthetic(pool: pa.Table, human: pa.Table, params: AssembleParams,
 
     Args:
         pool: deduplicated synthetic rows (dataset columns).
-        human: the human anchor rows.
-        params: the cap, the rare-class targets and the draw seed.
+        human: the human train rows (the rare-class counts start from them when the arm holds them).
+        arm: the rare-class targets.
+        seed: the draw order.
+        cap: synthetic rows to take at most.
         categories: doc_id -> document category (None: no category top-up).
 
     Returns:
         (indices into ``pool`` in selection order, counts: cap, topped-up rows per class, rows left out).
     """
-    share = params.max_synthetic_share
-    cap = int(np.floor(share / (1 - share) * human.num_rows + 1e-9))
-    order = np.random.default_rng(params.seed).permutation(pool.num_rows)
+    order = np.random.default_rng(seed).permutation(pool.num_rows)
     taken = np.zeros(pool.num_rows, bool)
     chosen: list[int] = []
     topped, short = _top_up(pool.column("intent").to_pylist(), human.column("intent").to_pylist(),
-                            params.rare_intent_min, order, taken, chosen, cap)
+                            arm.rare_intent_min, order, taken, chosen, cap)
     cat_topped, cat_short = {}, {}
     if categories is not None:
         cat = lambda t: [categories.get(d) for d in t.column("doc_id").to_pylist()]  # noqa: E731
-        cat_topped, cat_short = _top_up(cat(pool), cat(human), params.rare_category_min, order, taken, chosen, cap)
+        cat_topped, cat_short = _top_up(cat(pool), cat(human), arm.rare_category_min, order, taken, chosen, cap)
     for i in order:
         if len(chosen) >= cap:
             break
@@ -196,75 +214,101 @@ def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: in
 
 
 def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recovered: pa.Table | None,
-             documents: pa.Table, pairs: pa.Table, params: AssembleParams) -> AssembleResult:
-    """Build the human, contaminated and curated datasets and their trainer exports.
+             documents: pa.Table, pairs: pa.Table, params: AssembleParams,
+             generated: pa.Table | None = None) -> AssembleResult:
+    """Build every arm's dataset and its trainer exports.
 
     Args:
         train: the human train split (the non-shrinking anchor).
         contaminated: the AI-contaminated comparison rows (same grain as train).
         accepted: synthetic rows every gate kept.
-        recovered: rows the recover stage rescued (gated columns + recovery columns), or None.
+        recovered: rows the recover stage rescued (gated columns + recovery columns), or None (none recovered).
         documents: source passages for the SFT export.
         pairs: DPO preference pairs from train_reward.
-        params: cap, weights, rare-intent target, dedup bounds.
+        params: the arms' recipes, weights, dedup bounds.
+        generated: every generated row before any gate (synthetic contract), or None.
 
     Returns:
-        Tables of the datasets contract, SFT and DPO records, counts metrics. Inputs are not modified.
+        Tables of the datasets contract (one per arm, in params order), SFT and DPO records, counts metrics.
+        Inputs are not modified.
+
+    Raises:
+        InputError: an arm draws from a source that was not given.
     """
     from refinery.gates.dedup import DedupGate
 
     w = params.weights
     human = rows_of(train, "human", w.human, "train split")
-    contam_parsed = _parsed(contaminated)
-    contam = rows_of(contam_parsed, "contaminated", w.contaminated, "contaminated set")
-    acc = rows_of(_parsed(accepted), "accepted", w.accepted, "accepted rows")
-    rec = rows_of(_parsed(recovered), "recovered", w.recovered, "recovered rows") if recovered is not None \
-        else datasets_schema.ARROW.empty_table()
-    pool = pa.concat_tables([acc, rec])
-    # one row per row_id (a recovered row keeps the id of no accepted row, but guard anyway), accepted first
-    seen: set[str] = set()
-    first = [i for i, r in enumerate(pool.column("row_id").to_pylist()) if not (r in seen or seen.add(r))]
-    dropped_same_id = pool.num_rows - len(first)
-    pool = pool.take(pa.array(first, pa.int64()))
-    dropped_dup: Counter = Counter()
-    if pool.num_rows:
-        gate = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
-                         shingle=params.dedup.shingle)
-        verdicts = gate.apply(pool)
-        dropped_dup.update(r for r in verdicts.reason if r is not None)
-        pool = pool.filter(pa.array(verdicts.keep, pa.bool_()))
+    if recovered is None:  # the recover stage did not run: no row was recovered
+        recovered = accepted.slice(0, 0)
+    inputs = {"accepted": (accepted, "accepted rows"), "recovered": (recovered, "recovered rows"),
+              "generated": (generated, "generated rows"), "contaminated": (contaminated, "contaminated set")}
+    sources: dict[str, pa.Table] = {}
+    unparsed: dict[str, int] = {}
+    for name, (table, where) in inputs.items():
+        if table is None:
+            continue
+        parsed = _parsed(table)
+        sources[name] = rows_of(parsed, name, getattr(w, name), where)
+        unparsed[name] = table.num_rows - parsed.num_rows
     passages = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
     categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
-    chosen, sel = select_synthetic(pool, human, params, categories)
-    synthetic = pool.take(pa.array(chosen, pa.int64()))
-    synthetic = synthetic.take(pc.sort_indices(synthetic, [("row_id", "ascending")]))
-    curated, factor = cap_weights(pa.concat_tables([human, synthetic]), params.max_synthetic_weight_share)
-    tables = {"human": human, "contaminated": contam, "curated": curated}
-    sft = {k: sft_records(t, passages, params.max_passage_chars, f"{k} dataset") for k, t in tables.items()}
-    dpo = dpo_records(pairs, passages, params.max_passage_chars)
-    src = Counter(curated.column("source").to_pylist())
-    weights = curated.column("weight").to_numpy()
-    syn_mask = np.asarray([s != "human" for s in curated.column("source").to_pylist()], bool)
-    metrics = {
-        "human": {"rows": human.num_rows},
-        "contaminated": {"rows": contam.num_rows, "dropped_unparsed": contaminated.num_rows - contam_parsed.num_rows},
-        "curated": {
-            "rows": curated.num_rows, "human": src["human"], "accepted": src["accepted"],
-            "recovered": src["recovered"],
+    tables: dict[str, pa.Table] = {}
+    metrics: dict[str, Any] = {}
+    synthetic_rows: dict[str, int] = {}
+    for arm_name, arm in params.arms.items():
+        missing = [x for x in arm.sources if x not in sources]
+        if missing:
+            raise InputError(f"assemble.arms.{arm_name}", f"draws from {', '.join(missing)}, which was not given "
+                                                          f"(pass --{missing[0]})")
+        pool = pa.concat_tables([sources[x] for x in arm.sources]) if arm.sources else datasets_schema.ARROW.empty_table()
+        # one row per row_id (a recovered row keeps the id of no accepted row, but guard anyway), first source first
+        seen: set[str] = set()
+        first = [i for i, r in enumerate(pool.column("row_id").to_pylist()) if not (r in seen or seen.add(r))]
+        dropped_same_id = pool.num_rows - len(first)
+        pool = pool.take(pa.array(first, pa.int64()))
+        dropped_dup: Counter = Counter()
+        if arm.dedup and pool.num_rows:
+            gate = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
+                             shingle=params.dedup.shingle)
+            verdicts = gate.apply(pool)
+            dropped_dup.update(r for r in verdicts.reason if r is not None)
+            pool = pool.filter(pa.array(verdicts.keep, pa.bool_()))
+        anchor = human if arm.human else datasets_schema.ARROW.empty_table()
+        rows_of_other = synthetic_rows[arm.synthetic_rows_of] if arm.synthetic_rows_of else None
+        cap = synthetic_cap(arm, anchor.num_rows, pool.num_rows, rows_of_other)
+        chosen, sel = select_synthetic(pool, human, arm, params.seed, cap, categories)
+        synthetic = pool.take(pa.array(chosen, pa.int64()))
+        synthetic = synthetic.take(pc.sort_indices(synthetic, [("row_id", "ascending")]))
+        table = pa.concat_tables([anchor, synthetic])
+        factor = 1.0
+        if arm.max_synthetic_weight_share is not None:
+            table, factor = cap_weights(table, arm.max_synthetic_weight_share)
+        tables[arm_name] = table
+        synthetic_rows[arm_name] = synthetic.num_rows
+        src = Counter(table.column("source").to_pylist())
+        weights = table.column("weight").to_numpy()
+        syn_mask = np.asarray([x != "human" for x in table.column("source").to_pylist()], bool)
+        metrics[arm_name] = {
+            "rows": table.num_rows, "human": src.get("human", 0),
+            **{x: src.get(x, 0) for x in arm.sources},
+            "synthetic": synthetic.num_rows,
             "synthetic_share": round(float(syn_mask.mean()) if len(syn_mask) else 0.0, 4),
             "synthetic_weight_share": round(float(weights[syn_mask].sum() / weights.sum()) if weights.sum() else 0.0,
                                             4),
             "synthetic_weight_factor": round(factor, 6),
-            "candidates": {"accepted": acc.num_rows, "recovered": rec.num_rows,
-                           "dropped_unparsed": accepted.num_rows - acc.num_rows
-                           + (recovered.num_rows - rec.num_rows if recovered is not None else 0)},
+            "candidates": {**{x: sources[x].num_rows for x in arm.sources},
+                           "dropped_unparsed": sum(unparsed[x] for x in arm.sources)},
+            "candidates_after_dedup": pool.num_rows,
             "dropped_same_row_id": dropped_same_id,
             **{f"dropped_{k}": v for k, v in sorted(dropped_dup.items())},
+            **({"synthetic_rows_of": arm.synthetic_rows_of} if arm.synthetic_rows_of else {}),
             **sel,
-        },
-        "dpo_pairs": len(dpo),
-    }
-    return AssembleResult(tables, sft, dpo, metrics)
+        }
+    sft = {k: sft_records(t, passages, params.max_passage_chars, f"{k} dataset") for k, t in tables.items()}
+    dpo = dpo_records(pairs, passages, params.max_passage_chars)
+    metrics["dpo_pairs"] = len(dpo)
+    return AssembleResult(tables, sft, dpo, {"arms": list(params.arms), **metrics})
 
 
 def jsonl(records: list[dict]) -> str:
@@ -280,13 +324,16 @@ def jsonl(records: list[dict]) -> str:
 @click.option("--accepted", "accepted_file", default="data/04_gated/accepted.parquet", show_default=True)
 @click.option("--recovered", "recovered_file", default=None,
               help="Recovered rows (data/05_recovered/recovered.parquet); leave out to assemble without recovery.")
+@click.option("--generated", "generated_file", default=None,
+              help="Every generated row before any gate (data/03_generated/synthetic.parquet); needed by arms "
+                   "drawing from 'generated'.")
 @click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
 @click.option("--pairs", "pairs_file", default="data/03_preferences/pairs.parquet", show_default=True)
 @click.option("--out", "out_dir", default="data/06_datasets", show_default=True)
 @click.option("--metrics", "metrics_file", default="metrics/assemble.json", show_default=True)
-def cli(params_file, train_file, contaminated_file, accepted_file, recovered_file, documents_file, pairs_file,
-        out_dir, metrics_file) -> None:
-    """Assemble human, contaminated and curated datasets with SFT and DPO exports."""
+def cli(params_file, train_file, contaminated_file, accepted_file, recovered_file, generated_file, documents_file,
+        pairs_file, out_dir, metrics_file) -> None:
+    """Assemble one dataset per arm (params.yaml: assemble.arms) with SFT and DPO exports."""
     from refinery.io import atomic_outputs, read_parquet
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
@@ -299,23 +346,23 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
     contaminated = synthetic_schema.CONTRACT.validate(read_parquet(contaminated_file), contaminated_file)
     accepted = gated_schema.CONTRACT.validate(read_parquet(accepted_file), accepted_file)
     recovered = read_parquet(recovered_file) if recovered_file else None
+    generated = synthetic_schema.CONTRACT.validate(read_parquet(generated_file), generated_file) \
+        if generated_file else None
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     pairs = pairs_schema.CONTRACT.validate(read_parquet(pairs_file), pairs_file)
-    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params)
+    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params, generated)
     out = Path(out_dir)
     with atomic_outputs() as outputs:
-        for kind in KINDS:
+        for kind in result.tables:
             path = out / f"{kind}.parquet"
             table = datasets_schema.CONTRACT.validate(result.tables[kind], str(path))
             outputs.parquet(table, path, datasets_schema.ARROW)
             outputs.text(jsonl(result.sft[kind]), out / f"{kind}.sft.jsonl")
         outputs.text(jsonl(result.dpo), out / "dpo.jsonl")
         outputs.json(result.metrics, metrics_file)
-    c = result.metrics["curated"]
-    click.echo(f"assemble: human {result.metrics['human']['rows']}, contaminated "
-               f"{result.metrics['contaminated']['rows']}, curated {c['rows']} ({c['accepted']} accepted + "
-               f"{c['recovered']} recovered; synthetic share {c['synthetic_share']:.2f}, cap {c['cap']} rows); "
-               f"{result.metrics['dpo_pairs']} DPO pairs -> {out}", err=True)
+    arms = ", ".join(f"{k} {m['rows']} ({m['synthetic']} synthetic)" for k, m in result.metrics.items()
+                     if isinstance(m, dict))
+    click.echo(f"assemble: {arms}; {result.metrics['dpo_pairs']} DPO pairs -> {out}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

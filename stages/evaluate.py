@@ -172,7 +172,7 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
 @click.option("--test", "test_file", default="data/02_split/test.parquet", show_default=True)
 @click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
 @click.option("--models", "models_dir", default="models/base", show_default=True, help="Provisioned models folder.")
-@click.option("--out", "out_file", required=True, help="data/07_eval/predictions_<name>.parquet")
+@click.option("--out", "out_file", required=True, help="data/07_eval/<run>.parquet")
 @click.option("--metrics", "metrics_file", required=True, help="metrics/eval_<name>.json")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def cli(params_file: str, name: str, adapter_dir: str | None, test_file: str, documents_file: str, models_dir: str,

@@ -16,17 +16,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from refinery.experiment import NOT_MEASURABLE
 from refinery.params import StageParams, load_section
 
-MODELS = ("base", "human", "contaminated", "curated")  # evaluation order
+MODELS = ("base", "human", "contaminated", "curated")  # the seed 004 models the A/B/C sections compare
 ADAPTERS = ("human", "contaminated", "curated")
-LABEL = {"base": "Base (untuned)", "human": "A: human", "contaminated": "B: contaminated", "curated": "C: curated"}
+LABEL = {"base": "Base (untuned)", "human": "A: human", "contaminated": "B: contaminated", "curated": "C: curated",
+         "synthetic_only": "synthetic only", "unfiltered": "unfiltered", "no_recovery": "no recovery"}
 METRICS = (("exact_match", "EM"), ("f1", "F1"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
            ("bertscore_f1", "BERTScore"), ("factual_accuracy", "Factual acc."))
 NOT_RUN = "not run"
-# Numbers the report's fixed prose contains (ROUGE-1/2, seed 004, the 95% of Wilson intervals); every other number
+# Numbers the report's fixed prose contains (ROUGE-1/2, seed 004, the 95% of Wilson intervals, the 80% power of the
+# minimum detectable differences, "excludes 0"); every other number
 # is traced to a file.
-STATIC_NUMBERS = frozenset({"1", "2", "004", "95"})
+STATIC_NUMBERS = frozenset({"1", "2", "004", "95", "80", "0"})
 PLACEHOLDER = re.compile(r"\[FILL[^\]]*\]|\bX\.X+\b|\bTODO\b|\bTBD\b|\{\{?[^}\n]*\}\}?|<[A-Z_]+>")
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
 
@@ -54,6 +57,7 @@ class Values:
     docs: dict[str, Any]
     trace: list[dict[str, Any]] = field(default_factory=list)
     texts: list[dict[str, Any]] = field(default_factory=list)
+    write: Callable[[str], None] | None = None  # where a section writes its lines (set by render)
 
     def get(self, file: str, key: str) -> Any:
         """Return the value at a dotted key of a loaded file, or None."""
@@ -243,27 +247,113 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def seed_questions(v: Values, S: str, plots_rel: str, gi: str) -> None:
+    """The report's first section: each seed question with its interval, or "not measurable at this size"."""
+    w = v.write
+    ex = "experiment"
+    w("## The seed questions\n")
+    if v.get(S, f"{ex}.questions") is None:
+        w(f"Arm comparisons: {NOT_RUN}.\n")
+        return
+    w(f"Token F1 on the human test split, each arm averaged over its training seeds. A difference (a − b) comes "
+      f"with a {v.num(S, f'{ex}.ci', 'pct1')} interval from a paired bootstrap over test items and seeds "
+      f"({v.num(S, f'{ex}.bootstrap', 'int')} resamples); it is called only when the interval excludes 0. The "
+      f"minimum detectable difference is what this test size and these seeds tell apart at 80% power.\n")
+    rows = []
+    for qid in v.get(S, f"{ex}.questions"):
+        q = f"{ex}.questions.{qid}"
+        text = v.get(S, f"{q}.question")
+        if v.get(S, f"{q}.diff") is None:
+            rows.append([text, NOT_RUN, NOT_RUN, NOT_RUN])
+            continue
+        a, b, verdict_ = v.get(S, f"{q}.a"), v.get(S, f"{q}.b"), v.get(S, f"{q}.verdict")
+        answer = {"a > b": f"**yes: {a} > {b}**", "a < b": f"**no: {a} < {b}**"}.get(verdict_, verdict_)
+        rows.append([text, f"{v.num(S, f'{q}.diff', 'f3')} [{v.num(S, f'{q}.low', 'f3')}, "
+                           f"{v.num(S, f'{q}.high', 'f3')}]", v.num(S, f"{q}.mde", "f3"), answer])
+    fam = "gate_families.planted"
+    if v.get(S, f"{fam}.judged_by_both"):
+        jac = v.get(S, f"{fam}.jaccard")
+        rows.append(["Do the two gate families (rules, dedup, overlap vs faithfulness, reward, perplexity) reject "
+                     "different rows? (planted rows, every verdict)",
+                     f"{v.num(S, f'{fam}.heuristic_only', 'int')} caught by the heuristic gates only, "
+                     f"{v.num(S, f'{fam}.model_only', 'int')} by the model gates only, "
+                     f"{v.num(S, f'{fam}.rejected_both', 'int')} by both, of "
+                     f"{v.num(S, f'{fam}.judged_by_both', 'int')}",
+                     "–", ("mostly different rows" if jac is not None and jac < 0.5 else "mostly the same rows")
+                     + (f" (Jaccard {v.num(S, f'{fam}.jaccard', 'f3')})" if jac is not None else "")])
+    fm = "faithfulness_modes.by_judge"
+    for j in v.get(gi, fm) or []:
+        d = f"{fm}.{j}.differences.grounded_minus_ungrounded"
+        if v.get(gi, f"{d}.mean") is None:
+            continue
+        rows.append([f"Does provenance help the `{j}` judge (planted factual recall, grounded − ungrounded, equal "
+                     f"false-rejection rate)?",
+                     f"{v.num(gi, f'{d}.mean', 'f3')} [{v.num(gi, f'{d}.low', 'f3')}, {v.num(gi, f'{d}.high', 'f3')}]",
+                     "–", {"supported": "**yes**", "rejected (the opposite holds)": "**no: ungrounded is better**"}.get(
+                         verdict(v.get(gi, d)), NOT_MEASURABLE)])
+    w(table(["question", "difference [interval]", "minimum detectable", "answer"], rows))
+    w("")
+    arms = v.get(S, f"{ex}.arms") or {}
+    arm_rows = []
+    for arm in arms:
+        k = f"{ex}.arms.{arm}"
+        sd = v.num(S, f"{k}.sd", "f3") if v.get(S, f"{k}.sd") is not None else "–"
+        arm_rows.append([LABEL.get(arm, arm), v.num(S, f"{k}.mean", "f3"), sd,
+                         ", ".join(v.num(S, f"{k}.f1_per_seed.{sd}", "f3") for sd in arms[arm]["f1_per_seed"]),
+                         str(len(arms[arm]["seeds"])) if arm != "base" else "untuned",
+                         v.num(S, f"datasets.{arm}.rows", "int") if v.get(S, f"datasets.{arm}.rows") is not None
+                         else "–",
+                         v.num(S, f"datasets.{arm}.synthetic_share", "pct1")
+                         if v.get(S, f"datasets.{arm}.synthetic_share") is not None else "–"])
+    w(table(["arm", "F1 mean", "sd over seeds", "F1 per seed", "seeds", "train rows", "non-human share"], arm_rows))
+    nf = f"{ex}.noise_floor"
+    if v.get(S, f"{nf}.sd") is None:
+        w(f"\nNoise floor: **unmeasured** here ({v.num(S, f'{nf}.note', 'str')}); the minimum detectable "
+          f"differences above hold the test-item noise only. `make repro PROFILE=scarce` trains every arm with "
+          f"several seeds.\n")
+    else:
+        w(f"\nNoise floor (between-seed sd of an arm's mean F1, pooled over "
+          f"{v.num(S, f'{nf}.arms', 'int')} arms): **{v.num(S, f'{nf}.sd', 'f3')}**; test items per arm: "
+          f"{v.num(S, f'{ex}.arms.human.items', 'int')}.\n")
+    w(f"![arms]({plots_rel}/report_arms.png)\n")
+
+
 def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
-           preds_files: dict[str, str], preds: dict[str, pa.Table]) -> str:
-    """Render report.md from loaded metrics (``v.docs``) and the derived summary (``summary_file``)."""
-    M = lambda name: f"{metrics_dir}/{name}.json"  # noqa: E731 - a metrics file path
+           preds_files: dict[str, str], preds: dict[str, pa.Table], runs: dict[str, str] | None = None) -> str:
+    """Render report.md from loaded metrics (``v.docs``) and the derived summary (``summary_file``).
+
+    ``runs`` maps each model (base, each arm) to the run whose files the per-model sections read
+    (``<arm>-s<first seed>``); the first section reads every seed from the summary.
+    """
+    runs = runs or {m: m for m in MODELS}
+    models = ["base"] + [m for m in runs if m != "base"]
+
+    def M(name: str) -> str:  # a metrics file path; eval_<model> / train_<model> name that model's run
+        for prefix in ("eval", "train"):
+            if name.startswith(prefix + "_") and name[len(prefix) + 1:] in runs:
+                return f"{metrics_dir}/{prefix}/{runs[name[len(prefix) + 1:]]}.json"
+        return f"{metrics_dir}/{name}.json"
+
     S = summary_file
     out: list[str] = []
     w = out.append
     w("# refinery experiment report\n")
-    w("Human seed QA data is turned into curated synthetic post-training data; three LoRA adapters of the same "
-      "student are trained on A (human rows only), B (AI-contaminated rows) and C (human + curated synthetic rows) "
-      "and compared with the untuned student on the same human test split, as in seed 004. Every number below is "
-      "read from a metrics file; a section whose stage did not run says so.\n")
+    w("Human seed QA data is turned into curated synthetic post-training data. LoRA adapters of the same student are "
+      "trained on each arm's dataset (`assemble.arms`): A (human rows only), B (AI-contaminated rows), C (human + "
+      "curated synthetic rows), and the arms that isolate what curation is worth; each is compared with the "
+      "untuned student on the same human test split, as in seed 004. Every number below is read from a metrics "
+      "file; a section whose stage did not run says so.\n")
+    v.write = w
+    seed_questions(v, S, plots_rel, M("gate_injection"))
 
     w("## Datasets\n")
     rows = []
-    for m in ADAPTERS:
+    for m in models[1:]:
         k = f"datasets.{m}"
         if v.get(S, k) is None:
-            rows.append([LABEL[m]] + [NOT_RUN] * 5)
+            rows.append([LABEL.get(m, m)] + [NOT_RUN] * 5)
             continue
-        rows.append([LABEL[m], v.num(S, f"{k}.rows", "int"), v.num(S, f"{k}.avg_question_words", "f3"),
+        rows.append([LABEL.get(m, m), v.num(S, f"{k}.rows", "int"), v.num(S, f"{k}.avg_question_words", "f3"),
                      v.num(S, f"{k}.avg_answer_words", "f3"), v.num(S, f"{k}.unique_questions", "int"),
                      v.num(S, f"{k}.synthetic_share", "pct1")])
     w(table(["dataset", "rows", "avg question words", "avg answer words", "unique questions", "non-human share"],
@@ -271,8 +361,9 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
     if v.get(S, "validation") is None:
         w(f"\nData validation: {NOT_RUN}.")
     else:
-        w(f"\nData validation (`refinery validate`): decision **{v.num(S, 'validation.decision', 'str')}**, "
-          f"{v.num(S, 'validation.failed_checks', 'int')} failed checks.")
+        w(f"\nData validation (`refinery validate`, one audit file per arm): decision "
+          f"**{v.num(S, 'validation.decision', 'str')}**, {v.num(S, 'validation.failed_checks', 'int')} failed checks "
+          f"over {v.num(S, 'validation.arms_validated', 'int')} arms.")
     split = M("split")
     w(f"\nEvaluation data: the human val split ({v.num(split, 'rows.val', 'int')} rows, LoRA model selection) and "
       f"the human test split ({v.num(split, 'rows.test', 'int')} rows, every score below), disjoint by document "
@@ -371,14 +462,15 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
 
     w("## Main results (human test split)\n")
     rows = []
-    for m in MODELS:
+    for m in models:
         e = M(f"eval_{m}")
         if v.get(e, "f1") is None:
-            rows.append([LABEL[m]] + [NOT_RUN] * (len(METRICS) + 1))
+            rows.append([LABEL.get(m, m)] + [NOT_RUN] * (len(METRICS) + 1))
             continue
         t = M(f"train_{m}")
-        rows.append([LABEL[m]] + [v.num(e, k, "f3") for k, _ in METRICS]
+        rows.append([LABEL.get(m, m)] + [v.num(e, k, "f3") for k, _ in METRICS]
                     + [v.num(t, "val_loss_best", "f3") if m != "base" else "–"])
+    w("One training seed per arm (the first of `train.seeds`); the first section averages every seed.\n")
     w(table(["model"] + [h for _, h in METRICS] + ["best val loss"], rows))
     w(f"\nFactual accuracy counts test items whose reference facts (numbers, names) all appear in their passage "
       f"({v.num(M('eval_human'), 'factual_items', 'int')} items); a prediction is right when it states them all and "
@@ -510,22 +602,43 @@ def _not_run(path: Path, what: str) -> None:
     _save(plt, fig, path)
 
 
-def plots(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str, paths: dict[str, Path]) -> None:
-    """Write the report's PNGs: F1, all metrics, gap, gate overlap, recovery ('not run' images when missing)."""
+def plots(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str, paths: dict[str, Path],
+          runs: dict[str, str] | None = None) -> None:
+    """Write the report's PNGs: F1, arms over seeds, all metrics, gap, gate overlap, recovery ('not run' if missing)."""
     plt = _fig()
-    evals = {m: docs.get(f"{metrics_dir}/eval_{m}.json") for m in MODELS}
-    have = [m for m in MODELS if evals[m] and evals[m].get("f1") is not None]  # scored (test rows > 0)
+    runs = runs or {m: m for m in MODELS}
+    evals = {m: docs.get(f"{metrics_dir}/eval/{r}.json") for m, r in runs.items()}
+    have = [m for m in runs if evals[m] and evals[m].get("f1") is not None]  # scored (test rows > 0)
+    arms = ((summary.get("experiment") or {}).get("arms")) or {}
+    if arms:
+        fig, ax = plt.subplots(figsize=(8, 3.8), dpi=100)
+        names = list(arms)
+        x = np.arange(len(names))
+        means = [arms[a]["mean"] for a in names]
+        sds = [arms[a]["sd"] or 0.0 for a in names]
+        ax.bar(x, means, yerr=sds, capsize=4, color="lightsteelblue", edgecolor="black", lw=0.5,
+               label="mean ± sd over seeds")
+        for i, a in enumerate(names):
+            ys = list(arms[a]["f1_per_seed"].values())
+            ax.plot([i] * len(ys), ys, "k.", ms=5, label="one seed" if i == 0 else None)
+        ax.set_xticks(x, [LABEL.get(a, a) for a in names], rotation=20, ha="right", fontsize=8)
+        ax.set(ylabel="token F1", title="Arms on the human test split")
+        ax.legend(fontsize=8)
+        _save(plt, fig, paths["arms"])
+    else:
+        _not_run(paths["arms"], "arm comparison")
     if have:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         f1 = [evals[m]["f1"] for m in have]
-        ax.bar([LABEL[m] for m in have], f1, color=["grey", "tab:blue", "tab:red", "tab:green"][:len(have)])
+        ax.bar([LABEL.get(m, m) for m in have], f1)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.set(ylabel="token F1", title="F1 on the human test split")
         _save(plt, fig, paths["f1"])
         fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
         width = 0.8 / len(have)
         for i, m in enumerate(have):
             vals = [evals[m].get(k) or 0.0 for k, _ in METRICS]
-            ax.bar(np.arange(len(METRICS)) + i * width, vals, width, label=LABEL[m])
+            ax.bar(np.arange(len(METRICS)) + i * width, vals, width, label=LABEL.get(m, m))
         ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, [h for _, h in METRICS])
         ax.set(ylabel="score", title="All metrics, human test split")
         ax.legend(fontsize=8)
@@ -590,7 +703,9 @@ class ReportResult:
 
 def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict[str, pa.Table],
                 environment: dict[str, Any] | None, params: ReportParams, *, metrics_dir: str, summary_file: str,
-                preds_files: dict[str, str], plots_rel: str, audit_file: str = "reports/audit.json") -> ReportResult:
+                preds_files: dict[str, str], plots_rel: str, audit: dict[str, Any] | None = None,
+                runs: dict[str, str] | None = None, experiment: dict[str, Any] | None = None,
+                families: dict[str, Any] | None = None) -> ReportResult:
     """Derive the summary numbers and render the report.
 
     Args:
@@ -603,12 +718,16 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
         summary_file: the path the summary is written to (the report traces derived numbers to it).
         preds_files: model -> predictions file path (sample quotes are traced to them).
         plots_rel: plots folder relative to the report.
-        audit_file: the validate stage's audit log, as keyed in ``docs`` (absent: validation not run).
+        audit: the validate decision over every arm (``decision``, ``failed_checks``), or None when not run.
+        runs: model -> the run (file stem) its per-model sections read (default: the model's own name).
+        experiment: :func:`refinery.experiment.analyse` over every arm and seed, or None.
+        families: :func:`refinery.experiment.gate_families`, or None.
 
     Returns:
         The markdown, the summary and the trace.
     """
-    evals = {m: docs[f"{metrics_dir}/eval_{m}.json"] for m in MODELS if f"{metrics_dir}/eval_{m}.json" in docs}
+    runs = runs or {m: m for m in MODELS}
+    evals = {m: docs[f"{metrics_dir}/eval/{r}.json"] for m, r in runs.items() if f"{metrics_dir}/eval/{r}.json" in docs}
     gate = docs.get(f"{metrics_dir}/gate.json") or {}
     gi = docs.get(f"{metrics_dir}/gate_injection.json") or {}
     summary: dict[str, Any] = {
@@ -625,9 +744,12 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
     rec_a, rec_n = lookup(rec, "adaptive.overall.recovered"), lookup(rec, "naive.overall.recovered")
     if rec_a is not None and rec_n is not None:
         summary["h5_p"] = round(recovery_p_value(int(rec_a), int(rec_n)), 4)
-    audit = docs.get(audit_file)
-    if isinstance(audit, dict) and "decision" in audit:
-        summary["validation"] = {"decision": audit["decision"], "failed_checks": len(audit.get("failed_checks") or [])}
+    if audit is not None:
+        summary["validation"] = audit
+    if experiment is not None:
+        summary["experiment"] = experiment
+    if families is not None:
+        summary["gate_families"] = families
     diffs = summary["gap"].get("f1_diff", {})
     summary["verdicts"] = {
         "h1": verdict(diffs["human_minus_contaminated"]) if "human_minus_contaminated" in diffs else None,
@@ -647,55 +769,85 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
                         f"device {hw.get('device')}"}
     v = Values({**docs, summary_file: summary})
     md = render(v, summary_file=summary_file, metrics_dir=metrics_dir, plots_rel=plots_rel, preds_files=preds_files,
-                preds=preds)
+                preds=preds, runs=runs)
     return ReportResult(md, summary, {"numbers": v.trace, "quotes": v.texts, "static_numbers": sorted(STATIC_NUMBERS)})
 
 
 @click.command("report")
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 @click.option("--metrics-dir", default="metrics", show_default=True,
-              help="Reads split, gate, gate_injection, recover, train_<name>, eval_<model> JSON from here.")
+              help="Reads split, assemble, gate, gate_injection, recover JSON, train/<run> and eval/<run> from here.")
 @click.option("--predictions-dir", default="data/07_eval", show_default=True,
-              help="Reads predictions_<model>.parquet from here.")
+              help="Reads base.parquet and <arm>-s<seed>.parquet from here.")
 @click.option("--datasets-dir", default="data/06_datasets", show_default=True)
 @click.option("--adapters-dir", default="models/adapters", show_default=True,
-              help="Reads <name>/environment.json for the reproducibility block.")
-@click.option("--audit", "audit_file", default="reports/audit.json", show_default=True)
+              help="Reads <run>/environment.json for the reproducibility block.")
+@click.option("--audit", "audit_dir", default="reports/audit", show_default=True, help="validate's <arm>.json files.")
+@click.option("--gated", "gated_dir", default="data/04_gated", show_default=True,
+              help="Gate verdicts (accepted, rejected, injected) for the gate-family overlap.")
 @click.option("--out", "out_file", default="reports/report.md", show_default=True)
 @click.option("--summary", "summary_file", default="metrics/report.json", show_default=True)
 @click.option("--trace", "trace_file", default="reports/report_trace.json", show_default=True)
 @click.option("--plots", "plots_dir", default="reports/plots", show_default=True,
-              help="Writes report_{f1,metrics,gap,gate_overlap,recovery}.png here.")
+              help="Writes report_{f1,arms,metrics,gap,gate_overlap,recovery}.png here.")
 def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: str, adapters_dir: str,
-        audit_file: str, out_file: str, summary_file: str, trace_file: str, plots_dir: str) -> None:
+        audit_dir: str, gated_dir: str, out_file: str, summary_file: str, trace_file: str, plots_dir: str) -> None:
     """Write reports/report.md and its plots from the metrics files; missing stages are reported as not run."""
     import os
 
+    from refinery import experiment as ex
+    from refinery.arms import BASE, load_arms, run_name
     from refinery.io import atomic_outputs, read_json, read_parquet
+    from refinery.params import read_key
 
     params = load_section(params_file, "report", ReportParams)
-    names = ["split", "gate", "gate_injection", "recover"] + [f"train_{m}" for m in ADAPTERS] + \
-        [f"eval_{m}" for m in MODELS]
+    arms = list(load_arms(params_file))
+    seeds = list(read_key(params_file, "train.seeds") or [read_key(params_file, "train.seed")])
+    runs = {BASE: BASE, **{a: run_name(a, seeds[0]) for a in arms}}
+    names = ["split", "assemble", "gate", "gate_injection", "recover"] + \
+        [f"{kind}/{run_name(a, s)}" for kind in ("train", "eval") for a in arms for s in seeds] + ["eval/base"]
     docs = {f"{metrics_dir}/{n}.json": read_json(f"{metrics_dir}/{n}.json") for n in names
             if Path(f"{metrics_dir}/{n}.json").is_file()}
-    if Path(audit_file).is_file():
-        docs[audit_file] = read_json(audit_file)
-    datasets = {m: read_parquet(f"{datasets_dir}/{m}.parquet") for m in ADAPTERS
+    audits = {a: read_json(f"{audit_dir}/{a}.json") for a in arms if Path(f"{audit_dir}/{a}.json").is_file()}
+    audit = None
+    if audits:
+        failed = sum(len(x.get("failed_checks") or []) for x in audits.values())
+        audit = {"decision": "reject" if failed or len(audits) < len(arms) else "accept", "failed_checks": failed,
+                 "arms_validated": len(audits)}
+    datasets = {m: read_parquet(f"{datasets_dir}/{m}.parquet") for m in arms
                 if Path(f"{datasets_dir}/{m}.parquet").is_file()}
-    preds_files = {m: f"{predictions_dir}/predictions_{m}.parquet" for m in MODELS}
+    preds_files = {m: f"{predictions_dir}/{r}.parquet" for m, r in runs.items()}
     preds = {m: read_parquet(p) for m, p in preds_files.items() if Path(p).is_file()}
-    env = next((read_json(f"{adapters_dir}/{m}/environment.json") for m in ADAPTERS
-                if Path(f"{adapters_dir}/{m}/environment.json").is_file()), None)
+    scores: dict[str, ex.ArmScores] = {}
+    if BASE in preds:
+        row_ids = preds[BASE].column("row_id").to_pylist()
+        scores[BASE] = ex.ArmScores([0], ex.align({0: preds[BASE]}, row_ids), trained=False)
+        for a in arms:
+            tables = {s: read_parquet(f"{predictions_dir}/{run_name(a, s)}.parquet") for s in seeds
+                      if Path(f"{predictions_dir}/{run_name(a, s)}.parquet").is_file()}
+            if tables:
+                scores[a] = ex.ArmScores(sorted(tables), ex.align(tables, row_ids))
+    experiment = ex.analyse(scores, n=params.bootstrap, ci=params.ci, seed=params.seed, declared=arms) \
+        if scores else None
+    gated = {k: f"{gated_dir}/{k}.parquet" for k in ("accepted", "rejected", "injected")}
+    families = None
+    if all(Path(p).is_file() for p in gated.values()):
+        t = {k: read_parquet(p) for k, p in gated.items()}
+        generated = pa.concat_tables([t["accepted"], t["rejected"]], promote_options="permissive")
+        families = ex.gate_families({"generated": generated, "planted": t["injected"]})
+    env = next((read_json(f"{adapters_dir}/{runs[m]}/environment.json") for m in arms
+                if Path(f"{adapters_dir}/{runs[m]}/environment.json").is_file()), None)
     plots_rel = os.path.relpath(plots_dir, Path(out_file).parent)
     result = report_core(docs, datasets, preds, env, params, metrics_dir=metrics_dir, summary_file=summary_file,
-                         preds_files=preds_files, plots_rel=plots_rel, audit_file=audit_file)
+                         preds_files=preds_files, plots_rel=plots_rel, audit=audit, runs=runs,
+                         experiment=experiment, families=families)
     with atomic_outputs() as outputs:
         outputs.text(result.markdown, out_file)
         outputs.json(result.summary, summary_file)
         outputs.json(result.trace, trace_file)
         plot_paths = {k: outputs.path(Path(plots_dir) / f"report_{k}.png")
-                      for k in ("f1", "metrics", "gap", "gate_overlap", "recovery")}
-        plots(docs, result.summary, metrics_dir, plot_paths)
+                      for k in ("f1", "arms", "metrics", "gap", "gate_overlap", "recovery")}
+        plots(docs, result.summary, metrics_dir, plot_paths, runs)
     missing = [n for n in names if f"{metrics_dir}/{n}.json" not in docs]
     click.echo(f"report: {out_file} ({len(result.trace['numbers'])} numbers traced"
                + (f"; not run: {', '.join(missing)}" if missing else "") + ")", err=True)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refinery.errors import InputError, RefineryError
 from refinery.params import StageParams, load_section, params_hash
@@ -28,7 +28,8 @@ LOG_FILE = "training_log.json"
 class TrainParams(StageParams):
     """Knobs of the train stage (LoRA on the ``student`` role)."""
 
-    seed: int  # torch seed and the RNG of epoch composition / batch order
+    seeds: list[int] | None = Field(default=None, min_length=1)  # training seeds per arm (dvc.yaml's matrix)
+    seed: int | None = None  # this run's seed (torch, epoch composition, batch order); set by --seed; null: seeds[0]
     r: int = Field(ge=1)  # LoRA rank
     alpha: int = Field(ge=1)  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = Field(ge=0, lt=1)  # dropout on the LoRA input
@@ -47,6 +48,17 @@ class TrainParams(StageParams):
     threads: int = Field(ge=1)  # torch CPU threads
     probe_rows: int = Field(default=32, ge=1)  # training rows whose loss is measured before and after training
     check_loss_decrease: bool = True  # fail when the probe rows' loss did not fall
+    val_rows: int | None = Field(default=None, ge=1)  # human val rows the val loss is measured on (a seeded sample,
+    # the same for every run); null: all
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("seed") is None:
+            if not data.get("seeds"):
+                raise ValueError("seeds: give at least one training seed")
+            data = {**data, "seed": data["seeds"][0]}
+        return data
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,9 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
     weights = dataset_weights(dataset, name)
     model, tokenizer, seq2seq = lora.load_student(student_ref, params.threads)
     train_ex = build_examples(dataset, documents, tokenizer, seq2seq=seq2seq, params=params, where=name)
+    if params.val_rows is not None and val.num_rows > params.val_rows:
+        keep = np.sort(np.random.default_rng(0).permutation(val.num_rows)[:params.val_rows])
+        val = val.take(pa.array(keep, pa.int64()))
     val_ex = build_examples(val, documents, tokenizer, seq2seq=seq2seq, params=params, where="val")
     model = lora.attach_lora(model, seq2seq=seq2seq, r=params.r, alpha=params.alpha, dropout=params.dropout,
                              target_modules=params.target_modules, top_layers=params.top_layers, seed=params.seed)
@@ -145,6 +160,7 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
         "architecture": "seq2seq" if seq2seq else "causal",
         "rows": dataset.num_rows,
         "val_rows": val.num_rows,
+        "seed": params.seed,
         "examples_seen": res.examples_seen,
         "steps": res.steps,
         "effective_batch": params.batch_size * params.grad_accum,
@@ -247,7 +263,8 @@ def read_documents(path: str) -> dict[str, str]:
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 @click.option("--dataset", "dataset_file", required=True,
               help="An assembled dataset (data/06_datasets/<name>.parquet).")
-@click.option("--name", required=True, help="The dataset's name: human, contaminated or curated.")
+@click.option("--name", required=True, help="The run's name (<arm>-s<seed>): adapter, metrics and plot files.")
+@click.option("--seed", type=int, default=None, help="This run's training seed (default: the first of train.seeds).")
 @click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
 @click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
 @click.option("--models", "models_dir", default="models/base", show_default=True, help="Provisioned models folder.")
@@ -256,8 +273,8 @@ def read_documents(path: str) -> dict[str, str]:
 @click.option("--plots", "plots_dir", default="reports/plots", show_default=True,
               help="Writes loss_<name>.png, train_loss_<name>.csv and val_loss_<name>.csv here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with ETA on stderr.")
-def cli(params_file: str, dataset_file: str, name: str, val_file: str, documents_file: str, models_dir: str,
-        out_dir: str, metrics_file: str, plots_dir: str, progress: bool) -> None:
+def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_file: str, documents_file: str,
+        models_dir: str, out_dir: str, metrics_file: str, plots_dir: str, progress: bool) -> None:
     """Fine-tune the student with LoRA on one dataset; keep the adapter with the best human val loss."""
     from refinery import lora, sft
     from refinery.io import atomic_outputs, read_parquet
@@ -267,6 +284,8 @@ def cli(params_file: str, dataset_file: str, name: str, val_file: str, documents
     from refinery.models.resolve import sha256_file
 
     params = load_section(params_file, "train", TrainParams)
+    if seed is not None:
+        params = params.model_copy(update={"seed": seed})
     dataset = datasets_schema.CONTRACT.validate(read_parquet(dataset_file, datasets_schema.ARROW), dataset_file)
     if dataset.num_rows == 0:
         raise InputError(dataset_file, "no rows to train on")

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from refinery.errors import InputError, RefineryError
 from refinery.params import StageParams, load_section
-from schemas.datasets import KINDS, Thresholds
+from schemas.datasets import Thresholds
 
 
 class ChecksFailed(RefineryError):
@@ -51,7 +51,6 @@ class DiversityParams(StageParams):
 class ValidateParams(StageParams):
     """Knobs of the validate stage: near-duplicate and diversity settings, and thresholds per dataset kind."""
 
-    datasets: list[str]  # dataset kinds to validate, each data/06_datasets/<kind>.parquet
     near_duplicate: NearDuplicateParams
     diversity: DiversityParams
     defaults: Thresholds
@@ -59,12 +58,16 @@ class ValidateParams(StageParams):
 
     @model_validator(mode="after")
     def _check(self) -> ValidateParams:
-        unknown = (set(self.datasets) | set(self.thresholds)) - set(KINDS)
-        if unknown:
-            raise ValueError(f"unknown dataset kind(s) {sorted(unknown)} (known: {', '.join(KINDS)})")
         for kind in self.thresholds:
             self.thresholds_for(kind)
         return self
+
+    def check_arms(self, arms: list[str]) -> None:
+        """Fail when thresholds name a dataset that is not an arm (a misspelt arm would silently get defaults)."""
+        unknown = sorted(set(self.thresholds) - set(arms))
+        if unknown:
+            raise RefineryError(f"params.yaml: validate.thresholds names {', '.join(unknown)}, not an arm of "
+                                f"assemble.arms ({', '.join(arms)})")
 
     def thresholds_for(self, kind: str) -> Thresholds:
         """The defaults with this kind's overrides applied."""
@@ -190,7 +193,11 @@ def audit_records(kinds: list[str], stats: dict[str, dict[str, Any]], thresholds
 
 
 def audit_log(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The audit file: the overall decision, every failed check, and one event per dataset under ``datasets``."""
+    """An audit file: the decision, every failed check, and one event per dataset under ``datasets``.
+
+    validate writes one per arm (reports/audit/<arm>.json, one record each), so a training stage depends on its
+    own dataset's audit alone and a change to another arm's data does not retrain it.
+    """
     failed = [line for r in records for line in r["failed_checks"]]
     return {"event": "validate", "decision": "reject" if failed else "accept", "failed_checks": failed,
             "datasets": records}
@@ -278,7 +285,7 @@ def plot_diversity(records: list[dict[str, Any]], path: Path) -> None:
 @click.command("validate")
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 @click.option("--datasets", "datasets_dir", default="data/06_datasets", show_default=True,
-              help="Folder holding <kind>.parquet for every kind in validate.datasets.")
+              help="Folder holding <arm>.parquet for every arm of assemble.arms.")
 @click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
 @click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
 @click.option("--test", "test_file", default="data/02_split/test.parquet", show_default=True)
@@ -289,13 +296,14 @@ def plot_diversity(records: list[dict[str, Any]], path: Path) -> None:
               help="Embedding cache.")
 @click.option("--expectations", "suites_dir", default="schemas/expectations", show_default=True,
               help="Folder of the GE suites, <kind>.json.")
-@click.option("--audit", "audit_file", default="reports/audit.json", show_default=True)
+@click.option("--audit", "audit_dir", default="reports/audit", show_default=True,
+              help="Writes <arm>.json here: one audit file per dataset.")
 @click.option("--data-docs", "docs_dir", default="reports/data_docs", show_default=True)
 @click.option("--plots", "plots_dir", default="reports/plots", show_default=True)
 @click.option("--metrics", "metrics_file", default="metrics/validate.json", show_default=True)
 @click.option("--warn-only", is_flag=True, help="Report failed checks but exit 0 (exploration only).")
 def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_file, models_dir, cache_dir, suites_dir,
-        audit_file, docs_dir, plots_dir, metrics_file, warn_only) -> None:
+        audit_dir, docs_dir, plots_dir, metrics_file, warn_only) -> None:
     """Validate the assembled datasets; exit non-zero with one line per failed check."""
     import time
 
@@ -305,13 +313,17 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     from schemas import split as split_schema
 
     t0 = time.perf_counter()
+    from refinery.arms import load_arms
+
     params = load_section(params_file, "validate", ValidateParams)
-    kinds = list(params.datasets)
+    arms = load_arms(params_file)
+    kinds = list(arms)
+    params.check_arms(kinds)
     files = {k: str(Path(datasets_dir) / f"{k}.parquet") for k in kinds}
-    suites = {k: Path(suites_dir) / f"{k}.json" for k in kinds}
+    suites = {k: Path(suites_dir) / f"{arms[k].suite or k}.json" for k in kinds}
     for k, p in suites.items():
         if not p.is_file():
-            raise RefineryError(f"{p}: expectation suite of the {k} dataset not found")
+            raise RefineryError(f"{p}: expectation suite of the {k} arm not found (assemble.arms.{k}.suite)")
     datasets = {k: read_parquet(f) for k, f in files.items()}
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
@@ -327,7 +339,8 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
                               suite_names={k: str(suites[k]) for k in kinds})
         lines = failure_lines(outcomes, checks.stats, checks.contract_errors)
         records = audit_records(kinds, checks.stats, thresholds, lines, files, {k: str(v) for k, v in suites.items()})
-        outputs.json(audit_log(records), audit_file)
+        for record in records:
+            outputs.json(audit_log([record]), Path(audit_dir) / f"{record['dataset']}.json")
         outputs.json(metrics_of(records), metrics_file)
         plot_diversity(records, outputs.path(Path(plots_dir) / "validate_diversity.png"))
     click.echo(table_text(records), err=True)
@@ -335,7 +348,7 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     for line in failed:
         click.echo(f"{'warning' if warn_only else 'error'}: {line}", err=True)
     summary = (f"validate: {len(kinds) - sum(bool(lines.get(k)) for k in kinds)}/{len(kinds)} datasets pass, "
-               f"{len(failed)} failed check(s) ({time.perf_counter() - t0:.0f} s); see {audit_file} and "
+               f"{len(failed)} failed check(s) ({time.perf_counter() - t0:.0f} s); see {audit_dir}/<arm>.json and "
                f"{Path(docs_dir) / 'index.html'}")
     if failed and not warn_only:
         raise ChecksFailed(summary)  # refinery's CLI prints it as the last 'error:' line and exits 1

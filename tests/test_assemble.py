@@ -90,10 +90,18 @@ def pairs(train: pa.Table) -> pa.Table:
     return table(pairs_schema.ARROW, rows)
 
 
-def params(**over) -> AssembleParams:
-    base = {"seed": 1, "max_synthetic_share": 0.5, "max_synthetic_weight_share": 0.45, "rare_intent_min": 3, "rare_category_min": 0,
-            "weights": {"human": 1.0, "accepted": 0.5, "recovered": 0.5, "contaminated": 1.0},
-            "dedup": {"max_jaccard": 0.55, "num_perm": 64, "shingle": 5}, "max_passage_chars": 200}
+CURATED = ("max_synthetic_share", "max_synthetic_weight_share", "rare_intent_min", "rare_category_min")
+
+
+def params(arms: dict | None = None, **over) -> AssembleParams:
+    """The demo's three arms (curated's cap and top-up keys may be overridden by keyword), or ``arms``."""
+    curated = {"human": True, "sources": ["accepted", "recovered"], "max_synthetic_share": 0.5,
+               "max_synthetic_weight_share": 0.45, "rare_intent_min": 3, "rare_category_min": 0}
+    curated.update({k: over.pop(k) for k in CURATED if k in over})
+    arms = arms or {"human": {"human": True}, "contaminated": {"sources": ["contaminated"], "dedup": False},
+                    "curated": curated}
+    base = {"seed": 1, "weights": {"human": 1.0, "accepted": 0.5, "recovered": 0.5, "contaminated": 1.0},
+            "dedup": {"max_jaccard": 0.55, "num_perm": 64, "shingle": 5}, "max_passage_chars": 200, "arms": arms}
     return AssembleParams.model_validate({**base, **over})
 
 
@@ -192,7 +200,7 @@ def test_contaminated_set_drops_unparsed_rows_and_counts_them():
     result = run(human_rows(["a"] * 3), synthetic_rows(["a"]),
                  contaminated=table(synthetic_schema.ARROW, rows))
     assert result.tables["contaminated"].num_rows == 2
-    assert result.metrics["contaminated"]["dropped_unparsed"] == 1
+    assert result.metrics["contaminated"]["candidates"]["dropped_unparsed"] == 1
     assert set(result.tables["contaminated"].column("source").to_pylist()) == {"contaminated"}
 
 
@@ -241,3 +249,50 @@ def test_cli_writes_datasets_exports_and_metrics(tmp_path, in_tmp):
         assert len(lines) == t.num_rows
     assert len((tmp_path / "out" / "dpo.jsonl").read_text().splitlines()) == 3
     assert json.loads((tmp_path / "m.json").read_text())["curated"]["rows"] == 8
+
+
+ISOLATING = {
+    "curated": {"human": True, "sources": ["accepted", "recovered"], "max_synthetic_share": 0.5},
+    "no_recovery": {"human": True, "sources": ["accepted"], "max_synthetic_share": 0.5},
+    "unfiltered": {"human": True, "sources": ["generated"], "dedup": False, "synthetic_rows_of": "curated",
+                   "max_synthetic_share": 0.5},
+    "synthetic_only": {"sources": ["accepted", "recovered"]},
+}
+
+
+def test_arms_that_isolate_filtering_recovery_and_synthetic_data_draw_from_their_own_sources():
+    # given 10 human rows, 3 accepted, 2 recovered and 12 generated rows (the generated pool holds everything)
+    train = human_rows(["a"] * 10)
+    acc = synthetic_rows(["a"] * 3, seed=101, prefix="acc")
+    rec = synthetic_rows(["a"] * 2, seed=102, origin="recovered", prefix="rec")
+    gen = synthetic_rows(["a"] * 12, seed=103, prefix="gen", schema=synthetic_schema.ARROW)
+    contaminated = synthetic_rows(["a"] * 3, seed=7, origin="contaminated", prefix="con", schema=synthetic_schema.ARROW)
+    result = assemble(train, contaminated, acc, rec, documents(), pairs(train), params(arms=ISOLATING), gen)
+    src = {k: t.column("source").to_pylist() for k, t in result.tables.items()}
+    # then curated = human + accepted + recovered; no_recovery lacks the recovered rows; synthetic_only no human row
+    assert sorted(set(src["curated"])) == ["accepted", "human", "recovered"] and src["curated"].count("human") == 10
+    assert sorted(set(src["no_recovery"])) == ["accepted", "human"] and len(src["no_recovery"]) == 13
+    assert sorted(src["synthetic_only"]) == ["accepted"] * 3 + ["recovered"] * 2
+    # and unfiltered holds exactly as many synthetic rows as curated, all drawn from the ungated pool
+    assert src["unfiltered"].count("generated") == 5 == result.metrics["unfiltered"]["synthetic"]
+    assert src["unfiltered"].count("human") == 10
+    for t in result.tables.values():
+        datasets_schema.CONTRACT.validate(t, "arm")
+
+
+def test_an_arm_drawing_from_a_source_not_given_is_an_error():
+    train = human_rows(["a"] * 4)
+    with pytest.raises(InputError, match="assemble.arms.unfiltered.*generated"):
+        assemble(train, train, synthetic_rows(["a"]), None, documents(), pairs(train), params(arms=ISOLATING))
+
+
+@pytest.mark.parametrize("arms, message", [
+    ({"x": {"human": False}}, "needs human: true or at least one synthetic source"),
+    ({"x": {"sources": ["accepted"], "max_synthetic_share": 0.5}}, "needs human: true"),
+    ({"x": {"human": True, "synthetic_rows_of": "y"}, "y": {"human": True}}, "not an arm listed before it"),
+    ({"base": {"human": True}}, "'base' is the untuned model"),
+    ({"x": {"sources": ["gated"]}}, "sources"),
+])
+def test_bad_arm_recipes_are_refused(arms, message):
+    with pytest.raises(Exception, match=message):
+        params(arms=arms)

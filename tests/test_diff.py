@@ -43,8 +43,9 @@ pathlib.Path("metrics").mkdir(exist_ok=True)
 json.dump({"kept": kept, "total": len(rows)}, open("metrics/gate.json", "w"))
 pathlib.Path("reports").mkdir(exist_ok=True)
 ok = kept >= p["min_accepted"]
-json.dump({"datasets": {"curated": {"decision": "pass" if ok else "fail",
-                                    "failed_checks": [] if ok else ["min_rows"]}}}, open("reports/audit.json", "w"))
+pathlib.Path("reports/audit").mkdir(parents=True, exist_ok=True)
+json.dump({"datasets": [{"dataset": "curated", "decision": "pass" if ok else "fail",
+                         "failed_checks": [] if ok else ["min_rows"]}]}, open("reports/audit/curated.json", "w"))
 seed = pa.Table.from_pylist([{"row_id": f"qa_{i:016x}", "origin": "human", "question": f"Seed {i}?"}
                              for i in range(8)])
 pathlib.Path("data/02_split").mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
     _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
     (repo / "gate.py").write_text(GATE_SCRIPT)
     stage = {"cmd": f"{sys.executable} gate.py", "deps": ["gate.py"], "params": ["gate"],
-             "outs": ["data/04_gated", "data/02_split/train.parquet", "reports/audit.json"],
+             "outs": ["data/04_gated", "data/02_split/train.parquet", "reports/audit"],
              "metrics": [{"metrics/gate.json": {"cache": False}}]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gate": stage}}))
     _repro_and_commit(repo, 0.3, "lenient", root / "v1")

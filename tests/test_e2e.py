@@ -62,6 +62,7 @@ def stage_outs(repo: Path) -> dict[str, dict[str, str]]:
 
 # The LoRA fine-tunes and what is computed from them; every stage before them must match to the byte.
 AFTER_TRAINING = ("train@", "evaluate", "report")
+ARMS = list(yaml.safe_load((ROOT / "params.yaml").read_text())["assemble"]["arms"])
 
 
 def leftovers(repo: Path) -> list[str]:
@@ -117,19 +118,23 @@ def test_repro_on_two_fresh_clones_is_byte_identical_and_a_rerun_is_a_no_op(run_
         for out, md5 in lock_a[stage].items():
             if md5 != lock_b[stage][out]:
                 assert same_but_run_identity(a / out, b / out, commits), f"{stage}: {out} differs beyond the git commit"
-    for name in ("human", "contaminated", "curated"):
-        ma = json.loads((a / "metrics" / f"train_{name}.json").read_text())
-        mb = json.loads((b / "metrics" / f"train_{name}.json").read_text())
-        assert ma == mb, name
-    # the later stages ran and passed: recovery, assembly, validation, training, evaluation, report
-    audit = json.loads((a / "reports" / "audit.json").read_text())
-    assert audit["decision"] == "accept", audit.get("failed_checks")
+    runs = sorted(p.name for p in (a / "metrics" / "train").glob("*.json"))
+    assert runs == sorted(f"{arm}-s42.json" for arm in ARMS), runs  # every arm of params.yaml trained
+    for run in runs:
+        ma = json.loads((a / "metrics" / "train" / run).read_text())
+        mb = json.loads((b / "metrics" / "train" / run).read_text())
+        assert ma == mb, run
+    # the later stages ran and passed: recovery, assembly, validation of every arm, training, evaluation, report
+    for arm in ARMS:
+        audit = json.loads((a / "reports" / "audit" / f"{arm}.json").read_text())
+        assert audit["decision"] == "accept", audit.get("failed_checks")
     recover = json.loads((a / "metrics" / "recover.json").read_text())
     assert recover["adaptive"]["overall"]["rows"] > 0
-    for name in ("base", "human", "contaminated", "curated"):
-        assert json.loads((a / "metrics" / f"eval_{name}.json").read_text())
+    for name in ("base", *(f"{arm}-s42" for arm in ARMS)):
+        assert json.loads((a / "metrics" / "eval" / f"{name}.json").read_text())
     report = (a / "reports" / "report.md").read_text()
     assert "[FILL]" not in report and "X.XXX" not in report and "## " in report
+    assert report.index("## The seed questions") < report.index("## Datasets")  # the answers come first
     assert leftovers(a) == [] and leftovers(b) == []
 
 

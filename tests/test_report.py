@@ -40,14 +40,23 @@ def eval_metrics(model: str, table: pa.Table) -> dict:
                                                                                        "num_layers": 6}, extra={})
 
 
+SEED = 42
+ARMS = {"human": {"human": True}, "contaminated": {"sources": ["contaminated"]},
+        "curated": {"human": True, "sources": ["accepted", "recovered"]}}
+
+
+def run_of(m: str) -> str:
+    return m if m == "base" else f"{m}-s{SEED}"
+
+
 def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dict[str, Path]:
-    """Write a metrics folder, predictions and datasets as the upstream stages would."""
-    (folder / "metrics").mkdir(parents=True)
-    (folder / "eval").mkdir()
-    (folder / "datasets").mkdir()
+    """Write a metrics folder, predictions and datasets as the upstream stages would (one seed per arm)."""
+    for sub in ("metrics/eval", "metrics/train", "eval", "datasets", "audit"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     if with_gate:
-        (folder / "audit.json").write_text(json.dumps({"event": "validate", "decision": "accept", "failed_checks": [],
-                                                       "datasets": []}))
+        for m in ARMS:
+            (folder / f"audit/{m}.json").write_text(json.dumps({"event": "validate", "decision": "accept",
+                                                                "failed_checks": [], "datasets": []}))
     (folder / "metrics/split.json").write_text(json.dumps({"rows": {"train": 3, "val": 2, "test": 4},
                                                            "leakage": {"shared_documents": 0}}))
     if with_gate:
@@ -66,10 +75,10 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
         (folder / "metrics/recover.json").write_text(json.dumps({"budget": 20, "adaptive": arm(9), "naive": arm(2)}))
     for m in models:
         table = predictions(m)
-        pq.write_table(table, folder / f"eval/predictions_{m}.parquet")
-        (folder / f"metrics/eval_{m}.json").write_text(json.dumps(eval_metrics(m, table)))
+        pq.write_table(table, folder / f"eval/{run_of(m)}.parquet")
+        (folder / f"metrics/eval/{run_of(m)}.json").write_text(json.dumps(eval_metrics(m, table)))
         if m != "base":
-            (folder / f"metrics/train_{m}.json").write_text(json.dumps(
+            (folder / f"metrics/train/{run_of(m)}.json").write_text(json.dumps(
                 {"val_loss_best": 1.2345, "steps": 12, "architecture": "causal", "effective_batch": 8}))
             pq.write_table(pa.table({"row_id": ["a", "b"], "origin": ["human", "synthetic" if m == "curated" else
                                                                       "human"], "question": ["Q one?", "Q two?"],
@@ -80,9 +89,11 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
 
 def run_cli(tmp_path: Path, monkeypatch) -> tuple[str, dict]:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": PARAMS.model_dump()}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": PARAMS.model_dump(), "assemble": {"arms": ARMS},
+                                                          "train": {"seeds": [SEED]}}))
     res = CliRunner().invoke(cli, ["--params", "params.yaml", "--metrics-dir", "metrics", "--predictions-dir", "eval",
-                                   "--datasets-dir", "datasets", "--adapters-dir", "adapters", "--audit", "audit.json",
+                                   "--datasets-dir", "datasets", "--adapters-dir", "adapters", "--audit", "audit",
+                                   "--gated", "gated",
                                    "--out", "reports/report.md", "--summary", "metrics/report.json", "--trace",
                                    "reports/trace.json", "--plots", "reports/plots"])
     assert res.exit_code == 0, res.output
@@ -131,7 +142,7 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     for label in ("Base (untuned)", "A: human", "B: contaminated", "C: curated"):
         assert f"| {label} |" in md
     summary = json.loads((tmp_path / "metrics/report.json").read_text())
-    f1 = {m: json.loads((tmp_path / f"metrics/eval_{m}.json").read_text())["f1"] for m in MODELS}
+    f1 = {m: json.loads((tmp_path / f"metrics/eval/{run_of(m)}.json").read_text())["f1"] for m in MODELS}
     share = summary["gap"]["metrics"]["f1"]["recovered_share"]
     assert share == pytest.approx((f1["curated"] - f1["contaminated"]) / (f1["human"] - f1["contaminated"]), abs=1e-3)
     assert f"C recovers {100 * share:.1f}%" in md
@@ -140,7 +151,11 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     assert summary["verdicts"]["h5"] == "supported"  # 9 vs 2: one-sided exact p = 67 / 2048
     assert summary["h5_p"] == pytest.approx(67 / 2048, abs=1e-4)
     assert "decision **accept**, 0 failed checks" in md
-    for name in ("f1", "metrics", "gap", "gate_overlap", "recovery"):
+    # and the first section answers the seed questions from the arms, saying the noise floor is unmeasured
+    first = md.split("## The seed questions")[1].split("\n## ")[0]
+    assert "Does teacher contamination cost accuracy" in first and "Noise floor: **unmeasured**" in first
+    assert "filtering" not in summary["experiment"]["questions"]  # no unfiltered arm declared here
+    for name in ("f1", "arms", "metrics", "gap", "gate_overlap", "recovery"):
         assert (tmp_path / f"reports/plots/report_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -162,9 +177,9 @@ def test_a_number_edited_into_the_report_is_caught(tmp_path, monkeypatch):
     assert check(tmp_path, md + "\nAccuracy was 0.987 overall.\n", trace) == [
         "number 0.987 is not traced to a metrics file"]
     # and a metrics file changed after the report was written makes its numbers stale
-    eval_file = tmp_path / "metrics/eval_human.json"
+    eval_file = tmp_path / f"metrics/eval/{run_of('human')}.json"
     eval_file.write_text(json.dumps({**json.loads(eval_file.read_text()), "f1": 0.1234}))
-    assert any("eval_human.json:f1" in p for p in check(tmp_path, md, trace))
+    assert any(f"eval/{run_of('human')}.json:f1" in p for p in check(tmp_path, md, trace))
 
 
 def test_report_core_needs_no_files(tmp_path):

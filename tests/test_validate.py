@@ -26,8 +26,9 @@ from tests.test_assemble import documents, human_rows, run, synthetic_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
+ARMS = {"human": {"human": True}, "contaminated": {"sources": ["contaminated"], "dedup": False},
+        "curated": {"human": True, "sources": ["accepted", "recovered"]}}
 VALIDATE = {
-    "datasets": ["human", "contaminated", "curated"],
     "near_duplicate": {"max_jaccard": 0.8, "num_perm": 64, "shingle": 5},
     "diversity": {"embedder": "hashing", "sample": 200, "clusters": 3, "seed": 1, "temperature": 0.1,
                   "batch_size": 8},
@@ -53,20 +54,22 @@ def clean():
     return {"train": train, "val": val, "test": test, **result.tables}
 
 
-def write(tmp: Path, tables: dict[str, pa.Table], **validate) -> list[str]:
-    """Write the inputs and a params file into ``tmp``; return the CLI arguments."""
+def write(tmp: Path, tables: dict[str, pa.Table], datasets: list[str] = tuple(ARMS), **validate) -> list[str]:
+    """Write the inputs and a params file (the arms named by ``datasets``) into ``tmp``; return the CLI arguments."""
     (tmp / "ds").mkdir(exist_ok=True)
     for kind in ("human", "contaminated", "curated"):
         pq.write_table(tables[kind], tmp / "ds" / f"{kind}.parquet")
     for split in ("train", "val", "test"):
         pq.write_table(tables[split].cast(split_schema.ARROW), tmp / f"{split}.parquet")
     pq.write_table(documents().cast(documents_schema.ARROW), tmp / "documents.parquet")
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"validate": {**VALIDATE, **validate}}))
+    base = {**VALIDATE, "thresholds": {k: v for k, v in VALIDATE["thresholds"].items() if k in datasets}}
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"validate": {**base, **validate},
+                                                     "assemble": {"arms": {k: ARMS[k] for k in datasets}}}))
     root = Path(__file__).resolve().parents[1]
     return ["--params", str(tmp / "params.yaml"), "--datasets", str(tmp / "ds"), "--train", str(tmp / "train.parquet"),
             "--val", str(tmp / "val.parquet"), "--test", str(tmp / "test.parquet"),
             "--documents", str(tmp / "documents.parquet"), "--expectations", str(root / "schemas" / "expectations"),
-            "--audit", "reports/audit.json", "--data-docs", "reports/data_docs", "--plots", "reports/plots",
+            "--audit", "reports/audit", "--data-docs", "reports/data_docs", "--plots", "reports/plots",
             "--metrics", "metrics/validate.json", "--cache", "cache"]
 
 
@@ -96,9 +99,9 @@ def synthetic_copy(t: pa.Table, **change) -> dict:
 def test_clean_datasets_pass_and_write_the_audit_log(clean, in_tmp):
     res = validate(in_tmp, clean)
     assert res.exit_code == 0, res.output
-    log = json.loads((in_tmp / "reports/audit.json").read_text())
-    assert log["decision"] == "accept" and log["failed_checks"] == []
-    audit = log["datasets"]
+    logs = [json.loads((in_tmp / f"reports/audit/{k}.json").read_text()) for k in ARMS]
+    assert all(log["decision"] == "accept" and log["failed_checks"] == [] for log in logs)
+    audit = [r for log in logs for r in log["datasets"]]
     assert [r["dataset"] for r in audit] == ["human", "contaminated", "curated"]
     assert {r["decision"] for r in audit} == {"accept"}
     for key in ("event", "total_examples", "synthetic_share", "duplicate_rate", "leakage", "label_disagreement_rate",
@@ -202,11 +205,22 @@ def test_warn_only_reports_and_exits_zero(clean, in_tmp):
     assert any(line.startswith("warning: curated: row contract") for line in error_lines(res))
 
 
-def test_unknown_dataset_kind_in_params_is_one_line(clean, in_tmp):
-    from refinery.errors import ParamsError
+def test_thresholds_for_a_dataset_that_is_not_an_arm_are_one_line(clean, in_tmp):
+    from refinery.errors import RefineryError
 
-    with pytest.raises(ParamsError, match="unknown dataset kind"):
-        validate(in_tmp, clean, datasets=["gold"])
+    with pytest.raises(RefineryError, match="validate.thresholds names gold, not an arm of assemble.arms"):
+        validate(in_tmp, clean, datasets=["curated"], thresholds={"gold": {"min_rows": 2}})
+
+
+def test_each_arm_gets_its_own_audit_file(clean, in_tmp):
+    # given three arms, one of which breaks its cap
+    res = validate(in_tmp, clean, thresholds={**VALIDATE["thresholds"], "curated": {"max_synthetic_share": 0.1}})
+    assert res.exit_code == 1
+    # then each arm has an audit file holding its own record and decision only
+    logs = {k: json.loads((in_tmp / f"reports/audit/{k}.json").read_text()) for k in ARMS}
+    assert {k: [r["dataset"] for r in v["datasets"]] for k, v in logs.items()} == {k: [k] for k in ARMS}
+    assert {k: v["decision"] for k, v in logs.items()} == {"human": "accept", "contaminated": "accept",
+                                                          "curated": "reject"}
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
@@ -278,7 +292,7 @@ def test_refinery_cli_exits_1_with_one_line_per_failed_check(clean, in_tmp, monk
 def test_audit_log_lists_the_failed_checks_of_each_dataset(clean, in_tmp):
     res = validate(in_tmp, clean, datasets=["curated"], thresholds={"curated": {"max_synthetic_share": 0.1}})
     assert res.exit_code == 1
-    log = json.loads((in_tmp / "reports/audit.json").read_text())
+    log = json.loads((in_tmp / "reports/audit/curated.json").read_text())
     assert log["decision"] == "reject"
     (rec,) = log["datasets"]
     assert rec["decision"] == "reject" and rec["event"] == "dataset_validated"

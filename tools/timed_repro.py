@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"stages_s": times, "total_s": total, "exit_code": code}, indent=2) + "\n")
     results = [("report", "reports/report.md"), ("review page", "reports/review/index.html"),
-               ("Data Docs", "reports/data_docs/index.html"), ("audit", "reports/audit.json"),
+               ("Data Docs", "reports/data_docs/index.html"), ("audit", "reports/audit/<arm>.json"),
                ("datasets", "data/06_datasets"), ("metrics", "metrics"), ("stage times", str(out))]
     print("\nresults:", file=sys.stderr)
     for what, path in results:
