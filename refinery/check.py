@@ -57,6 +57,11 @@ def check_params(params_file: str | Path) -> tuple[dict, list[str]]:
             problems.extend(found)
         else:
             parsed[section] = _params_class(section).model_validate(data[section] or {})
+    if "assemble" in parsed and "validate" in parsed:  # thresholds for a misspelt arm would silently be unused
+        try:
+            parsed["validate"].check_arms(list(parsed["assemble"].arms))
+        except RefineryError as e:
+            problems.append(str(e).replace("params.yaml:", f"{params_file}:", 1))
     return parsed, problems
 
 

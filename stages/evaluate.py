@@ -30,6 +30,8 @@ class EvaluateParams(StageParams):
     bertscore_layers: int = Field(ge=1)  # encoder layer BERTScore matches on (the embedder role's model)
     bertscore_batch_size: int = Field(ge=1)
     factual_min_facts: int = Field(ge=1)  # facts a reference must state (all found in its passage) to be checked
+    dtype: str = "float32"  # decoding weights (the adapter merged first): float32 | bfloat16 | float16 | auto
+    # (bfloat16 where the CPU computes it natively)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,14 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
         passages.append(lora.passage_window(documents[r["doc_id"]], r.get("evidence"), r.get("evidence_start"),
                                             r.get("evidence_end"), train_params.window_chars))
         prompts.append(lora.prompt_text(tokenizer, msgs, seq2seq))
-    log(f"evaluate {name}: {len(rows)} test rows, {'adapter ' + adapter_dir if adapter_dir else 'untuned student'}")
+    import torch
+
+    from refinery.backends.local import resolve_dtype
+
+    dtype = resolve_dtype(params.dtype)
+    model = model.to(getattr(torch, dtype))
+    log(f"evaluate {name}: {len(rows)} test rows, {'adapter ' + adapter_dir if adapter_dir else 'untuned student'}, "
+        f"{dtype}")
     preds = lora.generate(model, tokenizer, prompts, seq2seq=seq2seq, max_new_tokens=params.max_new_tokens,
                           batch_size=params.batch_size, progress=progress)
     del model
@@ -159,7 +168,7 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
                         num_layers=params.bertscore_layers, batch_size=params.bertscore_batch_size)
     table = score_rows(test, preds, passages, name=name, bert_f1=bert.f1, min_facts=params.factual_min_facts)
     extra = {"student": student_id, "adapter": adapter_dir, "adapter_sha256": adapter_id,
-             "max_new_tokens": params.max_new_tokens, "window_chars": train_params.window_chars,
+             "max_new_tokens": params.max_new_tokens, "window_chars": train_params.window_chars, "dtype": dtype,
              "params_hash": params_hash(params)}
     return EvalResult(table, summarise(table, name=name, model_id=f"{student_id}+{adapter_id or 'none'}",
                                        bert_info=bert.info, extra=extra))

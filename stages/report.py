@@ -304,8 +304,11 @@ def seed_questions(v: Values, S: str, plots_rel: str, gi: str) -> None:
                          v.num(S, f"datasets.{arm}.rows", "int") if v.get(S, f"datasets.{arm}.rows") is not None
                          else "–",
                          v.num(S, f"datasets.{arm}.synthetic_share", "pct1")
-                         if v.get(S, f"datasets.{arm}.synthetic_share") is not None else "–"])
-    w(table(["arm", "F1 mean", "sd over seeds", "F1 per seed", "seeds", "train rows", "non-human share"], arm_rows))
+                         if v.get(S, f"datasets.{arm}.synthetic_share") is not None else "–",
+                         f"{v.num(S, f'{k}.val_loss_initial', 'f3')} → {v.num(S, f'{k}.val_loss_best', 'f3')}"
+                         if v.get(S, f"{k}.val_loss_best") is not None else "–"])
+    w(table(["arm", "F1 mean", "sd over seeds", "F1 per seed", "seeds", "train rows", "non-human share",
+             "human val loss: initial → best (mean)"], arm_rows))
     nf = f"{ex}.noise_floor"
     if v.get(S, f"{nf}.sd") is None:
         w(f"\nNoise floor: **unmeasured** here ({v.num(S, f'{nf}.note', 'str')}); the minimum detectable "
@@ -829,6 +832,11 @@ def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: 
                 scores[a] = ex.ArmScores(sorted(tables), ex.align(tables, row_ids))
     experiment = ex.analyse(scores, n=params.bootstrap, ci=params.ci, seed=params.seed, declared=arms) \
         if scores else None
+    for a in arms if experiment else []:
+        train = [docs[f] for s in seeds if (f := f"{metrics_dir}/train/{run_name(a, s)}.json") in docs]
+        if a in experiment["arms"] and train and all("val_loss_best" in t for t in train):
+            for key in ("val_loss_initial", "val_loss_best"):  # does each adapter learn? human val loss, mean
+                experiment["arms"][a][key] = round(float(np.mean([t[key] for t in train])), 4)
     gated = {k: f"{gated_dir}/{k}.parquet" for k in ("accepted", "rejected", "injected")}
     families = None
     if all(Path(p).is_file() for p in gated.values()):

@@ -49,3 +49,14 @@ def test_a_stage_names_all_its_bad_keys_in_one_line():
         parse_section({**raw, "lr": "fast", "max_steps": "many"}, TrainParams, where="params.yaml: train")
     assert "params.yaml: train.lr:" in str(e.value) and "params.yaml: train.max_steps:" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_thresholds_for_an_arm_that_does_not_exist_are_listed(tmp_path):
+    from refinery.check import check_params
+    from tests.conftest import ROOT
+
+    text = (ROOT / "params.yaml").read_text().replace("    no_recovery: {max_synthetic_share: 0.5}",
+                                                      "    no_recovry: {max_synthetic_share: 0.5}")
+    (tmp_path / "params.yaml").write_text(text)
+    _, problems = check_params(tmp_path / "params.yaml")
+    assert any("validate.thresholds names no_recovry, not an arm of assemble.arms" in p for p in problems), problems

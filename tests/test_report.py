@@ -79,7 +79,7 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
         (folder / f"metrics/eval/{run_of(m)}.json").write_text(json.dumps(eval_metrics(m, table)))
         if m != "base":
             (folder / f"metrics/train/{run_of(m)}.json").write_text(json.dumps(
-                {"val_loss_best": 1.2345, "steps": 12, "architecture": "causal", "effective_batch": 8}))
+                {"val_loss_best": 1.2345, "val_loss_initial": 1.5, "steps": 12, "architecture": "causal", "effective_batch": 8}))
             pq.write_table(pa.table({"row_id": ["a", "b"], "origin": ["human", "synthetic" if m == "curated" else
                                                                       "human"], "question": ["Q one?", "Q two?"],
                                      "answer": ["A.", "B b."], "weight": [1.0, 0.5]}),
