@@ -51,7 +51,7 @@ class AssembleParams(StageParams):
     seed: int  # order in which synthetic rows are drawn under the cap
     weights: WeightParams
     dedup: DedupParams  # exact + MinHash removal of synthetic rows duplicating the human anchor or each other
-    max_passage_chars: int = Field(gt=0)  # passage length in the SFT export (characters; cut at a word)
+    max_passage_chars: int = Field(gt=0)  # passage length in the DPO export (characters; cut at a word)
     arms: dict[str, ArmRecipe]  # arm name -> recipe; data/06_datasets/<arm>.parquet each
 
     @model_validator(mode="after")
@@ -186,16 +186,23 @@ def cap_weights(table: pa.Table, max_share: float) -> tuple[pa.Table, float]:
     return table.set_column(i, table.schema.field("weight"), pa.array(w, pa.float64())), float(factor)
 
 
-def sft_records(table: pa.Table, passages: dict[str, str], max_passage_chars: int, where: str) -> list[dict]:
-    """Return one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.sft shape)."""
-    from refinery.sft import messages
+def sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, where: str) -> list[dict]:
+    """Return one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.sft shape).
+
+    The messages are built by the same function training and evaluation use (:func:`refinery.lora.messages_for`,
+    the passage cut to ``train.window_chars`` around the row's evidence), so an exported row is what the adapter
+    was trained on.
+    """
+    from refinery.lora import messages_for
 
     out = []
-    for i, (rid, doc, q, a, w) in enumerate(zip(*(table.column(c).to_pylist() for c in
-                                                  ("row_id", "doc_id", "question", "answer", "weight")))):
-        if doc not in passages:
-            raise InputError(where, f"document {doc!r} not in the documents table", row=i + 1, field="doc_id")
-        out.append({"messages": messages(passages[doc], q, a, max_passage_chars), "weight": w, "row_id": rid})
+    for i, row in enumerate(table.select(["row_id", "doc_id", "question", "answer", "weight", "evidence",
+                                          "evidence_start", "evidence_end"]).to_pylist()):
+        if row["doc_id"] not in passages:
+            raise InputError(where, f"document {row['doc_id']!r} not in the documents table", row=i + 1,
+                             field="doc_id")
+        out.append({"messages": messages_for(row, passages, window_chars, with_answer=True), "weight": row["weight"],
+                    "row_id": row["row_id"]})
     return out
 
 
@@ -215,7 +222,7 @@ def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: in
 
 def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recovered: pa.Table | None,
              documents: pa.Table, pairs: pa.Table, params: AssembleParams,
-             generated: pa.Table | None = None) -> AssembleResult:
+             generated: pa.Table | None = None, window_chars: int = 0) -> AssembleResult:
     """Build every arm's dataset and its trainer exports.
 
     Args:
@@ -227,6 +234,7 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         pairs: DPO preference pairs from train_reward.
         params: the arms' recipes, weights, dedup bounds.
         generated: every generated row before any gate (synthetic contract), or None.
+        window_chars: the passage window of the SFT export (``train.window_chars``: what training sees).
 
     Returns:
         Tables of the datasets contract (one per arm, in params order), SFT and DPO records, counts metrics.
@@ -305,7 +313,7 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
             **({"synthetic_rows_of": arm.synthetic_rows_of} if arm.synthetic_rows_of else {}),
             **sel,
         }
-    sft = {k: sft_records(t, passages, params.max_passage_chars, f"{k} dataset") for k, t in tables.items()}
+    sft = {k: sft_records(t, passages, window_chars, f"{k} dataset") for k, t in tables.items()}
     dpo = dpo_records(pairs, passages, params.max_passage_chars)
     metrics["dpo_pairs"] = len(dpo)
     return AssembleResult(tables, sft, dpo, {"arms": list(params.arms), **metrics})
@@ -350,7 +358,10 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
         if generated_file else None
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     pairs = pairs_schema.CONTRACT.validate(read_parquet(pairs_file), pairs_file)
-    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params, generated)
+    from refinery.params import read_key
+
+    window = read_key(params_file, "train.window_chars", 0)
+    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params, generated, int(window))
     out = Path(out_dir)
     with atomic_outputs() as outputs:
         for kind in result.tables:

@@ -296,3 +296,17 @@ def test_an_arm_drawing_from_a_source_not_given_is_an_error():
 def test_bad_arm_recipes_are_refused(arms, message):
     with pytest.raises(Exception, match=message):
         params(arms=arms)
+
+
+def test_the_sft_export_holds_the_prompt_training_builds():
+    # given rows on documents longer than the training window
+    from refinery.lora import messages_for
+
+    train = human_rows(["a"] * 3)
+    docs = documents()
+    passages = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
+    result = assemble(train, train, synthetic_rows(["a"]), None, docs, pairs(train), params(), window_chars=60)
+    # then each exported record is exactly what train builds for that row (same window around the evidence)
+    for rec, row in zip(result.sft["human"], result.tables["human"].to_pylist()):
+        assert rec["messages"] == messages_for(row, passages, 60, with_answer=True)
+        assert len(rec["messages"][1]["content"]) < len(passages[row["doc_id"]]) + 100
