@@ -273,6 +273,7 @@ class LoraTrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    compute_dtype: str = "float32"  # bfloat16: forward passes under CPU autocast (weights and LoRA stay float32)
 
 
 @dataclass
@@ -292,6 +293,26 @@ class TrainResult:
 def train_lora(model: Any, tokenizer: Any, *, seq2seq: bool, train: Sequence[Example], weights: Sequence[float],
                val: Sequence[Example], cfg: LoraTrainConfig, out_dir: Path, probe: Sequence[Example] = (),
                progress: bool = True, log: Callable[[str], None] = lambda s: None) -> TrainResult:
+    """:func:`_train_lora` with every forward pass (training steps, val and probe losses) in ``cfg.compute_dtype``.
+
+    bfloat16 runs the matrix products under ``torch.autocast`` on the CPU; the weights, the LoRA parameters, their
+    gradients and AdamW's state stay float32, and the loss is taken in float32.
+    """
+    import contextlib
+
+    import torch
+
+    if cfg.compute_dtype not in ("float32", "bfloat16"):
+        raise RefineryError(f"train: compute dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.compute_dtype == "bfloat16" else contextlib.nullcontext()
+    with ctx:
+        return _train_lora(model, tokenizer, seq2seq=seq2seq, train=train, weights=weights, val=val, cfg=cfg,
+                           out_dir=out_dir, probe=probe, progress=progress, log=log)
+
+
+def _train_lora(model: Any, tokenizer: Any, *, seq2seq: bool, train: Sequence[Example], weights: Sequence[float],
+                val: Sequence[Example], cfg: LoraTrainConfig, out_dir: Path, probe: Sequence[Example] = (),
+                progress: bool = True, log: Callable[[str], None] = lambda s: None) -> TrainResult:
     """Train a peft-wrapped model with AdamW, linear warm-up/decay and gradient accumulation; keep the best.
 
     Each epoch draws rows by their sampling weights (:func:`weighted_epoch`). The validation loss (mean

@@ -46,6 +46,8 @@ class TrainParams(StageParams):
     max_answer_tokens: int = Field(ge=1)  # reference answers are cut to this many tokens
     window_chars: int = Field(ge=0)  # passage = this many characters around the evidence; 0: whole document
     threads: int = Field(ge=1)  # torch CPU threads
+    dtype: str = "float32"  # forward passes: float32 | bfloat16 (CPU autocast; weights and LoRA stay float32) |
+    # auto (bfloat16 where the CPU computes it natively)
     probe_rows: int = Field(default=32, ge=1)  # training rows whose loss is measured before and after training
     check_loss_decrease: bool = True  # fail when the probe rows' loss did not fall
     val_rows: int | None = Field(default=None, ge=1)  # human val rows the val loss is measured on (a seeded sample,
@@ -101,6 +103,16 @@ def build_examples(rows: pa.Table, documents: dict[str, str], tokenizer: Any, *,
     return out
 
 
+def compute_dtype(choice: str) -> str:
+    """float32 or bfloat16 for a ``train.dtype`` choice ('auto': bfloat16 where the CPU computes it natively)."""
+    from refinery.backends.local import resolve_dtype
+
+    dtype = resolve_dtype(choice)
+    if dtype not in ("float32", "bfloat16"):
+        raise RefineryError(f"train.dtype: {choice!r} is not float32, bfloat16 or auto")
+    return dtype
+
+
 def _mean_window(values: list[float], first: bool) -> float:
     k = max(1, len(values) // 10)
     return float(np.mean(values[:k] if first else values[-k:]))
@@ -145,7 +157,8 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
     total = sum(p.numel() for p in model.parameters())
     cfg = lora.LoraTrainConfig(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
                                grad_accum=params.grad_accum, warmup_steps=params.warmup_steps, seed=params.seed,
-                               threads=params.threads, eval_every=params.eval_every, max_steps=params.max_steps)
+                               threads=params.threads, eval_every=params.eval_every, max_steps=params.max_steps,
+                               compute_dtype=compute_dtype(params.dtype))
     log(f"train {name}: {len(train_ex)} rows, {len(val_ex)} val rows, {'seq2seq' if seq2seq else 'causal'} "
         f"student, {trainable:,} trainable of {total:,} parameters")
     pick = np.random.default_rng(params.seed).permutation(len(train_ex))[:params.probe_rows]
@@ -161,6 +174,7 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
         "rows": dataset.num_rows,
         "val_rows": val.num_rows,
         "seed": params.seed,
+        "dtype": compute_dtype(params.dtype),
         "examples_seen": res.examples_seen,
         "steps": res.steps,
         "effective_batch": params.batch_size * params.grad_accum,
