@@ -189,6 +189,21 @@ def test_lora_training_lowers_the_loss_and_saves_the_best_adapter(tmp_path, kind
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+def test_bfloat16_autocast_training_lowers_the_loss_and_keeps_float32_adapters(tmp_path, tiny_causal):
+    # given the tiny causal model trained with train.dtype bfloat16
+    from safetensors.torch import load_file
+
+    docs, qa = seed_tables(tmp_path)
+    documents = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
+    params = TrainParams(**{**TINY_TRAIN, "target_modules": ["q_proj", "v_proj"], "dtype": "bfloat16"})
+    out = train_core(qa, with_split(qa, "val"), documents, params, str(tiny_causal), tmp_path / "adapter",
+                     name="human", progress=False)
+    # then it still learns, says which dtype it ran in, and the saved LoRA weights are float32
+    assert out.metrics["loss_decreased"] and out.metrics["dtype"] == "bfloat16"
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert weights and {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+
+
 def test_missing_answer_column_is_a_clear_error(tmp_path, tiny_causal):
     docs, qa = seed_tables(tmp_path)
     with pytest.raises(InputError, match="answer"):
