@@ -82,7 +82,7 @@ def noise_floor(arms: dict[str, ArmScores]) -> dict[str, Any]:
     """The between-seed sd of an arm's mean F1, pooled over the arms trained with two or more seeds."""
     variances = [(len(a.seeds) - 1, float(a.f1.mean(axis=1).var(ddof=1))) for a in arms.values() if len(a.seeds) > 1]
     if not variances:
-        return {"sd": None, "arms": 0, "note": "unmeasured: every arm was trained with one seed"}
+        return {"sd": None, "arms": 0, "note": "every arm was trained with one seed"}
     dof = sum(d for d, _ in variances)
     return {"sd": round(math.sqrt(sum(d * v for d, v in variances) / dof), 4), "arms": len(variances),
             "degrees_of_freedom": dof}
