@@ -140,7 +140,7 @@ def select_synthetic(pool: pa.Table, human: pa.Table, arm: ArmRecipe, seed: int,
 
     Args:
         pool: deduplicated synthetic rows (dataset columns).
-        human: the human train rows (the rare-class counts start from them when the arm holds them).
+        human: the arm's human rows (the rare-class counts start from them; empty for a synthetic-only arm).
         arm: the rare-class targets.
         seed: the draw order.
         cap: synthetic rows to take at most.
@@ -285,7 +285,7 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         anchor = human if arm.human else datasets_schema.ARROW.empty_table()
         rows_of_other = synthetic_rows[arm.synthetic_rows_of] if arm.synthetic_rows_of else None
         cap = synthetic_cap(arm, anchor.num_rows, pool.num_rows, rows_of_other)
-        chosen, sel = select_synthetic(pool, human, arm, params.seed, cap, categories)
+        chosen, sel = select_synthetic(pool, anchor, arm, params.seed, cap, categories)
         synthetic = pool.take(pa.array(chosen, pa.int64()))
         synthetic = synthetic.take(pc.sort_indices(synthetic, [("row_id", "ascending")]))
         table = pa.concat_tables([anchor, synthetic])
