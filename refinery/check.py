@@ -27,6 +27,7 @@ SECTIONS: dict[str, str] = {
     "evaluate": "stages.evaluate:EvaluateParams",
     "report": "stages.report:ReportParams",
     "review": "stages.review:ReviewParams",
+    "raft": "stages.raft:RaftParams",
 }
 
 
@@ -57,6 +58,9 @@ def check_params(params_file: str | Path) -> tuple[dict, list[str]]:
             problems.extend(found)
         else:
             parsed[section] = _params_class(section).model_validate(data[section] or {})
+    if "assemble" in parsed and "raft" in parsed and parsed["raft"].arm not in parsed["assemble"].arms:
+        problems.append(f"{params_file}: raft.arm '{parsed['raft'].arm}' is not an arm of assemble.arms "
+                        f"({', '.join(parsed['assemble'].arms)})")
     if "assemble" in parsed and "validate" in parsed:  # thresholds for a misspelt arm would silently be unused
         try:
             parsed["validate"].check_arms(list(parsed["assemble"].arms))
