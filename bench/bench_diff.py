@@ -104,7 +104,7 @@ def run_diff(folder: Path, threads: int) -> None:
     """Child process: diff a.parquet vs b.parquet and print the result with time and peak memory as JSON."""
     import duckdb
 
-    from refinery.diff import DiffOptions, diff_table
+    from refinery.inspect.diff import DiffOptions, diff_table
 
     t0 = time.perf_counter()
     con = duckdb.connect()

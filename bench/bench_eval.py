@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from refinery import lora
-    from refinery.io import read_parquet
+    from refinery.training import lora
+    from refinery.core.io import read_parquet
     from stages.train import read_documents, student_path
 
     test = read_parquet(args.split).slice(0, args.rows).to_pylist()

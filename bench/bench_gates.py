@@ -290,8 +290,8 @@ def bench_fast_gates(corpus: Corpus) -> None:
 
 def bench_embedding(corpus: Corpus, n: int, batch_size: int, repeats: int = 3) -> None:
     """Print embedding gate throughput against a bare SentenceTransformer.encode on the same texts."""
-    from refinery.embed import Embedder, VectorCache
-    from refinery.errors import ModelResolutionError
+    from refinery.models.embed import Embedder, VectorCache
+    from refinery.core.errors import ModelResolutionError
     from refinery.gates.overlap import EmbeddingOverlapGate, embedding_texts
     from refinery.models.resolve import load_target
 

@@ -4,7 +4,7 @@ Usage: python bench/bench_http_teacher.py [--requests 10000] [--concurrency 32 1
 
 A mock OpenAI-compatible server runs in its own process on 127.0.0.1 with a lognormal latency per request
 (mean 0.40 s, p99 1.9 s; the same latency for the same prompt, so both clients meet the same server). For
-each concurrency it prints requests/s of the stage path (``refinery.teacher.run_jobs`` over
+each concurrency it prints requests/s of the stage path (``refinery.generation.teacher.run_jobs`` over
 ``OpenAICompatBackend`` and the SQLite cache, as generate runs it), of a bare aiohttp client with a semaphore,
 the ideal ``concurrency / mean latency``, and the ratios. ``--kill`` also SIGKILLs a generation of
 ``--requests`` rows halfway and counts the requests the rerun sent again. Prints figures; asserts nothing.
@@ -82,15 +82,15 @@ def start_server(scale: float = 1.0) -> tuple[subprocess.Popen, str]:
 
 
 def requests(n: int, tag: str):
-    from refinery.backends import GenRequest
+    from refinery.models.backends import GenRequest
 
     return [GenRequest(messages=(("user", f"{tag} prompt {i:06d}"),), seed=i, max_new_tokens=16) for i in range(n)]
 
 
 def stage_path(url: str, n: int, concurrency: int, tag: str, cache: Path) -> tuple[float, float]:
     """Wall seconds and client CPU seconds of run_jobs over the HTTP backend (as the generate stage runs it)."""
-    from refinery.backends.http import OpenAICompatBackend
-    from refinery.teacher import GenerationCache, Job, cache_key, run_jobs
+    from refinery.models.backends.http import OpenAICompatBackend
+    from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 
     jobs = [Job(r, cache_key("mock@1", "t@1", r, 0)) for r in requests(n, tag)]
     backend = OpenAICompatBackend(url, "mock", concurrency=concurrency, check=False, timeout_s=60)
@@ -140,7 +140,7 @@ def kill_and_resume(url: str, n: int, concurrency: int, tmp: Path) -> None:
     cache = tmp / "kill.sqlite"
     proc = subprocess.Popen([sys.executable, "-c", KILLED.format(root=str(ROOT), url=url, n=n, c=concurrency,
                                                                  cache=str(cache))])
-    from refinery.teacher import GenerationCache
+    from refinery.generation.teacher import GenerationCache
 
     committed = 0
     while committed < n // 2 and proc.poll() is None:

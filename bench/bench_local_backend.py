@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model folder at {args.model} (run `dvc repro provision` first, or pass --model)", file=sys.stderr)
         return 2
 
-    from refinery.backends import GenRequest
-    from refinery.backends.local import TransformersBackend
+    from refinery.models.backends import GenRequest
+    from refinery.models.backends.local import TransformersBackend
 
     be = TransformersBackend(args.model, batch_size=args.batch_size, threads=args.threads)
     tok, model = be.tokenizer, be.model

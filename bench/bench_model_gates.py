@@ -6,7 +6,7 @@ Usage: python bench/bench_model_gates.py [--rows 512] [--repeats 3] [--params pa
 
 Target (#4): every model gate within 85% of its bare model's batched throughput (the gate's cost beyond the
 model: batching, windowing, combiner features, verdicts). The models are loaded once, as the gate stage loads
-them (``refinery.gating.load_models``, the ``gate`` params' batch size and threads). For each gate:
+them (``refinery.gates.run.load_models``, the ``gate`` params' batch size and threads). For each gate:
 
 - faithfulness (grounded): ``FaithfulnessGate.apply`` against tokenizer + forward of the verifier's own model on
   the same (passage window, claim) pairs the gate scores, in batches of the same size, shortest first (as the
@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refinery.gates.faithfulness import FaithfulnessGate, claim_text  # noqa: E402
 from refinery.gates.perplexity import CONTEXT, PerplexityGate  # noqa: E402
 from refinery.gates.reward import RewardGate  # noqa: E402
-from refinery.gating import GateParams, load_models  # noqa: E402
-from refinery.grounding import LIKELIHOOD_CONTEXT, GroundedVerifier, split_claim  # noqa: E402
-from refinery.params import load_section  # noqa: E402
-from refinery.verifier import passage_windows  # noqa: E402
+from refinery.gates.run import GateParams, load_models  # noqa: E402
+from refinery.models.grounding import LIKELIHOOD_CONTEXT, GroundedVerifier, split_claim  # noqa: E402
+from refinery.core.params import load_section  # noqa: E402
+from refinery.models.verifier import passage_windows  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:

@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from refinery.text import stable_id  # noqa: E402
+from refinery.core.text import stable_id  # noqa: E402
 from schemas import datasets as datasets_schema  # noqa: E402
 from schemas import documents as documents_schema  # noqa: E402
 from schemas import split as split_schema  # noqa: E402

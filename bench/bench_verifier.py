@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refinery import corruptions as corr  # noqa: E402
-from refinery.verifier import load_verifier, roc_auc, threshold_for_frr  # noqa: E402
+from refinery.planted import corruptions as corr  # noqa: E402
+from refinery.models.verifier import load_verifier, roc_auc, threshold_for_frr  # noqa: E402
 from stages.train_verifier import build_pairs  # noqa: E402
 
 
@@ -41,13 +41,13 @@ def main(model_dir: str, split_file: str, documents_file: str, threshold: float 
     judge = None
     spec = Path(model_dir) / "COMBINER.json"
     if lexical and spec.is_file() and "judge" in json.loads(spec.read_text()):
-        from refinery.backends.factory import make_backend
+        from refinery.models.backends.factory import make_backend
         from refinery.models.resolve import backend_spec, load_target
 
         judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=16, threads=threads))
     embedder = None
     if lexical and spec.is_file() and "answer_passage_cosine" in json.loads(spec.read_text())["features"]:
-        from refinery.embed import Embedder
+        from refinery.models.embed import Embedder
         from refinery.models.resolve import load_target
 
         target = load_target(models_dir, "embedder")

@@ -8,7 +8,7 @@ import sys
 import click
 
 from refinery import __version__
-from refinery.errors import RefineryError, os_error
+from refinery.core.errors import RefineryError, os_error
 
 # name -> (module:attribute, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("stages.split:cli", "Split seed QA into train/val/test by document group, without leakage."),
     "generate": ("stages.generate:cli", "Generate synthetic QA rows from the human train split with the teacher."),
     "contaminate": ("stages.contaminate:cli", "Build the AI-contaminated comparison set from the human train split."),
-    "profile": ("refinery.profiles:cli", "Apply a named params profile (ci, cosmosqa) onto params.yaml."),
+    "profile": ("refinery.core.profiles:cli", "Apply a named params profile (ci, cosmosqa) onto params.yaml."),
     "inject": ("stages.inject:cli", "Plant known errors with ground-truth labels in held-out seed rows."),
     "train-verifier": ("stages.train_verifier:cli", "Train the embedded faithfulness verifier (MiniLM head)."),
     "train-reward": ("stages.train_reward:cli", "Train the embedded reward model and export DPO pairs."),
@@ -30,10 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("stages.evaluate:cli", "Score one model (adapter or untuned base) on the human test split."),
     "report": ("stages.report:cli", "Write reports/report.md and its plots from the metrics files."),
     "review": ("stages.review:cli", "Write the static review page and the human-review sample export."),
-    "diff": ("refinery.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
-    "trace": ("refinery.trace:cli", "Show a row's lineage back to its seed rows and document span, and where it ended."),
-    "doctor": ("refinery.doctor:cli", "Check installed packages and that every role's model resolves."),
-    "check": ("refinery.check:cli", "Check every params section, model role and the seed input before dvc repro."),
+    "diff": ("refinery.inspect.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
+    "trace": ("refinery.inspect.trace:cli", "Show a row's lineage back to its seed rows and document span, and where it ended."),
+    "doctor": ("refinery.inspect.doctor:cli", "Check installed packages and that every role's model resolves."),
+    "check": ("refinery.inspect.check:cli", "Check every params section, model role and the seed input before dvc repro."),
 }
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     Before any command runs, leftovers of killed refinery runs in the current folder are removed (a
     commit cut short by a kill is rolled back to the previous outputs first).
     """
-    from refinery.scratch import clean_stale
+    from refinery.core.scratch import clean_stale
 
     try:
         for line in clean_stale("."):

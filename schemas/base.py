@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from refinery.errors import InputError
+from refinery.core.errors import InputError
 
 # column -> list of pandera Checks; a function so pandera is imported only when validating
 ChecksFactory = Callable[[Any], Mapping[str, list]]

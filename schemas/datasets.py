@@ -3,7 +3,7 @@
 Row level: the Arrow schema and strict Pandera checks below (:data:`CONTRACT`). Dataset level: the thresholds
 (:class:`Thresholds`, read from ``params.yaml: validate``) and the per-kind Great Expectations suite stored as JSON
 in ``schemas/expectations/<kind>.json``, run by ``refinery validate`` over the Parquet rows plus the check columns
-:func:`refinery.expectations.check_frame` derives.
+:func:`refinery.validation.expectations.check_frame` derives.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 from pydantic import Field
 
-from refinery.params import StageParams
+from refinery.core.params import StageParams
 from schemas.base import Contract
 from schemas.provenance import PROVENANCE_FIELDS, provenance_checks
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from refinery.corruptions import FACTUAL_KINDS
+from refinery.planted.corruptions import FACTUAL_KINDS
 from schemas import synthetic
 from schemas.base import Contract
 

@@ -15,7 +15,7 @@ ARROW = pa.schema([
     pa.field("chosen", pa.string(), nullable=False),  # the human answer
     pa.field("rejected", pa.string(), nullable=False),  # a realistic degradation of it
     pa.field("category", pa.string(), nullable=False),  # one of CATEGORIES
-    pa.field("corruption", pa.string(), nullable=False),  # refinery.corruptions kind that made ``rejected``
+    pa.field("corruption", pa.string(), nullable=False),  # refinery.planted.corruptions kind that made ``rejected``
     pa.field("detail", pa.string(), nullable=False),  # what the corruption changed
     pa.field("parent_id", pa.string(), nullable=False),  # row_id of the seed QA row
     pa.field("doc_id", pa.string(), nullable=False),
@@ -44,7 +44,7 @@ def check_dataset(table: pa.Table, where: str) -> None:
     Raises:
         InputError: naming the first offending row.
     """
-    from refinery.errors import InputError
+    from refinery.core.errors import InputError
 
     for i, (c, r) in enumerate(zip(table.column("chosen").to_pylist(), table.column("rejected").to_pylist())):
         if c.strip() == r.strip():

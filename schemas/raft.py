@@ -51,7 +51,7 @@ def check_dataset(table: pa.Table, where: str) -> None:
     Raises:
         InputError: naming the first offending row and field.
     """
-    from refinery.errors import InputError
+    from refinery.core.errors import InputError
 
     cols = ("gold_doc_id", "distractor_doc_ids", "distractor_passages", "distractor_kinds", "distractor_stale")
     for i, (gold, ids, passages, kinds, stale) in enumerate(zip(*(table.column(c).to_pylist() for c in cols))):

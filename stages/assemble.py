@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from refinery.arms import ArmRecipe, check_arms
-from refinery.errors import InputError
-from refinery.gating import DedupParams
-from refinery.params import StageParams, load_section
+from refinery.training.arms import ArmRecipe, check_arms
+from refinery.core.errors import InputError
+from refinery.gates.run import DedupParams
+from refinery.core.params import StageParams, load_section
 from schemas import datasets as datasets_schema
 from schemas.provenance import PROVENANCE_NAMES
 
@@ -187,13 +187,13 @@ def cap_weights(table: pa.Table, max_share: float) -> tuple[pa.Table, float]:
 
 
 def sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, where: str) -> list[dict]:
-    """Return one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.sft shape).
+    """Return one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.training.sft shape).
 
-    The messages are built by the same function training and evaluation use (:func:`refinery.lora.messages_for`,
+    The messages are built by the same function training and evaluation use (:func:`refinery.training.lora.messages_for`,
     the passage cut to ``train.window_chars`` around the row's evidence), so an exported row is what the adapter
     was trained on.
     """
-    from refinery.lora import messages_for
+    from refinery.training.lora import messages_for
 
     out = []
     for i, row in enumerate(table.select(["row_id", "doc_id", "question", "answer", "weight", "evidence",
@@ -208,7 +208,7 @@ def sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, wh
 
 def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: int) -> list[dict]:
     """Return DPO records in the conversational preference shape (TRL): prompt messages, chosen, rejected."""
-    from refinery.sft import messages
+    from refinery.training.sft import messages
 
     out = []
     for p in pairs.to_pylist():
@@ -342,7 +342,7 @@ def jsonl(records: list[dict]) -> str:
 def cli(params_file, train_file, contaminated_file, accepted_file, recovered_file, generated_file, documents_file,
         pairs_file, out_dir, metrics_file) -> None:
     """Assemble one dataset per arm (params.yaml: assemble.arms) with SFT and DPO exports."""
-    from refinery.io import atomic_outputs, read_parquet
+    from refinery.core.io import atomic_outputs, read_parquet
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
     from schemas import preference_pairs as pairs_schema
@@ -358,7 +358,7 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
         if generated_file else None
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     pairs = pairs_schema.CONTRACT.validate(read_parquet(pairs_file), pairs_file)
-    from refinery.params import read_key
+    from refinery.core.params import read_key
 
     window = read_key(params_file, "train.window_chars", 0)
     result = assemble(train, contaminated, accepted, recovered, documents, pairs, params, generated, int(window))

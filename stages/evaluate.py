@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from refinery.errors import InputError, RefineryError
-from refinery.params import StageParams, load_section, params_hash
+from refinery.core.errors import InputError, RefineryError
+from refinery.core.params import StageParams, load_section, params_hash
 from stages.train import TrainParams
 
 TEST_COLUMNS = ("row_id", "qa_id", "doc_id", "question", "answer")
@@ -52,12 +52,12 @@ def score_rows(test: pa.Table, predictions: list[str], passages: list[str], *, n
         passages: the passage each question was asked with.
         name: the model name stamped on every row.
         bert_f1: BERTScore F1 per row.
-        min_facts: see :func:`refinery.textmetrics.factual_check`.
+        min_facts: see :func:`refinery.training.textmetrics.factual_check`.
 
     Returns:
         A table of the predictions contract.
     """
-    from refinery import textmetrics as tm
+    from refinery.training import textmetrics as tm
     from schemas import predictions as pred_schema
 
     refs = test.column("answer").to_pylist()
@@ -82,7 +82,7 @@ def score_rows(test: pa.Table, predictions: list[str], passages: list[str], *, n
 
 def summarise(rows: pa.Table, *, name: str, model_id: str, bert_info: dict[str, Any], extra: dict[str, Any]) -> dict:
     """Aggregate per-row scores into the model's metrics (means over the test rows)."""
-    from refinery import textmetrics as tm
+    from refinery.training import textmetrics as tm
 
     col = {c: rows.column(c).to_pylist() for c in rows.column_names}
     verifiable = [a for v, a in zip(col["factual_verifiable"], col["factual_correct"]) if v]
@@ -127,8 +127,8 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
     Returns:
         Predictions with per-row scores, and the metrics.
     """
-    from refinery import lora
-    from refinery import textmetrics as tm
+    from refinery.training import lora
+    from refinery.training import textmetrics as tm
 
     missing = [c for c in TEST_COLUMNS if c not in test.column_names]
     if missing:
@@ -155,7 +155,7 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
         prompts.append(lora.prompt_text(tokenizer, msgs, seq2seq))
     import torch
 
-    from refinery.backends.local import resolve_dtype
+    from refinery.models.backends.local import resolve_dtype
 
     dtype = resolve_dtype(params.dtype)
     model = model.to(getattr(torch, dtype))
@@ -187,7 +187,7 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
 def cli(params_file: str, name: str, adapter_dir: str | None, test_file: str, documents_file: str, models_dir: str,
         out_file: str, metrics_file: str, progress: bool) -> None:
     """Answer the human test split with one model and score EM, F1, ROUGE, BERTScore and factual accuracy."""
-    from refinery.io import atomic_outputs, read_parquet
+    from refinery.core.io import atomic_outputs, read_parquet
     from refinery.models.resolve import load_target
     from schemas import predictions as pred_schema
     from schemas import split as split_schema

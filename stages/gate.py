@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 import pyarrow.compute as pc
 
-from refinery.corruptions import unseen_kinds
-from refinery.gating import (GateParams, build_gates, compare_modes, judged_rows, load_models, reason_counts,
+from refinery.planted.corruptions import unseen_kinds
+from refinery.gates.run import (GateParams, build_gates, compare_modes, judged_rows, load_models, reason_counts,
                              run_gates, run_gates_by_kind)
-from refinery.params import load_section, read_key
+from refinery.core.params import load_section, read_key
 from schemas.gated import GATES
 
 
@@ -36,8 +36,8 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     """Run every gate on generated rows and on planted errors; write accepted, rejected and their metrics."""
     import time
 
-    from refinery.injection import evaluate_injection, gate_overlap, plot_overlap
-    from refinery.io import atomic_outputs, read_parquet
+    from refinery.planted.measure import evaluate_injection, gate_overlap, plot_overlap
+    from refinery.core.io import atomic_outputs, read_parquet
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
     from schemas import injected as injected_schema

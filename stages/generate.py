@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from refinery import generation
-from refinery import strategies as strat
-from refinery.backends.base import GenRequest
-from refinery.errors import RefineryError
-from refinery.params import StageParams, load_section, params_hash
-from refinery.prompts import Template
-from refinery.generation import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
+from refinery.generation import calls as generation
+from refinery.generation import strategies as strat
+from refinery.models.backends.base import GenRequest
+from refinery.core.errors import RefineryError
+from refinery.core.params import StageParams, load_section, params_hash
+from refinery.generation.prompts import Template
+from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
                                  teacher_backend)
-from refinery.teacher import Job, cache_key
-from refinery.text import sentence_spans
+from refinery.generation.teacher import Job, cache_key
+from refinery.core.text import sentence_spans
 from schemas import synthetic as synthetic_schema
 
 
@@ -152,8 +152,8 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
 def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_file, out_file, metrics_file,
         quiet) -> None:
     """Generate synthetic QA rows from the human train split with the teacher."""
-    from refinery.io import atomic_outputs, read_parquet
-    from refinery.provenance import code_version
+    from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.core.provenance import code_version
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 

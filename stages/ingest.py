@@ -14,11 +14,11 @@ import click
 import pyarrow as pa
 from pydantic import Field
 
-from refinery import adapters
-from refinery.adapters import RawDoc, RawExcluded, RawQA, SeedSource
-from refinery.errors import InputError
-from refinery.params import StageParams, load_section, params_hash
-from refinery.text import find_spans, match_key, normalize_line, normalize_passage, sha256_hex, stable_id
+from refinery.seed import adapters
+from refinery.seed.adapters import RawDoc, RawExcluded, RawQA, SeedSource
+from refinery.core.errors import InputError
+from refinery.core.params import StageParams, load_section, params_hash
+from refinery.core.text import find_spans, match_key, normalize_line, normalize_passage, sha256_hex, stable_id
 from schemas import documents as documents_schema
 from schemas import seed_excluded as excluded_schema
 from schemas import seed_qa as qa_schema
@@ -180,8 +180,8 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 def cli(input_path: str, out_dir: str, metrics_file: str, params_file: str) -> None:
     """Read seed documents and QA pairs into Parquet with stable ids."""
-    from refinery.io import atomic_outputs
-    from refinery.provenance import code_version
+    from refinery.core.io import atomic_outputs
+    from refinery.core.provenance import code_version
 
     params = load_section(params_file, "ingest", IngestParams)
     source = adapters.read_source(params.format, input_path, hf_split=params.hf_split,

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from refinery import corruptions
-from refinery.corruptions import FACTUAL_KINDS, Corruption
-from refinery.errors import RefineryError
-from refinery.params import StageParams, load_section, params_hash
-from refinery.text import match_key, sha256_hex, stable_id
+from refinery.planted import corruptions
+from refinery.planted.corruptions import FACTUAL_KINDS, Corruption
+from refinery.core.errors import RefineryError
+from refinery.core.params import StageParams, load_section, params_hash
+from refinery.core.text import match_key, sha256_hex, stable_id
 from schemas import injected as injected_schema
 from schemas.injected import CLEAN, KINDS
 
@@ -36,7 +36,7 @@ class InjectParams(StageParams):
     kinds: list[str]  # injection kinds to plant (a subset of schemas.injected.KINDS)
     per_kind: int = Field(ge=0)  # rows requested per kind (fewer when too few source rows can take the kind)
     clean_controls: int = Field(ge=0)  # unmodified val rows, to measure false rejections
-    # corruption families (refinery.corruptions.FAMILIES) the verifier and the reward head never train on; their
+    # corruption families (refinery.planted.corruptions.FAMILIES) the verifier and the reward head never train on; their
     # planted rows measure the learned gates on error kinds they have not seen (read by train_verifier,
     # train_reward and gate too)
     unseen_families: list[str] = []
@@ -44,7 +44,7 @@ class InjectParams(StageParams):
     @field_validator("unseen_families")
     @classmethod
     def _check_families(cls, families: list[str]) -> list[str]:
-        from refinery.corruptions import kinds_of
+        from refinery.planted.corruptions import kinds_of
 
         kinds_of(families)  # raises on an unknown name
         return families
@@ -243,8 +243,8 @@ def inject(train: pa.Table, val: pa.Table, documents: pa.Table, params: InjectPa
 def cli(params_file: str, train_file: str, val_file: str, documents_file: str, out_file: str,
         metrics_file: str) -> None:
     """Plant known errors with ground-truth labels in held-out seed rows, to measure the gates."""
-    from refinery.io import atomic_outputs, read_parquet
-    from refinery.provenance import code_version
+    from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.core.provenance import code_version
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 

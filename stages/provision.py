@@ -11,7 +11,7 @@ import click
 from pydantic import Field
 
 from refinery.models import resolve
-from refinery.params import StageParams, load_section
+from refinery.core.params import StageParams, load_section
 
 ROLES = ("teacher", "judge", "student", "embedder")
 
@@ -84,7 +84,7 @@ def provision(params: ProvisionParams, out: Path, log=lambda s: None) -> dict[st
 @click.option("--metrics", "metrics_file", default="metrics/provision.json", show_default=True)
 def cli(params_file: str, out_dir: str, metrics_file: str) -> None:
     """Resolve teacher, judge, student and embedder models into models/base with provenance."""
-    from refinery.io import atomic_outputs
+    from refinery.core.io import atomic_outputs
 
     params = load_section(params_file, "provision", ProvisionParams)
     plan(params)  # fail on a bad spec before touching any output

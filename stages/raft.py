@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from refinery.errors import InputError
-from refinery.params import StageParams, load_section, params_hash
-from refinery.text import match_key
+from refinery.core.errors import InputError
+from refinery.core.params import StageParams, load_section, params_hash
+from refinery.core.text import match_key
 
 
 class RaftParams(StageParams):
@@ -88,7 +88,7 @@ def build(dataset: pa.Table, documents: pa.Table, embed, params: RaftParams, *, 
         params: the counts, window and seed.
         code_version: stamped on every row.
     """
-    from refinery.lora import passage_window
+    from refinery.training.lora import passage_window
 
     docs = documents.to_pylist()
     by_id = {d["doc_id"]: d for d in docs}
@@ -221,11 +221,11 @@ def jsonl(table: pa.Table, seed: int) -> str:
 @click.option("--metrics", "metrics_file", required=True)
 def cli(params_file, datasets_dir, documents_file, test_file, models_dir, cache_dir, out_dir, metrics_file) -> None:
     """Export an arm's rows with gold passages and distractors (RAFT-style), with a retrieval check."""
-    from refinery import lora
-    from refinery.embed import Embedder
-    from refinery.io import atomic_outputs, read_parquet
+    from refinery.training import lora
+    from refinery.models.embed import Embedder
+    from refinery.core.io import atomic_outputs, read_parquet
     from refinery.models.resolve import load_target
-    from refinery.provenance import code_version
+    from refinery.core.provenance import code_version
     from schemas import datasets as datasets_schema
     from schemas import documents as documents_schema
     from schemas import raft as raft_schema

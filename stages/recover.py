@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from refinery import recovery as rec
-from refinery.errors import RefineryError
-from refinery.generation import Planned, TeacherDtype
-from refinery.params import StageParams
-from refinery.prompts import Template
+from refinery.recovery import loop as rec
+from refinery.core.errors import RefineryError
+from refinery.generation.calls import Planned, TeacherDtype
+from refinery.core.params import StageParams
+from refinery.generation.prompts import Template
 from schemas import recovered as recovered_schema
 from schemas.recovered import MODES
 
@@ -96,7 +96,7 @@ def _settings(p: RecoverParams) -> rec.CallSettings:
 
 
 def _shots(row: dict[str, Any], train_rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
-    from refinery.generation import call_seed
+    from refinery.generation.calls import call_seed
 
     others = [r for r in train_rows if r["doc_id"] != row["doc_id"]]
     if not n or not others:
@@ -421,14 +421,14 @@ def cli(params_file, rejected_file, accepted_file, injected_file, train_file, va
     """Diagnose rejected rows, recover them with targeted actions and a naive baseline, re-gate every candidate."""
     import time
 
-    from refinery import generation
+    from refinery.generation import calls as generation
     from refinery.gates.dedup import DedupGate
-    from refinery.gating import GateParams, build_gates, load_models, run_gates
-    from refinery.io import atomic_outputs, read_json, read_parquet
-    from refinery.params import load_section, params_hash
-    from refinery.prompts import load_template
-    from refinery.provenance import code_version
-    from refinery.strategies import GENERATION_STRATEGIES
+    from refinery.gates.run import GateParams, build_gates, load_models, run_gates
+    from refinery.core.io import atomic_outputs, read_json, read_parquet
+    from refinery.core.params import load_section, params_hash
+    from refinery.generation.prompts import load_template
+    from refinery.core.provenance import code_version
+    from refinery.generation.strategies import GENERATION_STRATEGIES
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
     from schemas import split as split_schema

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.experiment import NOT_MEASURABLE
-from refinery.params import StageParams, load_section
+from refinery.report.stats import NOT_MEASURABLE
+from refinery.core.params import StageParams, load_section
 
 MODELS = ("base", "human", "contaminated", "curated")  # the seed 004 models the A/B/C sections compare
 ADAPTERS = ("human", "contaminated", "curated")
@@ -723,8 +723,8 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
         plots_rel: plots folder relative to the report.
         audit: the validate decision over every arm (``decision``, ``failed_checks``), or None when not run.
         runs: model -> the run (file stem) its per-model sections read (default: the model's own name).
-        experiment: :func:`refinery.experiment.analyse` over every arm and seed, or None.
-        families: :func:`refinery.experiment.gate_families`, or None.
+        experiment: :func:`refinery.report.stats.analyse` over every arm and seed, or None.
+        families: :func:`refinery.report.stats.gate_families`, or None.
 
     Returns:
         The markdown, the summary and the trace.
@@ -798,10 +798,10 @@ def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: 
     """Write reports/report.md and its plots from the metrics files; missing stages are reported as not run."""
     import os
 
-    from refinery import experiment as ex
-    from refinery.arms import BASE, load_arms, run_name
-    from refinery.io import atomic_outputs, read_json, read_parquet
-    from refinery.params import read_key
+    from refinery.report import stats as ex
+    from refinery.training.arms import BASE, load_arms, run_name
+    from refinery.core.io import atomic_outputs, read_json, read_parquet
+    from refinery.core.params import read_key
 
     params = load_section(params_file, "report", ReportParams)
     arms = list(load_arms(params_file))

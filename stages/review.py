@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from refinery.errors import InputError
-from refinery.io import atomic_outputs, read_parquet
-from refinery.params import StageParams, load_section
-from refinery.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, SampleSpec, argilla_records, build_review,
+from refinery.core.errors import InputError
+from refinery.core.io import atomic_outputs, read_parquet
+from refinery.core.params import StageParams, load_section
+from refinery.inspect.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, SampleSpec, argilla_records, build_review,
                              label_studio_tasks, render_html)
 
 

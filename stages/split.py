@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from refinery.errors import RefineryError
-from refinery.params import StageParams, load_section
-from refinery.text import match_key
+from refinery.core.errors import RefineryError
+from refinery.core.params import StageParams, load_section
+from refinery.core.text import match_key
 from schemas import documents as documents_schema
 from schemas import seed_qa as qa_schema
 from schemas import split as split_schema
@@ -239,7 +239,7 @@ def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 def cli(in_dir: str, out_dir: str, metrics_file: str, params_file: str) -> None:
     """Split seed QA into train/val/test by document group, without leakage."""
-    from refinery.io import atomic_outputs, read_parquet
+    from refinery.core.io import atomic_outputs, read_parquet
 
     params = load_section(params_file, "split", SplitParams)
     src = Path(in_dir)

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from refinery.errors import InputError, RefineryError
-from refinery.params import StageParams, load_section, params_hash
+from refinery.core.errors import InputError, RefineryError
+from refinery.core.params import StageParams, load_section, params_hash
 
 DATASET_COLUMNS = ("row_id", "doc_id", "question", "answer")
 ENVIRONMENT_FILE = "environment.json"
@@ -91,8 +91,8 @@ def dataset_weights(table: pa.Table, where: str) -> np.ndarray:
 
 def build_examples(rows: pa.Table, documents: dict[str, str], tokenizer: Any, *, seq2seq: bool,
                    params: TrainParams, where: str) -> list:
-    """Tokenise QA rows into training examples with the shared chat shape (:mod:`refinery.sft`)."""
-    from refinery import lora
+    """Tokenise QA rows into training examples with the shared chat shape (:mod:`refinery.training.sft`)."""
+    from refinery.training import lora
 
     _require(rows, DATASET_COLUMNS, where)
     out = []
@@ -105,7 +105,7 @@ def build_examples(rows: pa.Table, documents: dict[str, str], tokenizer: Any, *,
 
 def compute_dtype(choice: str) -> str:
     """float32 or bfloat16 for a ``train.dtype`` choice ('auto': bfloat16 where the CPU computes it natively)."""
-    from refinery.backends.local import resolve_dtype
+    from refinery.models.backends.local import resolve_dtype
 
     dtype = resolve_dtype(choice)
     if dtype not in ("float32", "bfloat16"):
@@ -141,7 +141,7 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
         InputError: a required column is missing or a weight is invalid.
         RefineryError: the train loss did not decrease and ``check_loss_decrease`` is set.
     """
-    from refinery import lora
+    from refinery.training import lora
 
     _require(dataset, DATASET_COLUMNS, name)
     weights = dataset_weights(dataset, name)
@@ -219,7 +219,7 @@ def environment(params: TrainParams, student_id: str, inputs: dict[str, str], co
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             versions[dist] = None
-    from refinery.lora import DEVICE
+    from refinery.training.lora import DEVICE
 
     # the device the student was trained on (not merely one that is present: a GPU sits unused today)
     hardware = {"machine": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(),
@@ -266,7 +266,7 @@ def student_path(models_dir: str) -> tuple[str, str]:
 
 def read_documents(path: str) -> dict[str, str]:
     """Return doc_id -> text from the ingested documents table."""
-    from refinery.io import read_parquet
+    from refinery.core.io import read_parquet
 
     table = read_parquet(path)
     _require(table, ("doc_id", "text"), path)
@@ -290,9 +290,10 @@ def read_documents(path: str) -> dict[str, str]:
 def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_file: str, documents_file: str,
         models_dir: str, out_dir: str, metrics_file: str, plots_dir: str, progress: bool) -> None:
     """Fine-tune the student with LoRA on one dataset; keep the adapter with the best human val loss."""
-    from refinery import lora, sft
-    from refinery.io import atomic_outputs, read_parquet
-    from refinery.provenance import code_version
+    from refinery.training import lora
+    from refinery.training import sft
+    from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.core.provenance import code_version
     from schemas import datasets as datasets_schema
     from schemas import split as split_schema
     from refinery.models.resolve import sha256_file

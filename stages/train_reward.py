@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery import corruptions as corr
-from refinery.errors import InputError, RefineryError
-from refinery.params import StageParams, load_section, params_hash, read_key
-from refinery.text import stable_id
+from refinery.planted import corruptions as corr
+from refinery.core.errors import InputError, RefineryError
+from refinery.core.params import StageParams, load_section, params_hash, read_key
+from refinery.core.text import stable_id
 from schemas import preference_pairs as pairs_schema
 
 ROW_COLUMNS = ("row_id", "question", "answer", "evidence", "doc_id")
@@ -140,7 +140,7 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
     Returns:
         The exported (train) pairs, val pairs and metrics.
     """
-    from refinery.reward import load_reward, train_reward
+    from refinery.models.reward import load_reward, train_reward
 
     phash = params_hash(params)
     pairs = build_preference_pairs(train, seed=params.seed, pairs_per_row=params.pairs_per_row, phash=phash,
@@ -176,10 +176,11 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
 def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir: str, pairs_file: str,
         metrics_file: str) -> None:
     """Export DPO preference pairs from the seed and train the embedded reward head (MiniLM, Bradley-Terry)."""
-    from refinery import corruptions, reward
-    from refinery.io import atomic_outputs, read_parquet
-    from refinery.provenance import code_version
-    from refinery.verifier import TRAINING_FILE
+    from refinery.planted import corruptions
+    from refinery.models import reward
+    from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.core.provenance import code_version
+    from refinery.models.verifier import TRAINING_FILE
     from schemas import split as split_schema
     from stages.train_verifier import base_model_path, file_sha256
 

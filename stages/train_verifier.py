@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from refinery import corruptions as corr
-from refinery.errors import InputError, RefineryError
-from refinery.params import StageParams, load_section, params_hash, read_key
+from refinery.planted import corruptions as corr
+from refinery.core.errors import InputError, RefineryError
+from refinery.core.params import StageParams, load_section, params_hash, read_key
 
 SPLIT_COLUMNS = ("question", "answer", "evidence", "doc_id")
 DOCUMENT_COLUMNS = ("doc_id", "text")
@@ -51,7 +51,7 @@ class TrainVerifierParams(StageParams):
     snli_path: str | None = None  # SNLI *.jsonl(.gz) (premise, hypothesis, label) to pre-train on; null: off
     snli_max_pairs: int = Field(default=2000, ge=0)
     target_false_rejection: float = Field(gt=0, lt=1)  # share of clean val rows the calibrated threshold rejects
-    lexical_combiner: bool = True  # combine the model with lexical grounding features (refinery.grounding)
+    lexical_combiner: bool = True  # combine the model with lexical grounding features (refinery.models.grounding)
     combiner_holdout: float = Field(default=0.2, gt=0, lt=1)  # share of train documents held out to fit it
     likelihood_features: bool = False  # the combiner also reads the judge's answer-token log-probs given the passage
     embedding_features: bool = False  # ... and the answer's embedding cosine with its passage and its question
@@ -116,7 +116,7 @@ def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per
     """
     _require(rows, SPLIT_COLUMNS, where)
     _require(documents, DOCUMENT_COLUMNS, "documents")
-    from refinery.verifier import claim_text
+    from refinery.models.verifier import claim_text
 
     rng = np.random.default_rng(seed)
     doc_text = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
@@ -239,9 +239,9 @@ def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_di
         Its weights (boosted: the tree count and each feature's share of the split gain), the pairs it was fitted
         on, and the val AUC of the model alone and combined.
     """
-    from refinery.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES, Combiner, \
+    from refinery.models.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES, Combiner, \
         combiner_matrix, fit_combiner_spec
-    from refinery.verifier import roc_auc
+    from refinery.models.verifier import roc_auc
 
     likelihood = () if judge is None else LIKELIHOOD_FEATURES if callable(getattr(judge, "token_offsets", None)) \
         else tuple(n for n in LIKELIHOOD_FEATURES if n not in OFFSET_FEATURES)  # no offsets: no word features
@@ -289,7 +289,7 @@ def evaluate(verifier: Any, val_pairs: pa.Table, target_frr: float, *,
         (threshold, metrics): AUC, accuracy and balanced accuracy at the threshold, false-rejection rate,
         recall per corruption kind, and the AUC of scoring whole passages against sentence windows.
     """
-    from refinery.verifier import roc_auc, threshold_for_frr
+    from refinery.models.verifier import roc_auc, threshold_for_frr
 
     passages = val_pairs.column("passage").to_pylist()
     claims = val_pairs.column("claim").to_pylist()
@@ -359,7 +359,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     Returns:
         Train and val pairs, the calibrated threshold and the metrics.
     """
-    from refinery.verifier import load_base, load_verifier, seed_everything, train_verifier
+    from refinery.models.verifier import load_base, load_verifier, seed_everything, train_verifier
 
     if params.likelihood_features and not params.lexical_combiner:
         raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
@@ -373,7 +373,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     if params.embedding_features and embedder is None:
         raise RefineryError("train_verifier: embedding_features is on but no embedder was given")
     embedder = embedder if params.embedding_features else None
-    from refinery.grounding import Likelihood
+    from refinery.models.grounding import Likelihood
 
     # one memory of judge scores for the combiner fit, the calibration and the aggregation check
     judge = Likelihood(judge) if params.likelihood_features else None
@@ -466,9 +466,9 @@ def base_model_path(base_dir: str) -> tuple[str, str]:
 def cli(params_file: str, train_file: str, val_file: str, documents_file: str, base_dir: str, out_dir: str,
         metrics_file: str) -> None:
     """Train the embedded faithfulness verifier (MiniLM cross-encoder) and calibrate its threshold."""
-    from refinery.io import atomic_outputs, read_parquet
-    from refinery.provenance import code_version
-    from refinery.verifier import TRAINING_FILE
+    from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.core.provenance import code_version
+    from refinery.models.verifier import TRAINING_FILE
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 
@@ -480,7 +480,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     base_path, base_id = base_model_path(base_dir)
     judge = judge_id = None
     if params.likelihood_features:
-        from refinery.backends.factory import make_backend
+        from refinery.models.backends.factory import make_backend
         from refinery.models.resolve import backend_spec, load_target
 
         target = load_target(base_dir, "judge")
@@ -491,7 +491,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
                                 f"log-probs (an endpoint): provision a local judge model or turn it off")
     embedder = None
     if params.embedding_features:
-        from refinery.embed import Embedder
+        from refinery.models.embed import Embedder
         from refinery.models.resolve import load_target
 
         target = load_target(base_dir, "embedder")
@@ -500,7 +500,8 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file), "documents": file_sha256(documents_file)}
     if params.snli_path:
         inputs["snli"] = file_sha256(params.snli_path)
-    from refinery import corruptions, verifier
+    from refinery.planted import corruptions
+    from refinery.models import verifier
 
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)

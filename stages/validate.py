@@ -2,7 +2,7 @@
 
 Row level: each dataset's Pandera contract (schemas/datasets.py). Dataset level: the Great Expectations suite of its
 kind (schemas/expectations/<kind>.json) over the Parquet rows and the check columns of
-:func:`refinery.expectations.check_columns`, thresholds from ``params.yaml: validate``. Diversity (seed 001):
+:func:`refinery.validation.expectations.check_columns`, thresholds from ``params.yaml: validate``. Diversity (seed 001):
 seed-cluster coverage, DCScore and distinct-n for every dataset, with floors as thresholds.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from refinery.errors import InputError, RefineryError
-from refinery.params import StageParams, load_section
+from refinery.core.errors import InputError, RefineryError
+from refinery.core.params import StageParams, load_section
 from schemas.datasets import Thresholds
 
 
@@ -91,7 +91,7 @@ class Checks:
 def diversity_of(datasets: dict[str, pa.Table], seed: pa.Table, params: DiversityParams,
                  embed) -> dict[str, dict[str, Any]]:
     """Measure each dataset's diversity against the seed's k-means clusters (empty when ``embed`` is None)."""
-    from refinery.diversity import kmeans_centroids, measure, sample_indices
+    from refinery.validation.diversity import kmeans_centroids, measure, sample_indices
 
     if embed is None:
         return {}
@@ -123,7 +123,7 @@ def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, see
     Returns:
         Check tables, statistics and contract errors, per dataset.
     """
-    from refinery.expectations import NearDup, check_columns
+    from refinery.validation.expectations import NearDup, check_columns
     from schemas import datasets as datasets_schema
 
     valid, errors = {}, {}
@@ -307,13 +307,13 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     """Validate the assembled datasets; exit non-zero with one line per failed check."""
     import time
 
-    from refinery.expectations import run_suites
-    from refinery.io import atomic_outputs, read_parquet
+    from refinery.validation.expectations import run_suites
+    from refinery.core.io import atomic_outputs, read_parquet
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 
     t0 = time.perf_counter()
-    from refinery.arms import load_arms
+    from refinery.training.arms import load_arms
 
     params = load_section(params_file, "validate", ValidateParams)
     arms = load_arms(params_file)
@@ -360,10 +360,10 @@ def make_embedder(params: DiversityParams, models_dir: str, cache_dir: str):
     if params.embedder == "none":
         return None
     if params.embedder == "hashing":
-        from refinery.diversity import HashingEmbedder
+        from refinery.validation.diversity import HashingEmbedder
 
         return HashingEmbedder()
-    from refinery.embed import Embedder
+    from refinery.models.embed import Embedder
     from refinery.models.resolve import load_target
 
     target = load_target(models_dir, "embedder")

@@ -88,7 +88,7 @@ def needs_cosmosqa():
 @pytest.fixture(scope="session")
 def smol_dir(tmp_path_factory) -> Path:
     """A plain fp32 SmolLM2 folder: the provisioned one when `dvc repro` ran, else converted once per session."""
-    from refinery.errors import ModelResolutionError
+    from refinery.core.errors import ModelResolutionError
     from refinery.models import resolve
 
     provisioned = ROOT / "models" / "base" / "weights" / "embedded--smollm2-135m-instruct"
@@ -106,7 +106,7 @@ def smol_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The embedded all-MiniLM-L6-v2 folder, straight from its package."""
-    from refinery.errors import ModelResolutionError
+    from refinery.core.errors import ModelResolutionError
     from refinery.models import resolve
 
     try:

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery.errors import InputError
-from refinery.text import stable_id
+from refinery.core.errors import InputError
+from refinery.core.text import stable_id
 from schemas import datasets as datasets_schema
 from schemas import documents as documents_schema
 from schemas import gated as gated_schema
@@ -300,7 +300,7 @@ def test_bad_arm_recipes_are_refused(arms, message):
 
 def test_the_sft_export_holds_the_prompt_training_builds():
     # given rows on documents longer than the training window
-    from refinery.lora import messages_for
+    from refinery.training.lora import messages_for
 
     train = human_rows(["a"] * 3)
     docs = documents()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from refinery.check import SECTIONS
+from refinery.inspect.check import SECTIONS
 from refinery.cli import main
-from refinery.errors import ParamsError
-from refinery.params import parse_section
+from refinery.core.errors import ParamsError
+from refinery.core.params import parse_section
 from tests.conftest import ROOT
 
 
@@ -53,7 +53,7 @@ def test_a_stage_names_all_its_bad_keys_in_one_line():
 
 
 def test_thresholds_for_an_arm_that_does_not_exist_are_listed(tmp_path):
-    from refinery.check import check_params
+    from refinery.inspect.check import check_params
     from tests.conftest import ROOT
 
     text = (ROOT / "params.yaml").read_text().replace("    no_recovery: {max_synthetic_share: 0.5}",

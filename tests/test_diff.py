@@ -16,7 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from refinery.diff import DiffOptions, audit_status, cli, diff_revisions, diff_table, render
+from refinery.inspect.diff import DiffOptions, audit_status, cli, diff_revisions, diff_table, render
 
 # A trivial "gate" stage: 40 candidate rows with a faithfulness score; rows under gate.min_support are rejected,
 # every 5th row also fails the rules gate. Raising min_support moves rows accepted -> rejected and changes the

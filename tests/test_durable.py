@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from refinery.errors import RefineryError
-from refinery.io import atomic_outputs
-from refinery.scratch import BACKUP_PREFIX, JOURNAL_PREFIX, SCRATCH_PREFIX, clean_stale
+from refinery.core.errors import RefineryError
+from refinery.core.io import atomic_outputs
+from refinery.core.scratch import BACKUP_PREFIX, JOURNAL_PREFIX, SCRATCH_PREFIX, clean_stale
 from tests.conftest import ROOT, TINY_DOCS, TINY_QA, params_for, write_jsonl
 
 SCHEMA = pa.schema([("x", pa.int64())])
@@ -278,7 +278,7 @@ def test_a_symlink_loop_as_input_is_named_as_such(tmp_path):
 
 
 def test_a_killed_but_unreaped_process_counts_as_gone():
-    from refinery.scratch import _pid_alive
+    from refinery.core.scratch import _pid_alive
 
     # given a child that has exited but was not waited for (a zombie, as an orphaned stage is for a while)
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

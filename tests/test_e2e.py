@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refinery.teacher import GenerationCache
+from refinery.generation.teacher import GenerationCache
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery import textmetrics as tm
-from refinery.errors import RefineryError
+from refinery.training import textmetrics as tm
+from refinery.core.errors import RefineryError
 from schemas import predictions as pred_schema
 from tests.test_train import project, tiny_causal  # noqa: F401 - a fixture
 

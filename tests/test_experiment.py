@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from refinery.experiment import NOT_MEASURABLE, ArmScores, align, analyse, compare, gate_families, noise_floor
+from refinery.report.stats import NOT_MEASURABLE, ArmScores, align, analyse, compare, gate_families, noise_floor
 
 
 def arm(mean: float, seeds: int, items: int = 300, seed_sd: float = 0.0, item_sd: float = 0.2, rng_seed: int = 0,

@@ -61,7 +61,7 @@ def test_cascade_judges_each_row_only_while_it_stands_and_models_never_see_rejec
     # when gated in cascade mode
     out = run_gates(rows, gates, "cascade")
     # then each gate saw only the rows every earlier gate kept (CASCADE order), and verdicts it never gave are null
-    from refinery.gating import CASCADE, judged_rows
+    from refinery.gates.run import CASCADE, judged_rows
 
     assert CASCADE.index("reward") < CASCADE.index("faithfulness") < CASCADE.index("perplexity")
     assert gates["rules"].batches == [4] and gates["reward"].batches == [3]

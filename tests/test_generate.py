@@ -11,13 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from refinery import strategies as strat
-from refinery.backends.base import GenRequest, GenResult
-from refinery.backends.fake import FakeBackend
-from refinery.errors import RefineryError
-from refinery.generation import load_templates, to_rows
-from refinery.prompts import load_template
-from refinery.teacher import GenerationCache, Job, cache_key, run_jobs
+from refinery.generation import strategies as strat
+from refinery.models.backends.base import GenRequest, GenResult
+from refinery.models.backends.fake import FakeBackend
+from refinery.core.errors import RefineryError
+from refinery.generation.calls import load_templates, to_rows
+from refinery.generation.prompts import load_template
+from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 from stages.generate import GenerateParams, TokenBudget, plan
 from tests.conftest import ROOT
 from tests.test_split import seed_tables
@@ -151,7 +151,7 @@ def test_rows_carry_provenance_and_evidence_and_keep_failures(tables):
 
 
 def test_failure_counters_use_one_vocabulary_overall_and_per_strategy(tables):
-    from refinery.generation import outcome_metrics
+    from refinery.generation.calls import outcome_metrics
 
     documents, train = tables
     planned, _ = plan(train, documents, templates(), params(budget=4, strategy_mix={"new_question": 1.0}), "fake@1")
@@ -205,8 +205,8 @@ def test_failed_calls_are_not_cached_and_are_retried(tmp_path):
 KILL_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from refinery.backends.fake import FakeBackend
-from refinery.teacher import GenerationCache, run_jobs
+from refinery.models.backends.fake import FakeBackend
+from refinery.generation.teacher import GenerationCache, run_jobs
 from tests.test_generate import _jobs
 
 class Dying(FakeBackend):
@@ -333,7 +333,7 @@ def test_zero_shot_answers_may_open_with_a_newline_but_only_their_first_line_cou
 
 def test_teacher_dtype_is_part_of_the_teacher_id(in_tmp):
     from refinery.cli import main
-    from refinery.generation import teacher_backend
+    from refinery.generation.calls import teacher_backend
     from tests.conftest import params_for
 
     (in_tmp / "m").mkdir()
@@ -347,7 +347,7 @@ def test_teacher_dtype_is_part_of_the_teacher_id(in_tmp):
 
 
 def test_teacher_dtype_does_not_touch_an_endpoint_id(in_tmp):
-    from refinery.generation import teacher_backend
+    from refinery.generation.calls import teacher_backend
 
     _endpoint_project(in_tmp, "http://127.0.0.1:9/v1")
     plain, _ = teacher_backend("base", 8, 2, "float32")

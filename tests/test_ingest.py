@@ -372,8 +372,8 @@ def test_whole_input_errors_name_the_input_path_not_the_params_value(in_tmp, tmp
 
 
 def test_no_usable_rows_names_the_input_path(in_tmp, tmp_path, capsys):
-    from refinery import adapters
-    from refinery.errors import InputError
+    from refinery.seed import adapters
+    from refinery.core.errors import InputError
     from stages.ingest import IngestParams, ingest
 
     src = adapters.SeedSource(documents=[adapters.RawDoc("d1", "Text.", "docs.jsonl", 1)], path="the/input")

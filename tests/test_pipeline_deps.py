@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("refinery", "stages", "schemas")
 # Plumbing that does not shape any output's content: error types, atomic writes and their scratch, params loading,
 # progress lines, provenance stamps.
-PLUMBING = {"refinery/errors.py", "refinery/io.py", "refinery/scratch.py", "refinery/params.py", "refinery/progress.py",
-            "refinery/provenance.py"}
+PLUMBING = {"refinery/core/errors.py", "refinery/core/io.py", "refinery/core/scratch.py", "refinery/core/params.py", "refinery/core/progress.py",
+            "refinery/core/provenance.py"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -71,4 +71,4 @@ def test_every_stage_depends_on_the_code_it_runs():
 def test_the_closure_follows_imports_inside_functions():
     # the stages import heavy modules lazily, inside functions: those count
     closure = code_closure(ROOT / "stages" / "train_verifier.py")
-    assert "refinery/grounding.py" in closure and "refinery/verifier.py" in closure
+    assert "refinery/models/grounding.py" in closure and "refinery/models/verifier.py" in closure

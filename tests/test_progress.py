@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 
-from refinery import progress as progress_mod
-from refinery.backends.fake import FakeBackend
-from refinery.progress import LineProgress, progress
-from refinery.teacher import GenerationCache, run_jobs
+from refinery.core import progress as progress_mod
+from refinery.models.backends.fake import FakeBackend
+from refinery.core.progress import LineProgress, progress
+from refinery.generation.teacher import GenerationCache, run_jobs
 from tests.test_generate import _jobs
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from refinery.cli import main
-from refinery.errors import ModelResolutionError
+from refinery.core.errors import ModelResolutionError
 from refinery.models import resolve
 from tests.conftest import params_for
 
@@ -88,7 +88,7 @@ def test_local_path_is_hashed_in_place_and_endpoint_stores_no_secret(in_tmp, mon
 
 
 def test_endpoint_client_settings_reach_the_backend(in_tmp):
-    from refinery.backends.factory import make_backend
+    from refinery.models.backends.factory import make_backend
 
     params = params_for(in_tmp, provision={
         "teacher": {"endpoint": "http://127.0.0.1:9/v1", "model": "m", "concurrency": 128, "timeout_s": 30,

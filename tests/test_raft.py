@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery.diversity import HashingEmbedder
-from refinery.errors import InputError
+from refinery.validation.diversity import HashingEmbedder
+from refinery.core.errors import InputError
 from schemas import datasets as datasets_schema
 from schemas import documents as documents_schema
 from schemas import raft as raft_schema

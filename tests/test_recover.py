@@ -7,15 +7,15 @@ import json
 import pyarrow as pa
 import pytest
 
-from refinery import generation
-from refinery import recovery as rec
-from refinery.backends.fake import FakeBackend
-from refinery.errors import RefineryError
+from refinery.generation import calls as generation
+from refinery.recovery import loop as rec
+from refinery.models.backends.fake import FakeBackend
+from refinery.core.errors import RefineryError
 from refinery.gates.base import Verdicts
 from refinery.gates.dedup import DedupGate
-from refinery.gating import run_gates
-from refinery.prompts import load_template
-from refinery.strategies import GENERATION_STRATEGIES
+from refinery.gates.run import run_gates
+from refinery.generation.prompts import load_template
+from refinery.generation.strategies import GENERATION_STRATEGIES
 from schemas import recovered as recovered_schema
 from schemas.gated import GATES, INJECTED_ARROW, SYNTHETIC_ARROW
 from schemas.injected import INJECTION_FIELDS

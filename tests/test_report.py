@@ -101,7 +101,7 @@ def run_cli(tmp_path: Path, monkeypatch) -> tuple[str, dict]:
 
 
 def check(tmp_path: Path, md: str, trace: dict) -> list[str]:
-    from refinery.io import read_json
+    from refinery.core.io import read_json
 
     return check_report(md, trace, lambda f: read_json(tmp_path / f), lambda f: pq.read_table(tmp_path / f))
 
@@ -193,7 +193,7 @@ def test_report_core_needs_no_files(tmp_path):
 
 def test_the_committed_report_has_no_placeholder_or_untraced_number():
     # given the project's own report (written by `dvc repro`), when checked, then nothing in it is untraced
-    from refinery.io import read_json
+    from refinery.core.io import read_json
     from tests.conftest import ROOT
 
     md, trace = ROOT / "reports/report.md", ROOT / "reports/report_trace.json"

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from refinery.errors import InputError
-from refinery.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, SampleSpec, argilla_records, build_review,
+from refinery.core.errors import InputError
+from refinery.inspect.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, SampleSpec, argilla_records, build_review,
                              label_studio_tasks, render_html, review_sample)
 from stages.review import cli
 from tests.test_trace import DOC_TEXT, build_lineage

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from refinery.adapters import read_source
-from refinery.errors import InputError
+from refinery.seed.adapters import read_source
+from refinery.core.errors import InputError
 from schemas import documents, seed_excluded, seed_qa, split
 from schemas.provenance import PROVENANCE_NAMES
 from stages.ingest import IngestParams, ingest

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from refinery.adapters import read_source
+from refinery.seed.adapters import read_source
 from refinery.cli import main
-from refinery.errors import ParamsError, RefineryError
-from refinery.params import parse_section
+from refinery.core.errors import ParamsError, RefineryError
+from refinery.core.params import parse_section
 from stages.ingest import IngestParams, ingest
 from stages.split import SplitParams, check_leakage, split
 from tests.conftest import COSMOSQA, ROOT, TINY_DOCS, TINY_QA, needs_cosmosqa, params_for, write_jsonl

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from refinery.errors import RefineryError
-from refinery.trace import Sources, cli, trace
+from refinery.core.errors import RefineryError
+from refinery.inspect.trace import Sources, cli, trace
 
 DOC_TEXT = "Refunds are issued within 30 days. Start one in Settings > Billing. Fees are never refunded."
 SPAN = (0, 34)  # "Refunds are issued within 30 days."

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery import lora
-from refinery.adapters import read_source
-from refinery.errors import InputError, RefineryError
-from refinery.params import parse_section
+from refinery.training import lora
+from refinery.seed.adapters import read_source
+from refinery.core.errors import InputError, RefineryError
+from refinery.core.params import parse_section
 from stages.ingest import IngestParams, ingest
 from stages.train import TrainParams, train_core
 from tests.conftest import TINY_DOCS, TINY_QA, write_jsonl
@@ -162,7 +162,7 @@ def test_causal_labels_cover_only_the_answer(tiny_causal):
 
 
 def test_params_reject_unknown_keys():
-    from refinery.errors import ParamsError
+    from refinery.core.errors import ParamsError
 
     with pytest.raises(ParamsError, match="lora_rank"):
         parse_section({**TINY_TRAIN, "lora_rank": 8}, TrainParams, where="params.yaml: train")

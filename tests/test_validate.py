@@ -15,8 +15,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from refinery.diversity import HashingEmbedder, dcscore, distinct_n
-from refinery.text import stable_id
+from refinery.validation.diversity import HashingEmbedder, dcscore, distinct_n
+from refinery.core.text import stable_id
 from schemas import datasets as datasets_schema
 from schemas import documents as documents_schema
 from schemas import split as split_schema
@@ -206,7 +206,7 @@ def test_warn_only_reports_and_exits_zero(clean, in_tmp):
 
 
 def test_thresholds_for_a_dataset_that_is_not_an_arm_are_one_line(clean, in_tmp):
-    from refinery.errors import RefineryError
+    from refinery.core.errors import RefineryError
 
     with pytest.raises(RefineryError, match="validate.thresholds names gold, not an arm of assemble.arms"):
         validate(in_tmp, clean, datasets=["curated"], thresholds={"gold": {"min_rows": 2}})
@@ -253,7 +253,7 @@ def test_distinct_n_and_dcscore_on_known_inputs():
 
 
 def test_empty_dataset_fails_with_one_line_and_skips_column_checks(clean):
-    from refinery.expectations import run_suites
+    from refinery.validation.expectations import run_suites
     from stages.validate import ValidateParams, failure_lines, run_checks
 
     params = ValidateParams.model_validate({**VALIDATE, "diversity": {**VALIDATE["diversity"], "embedder": "none"}})
@@ -301,8 +301,8 @@ def test_audit_log_lists_the_failed_checks_of_each_dataset(clean, in_tmp):
 
 
 def test_diversity_with_the_real_embedder_ranks_a_repetitive_set_below_a_varied_one(minilm_dir, tmp_path):
-    from refinery.diversity import kmeans_centroids, measure
-    from refinery.embed import Embedder
+    from refinery.validation.diversity import kmeans_centroids, measure
+    from refinery.models.embed import Embedder
 
     embed = Embedder(minilm_dir, batch_size=8, cache_dir=tmp_path / "cache").embed
     varied = ["How do I reset my password?", "What does the Team plan cost per month?",

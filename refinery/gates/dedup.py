@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from refinery.embed import VectorCache, content_keys
+from refinery.models.embed import VectorCache, content_keys
 from refinery.gates.base import Verdicts
 from refinery.gates.rules import as_strings, match_keys, mix64, utf8_buffers
 
@@ -112,7 +112,7 @@ def shingle_hashes(codes: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.n
 class SignatureStore:
     """MinHash signatures of texts, computed with rensa and cached on disk by content hash.
 
-    The cache (:class:`refinery.embed.VectorCache`: Parquet shards, no pickle) lives in a sub-folder named by
+    The cache (:class:`refinery.models.embed.VectorCache`: Parquet shards, no pickle) lives in a sub-folder named by
     the shingling config and rensa's algorithm version, and its keys hash that config with the text, so a
     change of either never reads stale signatures. The similarity threshold is not part of the key.
 
@@ -341,7 +341,7 @@ class DedupGate:
     (Leskovec et al., "Mining of Massive Datasets", ch. 3); character 5-gram shingles and the
     signatures -> buckets -> clusters -> filter steps follow datatrove's MinHash deduplication and
     Lee et al. 2022, "Deduplicating Training Data Makes Language Models Better"; the exact key is
-    :func:`refinery.text.match_key` of question and answer. Signatures come from rensa (RMinHash).
+    :func:`refinery.core.text.match_key` of question and answer. Signatures come from rensa (RMinHash).
 
     Args:
         seed: seed rows (question, answer) to compare against; None or empty for none.

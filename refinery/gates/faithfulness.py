@@ -18,7 +18,7 @@ MODES = ("grounded", "retrieved", "ungrounded")
 
 
 class Scorer(Protocol):
-    """Scores support of claims by passages in [0, 1] (``refinery.verifier`` models, the LLM judge, doubles)."""
+    """Scores support of claims by passages in [0, 1] (``refinery.models.verifier`` models, the LLM judge, doubles)."""
 
     def score(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
         """One probability per pair; NaN where it could not score."""
@@ -38,7 +38,7 @@ class PassageRetriever:
     """
 
     def __init__(self, documents: pa.Table, embedder: Any, window_sentences: int = 2):
-        from refinery.text import sentence_spans
+        from refinery.core.text import sentence_spans
 
         self.embedder = embedder
         self.windows: list[str] = []

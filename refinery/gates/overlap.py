@@ -48,7 +48,7 @@ class NgramOverlapGate:
     """Reject rows whose word 8-grams are mostly found in the seed (copied or lightly edited seed text).
 
     Score: the share of the row's word n-grams (question + answer, case-folded, punctuation removed, as
-    :func:`refinery.text.match_key` tokenises) that occur in any seed row's n-grams. Reject at or above
+    :func:`refinery.core.text.match_key` tokenises) that occur in any seed row's n-grams. Reject at or above
     ``max_ngram_overlap`` → ``overlap_ngram``. Rows shorter than n words have no n-grams, score 0 and pass
     (exact copies of short seed rows are caught by ``dedup_exact_seed``).
 
@@ -107,7 +107,7 @@ class NgramOverlapGate:
 
 
 class TextEmbedder(Protocol):
-    """Anything that turns texts into L2-normalised vectors (:class:`refinery.embed.Embedder`, test doubles)."""
+    """Anything that turns texts into L2-normalised vectors (:class:`refinery.models.embed.Embedder`, test doubles)."""
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Return float (texts, dim) vectors."""
@@ -134,7 +134,7 @@ class EmbeddingOverlapGate:
 
     Args:
         seed: seed rows (question, answer).
-        embedder: the embedding block (:class:`refinery.embed.Embedder`, or a test double with ``embed``).
+        embedder: the embedding block (:class:`refinery.models.embed.Embedder`, or a test double with ``embed``).
         max_cosine: the cosine similarity (-1..1) at which a row is rejected.
     """
 

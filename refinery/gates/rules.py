@@ -2,7 +2,7 @@
 
 The module also holds the vectorised text helpers the non-model gates share (``match_keys``,
 ``word_tokens``, ``word_counts``): each gives exactly what the per-string functions in
-:mod:`refinery.text` give, but runs over a whole Arrow column at once with NumPy on the UTF-8 bytes,
+:mod:`refinery.core.text` give, but runs over a whole Arrow column at once with NumPy on the UTF-8 bytes,
 falling back to Python only for the rare non-ASCII rows.
 """
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from refinery.gates.base import Verdicts
-from refinery.text import match_key
+from refinery.core.text import match_key
 
 # ---------------------------------------------------------------------------------------------------------------
 # Vectorised text helpers
@@ -136,7 +136,7 @@ def _normalise_ascii(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
 
 
 def match_keys(values: pa.Array | pa.ChunkedArray | list[str | None]) -> pa.StringArray:
-    """Return ``refinery.text.match_key`` of every value, vectorised (nulls give '').
+    """Return ``refinery.core.text.match_key`` of every value, vectorised (nulls give '').
 
     Args:
         values: strings (Arrow array, chunked array or list).
@@ -267,7 +267,7 @@ def hash_words(words: list[str]) -> np.ndarray:
     """Return the token hashes of a word list, as :func:`word_tokens` hashes them.
 
     Args:
-        words: words (normalised like :func:`refinery.text.match_key`; a word with punctuation gives
+        words: words (normalised like :func:`refinery.core.text.match_key`; a word with punctuation gives
             several tokens).
 
     Returns:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refinery.errors import ModelResolutionError
+from refinery.core.errors import ModelResolutionError
 
 PROVENANCE_FILE = "PROVENANCE.json"
 _HF_ID = re.compile(r"^(?:hf:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")

@@ -31,7 +31,7 @@ SERVER_START_TIMEOUT_S = 180
 @pytest.fixture(scope="session")
 def local_backend(smol_dir):
     """Return one TransformersBackend over SmolLM2, shared by the session."""
-    from refinery.backends.local import TransformersBackend
+    from refinery.models.backends.local import TransformersBackend
 
     return TransformersBackend(str(smol_dir), batch_size=4, threads=THREADS)
 
@@ -141,7 +141,7 @@ class _MiniServer:
     """
 
     def __init__(self, backend) -> None:
-        from refinery.backends.base import GenRequest
+        from refinery.models.backends.base import GenRequest
 
         model_dir = backend.model_id
         lock = threading.Lock()

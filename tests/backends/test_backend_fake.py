@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from refinery.backends import Backend, BackendError, GenRequest, GenResult, make_backend
-from refinery.backends.base import apply_stop, error_result
-from refinery.backends.fake import FakeBackend
+from refinery.models.backends import Backend, BackendError, GenRequest, GenResult, make_backend
+from refinery.models.backends.base import apply_stop, error_result
+from refinery.models.backends.fake import FakeBackend
 
 
 def test_genrequest_needs_exactly_one_input():
@@ -132,7 +132,7 @@ def test_factory_fake_and_errors():
 
 def test_importing_backends_is_light():
     code = (
-        "import sys, refinery.backends as b; "
+        "import sys, refinery.models.backends as b; "
         "b.make_backend({'kind': 'fake'}); "
         "print(sorted(m for m in ('torch', 'transformers', 'httpx', 'tenacity') if m in sys.modules))"
     )

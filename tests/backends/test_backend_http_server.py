@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from refinery.backends import BackendError, GenRequest, make_backend
-from refinery.backends.http import OpenAICompatBackend
+from refinery.models.backends import BackendError, GenRequest, make_backend
+from refinery.models.backends.http import OpenAICompatBackend
 
 from fault_proxy import free_port
 

@@ -9,8 +9,8 @@ import threading
 import httpx
 import pytest
 
-from refinery.backends import BackendError, GenRequest, make_backend
-from refinery.backends.http import (
+from refinery.models.backends import BackendError, GenRequest, make_backend
+from refinery.models.backends.http import (
     OpenAICompatBackend,
     _Malformed,
     normalize_base_url,

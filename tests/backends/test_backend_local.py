@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from refinery.backends import Backend, BackendError, GenRequest, make_backend
-from refinery.backends.local import cpu_has_bf16, resolve_dtype, weights_digest
-from refinery.prompts import load_template
+from refinery.models.backends import Backend, BackendError, GenRequest, make_backend
+from refinery.models.backends.local import cpu_has_bf16, resolve_dtype, weights_digest
+from refinery.generation.prompts import load_template
 from tests.conftest import ROOT
 
 PROMPTS = [

@@ -14,9 +14,9 @@ from collections import Counter
 
 import pytest
 
-from refinery.backends import GenRequest
-from refinery.backends.http import OpenAICompatBackend
-from refinery.teacher import GenerationCache, Job, cache_key, run_jobs
+from refinery.models.backends import GenRequest
+from refinery.models.backends.http import OpenAICompatBackend
+from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 from tests.conftest import ROOT
 
 
@@ -115,8 +115,8 @@ def _jobs(n: int) -> list[Job]:
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from refinery.backends.http import OpenAICompatBackend
-from refinery.teacher import GenerationCache, run_jobs
+from refinery.models.backends.http import OpenAICompatBackend
+from refinery.generation.teacher import GenerationCache, run_jobs
 from tests.backends.test_http_window import _jobs
 run_jobs(_jobs({n}), OpenAICompatBackend({url!r}, "m", concurrency={c}, check=False), GenerationCache({cache!r}),
          batch_size=4, quiet=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from refinery.text import stable_id
+from refinery.core.text import stable_id
 from schemas import synthetic
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -126,7 +126,7 @@ def test_perplexity_gate_rejects_nonsense_and_repetition():
 def test_evidence_modes_are_compared_for_both_judges_with_intervals():
     from types import SimpleNamespace
 
-    from refinery.gating import compare_modes
+    from refinery.gates.run import compare_modes
 
     # given planted rows: 6 clean controls and 6 number changes, the exact evidence span on each
     answers = ["It takes 30 days."] * 6 + [f"It takes {n} days." for n in (14, 21, 40, 45, 60, 90)]

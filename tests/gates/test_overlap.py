@@ -7,8 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from refinery.embed import Embedder
-from refinery.errors import ModelResolutionError
+from refinery.models.embed import Embedder
+from refinery.core.errors import ModelResolutionError
 from refinery.gates.overlap import EmbeddingOverlapGate, NgramOverlapGate
 from tests.gates.conftest import rows, seed_rows
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from refinery.gates.rules import REASONS, RulesGate, match_keys, word_counts, word_tokens
-from refinery.text import match_key
+from refinery.core.text import match_key
 from tests.gates.conftest import ROOT, rows
 
 GOOD_Q = "How quickly does a file I save on my desktop show up on my laptop?"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from refinery.text import sha256_hex, stable_id
+from refinery.core.text import sha256_hex, stable_id
 from schemas import documents as documents_schema
 from schemas import split as split_schema
 

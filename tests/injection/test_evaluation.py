@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from refinery.errors import RefineryError
+from refinery.core.errors import RefineryError
 from refinery.gates.base import Verdicts
-from refinery.injection import apply_by_kind, evaluate_injection, gate_overlap, plot_overlap, recall_at_frr
+from refinery.planted.measure import apply_by_kind, evaluate_injection, gate_overlap, plot_overlap, recall_at_frr
 
 # (kind, rules_keep, faithfulness_keep); dedup keeps every row
 VERDICTS = [
@@ -65,7 +65,7 @@ def test_evaluate_injection_reports_exact_recall_frr_precision_and_catches():
 
 
 def test_recall_comes_with_wilson_intervals_and_seen_and_unseen_families():
-    from refinery.injection import wilson
+    from refinery.planted.measure import wilson
 
     # given verdicts where number_change is a kind the learned gates never trained on
     result = evaluate_injection(verdict_table(), GATES, unseen=["number_change"])

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery.errors import InputError, ParamsError, RefineryError
-from refinery.params import parse_section
-from refinery.text import stable_id
+from refinery.core.errors import InputError, ParamsError, RefineryError
+from refinery.core.params import parse_section
+from refinery.core.text import stable_id
 from schemas import injected as injected_schema
 from schemas.injected import KINDS
 from stages.inject import TRAIN_KINDS, VAL_KINDS, InjectParams, cli, inject
@@ -198,8 +198,8 @@ def test_command_writes_validated_rows_and_metrics(in_tmp):
 def test_unseen_families_name_known_families_and_map_to_their_kinds():
     import pydantic
 
-    from refinery.corruptions import FAMILIES, kinds_of, unseen_kinds
-    from refinery.errors import ParamsError
+    from refinery.planted.corruptions import FAMILIES, kinds_of, unseen_kinds
+    from refinery.core.errors import ParamsError
     from stages.inject import InjectParams
 
     base = dict(seed=1, kinds=["entity_swap"], per_kind=1, clean_controls=1)

@@ -62,7 +62,7 @@ def tiny_nli(tmp_path_factory, tiny_bert) -> Path:
 @pytest.fixture(scope="session")
 def seed_tables(tmp_path_factory) -> tuple[pa.Table, pa.Table]:
     """(documents, qa) tables of the project's contracts, made by the ingest core from the tiny seed."""
-    from refinery import adapters
+    from refinery.seed import adapters
     from stages.ingest import IngestParams, ingest
 
     seed = tmp_path_factory.mktemp("seed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refinery import corruptions as corr
+from refinery.planted import corruptions as corr
 
 PASSAGE = "Refunds are issued within 14 days by the Billing team. Contact Support from the Help menu."
 ANSWER = "Refunds take 14 days. Ask the Billing team."

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from refinery.grounding import (EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier,
+from refinery.models.grounding import (EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier,
                                 embedding_matrix, feature_matrix, features, fit_combiner_spec, fit_logistic,
                                 Likelihood, likelihood_matrix, split_claim)
 
@@ -135,7 +135,7 @@ def test_likelihood_features_read_the_answer_given_the_passage_and_question():
 
 
 def test_denegate_removes_each_negation_and_keeps_the_modal():
-    from refinery.grounding import denegate
+    from refinery.models.grounding import denegate
 
     assert denegate("He did not go and she never called.") == "He did go and she called."
     assert denegate("It can't be, it cannot be, it won't be, it isn't, they don't.") == \
@@ -166,7 +166,7 @@ def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
     spec = fit_logistic(np.vstack([np.zeros(len(old)), np.ones(len(old))]), np.array([0.0, 1.0]), names=old)
     assert Combiner(spec).needs_judge and not Combiner(spec).needs_offsets
     # nor does the negation-removal gain, which a judge without offsets still gives
-    from refinery.grounding import OFFSET_FEATURES
+    from refinery.models.grounding import OFFSET_FEATURES
 
     plain = FEATURES + tuple(n for n in LIKELIHOOD_FEATURES if n not in OFFSET_FEATURES)
     assert plain[-1] == "negation_removal_gain"
@@ -176,7 +176,7 @@ def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
 
 def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(smol_dir):
     # given the embedded teacher as judge, and an answer with one word swapped for another word of the passage
-    from refinery.backends.local import TransformersBackend
+    from refinery.models.backends.local import TransformersBackend
 
     judge = TransformersBackend(str(smol_dir), batch_size=2, threads=2)
     passage = "We drove to the lake on Saturday. My sister caught a big fish and we cooked it for dinner."
@@ -193,7 +193,7 @@ def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(
 
 def test_the_small_teacher_gains_more_from_removing_a_negation_the_passage_contradicts(smol_dir):
     # given the same "can't" answer to a passage that states it and to one that states the opposite
-    from refinery.backends.local import TransformersBackend
+    from refinery.models.backends.local import TransformersBackend
 
     judge = TransformersBackend(str(smol_dir), batch_size=2, threads=2)
     claim = "Can the shop refund opened items? The shop can't refund opened items."
@@ -283,7 +283,7 @@ def test_likelihood_remembers_pairs_it_has_scored():
 
 
 def test_a_clean_rank_keeps_the_order_of_rows_beyond_every_clean_answer():
-    from refinery.grounding import _clean_rank
+    from refinery.models.grounding import _clean_rank
 
     ref = np.array([-1.0, 0.0, 1.0, 2.0])
     z = np.array([-50.0, -5.0, -1.0, -0.5, 2.0, 9.0, np.nan])
@@ -315,7 +315,7 @@ def test_boosted_trees_catch_a_cue_that_matters_only_beside_another_and_load_fro
     test = rng.normal(0, 1, (50, len(names)))
     assert np.allclose(combiner.predict(test), reference.predict_proba(test)[:, 1], atol=1e-12)
     # and they separate what a single regression cannot
-    from refinery.verifier import roc_auc
+    from refinery.models.verifier import roc_auc
 
     linear = Combiner(fit_combiner_spec(x, y, names))
     assert roc_auc(y, combiner.predict(x)) > 0.99 and roc_auc(y, linear.predict(x)) < 0.7

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery.errors import InputError, ModelResolutionError
-from refinery.reward import load_reward, train_reward
+from refinery.core.errors import InputError, ModelResolutionError
+from refinery.models.reward import load_reward, train_reward
 from schemas import preference_pairs as pairs_schema
 from stages.train_reward import GROUPS, TrainRewardParams, build_preference_pairs, train_reward_core
 from tests.training.conftest import as_split

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from refinery.errors import InputError, ModelResolutionError, RefineryError
-from refinery.verifier import (claim_text, load_verifier, passage_windows, roc_auc, threshold_for_frr,
+from refinery.core.errors import InputError, ModelResolutionError, RefineryError
+from refinery.models.verifier import (claim_text, load_verifier, passage_windows, roc_auc, threshold_for_frr,
                                train_verifier)
 from stages.train_verifier import PAIRS_ARROW, TrainVerifierParams, build_pairs, evaluate, train_verifier_core
 from tests.training.conftest import as_split
@@ -178,7 +178,7 @@ class _Embedder:
 
 
 def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_path, seed_tables, tiny_bert):
-    from refinery.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner
+    from refinery.models.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner
 
     documents, qa = seed_tables
     params = TrainVerifierParams(**{**PARAMS, "epochs": 1, "lexical_combiner": True, "likelihood_features": True,

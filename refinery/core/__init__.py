@@ -1,0 +1,1 @@
+"""Plumbing every block shares: atomic I/O, params, errors, provenance stamps, progress, text kernels."""

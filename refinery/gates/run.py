@@ -1,0 +1,319 @@
+"""Build the quality gates with their calibrated thresholds and run them on rows: shared by gate and recover."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from refinery.gates.base import Gate, Verdicts
+from refinery.core.params import StageParams
+from schemas.gated import GATES
+
+FACTUAL = ("entity_swap", "number_change", "negation_flip", "unsupported_claim", "other_document")
+
+
+class RulesParams(StageParams):
+    """Bounds of the rules gate (seed 004: 10-200 words of question + answer)."""
+
+    min_qa_words: int = Field(ge=0)
+    max_qa_words: int = Field(gt=0)
+    min_answer_words: int = Field(ge=0)
+    max_answer_words: int = Field(gt=0)
+
+
+class DedupParams(StageParams):
+    """Near-duplicate detection (MinHash LSH)."""
+
+    max_jaccard: float = Field(gt=0, le=1)
+    num_perm: int = Field(gt=0)
+    shingle: int = Field(gt=0)
+
+
+class OverlapParams(StageParams):
+    """Seed-overlap bounds (seed 004: 8-gram share >= 0.30, cosine >= 0.85 are rejected)."""
+
+    ngram: int = Field(gt=0)
+    max_ngram_overlap: float = Field(ge=0, le=1)
+    max_cosine: float = Field(ge=-1, le=1)
+
+
+class FaithfulnessParams(StageParams):
+    """Faithfulness gate: which judge, which evidence, which bound."""
+
+    judge: Literal["verifier", "llm"]  # trained/HF verifier, or the judge LLM's P(yes)
+    verifier: str  # 'trained' (the train_verifier stage's model) or an HF NLI / cross-encoder id or path
+    mode: Literal["grounded", "retrieved", "ungrounded"]
+    min_support: float | None = Field(default=None, ge=0, le=1)  # null: the verifier's calibrated threshold
+    compare_modes: bool = True  # also score the planted errors in all three modes (seed 000 comparison)
+    target_false_rejection: float = Field(ge=0, le=1)  # equal-FRR point for the mode comparison
+
+
+class RewardParams(StageParams):
+    """Reward gate."""
+
+    model: str  # 'trained' (the train_reward stage's model) or an HF reward model id or path
+    min_reward: float | None = None  # null: the human_quantile of human val answers' rewards
+    human_quantile: float = Field(ge=0, le=1)
+
+
+class PerplexityParams(StageParams):
+    """Perplexity gate bounds (seed 002), under the judge model."""
+
+    min_perplexity: float = Field(gt=0)
+    max_perplexity: float | None = Field(default=None, gt=0)  # null: max_factor x the human 95th percentile
+    max_factor: float = Field(gt=0)
+
+
+class GateParams(StageParams):
+    """Knobs of the gate stage, one sub-section per gate."""
+
+    rules: RulesParams
+    dedup: DedupParams
+    overlap: OverlapParams
+    faithfulness: FaithfulnessParams
+    reward: RewardParams
+    perplexity: PerplexityParams
+    batch_size: int = Field(gt=0)
+    threads: int = Field(gt=0)
+    mode: Literal["full", "cascade"] = "full"  # full: every verdict on every row; cascade: see run_gates
+
+
+# Cascade order: the gates that need no model first, then the model gates from the cheapest per row (an embedding,
+# a reward-head pass, a cross-encoder pass, a language-model pass over every token).
+CASCADE = ("rules", "dedup", "overlap_ngram", "overlap_embedding", "reward", "faithfulness", "perplexity")
+
+
+def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full") -> pa.Table:
+    """Apply the gates to the rows and append their columns, ``gate_keep`` and ``gate_reasons``.
+
+    Args:
+        rows: rows of the synthetic (or injected) contract.
+        gates: name -> gate, for every name of ``schemas.gated.GATES``.
+        mode: ``full``: every gate judges every row (every verdict is measured; reasons in GATES order).
+            ``cascade``: gates run in ``CASCADE`` order and each judges only the rows every earlier gate
+            kept, so a model scores a row at most once and never one already rejected; a gate's columns
+            are null on rows it did not judge, and ``gate_reasons`` holds the one reason that stopped a row.
+
+    Returns:
+        ``rows`` with the gate columns (in GATES order); no row is dropped.
+    """
+    if mode not in ("full", "cascade"):
+        raise ValueError(f"gate mode must be 'full' or 'cascade', got {mode!r}")
+    n = rows.num_rows
+    keep_all = np.ones(n, bool)
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    columns: dict[str, dict[str, pa.Array]] = {}
+    for name in GATES if mode == "full" else CASCADE:
+        idx = np.arange(n) if mode == "full" else np.flatnonzero(keep_all)
+        sub = rows if len(idx) == n else rows.take(pa.array(idx, pa.int64()))
+        verdicts = gates[name].apply(sub) if len(idx) else Verdicts([], [], [])
+        keep: list[bool | None] = [None] * n
+        score: list[float | None] = [None] * n
+        reason: list[str | None] = [None] * n
+        for j, i in enumerate(idx):
+            keep[i], score[i], reason[i] = verdicts.keep[j], verdicts.score[j], verdicts.reason[j]
+            if verdicts.reason[j] is not None:
+                reasons[i].append(verdicts.reason[j])
+        keep_all[idx] &= np.asarray(verdicts.keep, bool)
+        columns[name] = {f"{name}_keep": pa.array(keep, pa.bool_()), f"{name}_score": pa.array(score, pa.float64()),
+                         f"{name}_reason": pa.array(reason, pa.string())}
+    for name in GATES:
+        for col, arr in columns[name].items():
+            rows = rows.append_column(col, arr)
+    rows = rows.append_column(pa.field("gate_keep", pa.bool_(), nullable=False), pa.array(keep_all, pa.bool_()))
+    return rows.append_column(pa.field("gate_reasons", pa.list_(pa.string()), nullable=False),
+                              pa.array(reasons, pa.list_(pa.string())))
+
+
+def judged_rows(gated: pa.Table) -> dict[str, int]:
+    """Rows each gate judged (its model's calls, for the model gates): all rows in full mode."""
+    return {g: gated.num_rows - gated.column(f"{g}_keep").null_count for g in GATES}
+
+
+class _ByKind:
+    """Wrap a gate so it judges planted rows one injection kind at a time (see ``refinery.planted.measure.apply_by_kind``)."""
+
+    def __init__(self, gate: Gate):
+        self.gate, self.name = gate, gate.name
+
+    def apply(self, rows: pa.Table):
+        from refinery.planted.measure import apply_by_kind
+
+        return apply_by_kind(self.gate, rows)
+
+
+def run_gates_by_kind(injected: pa.Table, gates: dict[str, Gate]) -> pa.Table:
+    """Gate planted rows kind by kind, so a variant is never deduplicated against its twin from the same source."""
+    return run_gates(injected, {name: _ByKind(g) for name, g in gates.items()})
+
+
+def reason_counts(gated: pa.Table) -> dict[str, Any]:
+    """Count rows kept and rejected, per first reason and per gate (a row may fail several gates)."""
+    total = gated.num_rows
+    kept = int(pc.sum(gated.column("gate_keep")).as_py() or 0) if total else 0
+    first = Counter(r[0] for r in gated.column("gate_reasons").to_pylist() if r)
+    every = Counter(x for r in gated.column("gate_reasons").to_pylist() for x in r)
+    per_gate = {g: int(pc.sum(pc.invert(gated.column(f"{g}_keep"))).as_py() or 0) if total else 0 for g in GATES}
+    return {"total": total, "kept": kept, "rejected": total - kept,
+            **{f"dropped_{k}": v for k, v in sorted(first.items())},
+            "rejected_by_gate": per_gate, "reasons_all": dict(sorted(every.items()))}
+
+
+@dataclass
+class Models:
+    """Everything the model gates need, loaded once per stage."""
+
+    verifier: Any
+    reward: Any
+    judge: Any  # backend with loglikelihood (perplexity gate, LLM judge)
+    embedder: Any
+
+
+def human_quantile(values: np.ndarray, q: float) -> float:
+    """Return the q-quantile of finite values (a bound calibrated on human answers)."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        raise ValueError("no finite score on the human calibration rows")
+    return float(np.quantile(finite, q))
+
+
+def build_gates(params: GateParams, train: pa.Table, calib: pa.Table, documents: pa.Table, models: Models,
+                cache_dir: Path | None, mode: str | None = None) -> tuple[dict[str, Gate], dict[str, float]]:
+    """Build the gate objects with their thresholds (calibrated on human val rows where params say null).
+
+    Returns:
+        The gates by name and the thresholds actually used.
+    """
+    from refinery.gates.dedup import DedupGate
+    from refinery.gates.faithfulness import FaithfulnessGate, LLMJudge, PassageRetriever
+    from refinery.gates.overlap import EmbeddingOverlapGate, NgramOverlapGate
+    from refinery.gates.perplexity import PerplexityGate
+    from refinery.gates.reward import RewardGate
+    from refinery.gates.rules import RulesGate
+
+    p = params
+    scorer = models.verifier if p.faithfulness.judge == "verifier" else LLMJudge(models.judge)
+    min_support = p.faithfulness.min_support
+    if min_support is None:
+        min_support = getattr(scorer, "threshold", None)
+        if min_support is None:
+            raise ValueError("gate.faithfulness.min_support is null but the verifier records no calibrated "
+                             "threshold: set a number")
+    mode = mode or p.faithfulness.mode
+    retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
+    faith = FaithfulnessGate(scorer, documents, mode=mode, min_support=float(min_support), retriever=retriever)
+    min_reward = p.reward.min_reward
+    if min_reward is None:
+        min_reward = human_quantile(models.reward.score(calib.column("question").to_pylist(),
+                                                        calib.column("answer").to_pylist()), p.reward.human_quantile)
+    ppl_gate = PerplexityGate(models.judge, p.perplexity.min_perplexity, 1e9)
+    max_ppl = p.perplexity.max_perplexity
+    if max_ppl is None:
+        max_ppl = p.perplexity.max_factor * human_quantile(ppl_gate.perplexities(calib), 0.95)
+    ppl_gate.max_perplexity = max_ppl
+    gates: dict[str, Gate] = {
+        "rules": RulesGate(min_qa_words=p.rules.min_qa_words, max_qa_words=p.rules.max_qa_words,
+                           min_answer_words=p.rules.min_answer_words, max_answer_words=p.rules.max_answer_words),
+        "dedup": DedupGate(train, max_jaccard=p.dedup.max_jaccard, num_perm=p.dedup.num_perm,
+                           shingle=p.dedup.shingle, cache_dir=cache_dir),
+        "overlap_ngram": NgramOverlapGate(train, max_ngram_overlap=p.overlap.max_ngram_overlap, n=p.overlap.ngram),
+        "overlap_embedding": EmbeddingOverlapGate(train, models.embedder, max_cosine=p.overlap.max_cosine),
+        "faithfulness": faith,
+        "reward": RewardGate(models.reward, float(min_reward)),
+        "perplexity": ppl_gate,
+    }
+    thresholds = {"faithfulness_min_support": round(float(min_support), 4), "reward_min": round(float(min_reward), 4),
+                  "perplexity_min": p.perplexity.min_perplexity, "perplexity_max": round(float(max_ppl), 4),
+                  "faithfulness_mode": mode}
+    return gates, thresholds
+
+
+def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: pa.Table, models: Models,
+                  target_frr: float, *, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Score planted rows in grounded, retrieved and ungrounded modes, for two judges, at equal FRR.
+
+    Both the trained verifier and the LLM judge score the same planted rows in the three evidence modes (the
+    provenance claim is that the exact source passage helps judges, the stronger ones most). Each mode's
+    threshold keeps the clean controls' false rejections at ``target_frr``; recall on the factual errors
+    carries a 95% Wilson interval, and the differences grounded - retrieved and grounded - ungrounded a
+    paired bootstrap interval over the planted rows (thresholds re-picked in every resample).
+
+    Returns:
+        ``{mode: {...}}`` for the configured judge (as before), ``judge`` (its name), and ``by_judge``:
+        ``{verifier|llm: {modes: {mode: {...}}, differences: {name: {mean, low, high}}}}``.
+    """
+    from refinery.gates.faithfulness import MODES, FaithfulnessGate, LLMJudge, PassageRetriever
+    from refinery.planted.measure import recall_at_frr, wilson
+
+    kinds = np.asarray(injected_gated.column("injection_kind").to_pylist())
+    measured = np.flatnonzero((kinds == "clean") | np.isin(kinds, FACTUAL))  # only these rows enter the figures
+    injected_gated, kinds = injected_gated.take(pa.array(measured, pa.int64())), kinds[measured]
+    clean, factual = kinds == "clean", np.isin(kinds, FACTUAL)
+    configured = gates["faithfulness"].scorer
+    judges = {"verifier": models.verifier, "llm": LLMJudge(models.judge)}
+    name_of = next((n for n, j in judges.items() if j is configured), None)
+    if name_of is None:  # the configured judge is an LLM judge built by build_gates
+        name_of = "llm" if isinstance(configured, LLMJudge) else "verifier"
+        judges[name_of] = configured
+    rng = np.random.default_rng(seed)
+    draws = [(rng.integers(0, clean.sum(), clean.sum()), rng.integers(0, factual.sum(), factual.sum()))
+             for _ in range(bootstrap)] if clean.any() and factual.any() else []
+    by_judge: dict[str, Any] = {}
+    for judge_name, scorer in judges.items():
+        modes, support_by_mode = {}, {}
+        for mode in MODES:
+            retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
+            support, _ = FaithfulnessGate(scorer, documents, mode=mode, retriever=retriever).scores(injected_gated)
+            support_by_mode[mode] = support
+            threshold, recall, frr = recall_at_frr(support[clean], support[factual], target_frr)
+            per_kind = {k: round(float(np.mean(np.nan_to_num(support[kinds == k], nan=-1.0) < threshold)), 4)
+                        for k in FACTUAL if (kinds == k).any()}
+            hits = int(round(recall * factual.sum()))
+            # the clean-control count is the resolution of the false-rejection rate (20 controls: steps of 0.05)
+            modes[mode] = {"threshold": round(float(threshold), 4), "recall_factual": round(float(recall), 4),
+                           "recall_ci95": wilson(hits, int(factual.sum())), "false_rejection": round(float(frr), 4),
+                           "recall_per_kind": per_kind, "clean_controls": int(clean.sum()),
+                           "factual_rows": int(factual.sum())}
+        diffs = {}
+        for other in ("retrieved", "ungrounded"):
+            g, o = support_by_mode["grounded"], support_by_mode[other]
+            gc, gf, oc, of = g[clean], g[factual], o[clean], o[factual]
+            boot = [recall_at_frr(gc[ci], gf[fi], target_frr)[1] - recall_at_frr(oc[ci], of[fi], target_frr)[1]
+                    for ci, fi in draws]
+            point = modes["grounded"]["recall_factual"] - modes[other]["recall_factual"]
+            diffs[f"grounded_minus_{other}"] = {
+                "mean": round(float(point), 4),
+                "low": round(float(np.quantile(boot, 0.025)), 4) if boot else None,
+                "high": round(float(np.quantile(boot, 0.975)), 4) if boot else None}
+        by_judge[judge_name] = {"modes": modes, "differences": diffs}
+    return {**by_judge[name_of]["modes"], "judge": name_of, "by_judge": by_judge}
+
+
+def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_dir: str, cache_dir: Path) -> Models:
+    """Load the verifier, reward model, judge backend and embedder once for the stage."""
+    from refinery.models.backends.factory import make_backend
+    from refinery.models.embed import Embedder
+    from refinery.models.resolve import backend_spec, load_target
+    from refinery.models.reward import load_reward
+    from refinery.models.verifier import load_verifier
+
+    verifier_ref = verifier_dir if params.faithfulness.verifier == "trained" else params.faithfulness.verifier
+    reward_ref = reward_dir if params.reward.model == "trained" else params.reward.model
+    embed = load_target(models_dir, "embedder")
+    judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=params.batch_size,
+                                      threads=params.threads))
+    embedder = Embedder(embed["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=embed["id"])
+    return Models(
+        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads, judge=judge,
+                               embedder=embedder),
+        reward=load_reward(reward_ref, batch_size=params.batch_size, threads=params.threads),
+        judge=judge,
+        embedder=embedder,
+    )

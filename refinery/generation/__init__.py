@@ -1,0 +1,1 @@
+"""Plan teacher calls, run them through the cache, and parse them into provenance-stamped rows."""

@@ -1,0 +1,164 @@
+"""Turn planned teacher calls into provenance-stamped rows: shared by generate, contaminate and recover."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from refinery.generation import strategies as strat
+from refinery.models.backends.base import Backend, GenResult
+from refinery.generation.prompts import Template
+from refinery.generation.teacher import GenerationCache, Job, RunStats, run_jobs
+from refinery.core.text import stable_id
+from schemas import synthetic as synthetic_schema
+
+
+# Weights dtype of an in-process teacher (params generate/contaminate/recover.dtype; see teacher_backend).
+TeacherDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One planned teacher call and the provenance it will carry."""
+
+    job: Job
+    strategy: str
+    parent: dict[str, Any]
+    span: tuple[int, int]
+    sample_index: int
+    template_ref: str
+
+
+def call_seed(base: int, *parts: Any) -> int:
+    """Return a per-call sampling seed derived from the stage seed and the call's identity."""
+    return int(hashlib.sha256("|".join(map(str, (base, *parts))).encode()).hexdigest()[:8], 16)
+
+
+def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Table, *, origin: str,
+            teacher_id: str, phash: str, code_version: str) -> pa.Table:
+    """Turn teacher results into rows of the synthetic contract, parsed strictly, failures kept with a reason."""
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    out = []
+    for p, r in zip(planned, results):
+        s = strat.STRATEGIES[p.strategy]
+        question, answer, parse_error = (None, None, None)
+        if r.ok:
+            question, answer, parse_error = strat.parse_output(s, r.text)
+            if parse_error is None and s.output == "answer":
+                question = p.parent["question"]
+            elif parse_error is None and s.output == "question":
+                answer = p.parent["answer"]
+        req = p.job.request
+        out.append({
+            "row_id": stable_id("syn" if origin == "synthetic" else origin[:3], p.job.key), "origin": origin,
+            "parent_ids": [p.parent["row_id"]], "doc_id": p.parent["doc_id"], "evidence_start": p.span[0],
+            "evidence_end": p.span[1], "strategy": p.strategy, "teacher": teacher_id,
+            "prompt_template": p.template_ref,
+            "gen_params": json.dumps({"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
+                                      "top_p": req.top_p, "stop": list(req.stop)}, sort_keys=True),
+            "attempt": 0, "recovery_action": None, "params_hash": phash, "code_version": code_version,
+            "question": question, "answer": answer, "intent": p.parent["intent"],
+            "evidence": texts[p.parent["doc_id"]][p.span[0]:p.span[1]], "raw_output": r.text,
+            "parse_error": parse_error, "error": r.error, "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "seed": req.seed, "sample_index": p.sample_index, "cache_key": p.job.key,
+        })
+    return pa.Table.from_pylist(out, schema=synthetic_schema.ARROW)
+
+
+def outcome_metrics(table: pa.Table) -> dict[str, Any]:
+    """Count rows, failed teacher calls and unparseable outputs, overall and per strategy.
+
+    One vocabulary for every teacher stage: ``call_errors`` are calls that returned no text (transport,
+    HTTP status, malformed reply after its retries; ``call_errors_by_reason`` names them), ``parse_errors``
+    are replies that did not parse (``dropped_<reason>``); ``failure_share`` = both over ``rows``. Call
+    counts, cache hits, retries and latencies go to the run log, not here: metrics must not depend on
+    what was cached or how the server behaved.
+    """
+    rows = table.to_pylist()
+
+    def counts(sub: list[dict[str, Any]]) -> dict[str, Any]:
+        call = sum(r["error"] is not None for r in sub)
+        parse = sum(r["error"] is None and r["parse_error"] is not None for r in sub)
+        return {"rows": len(sub), "parsed": len(sub) - call - parse, "call_errors": call, "parse_errors": parse,
+                "failure_share": round((call + parse) / max(len(sub), 1), 4)}
+
+    per = {name: counts([r for r in rows if r["strategy"] == name]) for name in sorted({r["strategy"] for r in rows})}
+    return {
+        **counts(rows),
+        "call_errors_by_reason": dict(sorted(Counter(r["error"].split(":", 1)[0] for r in rows if r["error"]).items())),
+        **{f"dropped_{k}": v for k, v in sorted(Counter(r["parse_error"] for r in rows if r["parse_error"]).items())},
+        "per_strategy": per, "completion_tokens": sum(r["completion_tokens"] for r in rows),
+    }
+
+
+def write_run_log(path: Path, record: dict[str, Any]) -> None:
+    """Write a run's wall-clock figures (latencies, retries, seconds) beside the teacher cache.
+
+    They differ from run to run and machine to machine, so they never enter a DVC-tracked output: the
+    same inputs must give byte-identical tables everywhere.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_templates(folder: Path, names: list[str]) -> dict[str, Template]:
+    """Load ``<folder>/<name>.txt`` for each strategy name."""
+    from refinery.generation.prompts import load_template
+
+    return {n: load_template(folder / f"{n}.txt") for n in names}
+
+
+def teacher_backend(base: str, batch_size: int, threads: int,
+                    dtype: str = "float32") -> tuple[str, Callable[[], Backend]]:
+    """Return the teacher's provenance id and a function that builds its backend (lazily, once).
+
+    ``dtype`` ('auto' | 'float32' | 'bfloat16' | 'float16') applies to in-process models only. Outputs depend
+    on it, so any dtype but float32 is part of the id (``<id>+bfloat16``): the id is in every cache key and in
+    the rows' provenance.
+    """
+    from refinery.models.backends.factory import make_backend
+    from refinery.models.backends.local import resolve_dtype
+    from refinery.models.resolve import backend_spec, load_target
+
+    load = load_target(base, "teacher")
+    spec = backend_spec(load, batch_size=batch_size, threads=threads)
+    teacher_id = load["id"]
+    if spec["kind"] == "local":
+        spec["dtype"] = resolve_dtype(dtype)
+        if spec["dtype"] != "float32":
+            teacher_id = f"{teacher_id}+{spec['dtype']}"
+    # Built only when some call is not cached; an unreachable server then fails with one line naming its URL.
+    return teacher_id, lambda: make_backend(spec)
+
+
+def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table, *,
+            batch_size: int, origin: str, teacher_id: str, phash: str, code_version: str, desc: str,
+            quiet: bool) -> tuple[pa.Table, RunStats, float]:
+    """Run planned calls through the cache and turn the results into contract-checked rows.
+
+    Returns:
+        The rows (synthetic contract), the run's counts, and the seconds spent on teacher calls.
+    """
+    import time
+
+    cache = GenerationCache(cache_file)
+    t0 = time.perf_counter()
+    try:
+        results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=batch_size, desc=desc,
+                                  quiet=quiet)
+    finally:
+        cache.close()
+    seconds = time.perf_counter() - t0
+    write_run_log(Path(cache_file).parent / "runs" / f"{desc}.json", {"stage": desc, "teacher": teacher_id,
+                                                                      "seconds": round(seconds, 2), **stats.summary()})
+    table = to_rows(planned, results, documents, origin=origin, teacher_id=teacher_id, phash=phash,
+                    code_version=code_version)
+    return synthetic_schema.CONTRACT.validate(table, f"{origin} rows"), stats, seconds

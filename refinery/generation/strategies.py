@@ -1,0 +1,109 @@
+"""Describe generation strategies (seed 001/002/004) and parse small-teacher output strictly by field markers."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from refinery.core.text import normalize_line
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one strategy asks the teacher and reads its answer.
+
+    output: what the completion holds: 'answer', 'question', or 'qa' (a question, then a line
+    starting with ``Answer:``). passage: 'evidence' (the parent's evidence span) or 'window' (another
+    window of sentences from the parent's document). token_budget: the max_new_tokens key used.
+    """
+
+    name: str
+    output: str
+    passage: str
+    token_budget: str
+    stop: tuple[str, ...]
+
+
+_QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
+_LINE_STOP = ("\n\n", "\nQuestion:", "\nAnswer:", "\nRewritten:")
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("answer_augmentation", "answer", "evidence", "answer", ("\n",)),
+    Strategy("question_rephrasing", "question", "evidence", "question", ("\n",)),
+    Strategy("new_question", "qa", "window", "qa", _QA_STOP),
+    Strategy("evol_depth", "qa", "evidence", "qa", _QA_STOP),
+    Strategy("evol_breadth", "qa", "evidence", "qa", _QA_STOP),
+    # zero-shot prompts: small teachers often open with a newline, so stop only at a blank line or a new field
+    Strategy("contaminate_answer", "answer", "evidence", "answer", _LINE_STOP),
+    Strategy("contaminate_paraphrase", "answer", "evidence", "answer", _LINE_STOP),
+)}
+GENERATION_STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "evol_depth", "evol_breadth")
+
+# Budget-aware mix (seed 001): with few calls per seed row, spend them on new answers and paraphrases of
+# existing questions (cheap, close to the seed); with many, on new questions and Evol-Instruct rewrites
+# (more coverage). Rows: (largest budget/seed ratio the row applies to, mix).
+MIX_BY_RATIO: tuple[tuple[float, dict[str, float]], ...] = (
+    (1.0, {"answer_augmentation": 0.6, "question_rephrasing": 0.3, "new_question": 0.1}),
+    (3.0, {"answer_augmentation": 0.35, "question_rephrasing": 0.25, "new_question": 0.25, "evol_depth": 0.1,
+           "evol_breadth": 0.05}),
+    (math.inf, {"answer_augmentation": 0.15, "question_rephrasing": 0.15, "new_question": 0.45, "evol_depth": 0.15,
+                "evol_breadth": 0.1}),
+)
+
+
+def choose_mix(budget: int, seed_rows: int) -> tuple[float, dict[str, float]]:
+    """Return the budget/seed ratio and the strategy mix it calls for."""
+    ratio = budget / max(seed_rows, 1)
+    for bound, mix in MIX_BY_RATIO:
+        if ratio <= bound:
+            return ratio, dict(mix)
+    raise AssertionError("unreachable: the last bound is infinite")
+
+
+def allocate(budget: int, mix: dict[str, float]) -> dict[str, int]:
+    """Split ``budget`` calls over strategies by ``mix`` (largest remainder; ties by name): counts sum to budget."""
+    total = sum(mix.values())
+    exact = {k: budget * v / total for k, v in mix.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    left = budget - sum(counts.values())
+    for k in sorted(exact, key=lambda k: (-(exact[k] - counts[k]), k))[:left]:
+        counts[k] += 1
+    return counts
+
+
+_ANSWER_MARK = re.compile(r"(?:^|\n)[ \t]*answer[ \t]*:", re.IGNORECASE)
+_LEADING_MARK = re.compile(r"^\s*(?:answer|rewritten|question|harder question|new question)\s*:\s*", re.IGNORECASE)
+_ANY_MARK = re.compile(r"\b(?:passage|question|answer|rewritten)\s*:", re.IGNORECASE)
+
+
+def parse_output(strategy: Strategy, text: str) -> tuple[str | None, str | None, str | None]:
+    """Read the fields a strategy expects from a completion, or say why not.
+
+    Only field markers split text: a completion without the ``Answer:`` line that a 'qa' strategy needs
+    is a ``parse_missing_answer`` error, never a guess (a peer tool split on any letter 'a').
+
+    Returns:
+        (question, answer, parse_error): the fields the strategy produces (others None), or a reason code.
+    """
+    if strategy.output == "qa":
+        m = _ANSWER_MARK.search(text)
+        if m is None:
+            return None, None, "parse_missing_answer"
+        question_part, answer_part = text[:m.start()].strip(), text[m.end():].strip()
+        if "\n" in question_part:
+            return None, None, "parse_multiline_question"
+        question, answer = normalize_line(question_part), normalize_line(answer_part.split("\n\n")[0])
+        if not question:
+            return None, None, "parse_empty_question"
+        if not answer:
+            return None, None, "parse_empty_answer"
+        if _ANY_MARK.search(answer):
+            return None, None, "parse_extra_fields"
+        return question, answer, None
+    first_line = next((line for line in text.split("\n") if line.strip()), "")  # the field is one line
+    value = normalize_line(_LEADING_MARK.sub("", first_line.strip(), count=1))
+    if not value:
+        return None, None, "parse_empty_" + strategy.output
+    if _ANY_MARK.search(value):
+        return None, None, "parse_extra_fields"
+    return (value, None, None) if strategy.output == "question" else (None, value, None)

@@ -1,0 +1,258 @@
+"""Embed texts with a sentence-transformers model, in batches, caching vectors on disk by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from refinery.core.errors import ModelResolutionError
+
+_KEY_BYTES = 16  # sha256 prefix used as the cache key (collisions: ~2**-64 at a billion entries)
+_ENCODE_CHUNK = 8192  # texts per encode call: vectors are written to the cache after each chunk
+
+
+class VectorCache:
+    """A content-addressed matrix store: fixed-length vectors keyed by 16-byte hashes, as Parquet shards.
+
+    Each :meth:`put` writes one shard (``part-<hash>.parquet``: ``key`` binary(16), ``vec`` fixed-size list)
+    to a temporary name and renames it into place, so readers never see half a shard and concurrent
+    writers of the same vectors write the same file. Nothing is pickled. With ``folder=None`` vectors live
+    in memory only, for the life of the object.
+
+    Args:
+        folder: the shard folder (created on the first write), or None.
+        dim: vector length.
+        dtype: NumPy dtype of the vectors (float32 embeddings, uint32 MinHash signatures).
+    """
+
+    def __init__(self, folder: str | Path | None, dim: int | None, dtype: Any):
+        self.folder = Path(folder) if folder is not None else None
+        self.dim, self.dtype = dim, np.dtype(dtype)
+        self._keys = np.zeros(0, f"S{_KEY_BYTES}")  # sorted
+        self._vecs: np.ndarray | None = None
+        self._loaded = False
+
+    def __len__(self) -> int:
+        if not self._loaded:
+            self._load()
+        return len(self._keys)
+
+    def _load(self) -> None:
+        self._loaded = True
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for shard in sorted(self.folder.glob("part-*.parquet")):
+            table = pq.read_table(shard)
+            keys = _keys_from_arrow(table.column("key"))
+            column = table.column("vec")
+            dim = column.type.list_size
+            flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else None
+            vecs = (flat.to_numpy(zero_copy_only=False).astype(self.dtype).reshape(-1, dim) if flat is not None
+                    else np.zeros((0, dim), self.dtype))
+            self._merge(keys, vecs)
+
+    def _merge(self, keys: np.ndarray, vecs: np.ndarray) -> None:
+        if self.dim is None:
+            self.dim = vecs.shape[1]
+        if vecs.shape[1] != self.dim:
+            raise ValueError(f"{self.folder}: cached vectors have length {vecs.shape[1]}, expected {self.dim}")
+        old = self._vecs if self._vecs is not None else np.zeros((0, self.dim), self.dtype)
+        all_keys = np.concatenate([self._keys, keys])
+        uniq, first = np.unique(all_keys, return_index=True)
+        self._keys, self._vecs = uniq, np.concatenate([old, vecs.astype(self.dtype)])[first]
+
+    def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Look keys up.
+
+        Args:
+            keys: ``S16`` keys.
+
+        Returns:
+            (found: bool per key, vectors: (keys, dim) with zeros where not found).
+        """
+        if not self._loaded:
+            self._load()
+        dim = self.dim or 0
+        if len(self._keys) == 0 or len(keys) == 0:
+            return np.zeros(len(keys), bool), np.zeros((len(keys), dim), self.dtype)
+        pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+        found = self._keys[pos] == keys
+        vecs = self._vecs[pos]
+        vecs[~found] = 0
+        return found, vecs
+
+    def put(self, keys: np.ndarray, vecs: np.ndarray) -> None:
+        """Add vectors (in memory, and as one new shard when the cache has a folder).
+
+        Args:
+            keys: ``S16`` keys, unique.
+            vecs: (keys, dim) vectors.
+        """
+        if not self._loaded:
+            self._load()
+        if len(keys) == 0:
+            return
+        self._merge(keys, vecs)
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        arrow_type = pa.from_numpy_dtype(self.dtype)
+        table = pa.table({
+            "key": _keys_to_arrow(keys),
+            "vec": pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(self.dtype).reshape(-1), arrow_type),
+                                                     vecs.shape[1]),
+        })
+        name = hashlib.sha256(np.sort(keys).tobytes()).hexdigest()[:16]
+        fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".parquet", dir=self.folder)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, self.folder / f"part-{name}.parquet")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _keys_to_arrow(keys: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Wrap ``S16`` keys as Arrow binary(16) from their raw bytes (``tolist`` would drop trailing zero bytes)."""
+    raw = np.ascontiguousarray(keys, f"S{_KEY_BYTES}").tobytes()
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(_KEY_BYTES), len(keys), [None, pa.py_buffer(raw)])
+
+
+def _keys_from_arrow(column: pa.ChunkedArray) -> np.ndarray:
+    """Return the raw bytes of a binary(16) column as ``S16`` keys."""
+    parts = []
+    for chunk in column.chunks:
+        buf = chunk.buffers()[1]
+        raw = np.frombuffer(buf, np.uint8, count=len(chunk) * _KEY_BYTES, offset=chunk.offset * _KEY_BYTES)
+        parts.append(raw.copy().view(f"S{_KEY_BYTES}"))
+    return np.concatenate(parts) if parts else np.zeros(0, f"S{_KEY_BYTES}")
+
+
+def content_keys(namespace: str, texts: Sequence[str]) -> np.ndarray:
+    """Return the cache key of each text: the first 16 bytes of sha256(namespace, unit separator, text).
+
+    Args:
+        namespace: what the vectors depend on besides the text (model id, shingling config).
+        texts: the texts.
+
+    Returns:
+        ``S16`` keys, one per text.
+    """
+    prefix = namespace.encode("utf-8") + b"\x1f"
+    return np.array([hashlib.sha256(prefix + t.encode("utf-8")).digest()[:_KEY_BYTES] for t in texts],
+                    f"S{_KEY_BYTES}")
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """Return a stable id for a model folder: its file names and sizes, and the content of small files.
+
+    Args:
+        model_path: the sentence-transformers folder.
+
+    Returns:
+        ``<folder name>@<12 hex>``.
+    """
+    root = Path(model_path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        size = f.stat().st_size
+        h.update(f"{rel}\x1f{size}\x1e".encode())
+        if size <= 2 << 20:
+            h.update(f.read_bytes())
+    return f"{root.name}@{h.hexdigest()[:12]}"
+
+
+class Embedder:
+    """Sentence embeddings from a local sentence-transformers folder, normalised, cached by content hash.
+
+    The model is loaded once, on the first text that is not in the cache (so a fully cached run never
+    loads it). Vectors are L2-normalised, so a dot product is the cosine similarity. The cache key is
+    sha256(model id + text): a different model never reads another's vectors, and changing a gate's
+    threshold recomputes nothing.
+
+    Args:
+        model_path: the model folder (e.g. ``load_target('models/base', 'embedder')['path']``).
+        batch_size: texts per forward pass.
+        cache_dir: folder for the vector cache (None: no disk cache; vectors are still reused in memory).
+        model_id: the id that keys the cache (e.g. ``load_target(...)['id']``); default: a fingerprint of
+            the folder's files.
+        device: torch device.
+
+    Attributes:
+        computed: how many texts this embedder has run through the model; tests count on it.
+
+    Raises:
+        ModelResolutionError: the model folder does not exist.
+    """
+
+    def __init__(self, model_path: str | Path, batch_size: int = 64, cache_dir: str | Path | None = None,
+                 model_id: str | None = None, device: str = "cpu"):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_dir():
+            raise ModelResolutionError(f"embedder: model folder {self.model_path} not found (run `refinery "
+                                       f"provision` first)")
+        if batch_size < 1:
+            raise ValueError(f"embedder: batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.device = batch_size, device
+        self.model_id = model_id or model_fingerprint(self.model_path)
+        folder = None
+        if cache_dir is not None:
+            folder = Path(cache_dir) / ("embed-" + hashlib.sha256(self.model_id.encode()).hexdigest()[:16])
+        self.cache = VectorCache(folder, None, np.float32)
+        self.computed = 0
+        self._model: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model has been loaded (a fully cached run never loads it)."""
+        return self._model is not None
+
+    @property
+    def model(self) -> Any:
+        """The loaded SentenceTransformer (loaded on first use)."""
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self.model_path), device=self.device)
+        return self._model
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Run the model on ``texts`` (no cache): float32 (texts, dim), L2-normalised."""
+        vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+        self.computed += len(texts)
+        return np.asarray(vecs, np.float32)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return one normalised vector per text, embedding only texts not cached before.
+
+        Args:
+            texts: the texts.
+
+        Returns:
+            float32 array (texts, dim), in input order.
+        """
+        texts = list(texts)
+        keys = content_keys(self.model_id, texts)
+        found, _ = self.cache.get(keys)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            new_keys, first = np.unique(keys[missing], return_index=True)
+            todo = missing[first]
+            for lo in range(0, len(todo), _ENCODE_CHUNK):
+                idx = todo[lo:lo + _ENCODE_CHUNK]
+                self.cache.put(new_keys[lo:lo + _ENCODE_CHUNK], self.encode([texts[i] for i in idx]))
+        if not texts:
+            return np.zeros((0, self.cache.dim or 0), np.float32)
+        found, vecs = self.cache.get(keys)
+        return vecs

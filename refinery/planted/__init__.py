@@ -1,0 +1,1 @@
+"""Plant known errors with ground truth, and measure the gates on them."""

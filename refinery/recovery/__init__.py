@@ -1,0 +1,1 @@
+"""Diagnose rejected rows, plan targeted regeneration, and run the attempt loop."""

@@ -1,0 +1,1 @@
+"""Read seed data in its source formats."""

@@ -1,0 +1,1 @@
+"""Fine-tune and evaluate the student: arms, prompts, LoRA, answer metrics."""

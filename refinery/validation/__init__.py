@@ -1,0 +1,1 @@
+"""Dataset-level checks: expectations (Great Expectations) and diversity."""
