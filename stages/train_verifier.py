@@ -239,8 +239,9 @@ def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_di
         Its weights (boosted: the tree count and each feature's share of the split gain), the pairs it was fitted
         on, and the val AUC of the model alone and combined.
     """
-    from refinery.models.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES, Combiner, \
-        combiner_matrix, fit_combiner_spec
+    from refinery.models.grounding.features import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES
+    from refinery.models.grounding.learners import fit_combiner_spec
+    from refinery.models.grounding.scorer import Combiner, combiner_matrix
     from refinery.models.verifier import roc_auc
 
     likelihood = () if judge is None else LIKELIHOOD_FEATURES if callable(getattr(judge, "token_offsets", None)) \
@@ -373,7 +374,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     if params.embedding_features and embedder is None:
         raise RefineryError("train_verifier: embedding_features is on but no embedder was given")
     embedder = embedder if params.embedding_features else None
-    from refinery.models.grounding import Likelihood
+    from refinery.models.grounding.features import Likelihood
 
     # one memory of judge scores for the combiner fit, the calibration and the aggregation check
     judge = Likelihood(judge) if params.likelihood_features else None

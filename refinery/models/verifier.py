@@ -217,7 +217,7 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
                                     batch_size=batch_size, threshold=threshold)
     if not lexical:
         return verifier
-    from refinery.models.grounding import Combiner, GroundedVerifier
+    from refinery.models.grounding.scorer import Combiner, GroundedVerifier
 
     combiner = Combiner.load(ref) if Path(ref).is_dir() else None
     if combiner is None:

@@ -178,7 +178,8 @@ class _Embedder:
 
 
 def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_path, seed_tables, tiny_bert):
-    from refinery.models.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner
+    from refinery.models.grounding.features import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES
+    from refinery.models.grounding.scorer import Combiner
 
     documents, qa = seed_tables
     params = TrainVerifierParams(**{**PARAMS, "epochs": 1, "lexical_combiner": True, "likelihood_features": True,
