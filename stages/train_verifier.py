@@ -360,7 +360,8 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     Returns:
         Train and val pairs, the calibrated threshold and the metrics.
     """
-    from refinery.models.verifier import load_base, load_verifier, seed_everything, train_verifier
+    from refinery.models.heads import load_base, seed_everything
+    from refinery.models.verifier import load_verifier, train_verifier
 
     if params.likelihood_features and not params.lexical_combiner:
         raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
@@ -469,7 +470,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     """Train the embedded faithfulness verifier (MiniLM cross-encoder) and calibrate its threshold."""
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
-    from refinery.models.verifier import TRAINING_FILE
+    from refinery.models.heads import TRAINING_FILE
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 
