@@ -116,7 +116,7 @@ def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per
     """
     _require(rows, SPLIT_COLUMNS, where)
     _require(documents, DOCUMENT_COLUMNS, "documents")
-    from refinery.models.verifier import claim_text
+    from refinery.models.claims import claim_text
 
     rng = np.random.default_rng(seed)
     doc_text = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))

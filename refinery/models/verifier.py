@@ -28,12 +28,6 @@ class Verifier(Protocol):
         ...
 
 
-def claim_text(question: str | None, answer: str) -> str:
-    """Return the text the verifier checks against the passage: the question (when given) then the answer."""
-    question = (question or "").strip()
-    return f"{question} {answer.strip()}" if question else answer.strip()
-
-
 def passage_windows(passage: str, *, full_max_chars: int, window_sentences: int = 2) -> list[str]:
     """Return the texts a claim is scored against: the passage itself when short, else sentence windows.
 
@@ -106,7 +100,7 @@ class CrossEncoderVerifier:
 
         Args:
             passages: evidence passages, one per claim.
-            claims: the claims (``claim_text(question, answer)``).
+            claims: the claims (``refinery.models.claims.claim_text(question, answer)``).
 
         Returns:
             float64 array in [0, 1], NaN for rows that could not be scored (empty text, model NaN).

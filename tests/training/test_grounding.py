@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
+from refinery.models.claims import split_claim
 from refinery.models.grounding.features import (EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Likelihood,
-                                                embedding_matrix, feature_matrix, features, likelihood_matrix,
-                                                split_claim)
+                                                embedding_matrix, feature_matrix, features, likelihood_matrix)
 from refinery.models.grounding.learners import fit_combiner_spec, fit_logistic
 from refinery.models.grounding.scorer import Combiner, GroundedVerifier
 

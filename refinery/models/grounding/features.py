@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from refinery.models.claims import split_claim
 from refinery.planted.corruptions import STOPWORDS, entities
 
 FEATURES = ("model_logit", "novel_number", "novel_entity_share", "novel_word_share", "bigram_support",
@@ -92,7 +93,7 @@ def _content(words: Sequence[str]) -> list[str]:
 def features(passage: str, claim: str, model_prob: float) -> list[float]:
     """Return the FEATURES vector of one (passage, claim) pair given the model's support probability.
 
-    The claim is the question then the answer (``refinery.models.verifier.claim_text``); the answer-level features
+    The claim is the question then the answer (``refinery.models.claims.claim_text``); the answer-level features
     read the text after the claim's last "?" (the whole claim when there is none). An appended sentence of
     unsupported detail shows as one answer sentence with many novel words and few passage word pairs, and an
     answer to another question shares few words with its question.
@@ -129,14 +130,6 @@ def features(passage: str, claim: str, model_prob: float) -> list[float]:
             neg_c * (1 - neg_p),
             novel(aw), max(novel(w) for w in sentences), support(aw), min(support(w) for w in sentences),
             float(len(sentences) > 1), in_question]
-
-
-def split_claim(claim: str) -> tuple[str, str]:
-    """Split a claim (``claim_text``: question, then answer) into (question, answer) at its last "?"."""
-    question, mark, answer = claim.rpartition("?")
-    if mark and answer.strip():
-        return (question + mark).strip(), answer.strip()
-    return "", claim.strip()
 
 
 def denegate(answer: str) -> str:
