@@ -35,11 +35,13 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refinery.gates.faithfulness import FaithfulnessGate, claim_text  # noqa: E402
+from refinery.gates.faithfulness import FaithfulnessGate  # noqa: E402
 from refinery.gates.perplexity import CONTEXT, PerplexityGate  # noqa: E402
 from refinery.gates.reward import RewardGate  # noqa: E402
 from refinery.gates.run import GateParams, load_models  # noqa: E402
-from refinery.models.grounding import LIKELIHOOD_CONTEXT, GroundedVerifier, split_claim  # noqa: E402
+from refinery.models.claims import claim_text, split_claim  # noqa: E402
+from refinery.models.grounding.features import LIKELIHOOD_CONTEXT  # noqa: E402
+from refinery.models.grounding.scorer import GroundedVerifier  # noqa: E402
 from refinery.core.params import load_section  # noqa: E402
 from refinery.models.verifier import passage_windows  # noqa: E402
 

@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import math
-import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.report.stats import NOT_MEASURABLE
 from refinery.core.params import StageParams, load_section
-
-MODELS = ("base", "human", "contaminated", "curated")  # the seed 004 models the A/B/C sections compare
-ADAPTERS = ("human", "contaminated", "curated")
-LABEL = {"base": "Base (untuned)", "human": "A: human", "contaminated": "B: contaminated", "curated": "C: curated",
-         "synthetic_only": "synthetic only", "unfiltered": "unfiltered", "no_recovery": "no recovery"}
-METRICS = (("exact_match", "EM"), ("f1", "F1"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
-           ("bertscore_f1", "BERTScore"), ("factual_accuracy", "Factual acc."))
-NOT_RUN = "not run"
-# Numbers the report's fixed prose contains (ROUGE-1/2, seed 004, the 95% of Wilson intervals, the 80% power of the
-# minimum detectable differences, "excludes 0"); every other number
-# is traced to a file.
-STATIC_NUMBERS = frozenset({"1", "2", "004", "95", "80", "0"})
-PLACEHOLDER = re.compile(r"\[FILL[^\]]*\]|\bX\.X+\b|\bTODO\b|\bTBD\b|\{\{?[^}\n]*\}\}?|<[A-Z_]+>")
-NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
+from refinery.report.plots import write_plots
+from refinery.report.render import STATIC_NUMBERS, Values, lookup, render
+from refinery.report.stats import (MODELS, audit_decision, dataset_stats, experiment_summary, gap_analysis,
+                                   gate_families, pick_samples, recovery_p_value, recovery_verdict, verdict)
 
 
 class ReportParams(StageParams):
@@ -45,656 +29,6 @@ class ReportParams(StageParams):
     # factual errors
 
 
-# ----------------------------------------------------------------------------------------- tracing
-@dataclass
-class Values:
-    """Format numbers from loaded JSON documents, recording where each printed number came from.
-
-    Every number the report prints goes through :meth:`num`, so ``trace`` lists (text, file, key, fmt) for
-    each; a test re-reads every entry from its file. Missing files or keys print ``not run``.
-    """
-
-    docs: dict[str, Any]
-    trace: list[dict[str, Any]] = field(default_factory=list)
-    texts: list[dict[str, Any]] = field(default_factory=list)
-    write: Callable[[str], None] | None = None  # where a section writes its lines (set by render)
-
-    def get(self, file: str, key: str) -> Any:
-        """Return the value at a dotted key of a loaded file, or None."""
-        return lookup(self.docs.get(file), key)
-
-    def num(self, file: str, key: str, fmt: str = "f3") -> str:
-        """Return the formatted value (``f3``, ``f4``, ``int``, ``pct1``, ``str``) and record its source."""
-        value = self.get(file, key)
-        if value is None:
-            return NOT_RUN
-        text = fmt_value(value, fmt)
-        self.trace.append({"text": text, "file": file, "key": key, "fmt": fmt})
-        return text
-
-    def quote(self, file: str, row_id: str, column: str, value: str) -> str:
-        """Record a verbatim text cell quoted from a table (row_id, column) and return it, inline-safe."""
-        self.texts.append({"file": file, "row_id": row_id, "column": column, "text": value})
-        return value.replace("\n", " ").replace("|", "\\|")
-
-
-def lookup(doc: Any, key: str) -> Any:
-    """Follow a dotted key through nested dicts (``a.b.c``); None when any step is missing."""
-    for part in key.split("."):
-        if not isinstance(doc, dict) or part not in doc:
-            return None
-        doc = doc[part]
-    return doc
-
-
-def fmt_value(value: Any, fmt: str) -> str:
-    """Format a metrics value the way the report prints it."""
-    if fmt == "str" or isinstance(value, str):
-        return str(value)
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if fmt == "int":
-        return f"{int(value):d}"
-    if fmt == "pct1":
-        return f"{100 * float(value):.1f}%"
-    if fmt == "f4":
-        return f"{float(value):.4f}"
-    return f"{float(value):.3f}"
-
-
-# ----------------------------------------------------------------------------------------- derived numbers
-def dataset_stats(table: pa.Table) -> dict[str, Any]:
-    """Rows, mean question / answer length in words, unique questions, and rows by origin."""
-    q = [x or "" for x in table.column("question").to_pylist()]
-    a = [x or "" for x in table.column("answer").to_pylist()]
-    origin = table.column("origin").to_pylist() if "origin" in table.column_names else ["unknown"] * table.num_rows
-    by_origin: dict[str, int] = {}
-    for o in origin:
-        by_origin[o] = by_origin.get(o, 0) + 1
-    return {"rows": table.num_rows,
-            "avg_question_words": round(float(np.mean([len(x.split()) for x in q])), 2) if q else None,
-            "avg_answer_words": round(float(np.mean([len(x.split()) for x in a])), 2) if a else None,
-            "unique_questions": len({" ".join(x.lower().split()) for x in q}),
-            "by_origin": dict(sorted(by_origin.items())),
-            "synthetic_share": round(1 - by_origin.get("human", 0) / table.num_rows, 4) if table.num_rows else None}
-
-
-def paired_bootstrap(x: np.ndarray, y: np.ndarray, *, n: int, ci: float, seed: int) -> dict[str, float]:
-    """Mean of ``x - y`` over paired rows with a percentile bootstrap interval (Efron & Tibshirani 1993)."""
-    rng = np.random.default_rng(seed)
-    d = np.asarray(x, float) - np.asarray(y, float)
-    if len(d) == 0:
-        return {"mean": None, "low": None, "high": None}
-    means = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return {"mean": round(float(d.mean()), 4), "low": round(float(lo), 4), "high": round(float(hi), 4)}
-
-
-def gap_analysis(evals: dict[str, dict], preds: dict[str, pa.Table], params: ReportParams) -> dict[str, Any]:
-    """How much of the performance lost by contamination (A - B) the curated set wins back (C - B), per metric.
-
-    ``recovered_share = (C - B) / (A - B)``; it is None when contamination cost nothing (A - B <= 0), and
-    negative when C is below B. F1 differences carry paired bootstrap intervals over the test rows.
-    """
-    out: dict[str, Any] = {}
-    if all(m in evals for m in ("human", "contaminated", "curated")):
-        out["metrics"] = {}
-        for key, _ in METRICS:
-            a, b, c = (evals[m].get(key) for m in ("human", "contaminated", "curated"))
-            if a is None or b is None or c is None:
-                continue
-            lost, won = a - b, c - b
-            out["metrics"][key] = {"lost": round(lost, 4), "recovered": round(won, 4),
-                                   "recovered_share": round(won / lost, 4) if lost > 0 else None}
-    boot = dict(n=params.bootstrap, ci=params.ci, seed=params.seed)
-    pairs = {"human_minus_contaminated": ("human", "contaminated"),
-             "curated_minus_contaminated": ("curated", "contaminated"), "human_minus_base": ("human", "base"),
-             "curated_minus_human": ("curated", "human")}
-    diffs = {name: paired_bootstrap(_aligned(preds, x, "f1"), _aligned(preds, y, "f1"), **boot)
-             for name, (x, y) in pairs.items() if x in preds and y in preds}
-    if diffs:
-        out["f1_diff"] = diffs
-    return out
-
-
-def _aligned(preds: dict[str, pa.Table], model: str, column: str) -> np.ndarray:
-    ref = sorted(preds["base" if "base" in preds else model].column("row_id").to_pylist())
-    table = preds[model]
-    by_id = dict(zip(table.column("row_id").to_pylist(), table.column(column).to_pylist()))
-    return np.array([by_id[r] for r in ref], dtype=float)
-
-
-def verdict(diff: dict[str, float] | None, *, want_positive: bool = True) -> str:
-    """Turn a bootstrap interval of a difference into a verdict on the hypothesis that it is positive."""
-    if not diff or diff.get("mean") is None:
-        return NOT_RUN
-    lo, hi, m = diff["low"], diff["high"], diff["mean"]
-    if not want_positive:
-        lo, hi, m = -hi, -lo, -m
-    if lo > 0:
-        return "supported"
-    if hi < 0:
-        return "rejected (the opposite holds)"
-    return "not supported at this sample size (interval includes 0; point estimate " + \
-        ("in the predicted direction)" if m > 0 else "against it)")
-
-
-def recovery_p_value(adaptive: int, naive: int) -> float:
-    """One-sided exact p-value that adaptive recovers more rows than naive at equal call budget.
-
-    Under the null (equal yield per call; both arms spend the same budget), each of the ``adaptive + naive``
-    recovered rows is equally likely to come from either arm, so ``adaptive`` ~ Binomial(adaptive + naive, 1/2);
-    the p-value is P(X >= adaptive). 1.0 when nothing was recovered.
-    """
-    total = adaptive + naive
-    if total <= 0:
-        return 1.0
-    return sum(math.comb(total, k) for k in range(adaptive, total + 1)) / 2 ** total
-
-
-def _h5(recover: dict[str, Any] | None, alpha: float) -> str | None:
-    a = lookup(recover, "adaptive.overall.recovered")  # the hypothesis is about rows recovered at equal budget
-    n = lookup(recover, "naive.overall.recovered")
-    if a is None or n is None:
-        return None
-    a, n = int(a), int(n)
-    if recovery_p_value(a, n) < alpha:
-        return "supported"
-    if recovery_p_value(n, a) < alpha:
-        return "rejected (the opposite holds)"
-    return "not supported at this sample size (exact binomial test; point estimate " + \
-        ("in the predicted direction)" if a > n else "against it)" if a < n else "even)")
-
-
-def pick_samples(preds: dict[str, pa.Table], right_f1: float) -> dict[str, str | None]:
-    """Pick test rows for three cases: all adapters right; B wrong and C right; all wrong (highest-margin first)."""
-    if not all(m in preds for m in ADAPTERS):
-        return {}
-    f1 = {m: _aligned(preds, m, "f1") for m in ADAPTERS}
-    ids = sorted((preds["base"] if "base" in preds else preds["human"]).column("row_id").to_pylist())
-    right = {m: f1[m] >= right_f1 for m in ADAPTERS}
-    cases = {
-        "all_right": (right["human"] & right["contaminated"] & right["curated"], f1["human"] + f1["curated"]),
-        "b_wrong_c_right": (~right["contaminated"] & right["curated"], f1["curated"] - f1["contaminated"]),
-        "all_wrong": (~right["human"] & ~right["contaminated"] & ~right["curated"],
-                      -(f1["human"] + f1["contaminated"] + f1["curated"])),
-    }
-    out: dict[str, str | None] = {}
-    for name, (mask, score) in cases.items():
-        idx = np.flatnonzero(mask)
-        out[name] = ids[int(idx[np.argmax(score[idx])])] if len(idx) else None
-    return out
-
-
-def recovery_modes(recover: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """Return (failure mode, adaptive key, naive key) rows of the recover metrics, overall last; [] when absent.
-
-    Reads ``adaptive/naive.per_mode.<mode>`` and ``.overall`` (the recover stage's metrics); empty when the
-    stage did not run or ran without its naive baseline.
-    """
-    if not isinstance(recover, dict) or not isinstance(recover.get("adaptive"), dict) \
-            or not isinstance(recover.get("naive"), dict):
-        return []
-    modes = sorted(set(recover["adaptive"].get("per_mode") or {}) | set(recover["naive"].get("per_mode") or {}))
-    rows = [(m, f"adaptive.per_mode.{m}", f"naive.per_mode.{m}") for m in modes]
-    return rows + [("overall", "adaptive.overall", "naive.overall")] if "overall" in recover["adaptive"] else rows
-
-
-# ----------------------------------------------------------------------------------------- rendering
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """Render a Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def seed_questions(v: Values, S: str, plots_rel: str, gi: str) -> None:
-    """The report's first section: each seed question with its interval, or "not measurable at this size"."""
-    w = v.write
-    ex = "experiment"
-    w("## The seed questions\n")
-    if v.get(S, f"{ex}.questions") is None:
-        w(f"Arm comparisons: {NOT_RUN}.\n")
-        return
-    w(f"Token F1 on the human test split, each arm averaged over its training seeds. A difference (a − b) comes "
-      f"with a {v.num(S, f'{ex}.ci', 'pct1')} interval from a paired bootstrap over test items and seeds "
-      f"({v.num(S, f'{ex}.bootstrap', 'int')} resamples); it is called only when the interval excludes 0. The "
-      f"minimum detectable difference is what this test size and these seeds tell apart at 80% power.\n")
-    rows = []
-    for qid in v.get(S, f"{ex}.questions"):
-        q = f"{ex}.questions.{qid}"
-        text = v.get(S, f"{q}.question")
-        if v.get(S, f"{q}.diff") is None:
-            rows.append([text, NOT_RUN, NOT_RUN, NOT_RUN])
-            continue
-        a, b, verdict_ = v.get(S, f"{q}.a"), v.get(S, f"{q}.b"), v.get(S, f"{q}.verdict")
-        answer = {"a > b": f"**yes: {a} > {b}**", "a < b": f"**no: {a} < {b}**"}.get(verdict_, verdict_)
-        rows.append([text, f"{v.num(S, f'{q}.diff', 'f3')} [{v.num(S, f'{q}.low', 'f3')}, "
-                           f"{v.num(S, f'{q}.high', 'f3')}]", v.num(S, f"{q}.mde", "f3"), answer])
-    fam = "gate_families.planted"
-    if v.get(S, f"{fam}.judged_by_both"):
-        jac = v.get(S, f"{fam}.jaccard")
-        rows.append(["Do the two gate families (rules, dedup, overlap vs faithfulness, reward, perplexity) reject "
-                     "different rows? (planted rows, every verdict)",
-                     f"{v.num(S, f'{fam}.heuristic_only', 'int')} caught by the heuristic gates only, "
-                     f"{v.num(S, f'{fam}.model_only', 'int')} by the model gates only, "
-                     f"{v.num(S, f'{fam}.rejected_both', 'int')} by both, of "
-                     f"{v.num(S, f'{fam}.judged_by_both', 'int')}",
-                     "–", ("mostly different rows" if jac is not None and jac < 0.5 else "mostly the same rows")
-                     + (f" (Jaccard {v.num(S, f'{fam}.jaccard', 'f3')})" if jac is not None else "")])
-    fm = "faithfulness_modes.by_judge"
-    for j in v.get(gi, fm) or []:
-        d = f"{fm}.{j}.differences.grounded_minus_ungrounded"
-        if v.get(gi, f"{d}.mean") is None:
-            continue
-        rows.append([f"Does provenance help the `{j}` judge (planted factual recall, grounded − ungrounded, equal "
-                     f"false-rejection rate)?",
-                     f"{v.num(gi, f'{d}.mean', 'f3')} [{v.num(gi, f'{d}.low', 'f3')}, {v.num(gi, f'{d}.high', 'f3')}]",
-                     "–", {"supported": "**yes**", "rejected (the opposite holds)": "**no: ungrounded is better**"}.get(
-                         verdict(v.get(gi, d)), NOT_MEASURABLE)])
-    w(table(["question", "difference [interval]", "minimum detectable", "answer"], rows))
-    w("")
-    arms = v.get(S, f"{ex}.arms") or {}
-    arm_rows = []
-    for arm in arms:
-        k = f"{ex}.arms.{arm}"
-        sd = v.num(S, f"{k}.sd", "f3") if v.get(S, f"{k}.sd") is not None else "–"
-        arm_rows.append([LABEL.get(arm, arm), v.num(S, f"{k}.mean", "f3"), sd,
-                         ", ".join(v.num(S, f"{k}.f1_per_seed.{sd}", "f3") for sd in arms[arm]["f1_per_seed"]),
-                         str(len(arms[arm]["seeds"])) if arm != "base" else "untuned",
-                         v.num(S, f"datasets.{arm}.rows", "int") if v.get(S, f"datasets.{arm}.rows") is not None
-                         else "–",
-                         v.num(S, f"datasets.{arm}.synthetic_share", "pct1")
-                         if v.get(S, f"datasets.{arm}.synthetic_share") is not None else "–",
-                         f"{v.num(S, f'{k}.val_loss_initial', 'f3')} → {v.num(S, f'{k}.val_loss_best', 'f3')}"
-                         if v.get(S, f"{k}.val_loss_best") is not None else "–"])
-    w(table(["arm", "F1 mean", "sd over seeds", "F1 per seed", "seeds", "train rows", "non-human share",
-             "human val loss: initial → best (mean)"], arm_rows))
-    nf = f"{ex}.noise_floor"
-    if v.get(S, f"{nf}.sd") is None:
-        w(f"\nNoise floor: **unmeasured** here ({v.num(S, f'{nf}.note', 'str')}); the minimum detectable "
-          f"differences above hold the test-item noise only. `make repro PROFILE=scarce` trains every arm with "
-          f"several seeds.\n")
-    else:
-        w(f"\nNoise floor (between-seed sd of an arm's mean F1, pooled over "
-          f"{v.num(S, f'{nf}.arms', 'int')} arms): **{v.num(S, f'{nf}.sd', 'f3')}**; test items per arm: "
-          f"{v.num(S, f'{ex}.arms.human.items', 'int')}.\n")
-    w(f"![arms]({plots_rel}/report_arms.png)\n")
-
-
-def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
-           preds_files: dict[str, str], preds: dict[str, pa.Table], runs: dict[str, str] | None = None) -> str:
-    """Render report.md from loaded metrics (``v.docs``) and the derived summary (``summary_file``).
-
-    ``runs`` maps each model (base, each arm) to the run whose files the per-model sections read
-    (``<arm>-s<first seed>``); the first section reads every seed from the summary.
-    """
-    runs = runs or {m: m for m in MODELS}
-    models = ["base"] + [m for m in runs if m != "base"]
-
-    def M(name: str) -> str:  # a metrics file path; eval_<model> / train_<model> name that model's run
-        for prefix in ("eval", "train"):
-            if name.startswith(prefix + "_") and name[len(prefix) + 1:] in runs:
-                return f"{metrics_dir}/{prefix}/{runs[name[len(prefix) + 1:]]}.json"
-        return f"{metrics_dir}/{name}.json"
-
-    S = summary_file
-    out: list[str] = []
-    w = out.append
-    w("# refinery experiment report\n")
-    w("Human seed QA data is turned into curated synthetic post-training data. LoRA adapters of the same student are "
-      "trained on each arm's dataset (`assemble.arms`): A (human rows only), B (AI-contaminated rows), C (human + "
-      "curated synthetic rows), and the arms that isolate what curation is worth; each is compared with the "
-      "untuned student on the same human test split, as in seed 004. Every number below is read from a metrics "
-      "file; a section whose stage did not run says so.\n")
-    v.write = w
-    seed_questions(v, S, plots_rel, M("gate_injection"))
-
-    w("## Datasets\n")
-    rows = []
-    for m in models[1:]:
-        k = f"datasets.{m}"
-        if v.get(S, k) is None:
-            rows.append([LABEL.get(m, m)] + [NOT_RUN] * 5)
-            continue
-        rows.append([LABEL.get(m, m), v.num(S, f"{k}.rows", "int"), v.num(S, f"{k}.avg_question_words", "f3"),
-                     v.num(S, f"{k}.avg_answer_words", "f3"), v.num(S, f"{k}.unique_questions", "int"),
-                     v.num(S, f"{k}.synthetic_share", "pct1")])
-    w(table(["dataset", "rows", "avg question words", "avg answer words", "unique questions", "non-human share"],
-            rows))
-    if v.get(S, "validation") is None:
-        w(f"\nData validation: {NOT_RUN}.")
-    else:
-        w(f"\nData validation (`refinery validate`, one audit file per arm): decision "
-          f"**{v.num(S, 'validation.decision', 'str')}**, {v.num(S, 'validation.failed_checks', 'int')} failed checks "
-          f"over {v.num(S, 'validation.arms_validated', 'int')} arms.")
-    split = M("split")
-    w(f"\nEvaluation data: the human val split ({v.num(split, 'rows.val', 'int')} rows, LoRA model selection) and "
-      f"the human test split ({v.num(split, 'rows.test', 'int')} rows, every score below), disjoint by document "
-      f"from train (shared documents: {v.num(split, 'leakage.shared_documents', 'int')}).\n")
-
-    w("## Filter effectiveness\n")
-    g = M("gate")
-    if v.get(g, "total") is None:
-        w(f"Gate stage: {NOT_RUN}.\n")
-    else:
-        w(f"Generated rows (attempts): **{v.num(g, 'total', 'int')}**; passed every gate: "
-          f"**{v.num(g, 'kept', 'int')}**; rejected: **{v.num(g, 'rejected', 'int')}** "
-          f"(pass rate {v.num(S, 'gate_pass_rate', 'pct1')}).\n")
-        reasons = sorted(k for k in (v.get(g, "reasons_all") or {}))
-        w(table(["reason", "rows (first reason)", "rows (any reason)"],
-                [[f"`{r}`", v.num(g, f"dropped_{r}", "int") if v.get(g, f"dropped_{r}") is not None else "–",
-                  v.num(g, f"reasons_all.{r}", "int")] for r in reasons]))
-        w("")
-
-    w("## Gate overlap\n")
-    gates = v.get(g, "overlap.gates") or []
-    if not gates:
-        w(f"Gate overlap: {NOT_RUN}.\n")
-    else:
-        gi = M("gate_injection")
-        w(table(["gate", "rejected", "rejected by this gate only", "planted factual errors caught", "clean rows "
-                 "rejected (FRR)"],
-                [[f"`{x}`", v.num(g, f"overlap.rejected.{x}", "int"), v.num(g, f"overlap.only.{x}", "int"),
-                  v.num(gi, f"cascade_and_gates.gates.{x}.recall_factual", "pct1"),
-                  v.num(gi, f"cascade_and_gates.gates.{x}.false_rejection_rate", "pct1")] for x in gates]))
-        w(f"\nAll gates together (cascade) catch {v.num(gi, 'cascade_and_gates.cascade.recall_factual', 'pct1')} of "
-          f"the planted factual errors at a false-rejection rate of "
-          f"{v.num(gi, 'cascade_and_gates.cascade.false_rejection_rate', 'pct1')} on clean rows. Jaccard overlap of "
-          f"the rejected sets:\n")
-        w(table(["gate"] + [f"`{x}`" for x in gates],
-                [[f"`{x}`"] + [v.num(g, f"overlap.jaccard.{x}.{y}", "f3") for y in gates] for x in gates]))
-        w(f"\n![gate overlap]({plots_rel}/report_gate_overlap.png)\n")
-
-    gi = M("gate_injection")
-    cg = "cascade_and_gates"
-    if v.get(gi, f"{cg}.cascade.families") is not None:
-        w("## Gates on error kinds they never trained on\n")
-        w(f"The verifier and the reward head train on corruptions of the seen families only; the planted errors of "
-          f"the unseen ones ({', '.join(v.get(gi, f'{cg}.unseen_kinds') or []) or 'none'}) measure whether a gate "
-          f"learned faithfulness or the corruption generator. Clean controls and planted rows come from "
-          f"`val_control`, disjoint from the `val_calibration` rows every threshold is fitted on. Recall with its 95% "
-          f"Wilson interval:\n")
-
-        def fam(where: str, which: str) -> str:
-            k = f"{cg}.{where}.families.{which}"
-            if not v.get(gi, f"{k}.planted"):
-                return "–"
-            return (f"{v.num(gi, f'{k}.recall', 'f3')} [{v.num(gi, f'{k}.ci95.low', 'f3')}, "
-                    f"{v.num(gi, f'{k}.ci95.high', 'f3')}] of {v.num(gi, f'{k}.planted', 'int')}")
-
-        w(table(["gate", "seen families", "unseen families"],
-                [[f"`{x}`", fam(f"gates.{x}", "seen"), fam(f"gates.{x}", "unseen")] for x in ("faithfulness", "reward")]
-                + [["all gates", fam("cascade", "seen"), fam("cascade", "unseen")]]))
-        w("")
-    fm = "faithfulness_modes.by_judge"
-    if v.get(gi, fm):
-        w("## Does provenance help?\n")
-        w("Recall on the planted factual errors at an equal false-rejection rate on the clean controls, when the judge "
-          "sees the exact source passage (grounded), a passage retrieved after the fact (retrieved), or none "
-          "(ungrounded); differences with a paired bootstrap interval over the planted rows:\n")
-        rows_ = []
-        for j in v.get(gi, fm):
-            cells = [f"{v.num(gi, f'{fm}.{j}.modes.{m}.recall_factual', 'f3')} "
-                     f"[{v.num(gi, f'{fm}.{j}.modes.{m}.recall_ci95.low', 'f3')}, "
-                     f"{v.num(gi, f'{fm}.{j}.modes.{m}.recall_ci95.high', 'f3')}]" for m in ("grounded", "retrieved",
-                                                                                         "ungrounded")]
-            for other in ("retrieved", "ungrounded"):
-                d = f"{fm}.{j}.differences.grounded_minus_{other}"
-                cells.append(f"{v.num(gi, f'{d}.mean', 'f3')} [{v.num(gi, f'{d}.low', 'f3')}, "
-                             f"{v.num(gi, f'{d}.high', 'f3')}]: {verdict(v.get(gi, d))}")
-            rows_.append([f"`{j}`"] + cells)
-        w(table(["judge", "grounded", "retrieved", "ungrounded", "grounded - retrieved", "grounded - ungrounded"],
-                rows_))
-        w("")
-
-    w("## Recovery: adaptive vs naive\n")
-    rc = M("recover")
-    modes = recovery_modes(v.docs.get(rc))
-    if not modes:
-        w(f"Recovery stage: {NOT_RUN} (no `{rc}` with `adaptive` and `naive` results).\n")
-    else:
-        cols = ("attempted", "recovered", "recovery_rate")
-        w(table(["failure mode"] + [f"{arm} {c.replace('_', ' ')}" for arm in ("adaptive", "naive") for c in cols],
-                [[f"`{mode}`"] + [v.num(rc, f"{key}.{c}", "f3" if c == "recovery_rate" else "int")
-                                  if v.get(rc, f"{key}.{c}") is not None else "–"
-                                  for key in (a, b) for c in cols] for mode, a, b in modes]))
-        w(f"\nAt equal budget ({v.num(rc, 'budget', 'int')} teacher calls each), adaptive recovery recovered "
-          f"{v.num(rc, 'adaptive.overall.recovered', 'int')} rows and naive resampling "
-          f"{v.num(rc, 'naive.overall.recovered', 'int')}.\n")
-        w(f"![recovery]({plots_rel}/report_recovery.png)\n")
-
-    w("## Main results (human test split)\n")
-    rows = []
-    for m in models:
-        e = M(f"eval_{m}")
-        if v.get(e, "f1") is None:
-            rows.append([LABEL.get(m, m)] + [NOT_RUN] * (len(METRICS) + 1))
-            continue
-        t = M(f"train_{m}")
-        rows.append([LABEL.get(m, m)] + [v.num(e, k, "f3") for k, _ in METRICS]
-                    + [v.num(t, "val_loss_best", "f3") if m != "base" else "–"])
-    w("One training seed per arm (the first of `train.seeds`); the first section averages every seed.\n")
-    w(table(["model"] + [h for _, h in METRICS] + ["best val loss"], rows))
-    w(f"\nFactual accuracy counts test items whose reference facts (numbers, names) all appear in their passage "
-      f"({v.num(M('eval_human'), 'factual_items', 'int')} items); a prediction is right when it states them all and "
-      f"invents no number. BERTScore uses `{v.num(M('eval_human'), 'bertscore.model', 'str')}` (layer "
-      f"{v.num(M('eval_human'), 'bertscore.num_layers', 'int')}, no baseline rescaling).\n")
-    w(f"![F1]({plots_rel}/report_f1.png)\n\n![all metrics]({plots_rel}/report_metrics.png)\n")
-
-    w("## Gap analysis\n")
-    if v.get(S, "gap.metrics") is None:
-        w(f"Gap analysis: {NOT_RUN} (needs the evaluations of A, B and C).\n")
-    else:
-        lost, share = v.get(S, "gap.metrics.f1.lost"), v.get(S, "gap.metrics.f1.recovered_share")
-        if lost is not None and lost > 0 and share is not None:
-            w(f"**C recovers {v.num(S, 'gap.metrics.f1.recovered_share', 'pct1')} of the F1 lost by contamination** "
-              f"(A − B = {v.num(S, 'gap.metrics.f1.lost', 'f3')}, C − B = "
-              f"{v.num(S, 'gap.metrics.f1.recovered', 'f3')}); a negative share means C scored below B.\n")
-        else:
-            w(f"Contamination cost no F1 on this test split (A − B = {v.num(S, 'gap.metrics.f1.lost', 'f3')}), so "
-              f"there was nothing to recover; C − B = {v.num(S, 'gap.metrics.f1.recovered', 'f3')}.\n")
-        w(table(["metric", "lost by contamination (A − B)", "won back (C − B)", "share recovered"],
-                [[h, v.num(S, f"gap.metrics.{k}.lost", "f3"), v.num(S, f"gap.metrics.{k}.recovered", "f3"),
-                  v.num(S, f"gap.metrics.{k}.recovered_share", "pct1")
-                  if v.get(S, f"gap.metrics.{k}.recovered_share") is not None else "undefined (A ≤ B)"]
-                 for k, h in METRICS if v.get(S, f"gap.metrics.{k}") is not None]))
-        w(f"\n![gap]({plots_rel}/report_gap.png)\n")
-
-    w("## Sample predictions\n")
-    titles = {"all_right": "All three adapters right", "b_wrong_c_right": "B wrong, C right",
-              "all_wrong": "All three wrong"}
-    if not v.get(S, "samples"):
-        w(f"Sample predictions: {NOT_RUN} (needs the evaluations of A, B and C).\n")
-    for case, title in titles.items():
-        if not v.get(S, "samples"):
-            break
-        rid = v.get(S, f"samples.{case}")
-        w(f"**{title}**" + (f" (a prediction is right at token F1 ≥ {v.num(S, 'right_f1', 'f3')})"
-                            if case == "all_right" else "") + "\n")
-        if rid is None or "human" not in preds:
-            w("No test item in this case.\n")
-            continue
-        ref = preds["human"].filter(pc.equal(preds["human"].column("row_id"), rid)).to_pylist()[0]
-        f = preds_files["human"]
-        w(f"- Question: {v.quote(f, rid, 'question', ref['question'])}")
-        w(f"- Reference: {v.quote(f, rid, 'reference', ref['reference'])}")
-        for m in MODELS:
-            if m not in preds:
-                continue
-            row = preds[m].filter(pc.equal(preds[m].column("row_id"), rid)).to_pylist()[0]
-            w(f"- {LABEL[m]}: {v.quote(preds_files[m], rid, 'prediction', row['prediction']) or '(empty)'}")
-        w("")
-
-    w("## Hypotheses\n")
-    hyp = [("H1", "Training on AI-contaminated data (B) lowers F1 against training on human data (A).",
-            "verdicts.h1"),
-           ("H2", "The curated set (C) beats the contaminated set (B) on F1.", "verdicts.h2"),
-           ("H3", "Fine-tuning on human data (A) beats the untuned student on F1.", "verdicts.h3"),
-           ("H4", "The gate cascade catches planted factual errors at least as often as required.", "verdicts.h4"),
-           ("H5", "Adaptive recovery recovers more rejected rows than naive resampling at equal budget.",
-            "verdicts.h5")]
-    rows = []
-    for h, text, key in hyp:
-        diff_key = {"H1": "gap.f1_diff.human_minus_contaminated", "H2": "gap.f1_diff.curated_minus_contaminated",
-                    "H3": "gap.f1_diff.human_minus_base"}.get(h)
-        if diff_key and v.get(S, f"{diff_key}.mean") is not None:
-            ev = (f"Δ F1 {v.num(S, f'{diff_key}.mean', 'f3')}, {v.num(S, 'ci', 'pct1')} CI "
-                  f"[{v.num(S, f'{diff_key}.low', 'f3')}, {v.num(S, f'{diff_key}.high', 'f3')}]")
-        elif h == "H5" and v.get(M("recover"), "naive.overall.recovery_rate") is not None:
-            ev = (f"recovered {v.num(M('recover'), 'adaptive.overall.recovered', 'int')} adaptive vs "
-                  f"{v.num(M('recover'), 'naive.overall.recovered', 'int')} naive (recovery rate "
-                  f"{v.num(M('recover'), 'adaptive.overall.recovery_rate', 'f3')} vs "
-                  f"{v.num(M('recover'), 'naive.overall.recovery_rate', 'f3')}; one-sided exact binomial p "
-                  f"{v.num(S, 'h5_p', 'f3')})")
-        elif h == "H4" and v.get(S, "h4_recall") is not None:
-            ev = (f"recall {v.num(S, 'h4_recall', 'pct1')} vs required {v.num(S, 'min_factual_recall', 'pct1')}")
-        else:
-            ev = NOT_RUN
-        rows.append([h, text, ev, v.num(S, key, "str") if v.get(S, key) else NOT_RUN])
-    w(table(["", "hypothesis", "evidence", "verdict"], rows))
-    w("")
-
-    w("## Limitations\n")
-    w(f"- The test split has {v.num(split, 'rows.test', 'int')} rows: intervals are wide, and a verdict of "
-      f"\"not supported\" often means \"not measurable at this size\".")
-    w(f"- Each adapter trained for {v.num(M('train_human'), 'steps', 'int')} optimizer steps on a "
-      f"{v.num(M('train_human'), 'architecture', 'str')} student (effective batch "
-      f"{v.num(M('train_human'), 'effective_batch', 'int')}), a CPU budget; longer runs may change the ranking.")
-    w("- Factual accuracy is lexical: paraphrased facts count as missing, so it under-credits fluent answers.")
-    w("- BERTScore uses a small sentence encoder without baseline rescaling: compare models with each other, not "
-      "with published BERTScore values.")
-    w("- The contaminated set comes from the same small teacher as the synthetic rows, so B and C share its "
-      "failure modes.\n")
-
-    w("## Reproducibility\n")
-    env = "environment"
-    w("```")
-    w(f"git commit:      {v.num(S, f'{env}.git_commit', 'str') if v.get(S, f'{env}.git_commit') else NOT_RUN}")
-    w(f"student:         {v.num(S, f'{env}.student', 'str') if v.get(S, f'{env}.student') else NOT_RUN}")
-    for d in ("python", "torch", "transformers", "peft"):
-        w(f"{d + ':':<16} {v.num(S, f'{env}.versions.{d}', 'str') if v.get(S, f'{env}.versions.{d}') else NOT_RUN}")
-    w(f"train seed:      {v.num(S, f'{env}.seeds.train', 'int')}")
-    w(f"train config:    {v.num(S, f'{env}.config_hash', 'str') if v.get(S, f'{env}.config_hash') else NOT_RUN}")
-    w(f"hardware:        {v.num(S, f'{env}.hardware', 'str') if v.get(S, f'{env}.hardware') else NOT_RUN}")
-    w("reproduce:       dvc repro   (or: make repro PROFILE=<name>; then dvc metrics show)")
-    w("```")
-    return "\n".join(out) + "\n"
-
-
-# ----------------------------------------------------------------------------------------- plots
-def _fig():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
-    plt.close(fig)
-
-
-def _not_run(path: Path, what: str) -> None:
-    plt = _fig()
-    fig, ax = plt.subplots(figsize=(5, 2), dpi=100)
-    ax.axis("off")
-    ax.text(0.5, 0.5, f"{what}: {NOT_RUN}", ha="center", va="center")
-    _save(plt, fig, path)
-
-
-def plots(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str, paths: dict[str, Path],
-          runs: dict[str, str] | None = None) -> None:
-    """Write the report's PNGs: F1, arms over seeds, all metrics, gap, gate overlap, recovery ('not run' if missing)."""
-    plt = _fig()
-    runs = runs or {m: m for m in MODELS}
-    evals = {m: docs.get(f"{metrics_dir}/eval/{r}.json") for m, r in runs.items()}
-    have = [m for m in runs if evals[m] and evals[m].get("f1") is not None]  # scored (test rows > 0)
-    arms = ((summary.get("experiment") or {}).get("arms")) or {}
-    if arms:
-        fig, ax = plt.subplots(figsize=(8, 3.8), dpi=100)
-        names = list(arms)
-        x = np.arange(len(names))
-        means = [arms[a]["mean"] for a in names]
-        sds = [arms[a]["sd"] or 0.0 for a in names]
-        ax.bar(x, means, yerr=sds, capsize=4, color="lightsteelblue", edgecolor="black", lw=0.5,
-               label="mean ± sd over seeds")
-        for i, a in enumerate(names):
-            ys = list(arms[a]["f1_per_seed"].values())
-            ax.plot([i] * len(ys), ys, "k.", ms=5, label="one seed" if i == 0 else None)
-        ax.set_xticks(x, [LABEL.get(a, a) for a in names], rotation=20, ha="right", fontsize=8)
-        ax.set(ylabel="token F1", title="Arms on the human test split")
-        ax.legend(fontsize=8)
-        _save(plt, fig, paths["arms"])
-    else:
-        _not_run(paths["arms"], "arm comparison")
-    if have:
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        f1 = [evals[m]["f1"] for m in have]
-        ax.bar([LABEL.get(m, m) for m in have], f1)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        ax.set(ylabel="token F1", title="F1 on the human test split")
-        _save(plt, fig, paths["f1"])
-        fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-        width = 0.8 / len(have)
-        for i, m in enumerate(have):
-            vals = [evals[m].get(k) or 0.0 for k, _ in METRICS]
-            ax.bar(np.arange(len(METRICS)) + i * width, vals, width, label=LABEL.get(m, m))
-        ax.set_xticks(np.arange(len(METRICS)) + 0.4 - width / 2, [h for _, h in METRICS])
-        ax.set(ylabel="score", title="All metrics, human test split")
-        ax.legend(fontsize=8)
-        _save(plt, fig, paths["metrics"])
-    else:
-        _not_run(paths["f1"], "evaluation")
-        _not_run(paths["metrics"], "evaluation")
-    gap = (summary.get("gap") or {}).get("metrics") or {}
-    if gap:
-        fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-        keys = [k for k, _ in METRICS if k in gap]
-        x = np.arange(len(keys))
-        ax.bar(x - 0.2, [gap[k]["lost"] for k in keys], 0.4, label="lost by contamination (A − B)")
-        ax.bar(x + 0.2, [gap[k]["recovered"] for k in keys], 0.4, label="won back by curation (C − B)")
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set_xticks(x, [h for k, h in METRICS if k in gap])
-        ax.set(title="Gap analysis")
-        ax.legend(fontsize=8)
-        _save(plt, fig, paths["gap"])
-    else:
-        _not_run(paths["gap"], "gap analysis")
-    gate = docs.get(f"{metrics_dir}/gate.json") or {}
-    ov = gate.get("overlap") or {}
-    if ov.get("gates"):
-        names = ov["gates"]
-        # a gate that rejected nothing has no Jaccard with anyone (null in gate.json): drawn blank
-        mat = np.array([[np.nan if ov["jaccard"][a][b] is None else ov["jaccard"][a][b] for b in names]
-                        for a in names], dtype=float)
-        fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
-        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        fig.colorbar(im, ax=ax, label="Jaccard of rejected rows")
-        ax.set(title="Gate overlap")
-        _save(plt, fig, paths["gate_overlap"])
-    else:
-        _not_run(paths["gate_overlap"], "gate")
-    rec = docs.get(f"{metrics_dir}/recover.json")
-    modes = recovery_modes(rec)
-    if modes:
-        fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-        x = np.arange(len(modes))
-        ax.bar(x - 0.2, [lookup(rec, f"{a}.recovery_rate") or 0.0 for _, a, _ in modes], 0.4, label="adaptive")
-        ax.bar(x + 0.2, [lookup(rec, f"{b}.recovery_rate") or 0.0 for _, _, b in modes], 0.4, label="naive")
-        ax.set_xticks(x, [m for m, _, _ in modes], rotation=30, ha="right", fontsize=8)
-        ax.set(ylabel="recovery rate", title="Recovery at equal budget")
-        ax.legend()
-        _save(plt, fig, paths["recovery"])
-    else:
-        _not_run(paths["recovery"], "recovery")
-
-
-# ----------------------------------------------------------------------------------------- core
 @dataclass(frozen=True)
 class ReportResult:
     """The report text, the derived summary (metrics/report.json) and the trace of every printed number."""
@@ -736,7 +70,7 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
     summary: dict[str, Any] = {
         "datasets": {m: dataset_stats(t) for m, t in datasets.items()},
         "gate_pass_rate": round(gate["kept"] / gate["total"], 4) if gate.get("total") else None,
-        "gap": gap_analysis(evals, preds, params),
+        "gap": gap_analysis(evals, preds, n=params.bootstrap, ci=params.ci, seed=params.seed),
         "samples": pick_samples(preds, params.right_f1),
         "right_f1": params.right_f1,
         "ci": params.ci,
@@ -760,7 +94,7 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
         "h3": verdict(diffs["human_minus_base"]) if "human_minus_base" in diffs else None,
         "h4": (("supported" if summary["h4_recall"] >= params.min_factual_recall else "not supported")
                if summary["h4_recall"] is not None else None),
-        "h5": _h5(rec, 1 - params.ci),
+        "h5": recovery_verdict(rec_a, rec_n, 1 - params.ci),
     }
     if environment:
         hw = environment.get("hardware") or {}
@@ -798,7 +132,6 @@ def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: 
     """Write reports/report.md and its plots from the metrics files; missing stages are reported as not run."""
     import os
 
-    from refinery.report import stats as ex
     from refinery.training.arms import BASE, load_arms, run_name
     from refinery.core.io import atomic_outputs, read_json, read_parquet
     from refinery.core.params import read_key
@@ -812,86 +145,38 @@ def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: 
     docs = {f"{metrics_dir}/{n}.json": read_json(f"{metrics_dir}/{n}.json") for n in names
             if Path(f"{metrics_dir}/{n}.json").is_file()}
     audits = {a: read_json(f"{audit_dir}/{a}.json") for a in arms if Path(f"{audit_dir}/{a}.json").is_file()}
-    audit = None
-    if audits:
-        failed = sum(len(x.get("failed_checks") or []) for x in audits.values())
-        audit = {"decision": "reject" if failed or len(audits) < len(arms) else "accept", "failed_checks": failed,
-                 "arms_validated": len(audits)}
     datasets = {m: read_parquet(f"{datasets_dir}/{m}.parquet") for m in arms
                 if Path(f"{datasets_dir}/{m}.parquet").is_file()}
     preds_files = {m: f"{predictions_dir}/{r}.parquet" for m, r in runs.items()}
     preds = {m: read_parquet(p) for m, p in preds_files.items() if Path(p).is_file()}
-    scores: dict[str, ex.ArmScores] = {}
-    if BASE in preds:
-        row_ids = preds[BASE].column("row_id").to_pylist()
-        scores[BASE] = ex.ArmScores([0], ex.align({0: preds[BASE]}, row_ids), trained=False)
-        for a in arms:
-            tables = {s: read_parquet(f"{predictions_dir}/{run_name(a, s)}.parquet") for s in seeds
-                      if Path(f"{predictions_dir}/{run_name(a, s)}.parquet").is_file()}
-            if tables:
-                scores[a] = ex.ArmScores(sorted(tables), ex.align(tables, row_ids))
-    experiment = ex.analyse(scores, n=params.bootstrap, ci=params.ci, seed=params.seed, declared=arms) \
-        if scores else None
-    for a in arms if experiment else []:
-        train = [docs[f] for s in seeds if (f := f"{metrics_dir}/train/{run_name(a, s)}.json") in docs]
-        if a in experiment["arms"] and train and all("val_loss_best" in t for t in train):
-            for key in ("val_loss_initial", "val_loss_best"):  # does each adapter learn? human val loss, mean
-                experiment["arms"][a][key] = round(float(np.mean([t[key] for t in train])), 4)
+    arm_tables = {} if BASE not in preds else \
+        {a: {s: read_parquet(f) for s in seeds if Path(f := f"{predictions_dir}/{run_name(a, s)}.parquet").is_file()}
+         for a in arms}
+    train = {a: [docs[f] for s in seeds if (f := f"{metrics_dir}/train/{run_name(a, s)}.json") in docs] for a in arms}
     gated = {k: f"{gated_dir}/{k}.parquet" for k in ("accepted", "rejected", "injected")}
     families = None
     if all(Path(p).is_file() for p in gated.values()):
         t = {k: read_parquet(p) for k, p in gated.items()}
         generated = pa.concat_tables([t["accepted"], t["rejected"]], promote_options="permissive")
-        families = ex.gate_families({"generated": generated, "planted": t["injected"]})
+        families = gate_families({"generated": generated, "planted": t["injected"]})
     env = next((read_json(f"{adapters_dir}/{runs[m]}/environment.json") for m in arms
                 if Path(f"{adapters_dir}/{runs[m]}/environment.json").is_file()), None)
     plots_rel = os.path.relpath(plots_dir, Path(out_file).parent)
     result = report_core(docs, datasets, preds, env, params, metrics_dir=metrics_dir, summary_file=summary_file,
-                         preds_files=preds_files, plots_rel=plots_rel, audit=audit, runs=runs,
-                         experiment=experiment, families=families)
+                         preds_files=preds_files, plots_rel=plots_rel, audit=audit_decision(audits, arms), runs=runs,
+                         experiment=experiment_summary(preds.get(BASE), arm_tables, train, n=params.bootstrap,
+                                                       ci=params.ci, seed=params.seed, declared=arms),
+                         families=families)
     with atomic_outputs() as outputs:
         outputs.text(result.markdown, out_file)
         outputs.json(result.summary, summary_file)
         outputs.json(result.trace, trace_file)
         plot_paths = {k: outputs.path(Path(plots_dir) / f"report_{k}.png")
                       for k in ("f1", "arms", "metrics", "gap", "gate_overlap", "recovery")}
-        plots(docs, result.summary, metrics_dir, plot_paths, runs)
+        write_plots(docs, result.summary, metrics_dir, plot_paths, runs)
     missing = [n for n in names if f"{metrics_dir}/{n}.json" not in docs]
     click.echo(f"report: {out_file} ({len(result.trace['numbers'])} numbers traced"
                + (f"; not run: {', '.join(missing)}" if missing else "") + ")", err=True)
-
-
-def check_report(markdown: str, trace: dict[str, Any], read: Callable[[str], Any],
-                 read_table: Callable[[str], pa.Table]) -> list[str]:
-    """Return every problem that makes a report untrustworthy (empty list: none).
-
-    Problems: a placeholder (``[FILL]``, ``X.XXX``, ``TODO``, ``{...}``) remains; a number in the text is
-    neither traced nor part of the fixed prose; a traced number no longer matches its file; a quoted text
-    does not match its table cell (skipped where ``read_table`` returns None: that table is not present).
-    """
-    problems: list[str] = []
-    text = markdown
-    for q in trace["quotes"]:
-        table = read_table(q["file"])  # None: the table is not here (a DVC output not pulled): quote not checked
-        cell = None if table is None else \
-            [r[q["column"]] for r in table.select(["row_id", q["column"]]).to_pylist() if r["row_id"] == q["row_id"]]
-        if cell is not None and cell != [q["text"]]:
-            problems.append(f"quote from {q['file']} row {q['row_id']} {q['column']} does not match")
-        text = text.replace(q["text"].replace("\n", " ").replace("|", "\\|"), " ")
-    problems += [f"placeholder {m.group(0)!r}" for m in PLACEHOLDER.finditer(text)]
-    traced = set()
-    cache: dict[str, Any] = {}
-    for t in trace["numbers"]:
-        if t["file"] not in cache:
-            cache[t["file"]] = read(t["file"])
-        value = lookup(cache[t["file"]], t["key"])
-        if value is None or fmt_value(value, t["fmt"]) != t["text"]:
-            problems.append(f"{t['file']}:{t['key']} is {value!r}, the report says {t['text']!r}")
-        traced.update(NUMBER.findall(t["text"]))
-    for n in NUMBER.findall(text):
-        if n not in traced and n not in STATIC_NUMBERS:
-            problems.append(f"number {n} is not traced to a metrics file")
-    return problems
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -180,7 +180,7 @@ def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir
     from refinery.models import reward
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
-    from refinery.models.verifier import TRAINING_FILE
+    from refinery.models.heads import TRAINING_FILE
     from schemas import split as split_schema
     from stages.train_verifier import base_model_path, file_sha256
 

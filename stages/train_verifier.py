@@ -116,7 +116,7 @@ def build_pairs(rows: pa.Table, documents: pa.Table, *, seed: int, negatives_per
     """
     _require(rows, SPLIT_COLUMNS, where)
     _require(documents, DOCUMENT_COLUMNS, "documents")
-    from refinery.models.verifier import claim_text
+    from refinery.models.claims import claim_text
 
     rng = np.random.default_rng(seed)
     doc_text = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
@@ -239,8 +239,9 @@ def fit_combiner(model_only: Any, holdout: pa.Table, val_pairs: pa.Table, out_di
         Its weights (boosted: the tree count and each feature's share of the split gain), the pairs it was fitted
         on, and the val AUC of the model alone and combined.
     """
-    from refinery.models.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES, Combiner, \
-        combiner_matrix, fit_combiner_spec
+    from refinery.models.grounding.features import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, OFFSET_FEATURES
+    from refinery.models.grounding.learners import fit_combiner_spec
+    from refinery.models.grounding.scorer import Combiner, combiner_matrix
     from refinery.models.verifier import roc_auc
 
     likelihood = () if judge is None else LIKELIHOOD_FEATURES if callable(getattr(judge, "token_offsets", None)) \
@@ -359,7 +360,8 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     Returns:
         Train and val pairs, the calibrated threshold and the metrics.
     """
-    from refinery.models.verifier import load_base, load_verifier, seed_everything, train_verifier
+    from refinery.models.heads import load_base, seed_everything
+    from refinery.models.verifier import load_verifier, train_verifier
 
     if params.likelihood_features and not params.lexical_combiner:
         raise RefineryError("train_verifier: likelihood_features needs lexical_combiner: true (the combiner reads them)")
@@ -373,7 +375,7 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     if params.embedding_features and embedder is None:
         raise RefineryError("train_verifier: embedding_features is on but no embedder was given")
     embedder = embedder if params.embedding_features else None
-    from refinery.models.grounding import Likelihood
+    from refinery.models.grounding.features import Likelihood
 
     # one memory of judge scores for the combiner fit, the calibration and the aggregation check
     judge = Likelihood(judge) if params.likelihood_features else None
@@ -468,7 +470,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     """Train the embedded faithfulness verifier (MiniLM cross-encoder) and calibrate its threshold."""
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
-    from refinery.models.verifier import TRAINING_FILE
+    from refinery.models.heads import TRAINING_FILE
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 

@@ -71,4 +71,4 @@ def test_every_stage_depends_on_the_code_it_runs():
 def test_the_closure_follows_imports_inside_functions():
     # the stages import heavy modules lazily, inside functions: those count
     closure = code_closure(ROOT / "stages" / "train_verifier.py")
-    assert "refinery/models/grounding.py" in closure and "refinery/models/verifier.py" in closure
+    assert "refinery/models/grounding/scorer.py" in closure and "refinery/models/verifier.py" in closure

@@ -12,8 +12,9 @@ import yaml
 from click.testing import CliRunner
 
 from schemas import predictions as pred_schema
-from stages.report import (ADAPTERS, MODELS, NOT_RUN, ReportParams, check_report, cli, gap_analysis, paired_bootstrap,
-                           report_core, verdict)
+from refinery.report.render import check_report
+from refinery.report.stats import ADAPTERS, MODELS, NOT_RUN, gap_analysis, paired_bootstrap, verdict
+from stages.report import ReportParams, cli, report_core
 
 PARAMS = ReportParams(right_f1=0.5, bootstrap=200, ci=0.95, seed=0, min_factual_recall=0.5)
 ROWS = [("r1", "How long do refunds take?", "Within 14 days."), ("r2", "Where is export?", "In the File menu."),
@@ -109,10 +110,10 @@ def check(tmp_path: Path, md: str, trace: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ rules
 def test_gap_share_keeps_its_sign_and_is_undefined_without_a_gap():
     evals = {"human": {"f1": 0.6}, "contaminated": {"f1": 0.4}, "curated": {"f1": 0.3}}
-    assert gap_analysis(evals, {}, PARAMS)["metrics"]["f1"] == {"lost": 0.2, "recovered": -0.1,
-                                                                 "recovered_share": -0.5}
+    boot = dict(n=PARAMS.bootstrap, ci=PARAMS.ci, seed=PARAMS.seed)
+    assert gap_analysis(evals, {}, **boot)["metrics"]["f1"] == {"lost": 0.2, "recovered": -0.1, "recovered_share": -0.5}
     evals["contaminated"]["f1"] = 0.7
-    assert gap_analysis(evals, {}, PARAMS)["metrics"]["f1"]["recovered_share"] is None
+    assert gap_analysis(evals, {}, **boot)["metrics"]["f1"]["recovered_share"] is None
 
 
 def test_verdicts_follow_the_bootstrap_interval():
@@ -206,14 +207,24 @@ def test_the_committed_report_has_no_placeholder_or_untraced_number():
 
 
 def test_h5_needs_more_than_a_lead_of_a_row_or_two():
-    from stages.report import _h5, recovery_p_value
+    from refinery.report.stats import recovery_p_value, recovery_verdict
 
     assert recovery_p_value(4, 3) == pytest.approx(0.5)  # P(X >= 4), X ~ Bin(7, 1/2)
     assert recovery_p_value(0, 0) == 1.0
-    arms = lambda a, n: {"adaptive": {"overall": {"recovered": a}}, "naive": {"overall": {"recovered": n}}}  # noqa: E731
-    assert _h5(arms(4, 3), 0.05).startswith("not supported at this sample size")
-    assert "in the predicted direction" in _h5(arms(4, 3), 0.05)
-    assert "against it" in _h5(arms(8, 9), 0.05)
-    assert _h5(arms(9, 2), 0.05) == "supported"
-    assert _h5(arms(1, 12), 0.05) == "rejected (the opposite holds)"
-    assert _h5({}, 0.05) is None
+    assert recovery_verdict(4, 3, 0.05).startswith("not supported at this sample size")
+    assert "in the predicted direction" in recovery_verdict(4, 3, 0.05)
+    assert "against it" in recovery_verdict(8, 9, 0.05)
+    assert "even" in recovery_verdict(5, 5, 0.05)
+    assert recovery_verdict(9, 2, 0.05) == "supported"
+    assert recovery_verdict(1, 12, 0.05) == "rejected (the opposite holds)"
+    assert recovery_verdict(None, 3, 0.05) is None and recovery_verdict(3, None, 0.05) is None
+
+
+def test_audit_decision_rejects_a_failed_check_or_an_arm_without_an_audit():
+    from refinery.report.stats import audit_decision
+
+    assert audit_decision({}, ["human"]) is None
+    assert audit_decision({"human": {"failed_checks": []}}, ["human"]) == {"decision": "accept", "failed_checks": 0,
+                                                                           "arms_validated": 1}
+    assert audit_decision({"human": {"failed_checks": ["dup_rate"]}}, ["human"])["decision"] == "reject"
+    assert audit_decision({"human": {"failed_checks": []}}, ["human", "curated"])["decision"] == "reject"

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from refinery.models.embed import VectorCache, content_keys
 from refinery.gates.base import Verdicts
-from refinery.gates.rules import as_strings, match_keys, mix64, utf8_buffers
+from refinery.core.textkernels import as_strings, match_keys, mix64, utf8_buffers
 
 _U64 = np.uint64
 _SHINGLE_MUL = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,

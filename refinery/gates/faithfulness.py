@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from refinery.gates.base import Verdicts
+from refinery.models.claims import claim_text
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,6 @@ class Scorer(Protocol):
     def score(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
         """One probability per pair; NaN where it could not score."""
         ...
-
-
-def claim_text(question: str | None, answer: str | None) -> str:
-    """Return the checked claim: question then answer."""
-    return " ".join(p.strip() for p in (question or "", answer or "") if p and p.strip())
 
 
 class PassageRetriever:

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from refinery.gates.base import Verdicts
 from refinery.gates.dedup import near_dup_texts
-from refinery.gates.rules import ROWS_PER_PASS, Tokens, U64Set, as_strings, mix64, per_row_sum, word_tokens
+from refinery.core.textkernels import ROWS_PER_PASS, Tokens, U64Set, as_strings, mix64, per_row_sum, word_tokens
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from refinery.core.errors import ModelResolutionError, RefineryError
-from refinery.models.verifier import (TrainConfig, length_batches, load_base, load_classifier, make_optimizer, read_training,
-                               save_model, seed_everything)
+from refinery.models.heads import TrainConfig, load_classifier, read_training, train_head
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -96,7 +93,7 @@ def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *,
     """Fine-tune a one-logit MiniLM reward head on preference pairs with the Bradley-Terry loss.
 
     Loss: ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))`` (Bradley & Terry 1952; as in
-    InstructGPT's reward model, Ouyang et al. 2022).
+    InstructGPT's reward model, Ouyang et al. 2022). The loop is :func:`refinery.models.heads.train_head`.
 
     Args:
         pairs: table with ``prompt``, ``chosen``, ``rejected``.
@@ -115,37 +112,17 @@ def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *,
         raise RefineryError(f"preference pairs: missing column(s) {', '.join(missing)}")
     if pairs.num_rows == 0:
         raise RefineryError("preference pairs: no pairs to train on")
-    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers)
-    seed_everything(seed, threads)
-    model, tokenizer = load_base(base_path, trainable_layers=trainable_layers)
     prompts, chosen, rejected = (pairs.column(c).to_pylist() for c in PAIR_COLUMNS)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
-    steps = epochs * math.ceil(len(prompts) / batch_size)
-    opt, sched = make_optimizer(model, cfg, steps)
-    rng = np.random.default_rng(seed)
-    step_losses, epoch_losses = [], []
-    t0 = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        losses = []
-        for idx in length_batches(lengths, batch_size, rng):
-            q = [prompts[i] for i in idx]
-            enc = tokenizer(q + q, [chosen[i] for i in idx] + [rejected[i] for i in idx], truncation="longest_first",
-                            max_length=max_length, padding=True, return_tensors="pt")
-            r = model(**enc).logits[:, 0]
-            loss = -torch.nn.functional.logsigmoid(r[:len(idx)] - r[len(idx):]).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        step_losses += losses
-        epoch_losses.append(float(np.mean(losses)))
-        log(f"reward epoch {epoch + 1}/{epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
-    model.eval()
-    save_model(model, tokenizer, out_dir, label="reward")
-    k = max(1, len(step_losses) // 10)
-    return {"pairs": len(prompts), "steps": steps, "loss_per_epoch": [round(x, 5) for x in epoch_losses],
-            "loss_first_10pct": round(float(np.mean(step_losses[:k])), 5),
-            "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5)}
+
+    def batch_loss(model: Any, tokenizer: Any, idx: list[int]) -> Any:
+        q = [prompts[i] for i in idx]
+        enc = tokenizer(q + q, [chosen[i] for i in idx] + [rejected[i] for i in idx], truncation="longest_first",
+                        max_length=max_length, padding=True, return_tensors="pt")
+        r = model(**enc).logits[:, 0]
+        return -torch.nn.functional.logsigmoid(r[:len(idx)] - r[len(idx):]).mean()
+
+    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers)
+    run = train_head(cfg, base_path, out_dir, lengths=[len(p) + max(len(c), len(r))
+                                                       for p, c, r in zip(prompts, chosen, rejected)],
+                     batch_loss=batch_loss, name="reward", label="reward", log=log)
+    return {"pairs": len(prompts), **run}

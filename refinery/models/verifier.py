@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from refinery.planted.corruptions import sentences
 from refinery.core.errors import ModelResolutionError, RefineryError
+from refinery.models.heads import TrainConfig, load_classifier, read_training, train_head
+from refinery.planted.corruptions import sentences
 
-TRAINING_FILE = "TRAINING.json"
 PAIR_COLUMNS = ("passage", "claim", "label")
 
 
@@ -29,12 +26,6 @@ class Verifier(Protocol):
     def score(self, passages: Sequence[str], claims: Sequence[str]) -> np.ndarray:
         """Return one support probability in [0, 1] per (passage, claim); NaN marks a row that could not be scored."""
         ...
-
-
-def claim_text(question: str | None, answer: str) -> str:
-    """Return the text the verifier checks against the passage: the question (when given) then the answer."""
-    question = (question or "").strip()
-    return f"{question} {answer.strip()}" if question else answer.strip()
 
 
 def passage_windows(passage: str, *, full_max_chars: int, window_sentences: int = 2) -> list[str]:
@@ -57,20 +48,6 @@ def passage_windows(passage: str, *, full_max_chars: int, window_sentences: int 
     if len(sents) <= window_sentences:
         return [passage]
     return [" ".join(sents[i:i + window_sentences]) for i in range(len(sents) - window_sentences + 1)]
-
-
-def _torch():
-    import torch
-
-    return torch
-
-
-def seed_everything(seed: int, threads: int) -> None:
-    """Seed torch and fix its thread count so that two runs give the same numbers."""
-    torch = _torch()
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class CrossEncoderVerifier:
@@ -97,7 +74,8 @@ class CrossEncoderVerifier:
         Returns:
             float64 probabilities; NaN where the passage or claim is empty or the model returned NaN.
         """
-        torch = _torch()
+        import torch
+
         if len(passages) != len(claims):
             raise ValueError(f"{len(passages)} passages but {len(claims)} claims")
         out = np.full(len(passages), np.nan)
@@ -122,7 +100,7 @@ class CrossEncoderVerifier:
 
         Args:
             passages: evidence passages, one per claim.
-            claims: the claims (``claim_text(question, answer)``).
+            claims: the claims (``refinery.models.claims.claim_text(question, answer)``).
 
         Returns:
             float64 array in [0, 1], NaN for rows that could not be scored (empty text, model NaN).
@@ -150,29 +128,6 @@ def _entailment_index(id2label: dict) -> int | None:
         if str(label).lower().startswith("entail"):
             return int(i)
     return None
-
-
-def load_classifier(ref: str, what: str, threads: int | None) -> tuple[Any, Any]:
-    """Load a tokenizer and a float32 sequence-classification model, failing with one line naming ``what``.
-
-    Args:
-        ref: a local folder or an HF id already in the local cache.
-        what: the role in error messages ('verifier', 'reward model').
-        threads: torch CPU threads (None leaves torch's default).
-    """
-    torch = _torch()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref)
-        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelResolutionError(f"{what} '{ref}': cannot load a sequence-classification model "
-                                   f"({first[:200]})") from None
-    return tokenizer, model
 
 
 def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: int | None = None,
@@ -217,7 +172,7 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
                                     batch_size=batch_size, threshold=threshold)
     if not lexical:
         return verifier
-    from refinery.models.grounding import Combiner, GroundedVerifier
+    from refinery.models.grounding.scorer import Combiner, GroundedVerifier
 
     combiner = Combiner.load(ref) if Path(ref).is_dir() else None
     if combiner is None:
@@ -226,87 +181,6 @@ def load_verifier(path_or_id: str | Path, *, batch_size: int = 32, max_length: i
         return GroundedVerifier(verifier, combiner, judge, embedder)
     except ValueError as e:
         raise ModelResolutionError(str(e)) from None
-
-
-def read_training(folder: str | Path) -> dict[str, Any] | None:
-    """Return a model folder's TRAINING.json, or None when it has none (e.g. an HF id)."""
-    path = Path(folder) / TRAINING_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-# --- training --------------------------------------------------------------------------------------------------
-
-
-def load_base(base_path: str | Path, *, trainable_layers: int) -> tuple[Any, Any]:
-    """Load a BERT-style encoder folder as a one-logit sequence classifier with frozen lower layers.
-
-    Word embeddings and all but the top ``trainable_layers`` transformer layers are frozen: training is
-    cheaper on CPU and the small seed cannot wash out what the base model knows.
-
-    Returns:
-        (model, tokenizer).
-    """
-    torch = _torch()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not Path(base_path).is_dir():
-        raise RefineryError(f"{base_path}: base model folder not found (run `refinery provision`)")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the fresh classifier head is expected, not news
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(base_path), num_labels=1,
-                                                                   dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
-    encoder = getattr(model, model.config.model_type, None) or model.base_model
-    for p in encoder.embeddings.parameters():
-        p.requires_grad = False
-    layers = encoder.encoder.layer
-    for layer in layers[:max(0, len(layers) - trainable_layers)]:
-        for p in layer.parameters():
-            p.requires_grad = False
-    return model, tokenizer
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator) -> Iterator[list[int]]:
-    """Yield shuffled batches of indices of similar length (less padding), in a seeded random order."""
-    order = rng.permutation(len(lengths))
-    chunk = batch_size * 16
-    batches = []
-    for s in range(0, len(order), chunk):
-        part = sorted(order[s:s + chunk].tolist(), key=lambda i: (lengths[i], i))
-        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-    for b in rng.permutation(len(batches)).tolist():
-        yield batches[b]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training knobs shared by the verifier and the reward head."""
-
-    epochs: int
-    lr: float
-    batch_size: int
-    seed: int
-    max_length: int
-    threads: int
-    trainable_layers: int = 6
-    warmup_fraction: float = 0.1
-
-
-def make_optimizer(model: Any, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
-    """Return AdamW over trainable parameters and a linear warm-up / decay schedule."""
-    torch = _torch()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    warm = max(1, int(steps * cfg.warmup_fraction))
-
-    def factor(step: int) -> float:
-        return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def check_pairs(pairs: pa.Table, where: str = "verifier pairs") -> None:
@@ -325,7 +199,7 @@ def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, 
     """Fine-tune a one-logit cross-encoder on (passage, claim, label) pairs and save it with its tokenizer.
 
     The loss is binary cross-entropy with the positive class weighted by negatives/positives, so the
-    classes count equally whatever the pair mix.
+    classes count equally whatever the pair mix. The loop is :func:`refinery.models.heads.train_head`.
 
     Args:
         pairs: table with ``passage``, ``claim`` and ``label`` (1 supported, 0 not).
@@ -338,59 +212,24 @@ def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, 
     Returns:
         Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss.
     """
-    torch = _torch()
+    import torch
+
     check_pairs(pairs)
-    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers)
-    seed_everything(seed, threads)
-    model, tokenizer = init_model or load_base(base_path, trainable_layers=trainable_layers)
     passages = pairs.column("passage").to_pylist()
     claims = pairs.column("claim").to_pylist()
     labels = np.asarray(pairs.column("label").to_pylist(), dtype=np.float32)
     n_pos = float((labels >= 0.5).sum())
-    pos_weight = torch.tensor([(len(labels) - n_pos) / n_pos])
-    lengths = [len(p) + len(c) for p, c in zip(passages, claims)]
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    opt, sched = make_optimizer(model, cfg, steps)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    rng = np.random.default_rng(seed)
-    step_losses: list[float] = []
-    epoch_losses: list[float] = []
-    t0 = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        losses = []
-        for idx in length_batches(lengths, batch_size, rng):
-            enc = tokenizer([passages[i] for i in idx], [claims[i] for i in idx], truncation="only_first",
-                            max_length=max_length, padding=True, return_tensors="pt")
-            logits = model(**enc).logits[:, 0]
-            loss = loss_fn(logits, torch.from_numpy(labels[idx]))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        step_losses += losses
-        epoch_losses.append(float(np.mean(losses)))
-        log(f"verifier epoch {epoch + 1}/{epochs}: loss {epoch_losses[-1]:.4f} "
-            f"({time.perf_counter() - t0:.0f}s)")
-    model.eval()
-    save_model(model, tokenizer, out_dir, label="supported")
-    k = max(1, len(step_losses) // 10)
-    return {"pairs": len(labels), "positives": int(n_pos), "negatives": int(len(labels) - n_pos), "steps": steps,
-            "loss_per_epoch": [round(x, 5) for x in epoch_losses],
-            "loss_first_10pct": round(float(np.mean(step_losses[:k])), 5),
-            "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5)}
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([(len(labels) - n_pos) / n_pos]))
 
+    def batch_loss(model: Any, tokenizer: Any, idx: list[int]) -> Any:
+        enc = tokenizer([passages[i] for i in idx], [claims[i] for i in idx], truncation="only_first",
+                        max_length=max_length, padding=True, return_tensors="pt")
+        return loss_fn(model(**enc).logits[:, 0], torch.from_numpy(labels[idx]))
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path, *, label: str) -> None:
-    """Save a one-logit model and its tokenizer as a plain HF folder (safetensors)."""
-    model.config.id2label = {0: label}
-    model.config.label2id = {label: 0}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers)
+    run = train_head(cfg, base_path, out_dir, lengths=[len(p) + len(c) for p, c in zip(passages, claims)],
+                     batch_loss=batch_loss, name="verifier", label="supported", init_model=init_model, log=log)
+    return {"pairs": len(labels), "positives": int(n_pos), "negatives": int(len(labels) - n_pos), **run}
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:

@@ -30,7 +30,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """
     import pyarrow as pa
 
-    from refinery.gates.rules import match_keys, word_tokens
+    from refinery.core.textkernels import match_keys, word_tokens
 
     tokens = word_tokens(match_keys(pa.array(list(texts), pa.string())))
     h, off = tokens.hashes, tokens.offsets

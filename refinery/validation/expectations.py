@@ -98,7 +98,7 @@ def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table
     import duckdb
 
     from refinery.gates.dedup import DedupGate
-    from refinery.gates.rules import match_keys
+    from refinery.core.textkernels import match_keys
 
     n = table.num_rows
     source = table.column("source")

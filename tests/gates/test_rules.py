@@ -7,7 +7,8 @@ import random
 import pyarrow as pa
 import pytest
 
-from refinery.gates.rules import REASONS, RulesGate, match_keys, word_counts, word_tokens
+from refinery.core.textkernels import match_keys, word_counts, word_tokens
+from refinery.gates.rules import REASONS, RulesGate
 from refinery.core.text import match_key
 from tests.gates.conftest import ROOT, rows
 

@@ -7,9 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from refinery.models.grounding import (EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner, GroundedVerifier,
-                                embedding_matrix, feature_matrix, features, fit_combiner_spec, fit_logistic,
-                                Likelihood, likelihood_matrix, split_claim)
+from refinery.models.claims import split_claim
+from refinery.models.grounding.features import (EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Likelihood,
+                                                embedding_matrix, feature_matrix, features, likelihood_matrix)
+from refinery.models.grounding.learners import fit_combiner_spec, fit_logistic
+from refinery.models.grounding.scorer import Combiner, GroundedVerifier
 
 PASSAGE = "The Berlin office opens at 9 am. Refunds take 14 days and are not available for gift cards."
 
@@ -135,7 +137,7 @@ def test_likelihood_features_read_the_answer_given_the_passage_and_question():
 
 
 def test_denegate_removes_each_negation_and_keeps_the_modal():
-    from refinery.models.grounding import denegate
+    from refinery.models.grounding.features import denegate
 
     assert denegate("He did not go and she never called.") == "He did go and she called."
     assert denegate("It can't be, it cannot be, it won't be, it isn't, they don't.") == \
@@ -166,7 +168,7 @@ def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
     spec = fit_logistic(np.vstack([np.zeros(len(old)), np.ones(len(old))]), np.array([0.0, 1.0]), names=old)
     assert Combiner(spec).needs_judge and not Combiner(spec).needs_offsets
     # nor does the negation-removal gain, which a judge without offsets still gives
-    from refinery.models.grounding import OFFSET_FEATURES
+    from refinery.models.grounding.features import OFFSET_FEATURES
 
     plain = FEATURES + tuple(n for n in LIKELIHOOD_FEATURES if n not in OFFSET_FEATURES)
     assert plain[-1] == "negation_removal_gain"
@@ -283,11 +285,11 @@ def test_likelihood_remembers_pairs_it_has_scored():
 
 
 def test_a_clean_rank_keeps_the_order_of_rows_beyond_every_clean_answer():
-    from refinery.models.grounding import _clean_rank
+    from refinery.models.grounding.learners import clean_rank
 
     ref = np.array([-1.0, 0.0, 1.0, 2.0])
     z = np.array([-50.0, -5.0, -1.0, -0.5, 2.0, 9.0, np.nan])
-    p = _clean_rank(z, ref)
+    p = clean_rank(z, ref)
     # inside the clean logits: the share below, interpolated; outside: inside the outer half-steps, in order
     assert p[2] == 0.125 and p[3] == 0.25 and p[4] == 0.875
     assert 0 < p[0] < p[1] < 0.125 and 0.875 < p[5] < 1 and np.isnan(p[6])

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from refinery.core.errors import InputError, ModelResolutionError, RefineryError
-from refinery.models.verifier import (claim_text, load_verifier, passage_windows, roc_auc, threshold_for_frr,
-                               train_verifier)
+from refinery.models.claims import claim_text, split_claim
+from refinery.models.verifier import load_verifier, passage_windows, roc_auc, threshold_for_frr, train_verifier
 from stages.train_verifier import PAIRS_ARROW, TrainVerifierParams, build_pairs, evaluate, train_verifier_core
 from tests.training.conftest import as_split
 
@@ -69,12 +69,35 @@ def test_passage_windows_and_threshold_helpers():
     long = "One is here. Two is there. Three is far."
     assert passage_windows(long, full_max_chars=1000) == [long]
     assert passage_windows(long, full_max_chars=10) == ["One is here. Two is there.", "Two is there. Three is far."]
-    assert claim_text("Q?", " A. ") == "Q? A." and claim_text(None, "A.") == "A."
     # at most 10% of clean rows (1 of 10) score below the threshold
     clean = np.linspace(0.1, 1.0, 10)
     t = threshold_for_frr(clean, 0.1)
     assert (clean < t).sum() == 1
     assert roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.8]) == pytest.approx(0.875)
+
+
+def test_one_claim_format_for_training_and_gating(seed_tables):
+    # given the claim format: question then answer, each stripped; no answer makes no claim
+    assert claim_text("Q?", " A. ") == "Q? A." and claim_text(None, "A.") == "A." and claim_text(" ", "A.") == "A."
+    assert claim_text("Q?", "") == claim_text("Q?", "  ") == claim_text("Q?", None) == claim_text(None, None) == ""
+    assert split_claim(claim_text(" How long? ", " 14 days. ")) == ("How long?", "14 days.")
+    # when the verifier's training pairs and the faithfulness gate build claims from the same seed rows
+    from refinery.gates.faithfulness import FaithfulnessGate
+
+    documents, qa = seed_tables
+    pairs = build_pairs(qa, documents, seed=0, negatives_per_positive=1, counterfactual=False)
+    clean = [(p, c) for p, c, k in zip(*(pairs.column(x).to_pylist() for x in ("passage", "claim", "kind")))
+             if k == "clean"]
+    seen: list[tuple[str, str]] = []
+
+    class Recorder:
+        def score(self, passages, claims):
+            seen.extend(zip(passages, claims))
+            return np.ones(len(claims))
+
+    FaithfulnessGate(Recorder(), documents, mode="grounded").apply(qa)
+    # then the gate scores exactly the (passage, claim) pairs the verifier was trained on as supported
+    assert len(clean) == qa.num_rows and seen == clean
 
 
 class OverlapVerifier:
@@ -178,7 +201,8 @@ class _Embedder:
 
 
 def test_stage_core_fits_the_combiner_with_the_judges_likelihood_features(tmp_path, seed_tables, tiny_bert):
-    from refinery.models.grounding import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES, Combiner
+    from refinery.models.grounding.features import EMBEDDING_FEATURES, FEATURES, LIKELIHOOD_FEATURES
+    from refinery.models.grounding.scorer import Combiner
 
     documents, qa = seed_tables
     params = TrainVerifierParams(**{**PARAMS, "epochs": 1, "lexical_combiner": True, "likelihood_features": True,
