@@ -1,8 +1,8 @@
 """Benchmark evaluation decoding: greedy answers of the student per dtype and batch size, on a real test split.
 
-Usage: python bench/bench_eval.py [--rows 48] [--split data/02_split/test.parquet]
-       [--documents data/01_seed/documents.parquet] [--models models/base] [--window-chars 0]
+Usage: python bench/bench_eval.py [--rows 48] [--split FILE] [--documents FILE] [--models DIR] [--window-chars 0]
        [--max-new-tokens 24] [--configs float32:24 bfloat16:24 bfloat16:48]
+--split, --documents and --models default to the evaluate_base stage's --test, --documents and --models in dvc.yaml.
 
 Builds the prompts exactly as `refinery evaluate` does (the passage window of the train params), decodes the
 first ``--rows`` test rows once per ``dtype:batch_size`` config with the same loaded student, and prints seconds,
@@ -25,14 +25,19 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=48)
-    ap.add_argument("--split", default="data/02_split/test.parquet")
-    ap.add_argument("--documents", default="data/01_seed/documents.parquet")
-    ap.add_argument("--models", default="models/base")
+    ap.add_argument("--split", help="default: the evaluate_base stage's --test in dvc.yaml")
+    ap.add_argument("--documents", help="default: the evaluate_base stage's --documents in dvc.yaml")
+    ap.add_argument("--models", help="default: the evaluate_base stage's --models in dvc.yaml")
     ap.add_argument("--window-chars", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=["float32:24", "bfloat16:24", "bfloat16:48"])
     args = ap.parse_args(argv)
+    from refinery.core import dag
+
+    args.split = args.split or dag.option("evaluate_base", "--test", needed_for="--split")
+    args.documents = args.documents or dag.option("evaluate_base", "--documents", needed_for="--documents")
+    args.models = args.models or dag.option("evaluate_base", "--models", needed_for="--models")
 
     import torch
 

@@ -105,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         Process exit code.
     """
     ap = argparse.ArgumentParser(description=__doc__, epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.environ.get("REFINERY_BENCH_MODEL",
-                                                      "models/base/weights/embedded--smollm2-135m-instruct"))
+    ap.add_argument("--model", default=os.environ.get("REFINERY_BENCH_MODEL"),
+                    help="model folder (default: the embedded SmolLM2 under the provision stage's --out in dvc.yaml)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.model is None:
+        from refinery.core import dag
+
+        args.model = str(Path(dag.option("provision", "--out", needed_for="--model")) / "weights"
+                         / "embedded--smollm2-135m-instruct")
     if not (Path(args.model) / "config.json").is_file():
         print(f"no model folder at {args.model} (run `dvc repro provision` first, or pass --model)", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """Print each model gate's throughput against its bare model's batched forward pass on the same inputs.
 
 Usage: python bench/bench_model_gates.py [--rows 512] [--repeats 3] [--params params.yaml]
-           [--synthetic data/03_generated/synthetic.parquet] [--documents data/01_seed/documents.parquet]
-           [--models models/base] [--verifier models/verifier] [--reward models/reward]
+           [--synthetic FILE] [--documents FILE] [--models DIR] [--verifier DIR] [--reward DIR]
+(the paths default to the gate stage's options of the same name in dvc.yaml)
 
 Target (#4): every model gate within 85% of its bare model's batched throughput (the gate's cost beyond the
 model: batching, windowing, combiner features, verdicts). The models are loaded once, as the gate stage loads
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refinery.core import dag  # noqa: E402
 from refinery.gates.faithfulness import FaithfulnessGate  # noqa: E402
 from refinery.gates.perplexity import CONTEXT, PerplexityGate  # noqa: E402
 from refinery.gates.reward import RewardGate  # noqa: E402
@@ -91,11 +92,16 @@ def report(name: str, n: int, gate_s: float, bare_s: float, what: str) -> None:
 @click.option("--rows", "n_rows", type=int, default=512, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--synthetic", "synthetic_file", default="data/03_generated/synthetic.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--models", "models_dir", default="models/base", show_default=True)
-@click.option("--verifier", "verifier_dir", default="models/verifier", show_default=True)
-@click.option("--reward", "reward_dir", default="models/reward", show_default=True)
+@click.option("--synthetic", "synthetic_file", default=dag.default("gate", "--synthetic", needed_for="--synthetic"),
+              show_default="the gate stage's --synthetic in dvc.yaml", help="Generated rows to score.")
+@click.option("--documents", "documents_file", default=dag.default("gate", "--documents", needed_for="--documents"),
+              show_default="the gate stage's --documents in dvc.yaml", help="Source documents (evidence passages).")
+@click.option("--models", "models_dir", default=dag.default("gate", "--models", needed_for="--models"),
+              show_default="the gate stage's --models in dvc.yaml", help="Provisioned models folder.")
+@click.option("--verifier", "verifier_dir", default=dag.default("gate", "--verifier", needed_for="--verifier"),
+              show_default="the gate stage's --verifier in dvc.yaml", help="Trained verifier folder.")
+@click.option("--reward", "reward_dir", default=dag.default("gate", "--reward", needed_for="--reward"),
+              show_default="the gate stage's --reward in dvc.yaml", help="Trained reward model folder.")
 def main(n_rows: int, repeats: int, params_file: str, synthetic_file: str, documents_file: str, models_dir: str,
          verifier_dir: str, reward_dir: str) -> None:
     """Time each model gate against its bare model on the same inputs and print the ratio."""

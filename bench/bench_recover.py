@@ -4,8 +4,9 @@ Usage: python bench/bench_recover.py [--params params.yaml] [--max-attempts 3] [
 
 The pipeline's own recover stage spends ``recover.budget`` calls per method (the demo: 32, to stay quick), so
 its recovery rate is a share of the rows that budget reaches. This benchmark runs the same stage
-(``stages/recover.py``, every gate re-applied to every candidate) on the gate outputs of the last ``dvc repro``
-in this working tree, with the budget set to ``max_attempts`` calls for every rejected row, so every row
+(``stages/recover.py``, every gate re-applied to every candidate) with the recover stage's ``cmd`` from dvc.yaml
+(its inputs: the gate outputs of the last ``dvc repro`` in this working tree; its outputs: a temp folder), with
+the budget set to ``max_attempts`` calls for every rejected row, so every row
 diagnosed recoverable is attempted by both methods. It prints, for adaptive recovery and naive resampling at
 that equal budget: rows recovered of those diagnosed recoverable, extra teacher calls per recovered row, the
 adaptive / naive ratio, and injected errors that survived into recovered rows; then each target of #5 with
@@ -15,7 +16,7 @@ Targets (#5): adaptive recovers >= 1.5x as many rows as naive resampling at equa
 >= 70% of rows diagnosed recoverable at <= 2.5 extra teacher calls per recovered row; zero injected errors
 survive into recovered rows.
 
-Teacher calls go through the project's cache (``.refinery/cache/teacher.sqlite``), so a rerun on unchanged
+Teacher calls go through the project's cache (the recover stage's ``--cache``), so a rerun on unchanged
 inputs makes no model call. For CosmosQA, run it in a checkout where ``make repro PROFILE=cosmosqa`` ran.
 """
 
@@ -33,6 +34,19 @@ import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from refinery.core import dag  # noqa: E402
+
+
+def bench_args(stage: str, params_file: Path, out: Path) -> list[str]:
+    """The options of a stage's cmd in dvc.yaml, with ``params_file`` as its params and every path the stage
+    writes (its outs, metrics and plots) moved into ``out`` under its own name: the project's outputs stay as they
+    are."""
+    words = dag.command(stage)[2:]  # after "refinery <stage>"
+    written = set(dag.written(stage))
+    return [str(params_file) if i and words[i - 1] == "--params" else str(out / Path(w).name) if w in written else w
+            for i, w in enumerate(words)]
 
 
 @click.command()
@@ -41,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.option("--keep", "keep_dir", default=None, help="Write the stage's outputs here instead of a temp folder.")
 def main(params_file: str, max_attempts: int | None, keep_dir: str | None) -> None:
     params = yaml.safe_load(Path(params_file).read_text(encoding="utf-8"))
-    rejected = Path("data/04_gated/rejected.parquet")
+    rejected = Path(dag.option("recover", "--rejected"))
     if not rejected.exists():
         sys.exit(f"{rejected}: not found; run `dvc repro gate` (or `make repro`) first")
     rows = pq.read_metadata(rejected).num_rows
@@ -53,11 +67,10 @@ def main(params_file: str, max_attempts: int | None, keep_dir: str | None) -> No
         bench_params = out / "params.yaml"
         bench_params.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "stages" / "recover.py"), "--params", str(bench_params),
-                        "--out", str(out / "recovered"), "--metrics", str(out / "recover.json"),
-                        "--table", str(out / "recover.md"), "--quiet"], check=True)
+        subprocess.run([sys.executable, str(ROOT / "stages" / "recover.py"), *bench_args("recover", bench_params, out),
+                        "--quiet"], check=True)
         wall = time.perf_counter() - t0
-        m = json.loads((out / "recover.json").read_text(encoding="utf-8"))
+        m = json.loads((out / Path(dag.option("recover", "--metrics")).name).read_text(encoding="utf-8"))
     a, n = m["adaptive"]["overall"], m["naive"]["overall"]
     print(f"recover at full budget: {rows} rejected rows, {m['recoverable']} diagnosed recoverable, "
           f"{attempts} attempts per row, budget {m['budget']} calls per method, {wall:.0f} s")

@@ -5,7 +5,8 @@
 0.2% planted exact duplicates, 2,000-row val and test splits, then runs the validate command (Pandera row
 contract, Arrow/DuckDB check columns, MinHash near duplicates, diversity on a 1,000-row sample, the GE suite and
 Data Docs) in a subprocess and prints its wall time and peak RSS. Figures are printed, never asserted.
-With `--embedder model` the provisioned MiniLM (models/base) embeds the diversity sample (cold cache).
+With `--embedder model` the provisioned MiniLM (the validate stage's `--models` in dvc.yaml) embeds the diversity
+sample (cold cache).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from refinery.core import dag  # noqa: E402
 from refinery.core.text import stable_id  # noqa: E402
 from schemas import datasets as datasets_schema  # noqa: E402
 from schemas import documents as documents_schema  # noqa: E402
@@ -105,12 +107,12 @@ def main() -> None:
         cmd = [sys.executable, "-m", "stages.validate", "--params", str(tmp / "params.yaml"), "--datasets",
                str(tmp / "ds"), "--train", str(tmp / "train.parquet"), "--val", str(tmp / "val.parquet"), "--test",
                str(tmp / "test.parquet"), "--documents", str(tmp / "documents.parquet"), "--models",
-               str(ROOT / "models" / "base"), "--cache", str(tmp / "cache"), "--expectations",
-               str(ROOT / "schemas" / "expectations"), "--audit", str(tmp / "audit.json"), "--data-docs",
+               dag.option("validate", "--models", ROOT), "--cache", str(tmp / "cache"), "--expectations",
+               dag.option("validate", "--expectations", ROOT), "--audit", str(tmp / "audit.json"), "--data-docs",
                str(tmp / "data_docs"), "--plots", str(tmp / "plots"), "--metrics", str(tmp / "validate.json"),
                "--warn-only"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # the paths of dvc.yaml are relative
         wall = time.perf_counter() - t0
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(proc.stderr.strip())

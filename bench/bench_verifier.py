@@ -1,7 +1,7 @@
 """Print a trained verifier's held-out false-rejection rate, recall per corruption kind and scoring speed.
 
 Usage: python bench/bench_verifier.py --model DIR --split data/02_split/test.parquet \
-           --documents data/01_seed/documents.parquet [--threshold T] [--seed 7] [--threads 2] [--models models/base]
+           --documents data/01_seed/documents.parquet [--threshold T] [--seed 7] [--threads 2] [--models DIR]
 The threshold defaults to the one recorded in the model folder's TRAINING.json (calibrated on val). A verifier
 whose combiner reads the judge's answer likelihood loads the judge from the provisioned models folder.
 """
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refinery.core import dag  # noqa: E402
 from refinery.planted import corruptions as corr  # noqa: E402
 from refinery.models.verifier import load_verifier, roc_auc, threshold_for_frr  # noqa: E402
 from stages.train_verifier import build_pairs  # noqa: E402
@@ -33,7 +34,8 @@ from stages.train_verifier import build_pairs  # noqa: E402
 @click.option("--threads", type=int, default=2)
 @click.option("--lexical/--no-lexical", default=True, show_default=True,
               help="Use the folder's lexical combiner (COMBINER.json) when it has one.")
-@click.option("--models", "models_dir", default="models/base", show_default=True,
+@click.option("--models", "models_dir", default=dag.default("provision", "--out", needed_for="--models"),
+              show_default="the provision stage's --out in dvc.yaml",
               help="Provisioned models (the judge, when the combiner reads its likelihood features).")
 def main(model_dir: str, split_file: str, documents_file: str, threshold: float | None, seed: int,
          threads: int, lexical: bool, models_dir: str) -> None:

@@ -325,20 +325,33 @@ def jsonl(records: list[dict]) -> str:
 
 
 @click.command("assemble")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--contaminated", "contaminated_file", default="data/03_generated/contaminated.parquet",
-              show_default=True)
-@click.option("--accepted", "accepted_file", default="data/04_gated/accepted.parquet", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its assemble section and train.window_chars.")
+@click.option("--train", "train_file", required=True,
+              help="Human train split (split's train.parquet): one row per seed QA pair; "
+                   "the human anchor of every arm.")
+@click.option("--contaminated", "contaminated_file", required=True,
+              help="Contaminate's output (Parquet): one row per AI-contaminated sample; the rows of arms drawing "
+                   "from 'contaminated'.")
+@click.option("--accepted", "accepted_file", required=True,
+              help="Gate's accepted.parquet: one row per generated row that passed every gate.")
 @click.option("--recovered", "recovered_file", default=None,
-              help="Recovered rows (data/05_recovered/recovered.parquet); leave out to assemble without recovery.")
+              help="Recover's recovered.parquet: one row per recovered row; leave out to assemble without "
+                   "recovery.")
 @click.option("--generated", "generated_file", default=None,
-              help="Every generated row before any gate (data/03_generated/synthetic.parquet); needed by arms "
-                   "drawing from 'generated'.")
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--pairs", "pairs_file", default="data/03_preferences/pairs.parquet", show_default=True)
-@click.option("--out", "out_dir", default="data/06_datasets", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/assemble.json", show_default=True)
+              help="Generate's output, every generated row before any gate (one row per teacher sample); needed "
+                   "by arms drawing from 'generated'.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; "
+                   "the passages written into the SFT exports.")
+@click.option("--pairs", "pairs_file", required=True,
+              help="Train_reward's DPO preference pairs (Parquet): one row per (prompt, chosen, rejected); "
+                   "exported as dpo.jsonl.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes <arm>.parquet (one row per training example, with provenance) and <arm>.sft.jsonl for "
+                   "every arm of assemble.arms, and dpo.jsonl, here.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the rows per arm and source, and the DPO pair count, here (JSON).")
 def cli(params_file, train_file, contaminated_file, accepted_file, recovered_file, generated_file, documents_file,
         pairs_file, out_dir, metrics_file) -> None:
     """Assemble one dataset per arm (params.yaml: assemble.arms) with SFT and DPO exports."""

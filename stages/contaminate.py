@@ -67,14 +67,25 @@ def plan(train: pa.Table, templates: dict[str, Template], params: ContaminatePar
 
 
 @click.command("contaminate")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--models", "models_dir", default="models/base", show_default=True)
-@click.option("--prompts", "prompts_dir", default="prompts", show_default=True)
-@click.option("--cache", "cache_file", default=".refinery/cache/teacher.sqlite", show_default=True)
-@click.option("--out", "out_file", default="data/03_generated/contaminated.parquet", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/contaminate.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its contaminate section.")
+@click.option("--train", "train_file", required=True,
+              help="Human train split (split's train.parquet): one row per seed QA pair; the answers and "
+                   "questions the teacher rewrites.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document.")
+@click.option("--models", "models_dir", required=True,
+              help="Provisioned models folder (provision's --out): the teacher role is read from it.")
+@click.option("--prompts", "prompts_dir", required=True,
+              help="Folder of prompt templates: reads contaminate_answer.txt and contaminate_paraphrase.txt.")
+@click.option("--cache", "cache_file", required=True,
+              help="Teacher result cache, one SQLite file (content-addressed, shared with generate, created if "
+                   "missing).")
+@click.option("--out", "out_file", required=True,
+              help="Writes the AI-contaminated comparison rows here (Parquet): one row per teacher sample, with "
+                   "its provenance.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the outcome counts (rows, parsed, failures) here (JSON).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_file, out_file, metrics_file,
         quiet) -> None:

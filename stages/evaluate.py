@@ -175,14 +175,23 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
 
 
 @click.command("evaluate")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--name", required=True, help="Model name: base (the untuned student) or a dataset name.")
-@click.option("--adapter", "adapter_dir", default=None, help="LoRA adapter folder; omit for the untuned student.")
-@click.option("--test", "test_file", default="data/02_split/test.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--models", "models_dir", default="models/base", show_default=True, help="Provisioned models folder.")
-@click.option("--out", "out_file", required=True, help="data/07_eval/<run>.parquet")
-@click.option("--metrics", "metrics_file", required=True, help="metrics/eval_<name>.json")
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its evaluate and train sections.")
+@click.option("--name", required=True, help="Model name: base (the untuned student) or a run name (<arm>-s<seed>).")
+@click.option("--adapter", "adapter_dir", default=None,
+              help="Train's LoRA adapter folder for this run; omit for the untuned student (--name base).")
+@click.option("--test", "test_file", required=True,
+              help="Human test split (split's test.parquet): one row per seed QA pair; the questions answered.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; the passages of the "
+                   "prompts.")
+@click.option("--models", "models_dir", required=True,
+              help="Provisioned models folder (provision's --out): the student answers, the embedder scores "
+                   "BERTScore.")
+@click.option("--out", "out_file", required=True,
+              help="Writes the predictions here (Parquet): one row per (model, human test row), with its scores.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the run's EM, F1, ROUGE, BERTScore and factual accuracy here (JSON).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def cli(params_file: str, name: str, adapter_dir: str | None, test_file: str, documents_file: str, models_dir: str,
         out_file: str, metrics_file: str, progress: bool) -> None:

@@ -174,10 +174,15 @@ def ingest(source: SeedSource, params: IngestParams, code_version: str) -> Inges
 
 
 @click.command("ingest")
-@click.option("--input", "input_path", required=True, help="Seed file or folder (dvc.yaml passes ${ingest.input}).")
-@click.option("--out", "out_dir", default="data/01_seed", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/ingest.json", show_default=True)
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--input", "input_path", required=True,
+              help="Seed file or folder in the format of ingest.format (dvc.yaml passes ${ingest.input}).")
+@click.option("--out", "out_dir", required=True,
+              help="Writes documents.parquet (one row per source document), qa.parquet (one row per human QA "
+                   "pair) and excluded.parquet (one row per source row left out, with its reason) here.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the counts of documents, QA rows and excluded rows here (JSON).")
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its ingest section.")
 def cli(input_path: str, out_dir: str, metrics_file: str, params_file: str) -> None:
     """Read seed documents and QA pairs into Parquet with stable ids."""
     from refinery.core.io import atomic_outputs

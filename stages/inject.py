@@ -234,12 +234,21 @@ def inject(train: pa.Table, val: pa.Table, documents: pa.Table, params: InjectPa
 
 
 @click.command("inject")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--out", "out_file", default="data/03_generated/injected.parquet", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/inject.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its inject section.")
+@click.option("--train", "train_file", required=True,
+              help="Human train split (split's train.parquet): one row per seed QA pair; the duplicate, "
+                   "near-duplicate and paraphrase kinds are planted from it.")
+@click.option("--val", "val_file", required=True,
+              help="Held-out human rows the other kinds and the clean controls come from (split's "
+                   "val_control.parquet): one row per seed QA pair.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document.")
+@click.option("--out", "out_file", required=True,
+              help="Writes one row per planted error or clean control, with its ground-truth label, here "
+                   "(Parquet).")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the rows requested, produced and not applicable per kind here (JSON).")
 def cli(params_file: str, train_file: str, val_file: str, documents_file: str, out_file: str,
         metrics_file: str) -> None:
     """Plant known errors with ground-truth labels in held-out seed rows, to measure the gates."""

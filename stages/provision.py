@@ -79,9 +79,13 @@ def provision(params: ProvisionParams, out: Path, log=lambda s: None) -> dict[st
 
 
 @click.command("provision")
-@click.option("--params", "params_file", default="params.yaml", show_default=True, help="Params file.")
-@click.option("--out", "out_dir", default="models/base", show_default=True, help="Folder for models and PROVENANCE.")
-@click.option("--metrics", "metrics_file", default="metrics/provision.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its provision section.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes the provisioned models here: one folder per role (teacher, judge, student, embedder) "
+                   "with its PROVENANCE.json, and the weights under weights/<model>/.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes what each role resolved to here (JSON: model id, revision or hash).")
 def cli(params_file: str, out_dir: str, metrics_file: str) -> None:
     """Resolve teacher, judge, student and embedder models into models/base with provenance."""
     from refinery.core.io import atomic_outputs

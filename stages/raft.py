@@ -211,14 +211,22 @@ def jsonl(table: pa.Table, seed: int) -> str:
 
 
 @click.command("raft")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--datasets", "datasets_dir", required=True, help="data/06_datasets: reads <raft.arm>.parquet.")
-@click.option("--documents", "documents_file", required=True)
-@click.option("--test", "test_file", required=True, help="The human test split (retrieval check).")
-@click.option("--models", "models_dir", required=True, help="Provisioned models folder (the embedder role).")
-@click.option("--cache", "cache_dir", required=True, help="Embedding cache folder.")
-@click.option("--out", "out_dir", required=True, help="Writes raft.parquet and raft.jsonl here.")
-@click.option("--metrics", "metrics_file", required=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its raft section.")
+@click.option("--datasets", "datasets_dir", required=True,
+              help="Assemble's output folder: reads <raft.arm>.parquet (one row per training example).")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; gold passages and "
+                   "distractors.")
+@click.option("--test", "test_file", required=True,
+              help="Human test split (split's test.parquet): one row per seed QA pair; the retrieval check.")
+@click.option("--models", "models_dir", required=True,
+              help="Provisioned models folder (provision's --out): the embedder role is read from it.")
+@click.option("--cache", "cache_dir", required=True, help="Embedding cache folder (created if missing).")
+@click.option("--out", "out_dir", required=True,
+              help="Writes raft.parquet (one retrieval-grounding example per row of the arm) and raft.jsonl here.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the row and distractor counts and the retrieval check here (JSON).")
 def cli(params_file, datasets_dir, documents_file, test_file, models_dir, cache_dir, out_dir, metrics_file) -> None:
     """Export an arm's rows with gold passages and distractors (RAFT-style), with a retrieval check."""
     from refinery.training import lora

@@ -111,22 +111,28 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
 
 
 @click.command("report")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--metrics-dir", default="metrics", show_default=True,
-              help="Reads split, assemble, gate, gate_injection, recover JSON, train/<run> and eval/<run> from here.")
-@click.option("--predictions-dir", default="data/07_eval", show_default=True,
-              help="Reads base.parquet and <arm>-s<seed>.parquet from here.")
-@click.option("--datasets-dir", default="data/06_datasets", show_default=True)
-@click.option("--adapters-dir", default="models/adapters", show_default=True,
-              help="Reads <run>/environment.json for the reproducibility block.")
-@click.option("--audit", "audit_dir", default="reports/audit", show_default=True, help="validate's <arm>.json files.")
-@click.option("--gated", "gated_dir", default="data/04_gated", show_default=True,
-              help="Gate verdicts (accepted, rejected, injected) for the gate-family overlap.")
-@click.option("--out", "out_file", default="reports/report.md", show_default=True)
-@click.option("--summary", "summary_file", default="metrics/report.json", show_default=True)
-@click.option("--trace", "trace_file", default="reports/report_trace.json", show_default=True)
-@click.option("--plots", "plots_dir", default="reports/plots", show_default=True,
-              help="Writes report_{f1,arms,metrics,gap,gate_overlap,recovery}.png here.")
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its report section, assemble.arms and train.seeds.")
+@click.option("--metrics-dir", required=True,
+              help="Folder of the stages' metrics files: reads split, assemble, gate, gate_injection and recover "
+                   ".json, train/<run>.json and eval/<run>.json (a stage not run is reported as such).")
+@click.option("--predictions-dir", required=True,
+              help="Evaluate's predictions folder: reads base.parquet and <arm>-s<seed>.parquet.")
+@click.option("--datasets-dir", required=True,
+              help="Assemble's output folder: reads <arm>.parquet (one row per training example).")
+@click.option("--adapters-dir", required=True,
+              help="Train's adapters folder: reads <run>/environment.json for the reproducibility block.")
+@click.option("--audit", "audit_dir", required=True, help="Validate's audit folder: reads <arm>.json.")
+@click.option("--gated", "gated_dir", required=True,
+              help="Gate's output folder: reads accepted, rejected and injected.parquet for the gate-family "
+                   "overlap.")
+@click.option("--out", "out_file", required=True, help="Writes the report here (Markdown).")
+@click.option("--summary", "summary_file", required=True,
+              help="Writes the report's headline figures here (JSON, a DVC metric).")
+@click.option("--trace", "trace_file", required=True,
+              help="Writes where each number and quote of the report comes from here (JSON).")
+@click.option("--plots", "plots_dir", required=True,
+              help="Writes the report's figures, report_{f1,arms,metrics,gap,gate_overlap,recovery}.png, here.")
 def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: str, adapters_dir: str,
         audit_dir: str, gated_dir: str, out_file: str, summary_file: str, trace_file: str, plots_dir: str) -> None:
     """Write reports/report.md and its plots from the metrics files; missing stages are reported as not run."""

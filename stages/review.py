@@ -40,12 +40,20 @@ def _tables(paths: tuple[str, ...]) -> dict[str, pa.Table]:
 
 @click.command("review")
 @click.option("--rows", "rows", multiple=True, required=True,
-              help="Rows to review, in precedence order (gated, recovered, datasets): files or folders.")
-@click.option("--documents", required=True, help="documents.parquet (evidence passages).")
-@click.option("--seeds", multiple=True, help="Human seed split files (lineage, rare-intent shares).")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--out", "out_dir", default="reports/review", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/review.json", show_default=True)
+              help="Rows to review, in precedence order (gated, recovered, datasets): Parquet files or folders of "
+                   "them; repeat the option.")
+@click.option("--documents", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; the evidence passages.")
+@click.option("--seeds", multiple=True,
+              help="Human seed split files (split's train, val, test.parquet), for lineage and rare-intent shares; "
+                   "repeat the option, or leave out to review without them.")
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its review section.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes index.html (the offline review page) and the Label Studio and Argilla exports of the "
+                   "review sample here.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the row, sample and rare-intent counts here (JSON).")
 def cli(rows, documents, seeds, params_file, out_dir, metrics_file) -> None:
     """Write OUT/index.html (offline, self-contained) and the review sample for Label Studio and Argilla."""
     p = load_section(params_file, "review", ReviewParams)

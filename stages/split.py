@@ -233,10 +233,15 @@ def split(documents: pa.Table, qa: pa.Table, params: SplitParams) -> SplitResult
 
 
 @click.command("split")
-@click.option("--in", "in_dir", default="data/01_seed", show_default=True, help="Ingest output folder.")
-@click.option("--out", "out_dir", default="data/02_split", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/split.json", show_default=True)
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--in", "in_dir", required=True,
+              help="Ingest's output folder: reads documents.parquet and qa.parquet from it.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes train, val and test.parquet (one row per human QA pair, split by document group) and "
+                   "val's two disjoint parts, val_calibration and val_control.parquet, here.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes rows per split, per val part and the leakage counts here (JSON).")
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its split section.")
 def cli(in_dir: str, out_dir: str, metrics_file: str, params_file: str) -> None:
     """Split seed QA into train/val/test by document group, without leakage."""
     from refinery.core.io import atomic_outputs, read_parquet

@@ -274,17 +274,25 @@ def read_documents(path: str) -> dict[str, str]:
 
 
 @click.command("train")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its train section.")
 @click.option("--dataset", "dataset_file", required=True,
-              help="An assembled dataset (data/06_datasets/<name>.parquet).")
+              help="An assembled dataset (assemble's <arm>.parquet): one row per training example.")
 @click.option("--name", required=True, help="The run's name (<arm>-s<seed>): adapter, metrics and plot files.")
 @click.option("--seed", type=int, default=None, help="This run's training seed (default: the first of train.seeds).")
-@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--models", "models_dir", default="models/base", show_default=True, help="Provisioned models folder.")
-@click.option("--out", "out_dir", required=True, help="Adapter folder (models/adapters/<name>).")
-@click.option("--metrics", "metrics_file", required=True, help="metrics/train_<name>.json")
-@click.option("--plots", "plots_dir", default="reports/plots", show_default=True,
+@click.option("--val", "val_file", required=True,
+              help="Human validation split (split's val.parquet): one row per seed QA pair; the adapter with the "
+                   "best loss on it is kept.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; the passages of the "
+                   "prompts.")
+@click.option("--models", "models_dir", required=True,
+              help="Provisioned models folder (provision's --out): the student role is fine-tuned.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes the LoRA adapter here (a folder: adapter weights, environment.json, training log).")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the run's train and val losses and its best step here (JSON).")
+@click.option("--plots", "plots_dir", required=True,
               help="Writes loss_<name>.png, train_loss_<name>.csv and val_loss_<name>.csv here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar with ETA on stderr.")
 def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_file: str, documents_file: str,

@@ -166,13 +166,23 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
 
 
 @click.command("train-reward")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
-@click.option("--base", "base_dir", default="models/base", show_default=True, help="Provisioned models folder.")
-@click.option("--out", "out_dir", default="models/reward", show_default=True)
-@click.option("--pairs", "pairs_file", default="data/03_preferences/pairs.parquet", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/train_reward.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its train_reward section and "
+                   "inject.unseen_families.")
+@click.option("--train", "train_file", required=True,
+              help="Human train split (split's train.parquet): one row per seed QA pair; "
+                   "the preference pairs are built from it.")
+@click.option("--val", "val_file", required=True,
+              help="Human validation split (split's val.parquet): one row per seed QA pair; the held-out pairs "
+                   "that measure pairwise accuracy are built from it.")
+@click.option("--base", "base_dir", required=True,
+              help="Provisioned models folder (provision's --out): the embedder role is the reward head's base.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes the trained reward model here (a folder: head weights and training record).")
+@click.option("--pairs", "pairs_file", required=True,
+              help="Writes the DPO preference pairs here (Parquet): one row per (prompt, chosen, rejected).")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the pair counts and the validation pairwise accuracy here (JSON).")
 def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir: str, pairs_file: str,
         metrics_file: str) -> None:
     """Export DPO preference pairs from the seed and train the embedded reward head (MiniLM, Bradley-Terry)."""

@@ -458,13 +458,26 @@ def base_model_path(base_dir: str) -> tuple[str, str]:
 
 
 @click.command("train-verifier")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--base", "base_dir", default="models/base", show_default=True, help="Provisioned models folder.")
-@click.option("--out", "out_dir", default="models/verifier", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/train_verifier.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its train_verifier section and "
+                   "inject.unseen_families.")
+@click.option("--train", "train_file", required=True,
+              help="Human train split (split's train.parquet): one row per seed QA pair; "
+                   "the verifier's training pairs are built from it.")
+@click.option("--val", "val_file", required=True,
+              help="Held-out human rows that calibrate the verifier's threshold (split's val_calibration.parquet): "
+                   "one row per seed QA pair.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; "
+                   "the evidence passages of the pairs.")
+@click.option("--base", "base_dir", required=True,
+              help="Provisioned models folder (provision's --out): the embedder role is the verifier's base, and "
+                   "the judge role gives the likelihood features when they are on.")
+@click.option("--out", "out_dir", required=True,
+              help="Writes the trained verifier here (a folder: head weights, combiner, calibrated threshold and "
+                   "training record).")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes the pair counts and the validation AUC, threshold and error rates here (JSON).")
 def cli(params_file: str, train_file: str, val_file: str, documents_file: str, base_dir: str, out_dir: str,
         metrics_file: str) -> None:
     """Train the embedded faithfulness verifier (MiniLM cross-encoder) and calibrate its threshold."""

@@ -283,24 +283,38 @@ def plot_diversity(records: list[dict[str, Any]], path: Path) -> None:
 
 
 @click.command("validate")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--datasets", "datasets_dir", default="data/06_datasets", show_default=True,
-              help="Folder holding <arm>.parquet for every arm of assemble.arms.")
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
-@click.option("--test", "test_file", default="data/02_split/test.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--models", "models_dir", default="models/base", show_default=True,
-              help="Provisioned models (the embedder, when validate.diversity.embedder is 'model').")
-@click.option("--cache", "cache_dir", default=".refinery/cache/validate", show_default=True,
-              help="Embedding cache.")
-@click.option("--expectations", "suites_dir", default="schemas/expectations", show_default=True,
-              help="Folder of the GE suites, <kind>.json.")
-@click.option("--audit", "audit_dir", default="reports/audit", show_default=True,
-              help="Writes <arm>.json here: one audit file per dataset.")
-@click.option("--data-docs", "docs_dir", default="reports/data_docs", show_default=True)
-@click.option("--plots", "plots_dir", default="reports/plots", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/validate.json", show_default=True)
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file; this stage reads its validate section and assemble.arms.")
+@click.option("--datasets", "datasets_dir", required=True,
+              help="Assemble's output folder: reads <arm>.parquet (one row per training example) for every arm "
+                   "of assemble.arms.")
+@click.option("--train", "train_file", required=True,
+              help="Human train split (split's train.parquet): one row per seed QA pair; the reference "
+                   "for intents, categories and diversity.")
+@click.option("--val", "val_file", required=True,
+              help="Human validation split (split's val.parquet): one row per seed QA pair; a dataset row leaking it "
+                   "fails.")
+@click.option("--test", "test_file", required=True,
+              help="Human test split (split's test.parquet): one row per seed QA pair; a dataset row leaking it "
+                   "fails.")
+@click.option("--documents", "documents_file", required=True,
+              help="Source documents (ingest's documents.parquet): one row per document; categories for "
+                   "concept coverage.")
+@click.option("--models", "models_dir", required=True,
+              help="Provisioned models folder (provision's --out): the embedder, when validate.diversity.embedder "
+                   "is 'model'.")
+@click.option("--cache", "cache_dir", required=True, help="Embedding cache folder (created if missing).")
+@click.option("--expectations", "suites_dir", required=True,
+              help="Folder of the Great Expectations suites: reads <suite>.json per arm (assemble.arms.<arm>.suite, "
+                   "else the arm's name).")
+@click.option("--audit", "audit_dir", required=True,
+              help="Writes <arm>.json here: one audit file per dataset (decision, failed checks, statistics).")
+@click.option("--data-docs", "docs_dir", required=True,
+              help="Writes the Great Expectations Data Docs here (a static HTML site, index.html).")
+@click.option("--plots", "plots_dir", required=True, help="Writes validate_diversity.png (diversity per dataset) here.")
+@click.option("--metrics", "metrics_file", required=True,
+              help="Writes a few flat figures per dataset here (JSON): size, synthetic share, duplicates, leaks, "
+                   "diversity.")
 @click.option("--warn-only", is_flag=True, help="Report failed checks but exit 0 (exploration only).")
 def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_file, models_dir, cache_dir, suites_dir,
         audit_dir, docs_dir, plots_dir, metrics_file, warn_only) -> None:

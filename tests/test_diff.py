@@ -53,6 +53,9 @@ pq.write_table(seed, "data/02_split/train.parquet")
 '''
 
 
+AUDIT = "reports/audit"  # where the fixture's stage writes its audit (it is no refinery validate stage)
+
+
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -109,7 +112,7 @@ def test_diff_between_two_commits_matches_duckdb_counts(project):
     # when diffed (read from the DVC cache: the workspace's outputs are not even there)
     shutil.rmtree(repo / "data" / "04_gated")
     try:
-        report = diff_revisions(repo, "main", "feature")
+        report = diff_revisions(repo, "main", "feature", DiffOptions(audit=AUDIT))
     finally:
         _run([sys.executable, "-m", "dvc", "checkout", "-q"], repo)
     by_name = {d["dataset"]: d for d in report["datasets"]}
@@ -159,12 +162,14 @@ def test_diff_cli_defaults_to_merge_base_vs_workspace_and_renders_markdown(proje
     report = json.loads(res.output)
     main_commit = subprocess.run(["git", "rev-parse", "main"], cwd=repo, capture_output=True, text=True).stdout
     assert report["rev_a"]["commit"] == main_commit.strip() and report["rev_b"]["rev"] == "workspace"
+    # the audit path defaults to the validate stage's --audit in dvc.yaml: this project declares none
+    assert not report["thresholds"]["available"] and "no stage 'validate'" in report["thresholds"]["reason"]
     explicit = diff_revisions(repo, "main", "feature", dvc_diffs=False)
     for got, want in zip(report["datasets"], explicit["datasets"]):
         assert {k: got[k] for k in ("dataset", "added", "removed", "changed")} == \
                {k: want[k] for k in ("dataset", "added", "removed", "changed")}
     # Markdown for a PR comment: the summary table, moved rows, thresholds, params, side-by-side samples
-    res = runner.invoke(cli, ["main", "feature", "--markdown", "--repo", str(repo),
+    res = runner.invoke(cli, ["main", "feature", "--markdown", "--repo", str(repo), "--audit", AUDIT,
                               "--out", str(repo.parent / "diff.md")])
     md = res.output
     assert "| dataset | rows before | rows after | added | removed | changed | changed columns |" in md
@@ -174,9 +179,23 @@ def test_diff_cli_defaults_to_merge_base_vs_workspace_and_renders_markdown(proje
     assert "| row | column | before | after |" in md and "<details>" in md
     assert (repo.parent / "diff.md").read_text() == md
     # the terminal table and the threshold exit code
-    res = runner.invoke(cli, ["main", "feature", "--repo", str(repo), "--fail-on-threshold", "--no-dvc-diffs"])
+    res = runner.invoke(cli, ["main", "feature", "--repo", str(repo), "--audit", AUDIT, "--fail-on-threshold",
+                              "--no-dvc-diffs"])
     assert res.exit_code == 1 and "Threshold violations after the change: curated" in res.output
     assert "dataset                         rows before" in res.output
+
+
+def test_diff_reads_the_audit_path_from_the_validate_stage_in_dvc_yaml(project, tmp_path):
+    # given the project with a validate stage declared, whose cmd names where the audit is
+    repo = tmp_path / "repo"
+    shutil.copytree(project["repo"], repo, symlinks=True)
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["validate"] = {"cmd": f"refinery validate --params params.yaml --audit {AUDIT}"}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    # when diffed without --audit
+    report = diff_revisions(repo, "main", "feature", dvc_diffs=False)
+    # then the threshold status is read from there
+    assert report["thresholds"]["available"] and report["violations"] == ["curated"]
 
 
 def _write(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:

@@ -121,8 +121,9 @@ def test_review_stage_writes_the_page_and_both_exports(tmp_path):
 def test_review_stage_fails_naming_a_missing_input_and_writes_nothing(tmp_path):
     with pytest.raises(InputError, match="recovered.parquet: file not found"):
         cli.main(["--rows", str(tmp_path / "recovered.parquet"), "--documents", str(tmp_path / "d.parquet"),
-                  "--params", str(_params(tmp_path)), "--out", str(tmp_path / "review")], standalone_mode=False)
-    assert not (tmp_path / "review").exists()
+                  "--params", str(_params(tmp_path)), "--out", str(tmp_path / "review"),
+                  "--metrics", str(tmp_path / "review.json")], standalone_mode=False)
+    assert not (tmp_path / "review").exists() and not (tmp_path / "review.json").exists()
 
 
 def test_embedded_data_cannot_close_the_script_tag():

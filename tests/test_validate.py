@@ -70,7 +70,8 @@ def write(tmp: Path, tables: dict[str, pa.Table], datasets: list[str] = tuple(AR
             "--val", str(tmp / "val.parquet"), "--test", str(tmp / "test.parquet"),
             "--documents", str(tmp / "documents.parquet"), "--expectations", str(root / "schemas" / "expectations"),
             "--audit", "reports/audit", "--data-docs", "reports/data_docs", "--plots", "reports/plots",
-            "--metrics", "metrics/validate.json", "--cache", "cache"]
+            "--metrics", "metrics/validate.json", "--cache", "cache",
+            "--models", str(tmp / "models")]  # not read: the hashing embedder needs no model
 
 
 def validate(tmp: Path, tables: dict[str, pa.Table], *extra: str, **params):

@@ -52,14 +52,30 @@ def main(argv: list[str]) -> int:
     out = Path(".refinery/stage_times.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"stages_s": times, "total_s": total, "exit_code": code}, indent=2) + "\n")
-    results = [("report", "reports/report.md"), ("review page", "reports/review/index.html"),
-               ("Data Docs", "reports/data_docs/index.html"), ("audit", "reports/audit/<arm>.json"),
-               ("datasets", "data/06_datasets"), ("metrics", "metrics"), ("stage times", str(out))]
     print("\nresults:", file=sys.stderr)
-    for what, path in results:
-        if Path(path).exists():
+    for what, path in [*_results(), ("stage times", str(out))]:
+        if Path(path).parent.exists() if path.endswith("<arm>.json") else Path(path).exists():
             print(f"  {what:<12} {path}", file=sys.stderr)
     return code
+
+
+def _results() -> list[tuple[str, str]]:
+    """Where the results are: each read from the cmd of the stage that writes it in dvc.yaml."""
+    from refinery.core import dag
+    from refinery.core.errors import RefineryError
+
+    found = []
+    for what, stage, flag, name in (("report", "report", "--out", ""), ("review page", "review", "--out", "index.html"),
+                                    ("Data Docs", "validate", "--data-docs", "index.html"),
+                                    ("audit", "validate", "--audit", "<arm>.json"),
+                                    ("datasets", "assemble", "--out", ""), ("metrics", "report", "--metrics-dir", "")):
+        try:
+            path = dag.option(stage, flag)
+        except RefineryError as e:
+            print(f"timed_repro: {what}: {e}", file=sys.stderr)
+            continue
+        found.append((what, f"{path}/{name}" if name else path))
+    return found
 
 
 def _fmt(seconds: float) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from refinery.core import dag
 from refinery.core.errors import RefineryError
 
 # params.yaml section -> the params class of the stage that reads it
@@ -99,7 +100,9 @@ def run_checks(params_file: str | Path, base_dir: str | Path) -> list[str]:
 
 @click.command("check")
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--base", "base_dir", default="models/base", show_default=True, help="Provisioned models folder.")
+@click.option("--base", "base_dir", default=dag.default("provision", "--out", needed_for="--base"),
+              show_default="provision's --out in dvc.yaml",
+              help="Provisioned models folder: one subfolder per role with its PROVENANCE.json.")
 def cli(params_file: str, base_dir: str) -> None:
     """Check every params section, every model role and the seed input, listing all problems at once.
 

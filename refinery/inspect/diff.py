@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from refinery.core import dag
+from refinery.core.errors import RefineryError
 from refinery.inspect.artifacts import Snapshot, columns, default_base, repo_root
 
 SAMPLE_COLUMNS = ("origin", "strategy", "intent", "question", "answer", "gate_reasons", "diagnosis", "weight")
@@ -29,7 +31,8 @@ class DiffOptions:
         ignore_columns: columns left out of the comparison (e.g. wall-clock ``latency_s``).
         under: only artifacts below this folder are compared.
         audit: the validate stage's audit, read at both revisions for threshold status: a folder of one JSON per
-            dataset (reports/audit/<arm>.json) or one JSON file.
+            dataset (<audit>/<arm>.json) or one JSON file. None: the validate stage's ``--audit`` in the project's
+            dvc.yaml (no threshold status where it declares none).
         threads: DuckDB threads (None: DuckDB's default, all cores).
     """
 
@@ -37,7 +40,7 @@ class DiffOptions:
     sample: int = 3
     ignore_columns: tuple[str, ...] = ()
     under: str = "data/"
-    audit: str = "reports/audit"
+    audit: str | None = None
     threads: int | None = None
 
 
@@ -252,7 +255,17 @@ def read_audit(snap: Snapshot, path: str) -> dict | None:
     return {"datasets": records}
 
 
-def _thresholds(snap_a: Snapshot, snap_b: Snapshot, path: str) -> dict:
+def audit_path(root: str | Path) -> tuple[str | None, str]:
+    """Return the validate stage's ``--audit`` in ``root``'s dvc.yaml, or None and why there is none."""
+    try:
+        return dag.option("validate", "--audit", root, needed_for="--audit"), ""
+    except RefineryError as e:
+        return None, str(e)
+
+
+def _thresholds(snap_a: Snapshot, snap_b: Snapshot, path: str | None, why: str = "") -> dict:
+    if path is None:
+        return {"available": False, "reason": why, "datasets": []}
     before, after = read_audit(snap_a, path), read_audit(snap_b, path)
     if before is None and after is None:
         return {"available": False, "reason": f"{path} not found at either revision", "datasets": []}
@@ -325,6 +338,7 @@ def diff_revisions(root: str | Path, rev_a: str | None, rev_b: str | None, opts:
     root = Path(root)
     rev_a = rev_a or default_base(root)
     snap_a, snap_b = Snapshot(root, rev_a), Snapshot(root, rev_b)
+    audit, why = (opts.audit, "") if opts.audit else audit_path(root)
     try:
         files_a, files_b = snap_a.parquet_outs(opts.under), snap_b.parquet_outs(opts.under)
         keyed_a = {n: p for n, p in files_a.items() if opts.key in columns(p)}
@@ -339,7 +353,7 @@ def diff_revisions(root: str | Path, rev_a: str | None, rev_b: str | None, opts:
             "key": opts.key,
             "datasets": datasets,
             "moved": _moved(con, keyed_b),
-            "thresholds": _thresholds(snap_a, snap_b, opts.audit),
+            "thresholds": _thresholds(snap_a, snap_b, audit, why),
         }
         if dvc_diffs:
             report["metrics"], report["params"], report["errors"] = _dvc_diffs(root, rev_a, rev_b)
@@ -493,8 +507,9 @@ def _detail(d: dict, markdown: bool) -> str:
 @click.option("--sample", default=3, show_default=True, help="Sample rows shown per kind and dataset.")
 @click.option("--ignore-column", "ignore", multiple=True, help="Leave a column out of the comparison (repeatable).")
 @click.option("--under", default="data/", show_default=True, help="Compare artifacts below this folder.")
-@click.option("--audit", default="reports/audit", show_default=True,
-              help="Validate audit (thresholds): a folder of <dataset>.json, or one JSON file.")
+@click.option("--audit", default=None,
+              help="Validate audit (thresholds): a folder of <dataset>.json, or one JSON file (default: the validate "
+                   "stage's --audit in dvc.yaml).")
 @click.option("--no-dvc-diffs", is_flag=True, help="Skip `dvc metrics diff` / `dvc params diff`.")
 @click.option("--fail-on-threshold", is_flag=True, help="Exit 1 when a dataset threshold fails after the change.")
 @click.option("--threads", type=int, default=None, help="DuckDB threads (default: all cores).")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from refinery.core import dag
+
 # distribution -> import name (checked by metadata only: nothing heavy is imported)
 REQUIRED = ("torch", "transformers", "peft", "sentence-transformers", "dvc", "pandera", "pyarrow", "duckdb",
             "great-expectations", "click", "pydantic", "gguf", "accelerate", "rensa", "tenacity", "httpx", "aiohttp")
@@ -105,7 +107,9 @@ def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | 
 
 @click.command("doctor")
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--base", "base_dir", default="models/base", show_default=True, help="Provisioned models folder.")
+@click.option("--base", "base_dir", default=dag.default("provision", "--out", needed_for="--base"),
+              show_default="provision's --out in dvc.yaml",
+              help="Provisioned models folder: one subfolder per role with its PROVENANCE.json.")
 def cli(params_file: str, base_dir: str) -> None:
     """Check installed packages and that every role's model resolves."""
     problems = []
