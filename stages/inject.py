@@ -252,7 +252,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, o
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
-    table, metrics = inject(train, val, documents, params, code_version(sys.modules[__name__], corruptions))
+    table, metrics = inject(train, val, documents, params, code_version(sys.modules[__name__]))
     table = injected_schema.CONTRACT.validate(table, out_file)
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, injected_schema.ARROW)

@@ -290,8 +290,6 @@ def read_documents(path: str) -> dict[str, str]:
 def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_file: str, documents_file: str,
         models_dir: str, out_dir: str, metrics_file: str, plots_dir: str, progress: bool) -> None:
     """Fine-tune the student with LoRA on one dataset; keep the adapter with the best human val loss."""
-    from refinery.training import lora
-    from refinery.training import sft
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
     from schemas import datasets as datasets_schema
@@ -307,7 +305,7 @@ def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_fi
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = read_documents(documents_file)
     ref, student_id = student_path(models_dir)
-    version = code_version(sys.modules[__name__], lora, sft)
+    version = code_version(sys.modules[__name__])
     inputs = {"dataset": sha256_file(Path(dataset_file)), "val": sha256_file(Path(val_file)),
               "documents": sha256_file(Path(documents_file))}
     plots = Path(plots_dir)

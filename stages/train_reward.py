@@ -176,8 +176,6 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
 def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir: str, pairs_file: str,
         metrics_file: str) -> None:
     """Export DPO preference pairs from the seed and train the embedded reward head (MiniLM, Bradley-Terry)."""
-    from refinery.planted import corruptions
-    from refinery.models import reward
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
     from refinery.models.verifier import TRAINING_FILE
@@ -189,7 +187,7 @@ def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     base_path, base_id = base_model_path(base_dir)
-    version = code_version(sys.modules[__name__], corruptions, reward)
+    version = code_version(sys.modules[__name__])
     inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file)}
     import importlib.metadata as md
 

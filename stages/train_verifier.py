@@ -500,16 +500,13 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
     inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file), "documents": file_sha256(documents_file)}
     if params.snli_path:
         inputs["snli"] = file_sha256(params.snli_path)
-    from refinery.planted import corruptions
-    from refinery.models import verifier
-
     with atomic_outputs() as outputs:
         folder = outputs.folder(out_dir)
         result = train_verifier_core(train, val, documents, params, base_path, folder, snli=snli, judge=judge,
                                      judge_id=judge_id, embedder=embedder, unseen_kinds=unseen,
                                      log=lambda s: click.echo(s, err=True))
         record = training_record(params, result, inputs=inputs, base_id=base_id, task="faithfulness_verifier",
-                                 code_version=code_version(sys.modules[__name__], corruptions, verifier))
+                                 code_version=code_version(sys.modules[__name__]))
         (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         outputs.json(result.metrics, metrics_file)
     v = result.metrics["val"]

@@ -14,7 +14,7 @@ PACKAGES = ("refinery", "stages", "schemas")
 # Plumbing that does not shape any output's content: error types, atomic writes and their scratch, params loading,
 # progress lines, provenance stamps.
 PLUMBING = {"refinery/core/errors.py", "refinery/core/io.py", "refinery/core/scratch.py", "refinery/core/params.py", "refinery/core/progress.py",
-            "refinery/core/provenance.py"}
+            "refinery/core/provenance.py", "refinery/core/codehash.py"}
 
 
 def _imports(path: Path) -> set[str]:
