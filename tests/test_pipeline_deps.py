@@ -106,12 +106,37 @@ def test_a_fingerprint_lists_every_project_module_the_stage_loads_and_no_plumbin
     assert f"stages.{stage}" in listed
 
 
-def test_the_closure_follows_imports_inside_functions_and_the_packages_on_the_way():
+def test_the_closure_follows_imports_inside_functions():
     # the stages import heavy modules lazily, inside functions: those count
     found = closure("stages.train_verifier", ROOT)
     assert {"refinery.models.grounding", "refinery.models.verifier"} <= found
-    # importing refinery.models.backends.local runs refinery/models/backends/__init__.py first
-    assert "refinery.models.backends" in closure("stages.train", ROOT)
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_a_package_run_on_the_way_counts_with_what_it_imports_on_import_only(tmp_path):
+    # given a package whose __init__ imports a module whose function imports another module lazily
+    root = _write(tmp_path, {
+        "refinery/__init__.py": '"""Top."""\n',
+        "refinery/pkg/__init__.py": "from refinery.pkg.used import f\n",
+        "refinery/pkg/used.py": "def f():\n    from refinery.pkg.lazy import g\n    return g()\n",
+        "refinery/pkg/lazy.py": "def g():\n    return 1\n",
+        "refinery/pkg/leaf.py": "X = 1\n",
+        "stages/__init__.py": "",
+        "stages/a.py": "def run():\n    from refinery.pkg.leaf import X\n    return X\n",
+        "stages/b.py": "from refinery.pkg import used\n",
+    })
+    # when a stage imports only a module of the package, Python runs the package's import-time code: its
+    # import of `used` counts, but `used`'s functions never run, so `lazy` does not
+    assert closure("stages.a", root) == {"stages", "stages.a", "refinery", "refinery.pkg", "refinery.pkg.leaf",
+                                         "refinery.pkg.used"}
+    # when a stage imports `used` by name, any of its functions may run: `lazy` counts
+    assert "refinery.pkg.lazy" in closure("stages.b", root)
 
 
 def test_plumbing_is_followed_but_not_fingerprinted():

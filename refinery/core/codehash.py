@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from refinery.core.errors import RefineryError
@@ -60,14 +60,25 @@ def _parse(path: Path) -> ast.Module:
         raise RefineryError(f"{path}: cannot be parsed as Python ({e})") from None
 
 
-def imported_modules(tree: ast.AST) -> set[str]:
-    """Return the project names imported anywhere in ``tree`` (top level and inside functions).
+def _run_on_import(tree: ast.AST) -> Iterator[ast.AST]:
+    """Yield the nodes Python runs when it imports the module: all but function bodies (class bodies run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node)
+                    if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
+def imported_modules(tree: ast.AST, *, on_import_only: bool = False) -> set[str]:
+    """Return the project names imported in ``tree``: anywhere (inside functions too), or only where Python runs
+    them on import (``on_import_only``).
 
     ``from a.b import c`` yields ``a.b`` and ``a.b.c`` (``c`` may be a module); names that are no module are
     dropped by :func:`closure`. Relative imports are not used in this project and are not followed.
     """
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in (_run_on_import(tree) if on_import_only else ast.walk(tree)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.split(".")[0] in PACKAGES:
                 found.add(node.module)
@@ -77,31 +88,41 @@ def imported_modules(tree: ast.AST) -> set[str]:
     return found
 
 
-def _with_packages(module: str) -> list[str]:
-    """Return ``module`` and the packages Python imports on the way to it (``a``, ``a.b`` for ``a.b.c``)."""
+def _packages_of(module: str) -> list[str]:
+    """Return the packages Python runs on the way to ``module`` (``a`` and ``a.b`` for ``a.b.c``)."""
     parts = module.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+_ON_IMPORT, _CALLED = 1, 2  # how much of a module can run: its import-time code only, or any of its functions
 
 
 def closure(start: str, root: Path | None = None) -> set[str]:
-    """Return every project module reachable by imports from the module ``start``, itself included.
+    """Return every project module whose code can run when the module ``start`` runs, ``start`` included.
 
-    Imports inside functions count (the stages import heavy modules lazily), and so do the packages
-    (``__init__`` modules) Python runs on the way to a module.
+    A module named by an import statement (anywhere: the stages import heavy modules inside functions) may have
+    any of its functions called, so every import in it counts. A package Python runs on the way to a module
+    (``refinery/models/backends/__init__.py`` before ``refinery.models.backends.local``) runs only its
+    import-time code, so only the imports that code makes count (and so on, at import time); its functions
+    run only for a caller that imports it by name, which makes it count whole.
     """
     root = project_root() if root is None else root
     if module_file(start, root) is None:
         raise RefineryError(f"module {start}: no file {start.replace('.', '/')}.py under {root}")
-    seen: set[str] = set()
-    todo = _with_packages(start)
+    reach: dict[str, int] = {}
+    trees: dict[str, ast.Module] = {}
+    todo = [(start, _CALLED)] + [(p, _ON_IMPORT) for p in _packages_of(start)]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, how = todo.pop()
+        if reach.get(name, 0) >= how or module_file(name, root) is None:
             continue
-        seen.add(name)
-        for imported in imported_modules(_parse(module_file(name, root))):
-            todo.extend(m for m in _with_packages(imported) if m not in seen and module_file(m, root))
-    return seen
+        reach[name] = how
+        if name not in trees:
+            trees[name] = _parse(module_file(name, root))
+        for imported in imported_modules(trees[name], on_import_only=how == _ON_IMPORT):
+            todo.append((imported, how))
+            todo.extend((p, _ON_IMPORT) for p in _packages_of(imported))
+    return set(reach)
 
 
 def _strip_docstrings(tree: ast.Module) -> ast.Module:
