@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 ## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first);
-## `refinery check` first (params, models, seed input: before DVC removes any output), then dvc repro, with
+## the code fingerprints first (fingerprints/<stage>.json, committed: commit them with the code that changed them),
+## `refinery check` (params, models, seed input: before DVC removes any output), then dvc repro, with
 ## the wall time of each stage printed at the end (.refinery/stage_times.json).
 PROFILE ?=
 repro: install
 	@if [ -n "$(PROFILE)" ]; then refinery profile apply $(PROFILE); fi
+	dvc repro --single-item fingerprint
 	refinery check
 	python tools/timed_repro.py
 

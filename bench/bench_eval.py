@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from refinery.training import lora
     from refinery.core.io import read_parquet
-    from stages.train import read_documents, student_path
+    from refinery.training.student import read_documents, student_path
 
     test = read_parquet(args.split).slice(0, args.rows).to_pylist()
     documents = read_documents(args.documents)

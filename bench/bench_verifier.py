@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refinery.core import dag  # noqa: E402
 from refinery.planted import corruptions as corr  # noqa: E402
 from refinery.models.verifier import load_verifier, roc_auc, threshold_for_frr  # noqa: E402
-from stages.train_verifier import build_pairs  # noqa: E402
+from refinery.models.verifier_pairs import build_pairs  # noqa: E402
 
 
 @click.command()

@@ -12,6 +12,7 @@ from refinery.core.errors import RefineryError, os_error
 
 # name -> (module:attribute, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "fingerprint": ("stages.fingerprint:cli", "Write each stage's code fingerprint (AST hashes of its import closure)."),
     "provision": ("stages.provision:cli", "Resolve teacher, judge, student and embedder models into models/base."),
     "ingest": ("stages.ingest:cli", "Read seed documents and QA pairs into Parquet with stable ids."),
     "split": ("stages.split:cli", "Split seed QA into train/val/test by document group, without leakage."),

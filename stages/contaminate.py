@@ -104,7 +104,7 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     table, stats, seconds = generation.execute(
         planned, backend, cache_file, documents, batch_size=params.batch_size, origin="contaminated",
         teacher_id=teacher_id, phash=params_hash(params),
-        code_version=code_version(sys.modules[__name__], strat, generation), desc="contaminate", quiet=quiet)
+        code_version=code_version(sys.modules[__name__]), desc="contaminate", quiet=quiet)
     metrics = {"answer_share": params.answer_share, **outcome_metrics(table)}
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, synthetic_schema.ARROW)

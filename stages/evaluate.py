@@ -15,7 +15,7 @@ from pydantic import Field
 
 from refinery.core.errors import InputError, RefineryError
 from refinery.core.params import StageParams, load_section, params_hash
-from stages.train import TrainParams
+from refinery.training.student import TrainParams, read_documents, student_path
 
 TEST_COLUMNS = ("row_id", "qa_id", "doc_id", "question", "answer")
 BASE = "base"  # the model name of the untuned student
@@ -200,7 +200,6 @@ def cli(params_file: str, name: str, adapter_dir: str | None, test_file: str, do
     from refinery.models.resolve import load_target
     from schemas import predictions as pred_schema
     from schemas import split as split_schema
-    from stages.train import read_documents, student_path
 
     params = load_section(params_file, "evaluate", EvaluateParams)
     train_params = load_section(params_file, "train", TrainParams)

@@ -192,7 +192,7 @@ def cli(input_path: str, out_dir: str, metrics_file: str, params_file: str) -> N
     source = adapters.read_source(params.format, input_path, hf_split=params.hf_split,
                                   drop_none_of_the_above=params.cosmosqa_drop_none_of_the_above,
                                   unknown_columns=params.unknown_columns)
-    result = ingest(source, params, code_version(sys.modules[__name__], adapters))
+    result = ingest(source, params, code_version(sys.modules[__name__]))
     out = Path(out_dir)
     documents = documents_schema.CONTRACT.validate(result.documents, str(out / "documents.parquet"))
     qa = qa_schema.CONTRACT.validate(result.qa, str(out / "qa.parquet"))

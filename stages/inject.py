@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -13,7 +12,7 @@ from pydantic import Field, field_validator
 
 from refinery.planted import corruptions
 from refinery.planted.corruptions import FACTUAL_KINDS, Corruption
-from refinery.core.errors import RefineryError
+from refinery.core.errors import RefineryError, require_columns
 from refinery.core.params import StageParams, load_section, params_hash
 from refinery.core.text import match_key, sha256_hex, stable_id
 from schemas import injected as injected_schema
@@ -58,12 +57,6 @@ class InjectParams(StageParams):
         if len(set(kinds)) != len(kinds):
             raise ValueError("kinds must not repeat")
         return kinds
-
-
-def _require(table: pa.Table, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise RefineryError(f"inject: the {what} table has no column(s) {', '.join(missing)}")
 
 
 def _kind_rng(seed: int, kind: str) -> np.random.Generator:
@@ -183,8 +176,8 @@ def inject(train: pa.Table, val: pa.Table, documents: pa.Table, params: InjectPa
         RefineryError: a missing column, a source row whose document is absent, or an empty source split.
     """
     for table, what in ((train, "train"), (val, "val")):
-        _require(table, QA_COLUMNS, what)
-    _require(documents, DOCUMENT_COLUMNS, "documents")
+        require_columns(table, QA_COLUMNS, f"inject {what}")
+    require_columns(documents, DOCUMENT_COLUMNS, "inject documents")
     sources = {"train": train.to_pylist(), "val": val.to_pylist()}
     docs = documents.select(list(DOCUMENT_COLUMNS)).to_pylist()
     known = {d["doc_id"] for d in docs}
@@ -261,7 +254,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, o
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
-    table, metrics = inject(train, val, documents, params, code_version(sys.modules[__name__], corruptions))
+    table, metrics = inject(train, val, documents, params, code_version(sys.modules[__name__]))
     table = injected_schema.CONTRACT.validate(table, out_file)
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, injected_schema.ARROW)

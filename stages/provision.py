@@ -8,45 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import Field
 
 from refinery.models import resolve
-from refinery.core.params import StageParams, load_section
-
-ROLES = ("teacher", "judge", "student", "embedder")
-
-
-class EndpointSpec(StageParams):
-    """An OpenAI-compatible server; the API key is read from ``api_key_env`` at run time, never stored."""
-
-    endpoint: str
-    model: str
-    api_key_env: str | None = None
-    # client settings (throughput only; none changes a row): requests in flight, per-read timeout, retry budgets
-    concurrency: int | None = Field(default=None, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0)
-    max_retries: int | None = Field(default=None, ge=0)
-    max_malformed_retries: int | None = Field(default=None, ge=0)
-    backoff_initial_s: float | None = Field(default=None, ge=0)
-    backoff_max_s: float | None = Field(default=None, ge=0)
-
-
-class ProvisionParams(StageParams):
-    """Which model each role uses (see params.yaml for accepted forms)."""
-
-    teacher: str | EndpointSpec
-    judge: str | EndpointSpec
-    student: str | EndpointSpec
-    embedder: str | EndpointSpec
-
-
-def _raw(value: str | EndpointSpec) -> Any:
-    return value.model_dump(exclude_none=True) if isinstance(value, EndpointSpec) else value
+from refinery.core.params import load_section
+from refinery.models.provision import ROLES, ProvisionParams, raw_spec
 
 
 def plan(params: ProvisionParams) -> dict[str, resolve.ModelSpec]:
     """Parse every role's spec (fails fast, before any conversion, on the first bad one)."""
-    return {role: resolve.parse_spec(role, _raw(getattr(params, role))) for role in ROLES}
+    return {role: resolve.parse_spec(role, raw_spec(getattr(params, role))) for role in ROLES}
 
 
 def provision(params: ProvisionParams, out: Path, log=lambda s: None) -> dict[str, Any]:

@@ -229,7 +229,6 @@ def jsonl(table: pa.Table, seed: int) -> str:
               help="Writes the row and distractor counts and the retrieval check here (JSON).")
 def cli(params_file, datasets_dir, documents_file, test_file, models_dir, cache_dir, out_dir, metrics_file) -> None:
     """Export an arm's rows with gold passages and distractors (RAFT-style), with a retrieval check."""
-    from refinery.training import lora
     from refinery.models.embed import Embedder
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.models.resolve import load_target
@@ -248,7 +247,7 @@ def cli(params_file, datasets_dir, documents_file, test_file, models_dir, cache_
     test = split_schema.CONTRACT.validate(read_parquet(test_file), test_file)
     target = load_target(models_dir, "embedder")
     embed = Embedder(target["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=target["id"]).embed
-    result = raft(dataset, documents, test, embed, params, code_version=code_version(sys.modules[__name__], lora))
+    result = raft(dataset, documents, test, embed, params, code_version=code_version(sys.modules[__name__]))
     out = Path(out_dir)
     table = raft_schema.CONTRACT.validate(result.table, str(out / "raft.parquet"))
     raft_schema.check_dataset(table, str(out / "raft.parquet"))

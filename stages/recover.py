@@ -446,7 +446,7 @@ def cli(params_file, rejected_file, accepted_file, injected_file, train_file, va
     templates = {n: load_template(Path(prompts_dir) / f"{n}.txt") for n in rec.TEMPLATES + GENERATION_STRATEGIES}
     teacher_id, backend = generation.teacher_backend(models_dir, params.batch_size, params.threads, params.dtype)
     phash = params_hash(params)
-    version = code_version(sys.modules[__name__], rec, generation)
+    version = code_version(sys.modules[__name__])
     nothing = (rejected.num_rows == 0 or params.budget == 0) and \
         (params.injected_budget == 0 or all(planted.column("gate_keep").to_pylist()))
     cache = Path(gate_cache)

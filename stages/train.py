@@ -15,52 +15,14 @@ from typing import Any
 import click
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
 
-from refinery.core.errors import InputError, RefineryError
-from refinery.core.params import StageParams, load_section, params_hash
+from refinery.core.errors import InputError, RefineryError, require_columns
+from refinery.core.params import load_section, params_hash
+from refinery.training.student import TrainParams, read_documents, student_path
 
 DATASET_COLUMNS = ("row_id", "doc_id", "question", "answer")
 ENVIRONMENT_FILE = "environment.json"
 LOG_FILE = "training_log.json"
-
-
-class TrainParams(StageParams):
-    """Knobs of the train stage (LoRA on the ``student`` role)."""
-
-    seeds: list[int] | None = Field(default=None, min_length=1)  # training seeds per arm (dvc.yaml's matrix)
-    seed: int | None = None  # this run's seed (torch, epoch composition, batch order); set by --seed; null: seeds[0]
-    r: int = Field(ge=1)  # LoRA rank
-    alpha: int = Field(ge=1)  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = Field(ge=0, lt=1)  # dropout on the LoRA input
-    target_modules: list[str] | None = None  # module names to adapt; null: peft's default for the architecture
-    top_layers: int | None = Field(default=None, ge=1)  # adapt only the last k blocks (causal); null: all
-    epochs: int = Field(ge=1)
-    lr: float = Field(gt=0)  # AdamW peak learning rate
-    batch_size: int = Field(ge=1)  # rows per forward pass
-    grad_accum: int = Field(ge=1)  # forward passes per optimizer step (effective batch = batch_size x grad_accum)
-    warmup_steps: int = Field(ge=0)  # linear warm-up, in optimizer steps (capped at the run's steps - 1)
-    max_steps: int | None = Field(default=None, ge=1)  # stop after this many optimizer steps; null: epochs decide
-    eval_every: int = Field(ge=0)  # optimizer steps between val-loss passes; 0: at the end of every epoch
-    max_length: int = Field(ge=16)  # tokens per example (prompt + answer); longer prompts lose their left end
-    max_answer_tokens: int = Field(ge=1)  # reference answers are cut to this many tokens
-    window_chars: int = Field(ge=0)  # passage = this many characters around the evidence; 0: whole document
-    threads: int = Field(ge=1)  # torch CPU threads
-    dtype: str = "float32"  # forward passes: float32 | bfloat16 (CPU autocast; weights and LoRA stay float32) |
-    # auto (bfloat16 where the CPU computes it natively)
-    probe_rows: int = Field(default=32, ge=1)  # training rows whose loss is measured before and after training
-    check_loss_decrease: bool = True  # fail when the probe rows' loss did not fall
-    val_rows: int | None = Field(default=None, ge=1)  # human val rows the val loss is measured on (a seeded sample,
-    # the same for every run); null: all
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_seed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("seed") is None:
-            if not data.get("seeds"):
-                raise ValueError("seeds: give at least one training seed")
-            data = {**data, "seed": data["seeds"][0]}
-        return data
 
 
 @dataclass(frozen=True)
@@ -69,12 +31,6 @@ class TrainOutcome:
 
     metrics: dict[str, Any]
     log: dict[str, Any]
-
-
-def _require(table: pa.Table, columns: tuple[str, ...], where: str) -> None:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise InputError(where, f"missing column(s) {', '.join(missing)}", field=missing[0])
 
 
 def dataset_weights(table: pa.Table, where: str) -> np.ndarray:
@@ -94,7 +50,7 @@ def build_examples(rows: pa.Table, documents: dict[str, str], tokenizer: Any, *,
     """Tokenise QA rows into training examples with the shared chat shape (:mod:`refinery.training.sft`)."""
     from refinery.training import lora
 
-    _require(rows, DATASET_COLUMNS, where)
+    require_columns(rows, DATASET_COLUMNS, where)
     out = []
     for r in rows.to_pylist():
         msgs = lora.messages_for(r, documents, params.window_chars, with_answer=True)
@@ -143,7 +99,7 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
     """
     from refinery.training import lora
 
-    _require(dataset, DATASET_COLUMNS, name)
+    require_columns(dataset, DATASET_COLUMNS, name)
     weights = dataset_weights(dataset, name)
     model, tokenizer, seq2seq = lora.load_student(student_ref, params.threads)
     train_ex = build_examples(dataset, documents, tokenizer, seq2seq=seq2seq, params=params, where=name)
@@ -253,26 +209,6 @@ def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
     return ",".join(columns) + "\n" + "".join(",".join(str(r[c]) for c in columns) + "\n" for r in rows)
 
 
-def student_path(models_dir: str) -> tuple[str, str]:
-    """Return (loadable path or HF id, provenance id) of the provisioned student."""
-    from refinery.models.resolve import backend_spec, load_target
-
-    target = load_target(models_dir, "student")
-    if "endpoint" in target:
-        raise RefineryError("student: an endpoint cannot be fine-tuned; name embedded:smollm2-135m-instruct, an HF id "
-                            "or a local folder in provision.student")
-    return backend_spec(target)["path"], target["id"]
-
-
-def read_documents(path: str) -> dict[str, str]:
-    """Return doc_id -> text from the ingested documents table."""
-    from refinery.core.io import read_parquet
-
-    table = read_parquet(path)
-    _require(table, ("doc_id", "text"), path)
-    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
-
-
 @click.command("train")
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               help="Params file; this stage reads its train section.")
@@ -298,8 +234,6 @@ def read_documents(path: str) -> dict[str, str]:
 def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_file: str, documents_file: str,
         models_dir: str, out_dir: str, metrics_file: str, plots_dir: str, progress: bool) -> None:
     """Fine-tune the student with LoRA on one dataset; keep the adapter with the best human val loss."""
-    from refinery.training import lora
-    from refinery.training import sft
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
     from schemas import datasets as datasets_schema
@@ -315,7 +249,7 @@ def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_fi
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = read_documents(documents_file)
     ref, student_id = student_path(models_dir)
-    version = code_version(sys.modules[__name__], lora, sft)
+    version = code_version(sys.modules[__name__])
     inputs = {"dataset": sha256_file(Path(dataset_file)), "val": sha256_file(Path(val_file)),
               "documents": sha256_file(Path(documents_file))}
     plots = Path(plots_dir)

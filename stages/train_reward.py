@@ -186,21 +186,19 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
 def cli(params_file: str, train_file: str, val_file: str, base_dir: str, out_dir: str, pairs_file: str,
         metrics_file: str) -> None:
     """Export DPO preference pairs from the seed and train the embedded reward head (MiniLM, Bradley-Terry)."""
-    from refinery.planted import corruptions
-    from refinery.models import reward
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
     from refinery.models.heads import TRAINING_FILE
+    from refinery.models.resolve import base_model_path, sha256_file
     from schemas import split as split_schema
-    from stages.train_verifier import base_model_path, file_sha256
 
     params = load_section(params_file, "train_reward", TrainRewardParams)
     unseen = corr.unseen_kinds(read_key(params_file, "inject.unseen_families", []), params_file)
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     base_path, base_id = base_model_path(base_dir)
-    version = code_version(sys.modules[__name__], corruptions, reward)
-    inputs = {"train": file_sha256(train_file), "val": file_sha256(val_file)}
+    version = code_version(sys.modules[__name__])
+    inputs = {"train": sha256_file(train_file), "val": sha256_file(val_file)}
     import importlib.metadata as md
 
     with atomic_outputs() as outputs:

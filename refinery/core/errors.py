@@ -32,6 +32,19 @@ class InputError(RefineryError):
         super().__init__(": ".join(where) + ": " + message)
 
 
+def require_columns(table, columns, where: str) -> None:
+    """Raise :class:`InputError` naming ``where`` and the first missing column unless ``table`` has ``columns``.
+
+    Args:
+        table: anything with ``column_names`` (a pyarrow Table).
+        columns: the column names the caller reads.
+        where: the file or input name for the message.
+    """
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(where, f"missing column(s) {', '.join(missing)}", field=missing[0])
+
+
 class ParamsError(RefineryError):
     """A params.yaml value that is missing or invalid."""
 

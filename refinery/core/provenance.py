@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
+from pathlib import Path
 from types import ModuleType
 
 from refinery import __version__
 
 
-def code_version(*modules: ModuleType) -> str:
-    """Return ``<refinery version>+<hash of the given modules' source>``.
+def code_version(stage: ModuleType | str) -> str:
+    """Return ``<refinery version>+<hash of the stage's code>``: the combined AST hash of its import closure.
 
-    Deterministic across machines and clones: it hashes source text, not a commit or a clock.
+    Comments, docstrings and formatting change nothing; any change to the code the stage can import does
+    (:mod:`refinery.core.codehash`). The hash is the one ``refinery fingerprint`` writes for the stage.
+
+    Args:
+        stage: the stage module (``sys.modules[__name__]``, also when run as ``python -m`` or as a script), or
+            its dotted module name.
     """
-    h = hashlib.sha256()
-    for module in sorted(modules, key=lambda m: m.__name__):
-        h.update(module.__name__.encode())
-        h.update(inspect.getsource(module).encode("utf-8"))
-    return f"{__version__}+{h.hexdigest()[:10]}"
+    from refinery.core.codehash import code_modules, combined_hash, module_name, project_root
+
+    if isinstance(stage, ModuleType):
+        stage = module_name(Path(stage.__file__), project_root())
+    return f"{__version__}+{combined_hash(code_modules(stage))[:10]}"

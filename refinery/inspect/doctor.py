@@ -74,7 +74,7 @@ def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | 
     from refinery.core.errors import RefineryError
     from refinery.models import resolve
     from refinery.core.params import load_section
-    from stages.provision import ROLES, ProvisionParams, _raw
+    from refinery.models.provision import ROLES, ProvisionParams, raw_spec
 
     rows = []
     try:
@@ -83,7 +83,7 @@ def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | 
         return [("provision", "-", str(e))]
     for role in ROLES:
         try:
-            spec = resolve.parse_spec(role, _raw(getattr(params, role)))
+            spec = resolve.parse_spec(role, raw_spec(getattr(params, role)))
             if spec.kind == "embedded":
                 entry, path, version = resolve.embedded_source(spec)
                 where = f"{entry.distribution} {version}: {path}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refinery.core.errors import ModelResolutionError
+from refinery.core.errors import ModelResolutionError, RefineryError
 
 PROVENANCE_FILE = "PROVENANCE.json"
 _HF_ID = re.compile(r"^(?:hf:)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
@@ -157,10 +157,10 @@ def embedded_source(spec: ModelSpec) -> tuple[EmbeddedModel, Path, str]:
     return entry, path, dist.version
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file's bytes."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -288,6 +288,16 @@ def load_target(base_dir: str | Path, role: str) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12] if files else None
     load["id"] = f"{record['kind']}:{record['spec']}@{record.get('revision') or record.get('model') or digest}"
     return load
+
+
+def base_model_path(base_dir: str | Path) -> tuple[str, str]:
+    """Return (loadable path or HF id, provenance id) of the provisioned embedder, the base of trained heads."""
+    target = load_target(base_dir, "embedder")
+    ref = target.get("path") or target.get("hf_id")
+    if ref is None:
+        raise RefineryError("embedder: an endpoint cannot be fine-tuned; name embedded:all-minilm-l6-v2, an HF id "
+                            "or a local folder in provision.embedder")
+    return ref, target["id"]
 
 
 def backend_spec(load: dict[str, Any], **local_options: Any) -> dict[str, Any]:

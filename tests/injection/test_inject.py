@@ -151,7 +151,7 @@ def test_contract_rejects_an_unknown_kind(tables):
 
 def test_missing_column_is_a_clear_error(tables):
     train, val, documents = tables
-    with pytest.raises(RefineryError, match=r"the val table has no column\(s\) evidence"):
+    with pytest.raises(InputError, match=r"inject val: field 'evidence': missing column\(s\) evidence"):
         inject(train, val.drop_columns(["evidence"]), documents, ALL, "test")
 
 
