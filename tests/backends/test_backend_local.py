@@ -148,6 +148,7 @@ def test_require_text_keeps_a_completion_from_opening_with_its_stop_string(local
     assert sampled.text.strip()
 
 
+@pytest.mark.slow
 def test_require_writes_the_answer_line_a_completion_would_have_left_out(local_backend):
     # given a question-and-answer prompt whose sampled completion (seeds 3 and 6) ends after the question line
     passage = "We could not find a church that we loved, so we kept looking."

@@ -176,6 +176,7 @@ def test_a_combiner_fitted_with_likelihood_features_needs_a_judge():
                          "weights": [0.0] * len(plain)}).needs_offsets
 
 
+@pytest.mark.slow
 def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(smol_dir):
     # given the embedded teacher as judge, and an answer with one word swapped for another word of the passage
     from refinery.models.backends.local import TransformersBackend
@@ -193,6 +194,7 @@ def test_the_small_teacher_finds_a_swapped_in_word_improbable_given_the_passage(
     assert x[1, copied] < x[0, copied] - 3.0 and x[0, new] == x[1, new] == 0.0
 
 
+@pytest.mark.slow
 def test_the_small_teacher_gains_more_from_removing_a_negation_the_passage_contradicts(smol_dir):
     # given the same "can't" answer to a passage that states it and to one that states the opposite
     from refinery.models.backends.local import TransformersBackend
@@ -295,6 +297,7 @@ def test_a_clean_rank_keeps_the_order_of_rows_beyond_every_clean_answer():
     assert 0 < p[0] < p[1] < 0.125 and 0.875 < p[5] < 1 and np.isnan(p[6])
 
 
+@pytest.mark.slow
 def test_boosted_trees_catch_a_cue_that_matters_only_beside_another_and_load_from_plain_json(tmp_path):
     import json
 
