@@ -35,6 +35,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _stage_args(replace: dict[str, str]) -> list[str]:
+    """The recover stage's options as dvc.yaml passes them (the one place paths live), some replaced."""
+    import shlex
+
+    cmd = shlex.split(yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["recover"]["cmd"])
+    args = cmd[cmd.index("recover") + 1:]
+    for i, a in enumerate(args):
+        if a in replace:
+            args[i + 1] = replace[a]
+    return args
+
+
 @click.command()
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 @click.option("--max-attempts", type=int, default=None, help="Calls per row (default: recover.max_attempts).")
@@ -53,9 +65,9 @@ def main(params_file: str, max_attempts: int | None, keep_dir: str | None) -> No
         bench_params = out / "params.yaml"
         bench_params.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "stages" / "recover.py"), "--params", str(bench_params),
-                        "--out", str(out / "recovered"), "--metrics", str(out / "recover.json"),
-                        "--table", str(out / "recover.md"), "--quiet"], check=True)
+        subprocess.run([sys.executable, str(ROOT / "stages" / "recover.py"), *_stage_args({
+            "--params": str(bench_params), "--out": str(out / "recovered"), "--metrics": str(out / "recover.json"),
+            "--table": str(out / "recover.md")}), "--quiet"], check=True)
         wall = time.perf_counter() - t0
         m = json.loads((out / "recover.json").read_text(encoding="utf-8"))
     a, n = m["adaptive"]["overall"], m["naive"]["overall"]

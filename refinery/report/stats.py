@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from refinery.gates.registry import family as gate_family
 from refinery.training.arms import BASE
 
 POWER = 0.8  # the power at which the minimum detectable difference is given
@@ -39,8 +40,8 @@ QUESTIONS = (
     ("human_vs_base", "Does fine-tuning on the human rows help at all (A human vs the untuned base)?", "human", BASE),
 )
 
-HEURISTIC_GATES = ("rules", "dedup", "overlap_ngram", "overlap_embedding")  # text rules and similarity bounds
-MODEL_GATES = ("faithfulness", "reward", "perplexity")  # learned or model-scored gates
+HEURISTIC_GATES = gate_family("heuristic")  # text rules and similarity bounds
+MODEL_GATES = gate_family("model")  # learned or model-scored gates
 
 
 @dataclass(frozen=True)
