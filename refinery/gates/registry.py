@@ -172,6 +172,11 @@ SPECS: tuple[GateSpec, ...] = (
                  "perplexity_error": FLUENCY},
         margins={"perplexity_too_high": Margin("max_perplexity", "max", relative=True)},
         needs_model=True, cascade=80, family="model"),
+    GateSpec(
+        "pii", gate="refinery.gates.pii:PiiGate", params="refinery.gates.pii:PiiParams", section="pii",
+        bounds=("email", "phone", "card", "min_phone_digits"),
+        reasons={"pii_email": UNGROUNDED, "pii_phone": UNGROUNDED, "pii_card": UNGROUNDED},
+        needs_model=False, cascade=40, family="heuristic"),
 )
 
 BY_NAME: dict[str, GateSpec] = {s.name: s for s in SPECS}
