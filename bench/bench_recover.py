@@ -49,6 +49,7 @@ def bench_args(stage: str, params_file: Path, out: Path) -> list[str]:
             for i, w in enumerate(words)]
 
 
+
 @click.command()
 @click.option("--params", "params_file", default="params.yaml", show_default=True)
 @click.option("--max-attempts", type=int, default=None, help="Calls per row (default: recover.max_attempts).")

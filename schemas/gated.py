@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from refinery.gates.registry import GATES
 from schemas import injected, synthetic
 from schemas.base import Contract
-
-GATES = ("rules", "dedup", "overlap_ngram", "overlap_embedding", "faithfulness", "reward", "perplexity")
 
 
 def gate_fields(gates: tuple[str, ...] = GATES) -> list[pa.Field]:

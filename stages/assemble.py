@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from refinery.training.arms import ArmRecipe, check_arms
 from refinery.core.errors import InputError
-from refinery.gates.run import DedupParams
+from refinery.gates.dedup import DedupParams
 from refinery.core.params import StageParams, load_section
 from schemas import datasets as datasets_schema
 from schemas.provenance import PROVENANCE_NAMES

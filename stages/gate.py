@@ -8,41 +8,49 @@ from pathlib import Path
 import click
 import pyarrow.compute as pc
 
-from refinery.planted.corruptions import unseen_kinds
-from refinery.gates.run import (GateParams, build_gates, compare_modes, judged_rows, load_models, reason_counts,
-                             run_gates, run_gates_by_kind)
 from refinery.core.params import load_section, read_key
+from refinery.gates.base import GateContext
+from refinery.gates.run import (GateParams, build_gates, calibrate, compare_modes, judged_rows, load_models,
+                                reason_counts, run_gates, run_gates_by_kind)
+from refinery.planted.corruptions import unseen_kinds
 from schemas.gated import GATES
 
 
 @click.command("gate")
-@click.option("--params", "params_file", default="params.yaml", show_default=True)
-@click.option("--synthetic", "synthetic_file", default="data/03_generated/synthetic.parquet", show_default=True)
-@click.option("--injected", "injected_file", default="data/03_generated/injected.parquet", show_default=True)
-@click.option("--train", "train_file", default="data/02_split/train.parquet", show_default=True)
-@click.option("--val", "val_file", default="data/02_split/val.parquet", show_default=True)
-@click.option("--documents", "documents_file", default="data/01_seed/documents.parquet", show_default=True)
-@click.option("--models", "models_dir", default="models/base", show_default=True)
-@click.option("--verifier", "verifier_dir", default="models/verifier", show_default=True)
-@click.option("--reward", "reward_dir", default="models/reward", show_default=True)
-@click.option("--cache", "cache_dir", default=".refinery/cache/gate", show_default=True,
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="Params file (its gate section; and inject.unseen_families).")
+@click.option("--synthetic", "synthetic_file", required=True, help="Generated rows to gate (Parquet).")
+@click.option("--injected", "injected_file", required=True,
+              help="Rows with planted errors (Parquet): gated to measure recall and false rejections.")
+@click.option("--train", "train_file", required=True,
+              help="Human train rows: the seed that dedup and overlap compare against (Parquet).")
+@click.option("--val", "val_file", required=True,
+              help="Human rows that calibrate the bounds params leave null (Parquet).")
+@click.option("--documents", "documents_file", required=True, help="Source documents (Parquet).")
+@click.option("--models", "models_dir", required=True, help="Provisioned base models folder (judge, embedder).")
+@click.option("--verifier", "verifier_dir", required=True, help="Trained verifier folder (judge: verifier, trained).")
+@click.option("--reward", "reward_dir", required=True, help="Trained reward model folder (model: trained).")
+@click.option("--cache", "cache_dir", required=True,
               help="Signature and embedding cache (threshold changes recompute nothing).")
-@click.option("--out", "out_dir", default="data/04_gated", show_default=True)
-@click.option("--metrics", "metrics_file", default="metrics/gate.json", show_default=True)
-@click.option("--injection-metrics", "injection_file", default="metrics/gate_injection.json", show_default=True)
-@click.option("--plots", "plots_dir", default="reports/plots", show_default=True)
+@click.option("--out", "out_dir", required=True,
+              help="Output folder: accepted, rejected and injected Parquet, and thresholds.json (every bound used).")
+@click.option("--metrics", "metrics_file", required=True, help="Counts per reason and gate (JSON).")
+@click.option("--injection-metrics", "injection_file", required=True,
+              help="Recall and false rejections on the planted errors (JSON).")
+@click.option("--plots", "plots_dir", required=True, help="Folder for the gate-overlap plots.")
 def cli(params_file, synthetic_file, injected_file, train_file, val_file, documents_file, models_dir, verifier_dir,
         reward_dir, cache_dir, out_dir, metrics_file, injection_file, plots_dir) -> None:
-    """Run every gate on generated rows and on planted errors; write accepted, rejected and their metrics."""
+    """Run every gate on generated rows and on planted errors; write accepted, rejected, thresholds and metrics."""
     import time
 
-    from refinery.planted.measure import evaluate_injection, gate_overlap, plot_overlap
     from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.planted.measure import evaluate_injection, gate_overlap, plot_overlap
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
     from schemas import injected as injected_schema
     from schemas import split as split_schema
     from schemas import synthetic as synthetic_schema
+    from schemas import thresholds as thresholds_schema
 
     t0 = time.perf_counter()
     params = load_section(params_file, "gate", GateParams)
@@ -54,14 +62,16 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     cache = Path(cache_dir)
     models = load_models(params, models_dir, verifier_dir, reward_dir, cache)
-    gates, thresholds = build_gates(params, train, val, documents, models, cache)
+    ctx = GateContext(train, documents, models, cache, calib=val)
+    thresholds = thresholds_schema.validate(calibrate(params, ctx), "calibrated thresholds")
+    gates = build_gates(thresholds, ctx)
     gated = gated_schema.CONTRACT.validate(run_gates(synthetic, gates, params.mode), "gated synthetic rows")
     # planted rows get every verdict in either mode, so recall, overlap and who-caught-what keep their meaning
     planted = gated_schema.INJECTED_CONTRACT.validate(run_gates_by_kind(injected, gates), "gated injected rows")
     keep = gated.column("gate_keep")
     accepted, rejected = gated.filter(keep), gated.filter(pc.invert(keep))
     judged = judged_rows(gated)
-    metrics = {**reason_counts(gated), "thresholds": thresholds, "mode": params.mode,
+    metrics = {**reason_counts(gated), "thresholds": thresholds_schema.review_copy(thresholds), "mode": params.mode,
                "rows_judged": judged, "rows_not_judged": {g: gated.num_rows - n for g, n in judged.items()},
                # which gates reject the same generated rows needs every verdict: full mode only
                "overlap": gate_overlap(gated, list(GATES)) if params.mode == "full" else None}
@@ -75,6 +85,7 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
         outputs.parquet(accepted, out / "accepted.parquet", gated_schema.SYNTHETIC_ARROW)
         outputs.parquet(rejected, out / "rejected.parquet", gated_schema.SYNTHETIC_ARROW)
         outputs.parquet(planted, out / "injected.parquet", gated_schema.INJECTED_ARROW)
+        outputs.json(thresholds, out / "thresholds.json")
         outputs.json(metrics, metrics_file)
         outputs.json(injection, injection_file)
         # (cascade mode has no overlap of generated rows: the plot then shows the planted rows', as the next one)

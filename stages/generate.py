@@ -19,6 +19,7 @@ from refinery.core.params import StageParams, load_section, params_hash
 from refinery.generation.prompts import Template
 from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
                                  teacher_backend)
+from refinery.generation.few_shot import sample_shots, shot_values
 from refinery.generation.teacher import Job, cache_key
 from refinery.core.text import sentence_spans
 from schemas import synthetic as synthetic_schema
@@ -119,13 +120,10 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                 windows = _windows(doc["text"], params.window_sentences)
                 fresh = [w for w in windows if w[1] <= span[0] or w[0] >= span[1]] or windows
                 span = fresh[int(rng.integers(len(fresh)))]
-            others = [r for r in rows if r["doc_id"] != parent["doc_id"]]
-            shot_rows = [others[i] for i in rng.choice(len(others), size=min(params.shots, len(others)),
-                                                       replace=False)] if tpl.shot and others else []
+            shot_rows = sample_shots(rows, parent["doc_id"], params.shots, rng) if tpl.shot else []
             values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
                       "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]]}
-            prompt = tpl.render(values, [{"question": r["question"], "answer": r["answer"], "evidence": r["evidence"],
-                                          "passage": r["evidence"], "title": ""} for r in shot_rows])
+            prompt = tpl.render(values, shot_values(shot_rows))
             request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
                                  temperature=params.temperature, top_p=params.top_p, stop=s.stop,
                                  seed=call_seed(params.seed, parent["row_id"], name, sample_index))

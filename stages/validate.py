@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from refinery.core.errors import InputError, RefineryError
 from refinery.core.params import StageParams, load_section
+from refinery.gates.dedup import DedupParams
 from schemas.datasets import Thresholds
 
 
@@ -27,14 +28,6 @@ class ChecksFailed(RefineryError):
     """A dataset broke a threshold: the run fails (exit 1) after printing one line per failed check."""
 
     exit_code = 1  # input and params errors exit 2
-
-
-class NearDuplicateParams(StageParams):
-    """MinHash near-duplicate settings for the within-dataset and cross-split checks."""
-
-    max_jaccard: float = Field(gt=0, le=1)
-    num_perm: int = Field(gt=0)
-    shingle: int = Field(gt=0, le=8)
 
 
 class DiversityParams(StageParams):
@@ -51,7 +44,7 @@ class DiversityParams(StageParams):
 class ValidateParams(StageParams):
     """Knobs of the validate stage: near-duplicate and diversity settings, and thresholds per dataset kind."""
 
-    near_duplicate: NearDuplicateParams
+    near_duplicate: DedupParams  # MinHash near-duplicate settings of the within-dataset and cross-split checks
     diversity: DiversityParams
     defaults: Thresholds
     thresholds: dict[str, dict[str, int | float]] = {}  # per kind: overrides of the defaults

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from refinery.generation import calls as generation
-from refinery.recovery import loop as rec
-from refinery.models.backends.fake import FakeBackend
 from refinery.core.errors import RefineryError
 from refinery.gates.base import Verdicts
 from refinery.gates.dedup import DedupGate
-from refinery.gates.run import run_gates
+from refinery.gates.faithfulness import FaithfulnessGate
+from refinery.gates.registry import BY_NAME, REASONS, UnknownReasonError
 from refinery.generation.prompts import load_template
 from refinery.generation.strategies import GENERATION_STRATEGIES
+from refinery.models.backends.fake import FakeBackend
+from refinery.planted.truth import injected_error_present
+from refinery.recovery.actions import ACTIONS, TEMPLATES, next_action
+from refinery.recovery.diagnose import Bounds, Diagnosis, diagnose, salvage_question
+from refinery.recovery.loop import priority
+from refinery.recovery.metrics import report_table
+from refinery.recovery.run import RecoverParams, check_params, recover
 from schemas import recovered as recovered_schema
 from schemas.gated import GATES, INJECTED_ARROW, SYNTHETIC_ARROW
 from schemas.injected import INJECTION_FIELDS
-from stages.recover import Margins, RecoverParams, check_params, recover, report_table
+from schemas.thresholds import validate as valid_thresholds
 from tests.conftest import ROOT
 from tests.gates.conftest import rows as synthetic_rows
 
@@ -28,10 +34,26 @@ EVIDENCE = (0, 34)  # "Refunds are issued within 14 days."
 DOCS = pa.table({"doc_id": ["d1", "d2"], "text": [TEXT, "Old refunds took 30 days."], "stale": [False, True]})
 TRAIN = pa.table({"row_id": ["qa_" + "1" * 16], "doc_id": ["d1"], "question": ["How long do refunds take?"],
                   "answer": ["Within 14 days."], "evidence": ["Refunds are issued within 14 days."]})
-BOUNDS = rec.Bounds(min_support=0.5, min_reward=0.5, max_perplexity=100.0, min_perplexity=1.5, max_cosine=0.85,
-                    max_ngram_overlap=0.3, max_jaccard=0.55,
-                    margins={"faithfulness": 0.05, "reward": 0.05, "overlap_embedding": 0.02, "overlap_ngram": 0.05,
-                             "dedup": 0.05, "perplexity": 0.2})
+
+
+def _thresholds() -> dict:
+    """Every bound the gates judge with, as the gate stage writes them to thresholds.json: the project's gate params
+    with the calibrated bounds set (support 0.5, reward 0.5, perplexity at most 100)."""
+    import yaml
+
+    from refinery.gates.base import GateContext
+    from refinery.gates.run import GateParams, calibrate
+
+    gate = yaml.safe_load((ROOT / "params.yaml").read_text())["gate"]
+    gate["faithfulness"]["min_support"], gate["reward"]["min_reward"] = 0.5, 0.5
+    gate["perplexity"]["max_perplexity"] = 100.0
+    return valid_thresholds(calibrate(GateParams.model_validate(gate), GateContext(TRAIN, DOCS)), "test thresholds")
+
+
+THRESHOLDS = _thresholds()
+MARGINS = {"faithfulness": 0.05, "reward": 0.05, "overlap_embedding": 0.02, "overlap_ngram": 0.05, "dedup": 0.05,
+           "perplexity": 0.2}
+BOUNDS = Bounds.from_thresholds(THRESHOLDS, MARGINS)
 GOOD = "Refunds are issued within 14 days of the request."
 
 
@@ -56,8 +78,8 @@ def gated(pairs, fails: list[dict[str, tuple[float | None, str]]], **columns) ->
     return base.cast(SYNTHETIC_ARROW)
 
 
-def planted(answer: str, kind: str, detail: str, fails: dict) -> pa.Table:
-    t = gated([("How long do refunds take?", answer)], [fails], row_id=["inj_" + "a" * 16], strategy=[None],
+def planted(answer: str, kind: str, detail: str, fails: dict, row_id: str = "inj_" + "a" * 16) -> pa.Table:
+    t = gated([("How long do refunds take?", answer)], [fails], row_id=[row_id], strategy=[None],
               gen_params=[None], origin=["injected"])
     for f, v in zip(INJECTION_FIELDS, (kind, "qa_" + "1" * 16, "answer", detail)):
         t = t.append_column(f, pa.array([v], f.type))
@@ -69,40 +91,38 @@ def no_planted() -> pa.Table:
 
 
 class Marker:
-    """A gate double: rejects rows whose answer holds ``<gate>`` with the gate's usual reason code."""
+    """A gate double: rejects rows whose answer holds ``<gate>`` with the gate's usual reason code.
 
-    codes = {"rules": "rules_too_short", "dedup": "dedup_near", "overlap_ngram": "overlap_ngram",
-             "overlap_embedding": "overlap_embedding", "faithfulness": "faithfulness_unsupported",
-             "reward": "reward_low", "perplexity": "perplexity_too_high"}
+    The code is the registry's: the reason whose score can be marginal (a bound the gate has), else its first.
+    """
 
     def __init__(self, name):
-        self.name = name
+        spec = BY_NAME[name]
+        self.name, self.code = name, next(iter(spec.margins), next(iter(spec.reasons)))
 
     def apply(self, rows):
         keep = [f"<{self.name}>" not in (a or "") and a is not None for a in rows.column("answer").to_pylist()]
         score = {"faithfulness": 0.1, "reward": 0.1}.get(self.name, 0.0)
-        return Verdicts(keep, [0.9 if k else score for k in keep], [None if k else self.codes[self.name] for k in keep])
+        return Verdicts(keep, [0.9 if k else score for k in keep], [None if k else self.code for k in keep])
 
 
 def params(**kw) -> RecoverParams:
     base = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5,
                 order="round_robin",
-                margins=Margins(faithfulness=0.05, reward=0.05, overlap_embedding=0.02, overlap_ngram=0.05, dedup=0.05,
-                                perplexity=0.2),
-                temperatures={a: 0.3 for a in rec.ACTIONS}, top_p=0.95, max_new_tokens={"answer": 24, "qa": 32},
+                margins=dict(MARGINS), temperatures={a: 0.3 for a in ACTIONS}, top_p=0.95, max_new_tokens={"answer": 24, "qa": 32},
                 naive_temperature=0.7, naive_max_new_tokens={"answer": 24, "question": 24, "qa": 32}, naive_shots=0,
                 batch_size=4, threads=1)
     return RecoverParams(**{**base, **kw})
 
 
 def templates():
-    return {n: load_template(ROOT / "prompts" / f"{n}.txt") for n in rec.TEMPLATES + GENERATION_STRATEGIES}
+    return {n: load_template(ROOT / "prompts" / f"{n}.txt") for n in TEMPLATES + GENERATION_STRATEGIES}
 
 
 def responder(by_template: dict[str, str], default: str = "no idea <faithfulness>"):
     """Answer by which template rendered the prompt (its first words)."""
     firsts = {name: load_template(ROOT / "prompts" / f"{name}.txt").body.split("\n")[0]
-              for name in rec.TEMPLATES + GENERATION_STRATEGIES}
+              for name in TEMPLATES + GENERATION_STRATEGIES}
 
     def respond(req):
         for name, first in firsts.items():
@@ -113,23 +133,13 @@ def responder(by_template: dict[str, str], default: str = "no idea <faithfulness
 
 
 def run(tmp_path, rejected, backend, *, accepted=None, planted_rows=None, gates=None, **kw):
-    cache = tmp_path / "teacher.sqlite"
+    """Recover through the stage's own wiring (teacher calls through a cache, re-gating with ``gates``)."""
     gates = gates or {g: Marker(g) for g in GATES}
-
-    def execute(planned, actions):
-        table, _, _ = generation.execute(planned, backend, cache, DOCS, batch_size=4, origin="recovered",
-                                         teacher_id="fake@1", phash="p", code_version="c", desc="t", quiet=True)
-        parents = {r["row_id"]: r for r in rejected.to_pylist() + (planted_rows or no_planted()).to_pylist()}
-        return rec.stamp(table, planned, parents, actions, "p", "c")
-
-    def regate(cands, pool):
-        pool_gate = DedupGate(pool, max_jaccard=0.55) if pool.num_rows else None
-        return run_gates(cands, {**gates, "dedup": rec.PooledDedup(gates["dedup"], pool_gate)})
-
     accepted = accepted if accepted is not None else SYNTHETIC_ARROW.empty_table()
     return recover(rejected, accepted, planted_rows if planted_rows is not None else no_planted(), TRAIN, DOCS,
-                   params=params(**kw), bounds=BOUNDS, templates=templates(), teacher_id="fake@1", execute=execute,
-                   regate=regate)
+                   params=params(**kw), thresholds=THRESHOLDS, gates=gates, gate_mode="full", templates=templates(),
+                   teacher_id="fake@1", backend=backend, cache_file=tmp_path / "teacher.sqlite", gate_cache=None,
+                   phash="p", code_version="c")
 
 
 # ---- diagnosis: one reason code per failure mode ----
@@ -155,35 +165,104 @@ def one(fails, **columns):
 def test_given_gate_verdicts_when_diagnosed_then_the_failure_mode_and_recoverability_follow(fails, columns, mode,
                                                                                               recoverable):
     docs = {d["doc_id"]: d for d in DOCS.to_pylist()}
-    d = rec.diagnose(one(fails, **columns), BOUNDS, docs, min_confidence=0.5)
+    d = diagnose(one(fails, **columns), BOUNDS, docs, min_confidence=0.5)
     assert (d.mode, d.recoverable) == (mode, recoverable)
     assert 0 <= d.confidence <= 1 and d.detail
 
 
 def test_given_a_stale_source_document_then_the_detail_says_so():
     docs = {d["doc_id"]: d for d in DOCS.to_pylist()}
-    d = rec.diagnose(one({"reward": (0.1, "reward_low")}, doc_id=["d2"]), BOUNDS, docs, 0.5)
+    d = diagnose(one({"reward": (0.1, "reward_low")}, doc_id=["d2"]), BOUNDS, docs, 0.5)
     assert (d.mode, d.detail) == ("unrecoverable", "source_document_stale")
+
+
+# Each reason code of the gates that existed before the registry, alone and unscored on an answer-augmentation row
+# with its evidence: the mode and detail recovery gave it then (a regression table).
+REASON_TABLE = [
+    ("rules_transport_error", "malformed", "rules_transport_error", True),
+    ("rules_parse_error", "malformed", "rules_parse_error", True),
+    ("rules_empty", "malformed", "rules_empty", True),
+    ("rules_truncated", "truncated", "rules_truncated", True),
+    ("rules_refusal", "refusal", "rules_refusal", True),
+    ("rules_meta_talk", "malformed", "rules_meta_talk", True),
+    ("rules_too_short", "low_quality", "weakest:length", True),
+    ("rules_too_long", "low_quality", "weakest:length", True),
+    ("rules_language", "malformed", "rules_language", True),
+    ("rules_answer_repeats_question", "low_quality", "weakest:length", True),
+    ("dedup_exact_seed", "too_close_to_seed", "near_copy_of_seed:seed_question:dedup_exact_seed", False),
+    ("dedup_exact", "duplicate", "dedup_exact", True),
+    ("dedup_near_seed", "too_close_to_seed", "near_copy_of_seed:seed_question:dedup_near_seed", False),
+    ("dedup_near", "duplicate", "dedup_near", True),
+    ("dedup_exact_accepted", "duplicate", "dedup_exact_accepted", True),
+    ("dedup_near_accepted", "duplicate", "dedup_near_accepted", True),
+    ("overlap_ngram", "too_close_to_seed", "seed_question:overlap_ngram", True),
+    ("overlap_embedding", "too_close_to_seed", "seed_question:overlap_embedding", True),
+    ("overlap_embedding_error", "unrecoverable", "unknown:overlap_embedding_error", False),
+    ("faithfulness_unsupported", "ungrounded", "faithfulness_unscored", True),
+    ("faithfulness_no_evidence", "ungrounded", "faithfulness_unscored", True),
+    ("faithfulness_no_answer", "ungrounded", "faithfulness_unscored", True),
+    ("faithfulness_error", "ungrounded", "faithfulness_unscored", True),
+    ("reward_low", "low_quality", "weakest:helpfulness(reward:nan)", True),
+    ("reward_no_answer", "low_quality", "weakest:helpfulness(reward:nan)", True),
+    ("reward_error", "low_quality", "weakest:helpfulness(reward:nan)", True),
+    ("perplexity_too_high", "low_quality", "weakest:fluency", True),
+    ("perplexity_too_low", "low_quality", "weakest:fluency", True),
+    ("perplexity_no_answer", "low_quality", "weakest:fluency", True),
+    ("perplexity_error", "low_quality", "weakest:fluency", True),
+]
+
+
+@pytest.mark.parametrize("code, mode, detail, recoverable", REASON_TABLE)
+def test_each_reason_code_keeps_the_diagnosis_it_had(code, mode, detail, recoverable):
+    from refinery.gates.registry import GATE_OF
+
+    d = diagnose(one({GATE_OF[code]: (None, code)}), BOUNDS, {"d1": {"text": TEXT, "stale": False}}, 0.5)
+    assert (d.mode, d.detail, d.recoverable) == (mode, detail, recoverable)
+
+
+@pytest.mark.parametrize("code", sorted(REASONS))
+def test_every_declared_reason_code_is_diagnosed_as_the_failure_mode_its_registry_entry_names(code):
+    from refinery.gates.registry import GATE_OF
+
+    d = diagnose(one({GATE_OF[code]: (None, code)}), BOUNDS, {"d1": {"text": TEXT, "stale": False}}, 0.5)
+    assert d.mode == REASONS[code].mode
+
+
+def test_an_unknown_reason_code_is_an_error_naming_the_row_never_a_silent_unrecoverable():
+    row = one({"reward": (0.1, "reward_low")})
+    row["gate_reasons"] = ["reward_low", "reward_too_kind"]
+    with pytest.raises(UnknownReasonError, match="row syn_0000000000000000: reason code 'reward_too_kind'"):
+        diagnose(row, BOUNDS, {"d1": {"text": TEXT, "stale": False}}, 0.5)
+
+
+@pytest.mark.parametrize("margins, message", [
+    ({**MARGINS, "rules": 0.1}, "margins.rules: not a gate with a margin"),
+    ({k: v for k, v in MARGINS.items() if k != "reward"}, "margins.reward: missing"),
+    ({**MARGINS, "dedup": -0.1}, "margins.dedup: must be >= 0"),
+])
+def test_margins_name_exactly_the_gates_whose_scores_can_be_marginal(margins, message):
+    with pytest.raises(ValueError, match=message):
+        params(margins=margins)
 
 
 def test_low_quality_grounds_first_and_a_chain_from_params_can_rewrite_its_weakest_dimension():
     docs = {d["doc_id"]: d for d in DOCS.to_pylist()}
-    length = rec.diagnose(one({"rules": (1.0, "rules_too_short")}), BOUNDS, docs, 0.5)
-    fluency = rec.diagnose(one({"perplexity": (900.0, "perplexity_too_high")}), BOUNDS, docs, 0.5)
-    # by default: a strict-grounding answer, then a new question (the rewrites passed 3 of 28 first attempts)
-    assert [rec.next_action(length, tried) for tried in ([], ["strict_grounding"])] == \
+    length = diagnose(one({"rules": (1.0, "rules_too_short")}), BOUNDS, docs, 0.5)
+    fluency = diagnose(one({"perplexity": (900.0, "perplexity_too_high")}), BOUNDS, docs, 0.5)
+    # by default: a strict-grounding answer, then a new question (a small teacher rewrites poorly)
+    assert [next_action(length, tried) for tried in ([], ["strict_grounding"])] == \
         ["strict_grounding", "regenerate_question"]
     # a chain from params replaces the built-in one for its mode; 'rewrite_weakest' resolves per diagnosis
     chains = {"low_quality": ["rewrite_weakest", "strict_grounding"]}
-    assert [rec.next_action(d, [], chains=chains) for d in (length, fluency)] == ["rewrite_length", "rewrite_fluency"]
-    assert rec.next_action(length, ["rewrite_length"], chains=chains) == "strict_grounding"
+    assert [next_action(d, [], chains=chains) for d in (length, fluency)] == ["rewrite_length", "rewrite_fluency"]
+    assert next_action(length, ["rewrite_length"], chains=chains) == "strict_grounding"
 
 
 def test_a_truncated_row_gets_a_new_question_first():
-    truncated = rec.Diagnosis("truncated", 0.9, "rules_truncated", True)
-    assert [rec.next_action(truncated, tried) for tried in ([], ["regenerate_question"])] == \
+    truncated = Diagnosis("truncated", 0.9, "rules_truncated", True)
+    assert [next_action(truncated, tried) for tried in ([], ["regenerate_question"])] == \
         ["regenerate_question", "strict_grounding"]
-    assert rec.next_action(truncated, [], chains={"truncated": ["fix_length"]}) == "fix_length"
+    assert next_action(truncated, [], chains={"truncated": ["fix_length"]}) == "fix_length"
 
 
 @pytest.mark.parametrize("chains, message", [
@@ -264,41 +343,41 @@ def test_every_candidate_is_kept_in_the_attempts_output_with_its_gate_reasons(tm
 def test_a_row_close_to_the_seed_through_its_seed_question_gets_a_new_question_first():
     fails = {"overlap_embedding": (0.95, "overlap_embedding")}
     # given an answer-augmentation row (it answers its seed row's question) and a new_question row, both too close
-    by_question = rec.diagnose(one(fails), BOUNDS, {"d1": {"text": TEXT, "stale": False}}, 0.5)
-    by_answer = rec.diagnose(one(fails, strategy=["new_question"]), BOUNDS, {"d1": {"text": TEXT, "stale": False}},
+    by_question = diagnose(one(fails), BOUNDS, {"d1": {"text": TEXT, "stale": False}}, 0.5)
+    by_answer = diagnose(one(fails, strategy=["new_question"]), BOUNDS, {"d1": {"text": TEXT, "stale": False}},
                              0.5)
     # then the first regenerates the question, the second rewords its answer first
     assert by_question.detail == "seed_question:overlap_embedding"
-    assert [rec.next_action(by_question, []), rec.next_action(by_question, ["regenerate_question"])] == \
+    assert [next_action(by_question, []), next_action(by_question, ["regenerate_question"])] == \
         ["regenerate_question", "diversify"]
-    assert rec.next_action(by_answer, []) == "diversify"
+    assert next_action(by_answer, []) == "diversify"
 
 
 def test_a_row_whose_question_is_the_defect_keeps_getting_new_questions_whatever_its_candidate_failed_by():
     docs = {"d1": {"text": TEXT, "stale": False}}
-    by_question = rec.diagnose(one({"overlap_embedding": (0.95, "overlap_embedding")}), BOUNDS, docs, 0.5)
+    by_question = diagnose(one({"overlap_embedding": (0.95, "overlap_embedding")}), BOUNDS, docs, 0.5)
     # given failed candidates whose own diagnoses would pick an answer-only action (which keeps the question)
-    malformed = rec.Diagnosis("malformed", 0.95, "rules_parse_error", True)
-    ungrounded = rec.Diagnosis("ungrounded", 0.8, "faithfulness_score:0.100", True)
+    malformed = Diagnosis("malformed", 0.95, "rules_parse_error", True)
+    ungrounded = Diagnosis("ungrounded", 0.8, "faithfulness_score:0.100", True)
     tried = ["regenerate_question"]
-    assert [rec.next_action(d, tried) for d in (malformed, ungrounded)] == ["fix_format", "strict_grounding"]
+    assert [next_action(d, tried) for d in (malformed, ungrounded)] == ["fix_format", "strict_grounding"]
     # then a row close to the seed through its seed question, or with a defective question, gets a new question
-    defect = rec.Diagnosis("question_defect", 0.8, "question_support:0.00", True)
+    defect = Diagnosis("question_defect", 0.8, "question_support:0.00", True)
     for row in (by_question, defect):
-        assert [rec.next_action(d, tried, row) for d in (malformed, ungrounded)] == ["regenerate_question"] * 2
+        assert [next_action(d, tried, row) for d in (malformed, ungrounded)] == ["regenerate_question"] * 2
     # while any other row follows its candidate's diagnosis
-    other = rec.Diagnosis("ungrounded", 0.8, "faithfulness_score:0.100", True)
-    assert rec.next_action(malformed, ["strict_grounding"], other) == "fix_format"
+    other = Diagnosis("ungrounded", 0.8, "faithfulness_score:0.100", True)
+    assert next_action(malformed, ["strict_grounding"], other) == "fix_format"
 
 
 def test_salvage_question_keeps_the_usable_half_of_a_malformed_row():
     seed = {"question": "How long do refunds take?"}
-    assert rec.salvage_question({"question": "Why?", "strategy": "new_question"}, None) == "Why?"
-    assert rec.salvage_question({"question": None, "strategy": "answer_augmentation"}, seed) == seed["question"]
+    assert salvage_question({"question": "Why?", "strategy": "new_question"}, None) == "Why?"
+    assert salvage_question({"question": None, "strategy": "answer_augmentation"}, seed) == seed["question"]
     raw = " What did she bake for the party ?\nPossible answer:\nA:"
-    assert rec.salvage_question({"question": None, "strategy": "new_question", "raw_output": raw}, None) == \
+    assert salvage_question({"question": None, "strategy": "new_question", "raw_output": raw}, None) == \
         "What did she bake for the party ?"
-    assert rec.salvage_question({"question": None, "strategy": "new_question", "raw_output": " Sure!"}, None) is None
+    assert salvage_question({"question": None, "strategy": "new_question", "raw_output": " Sure!"}, None) is None
 
 
 def test_given_a_malformed_row_with_a_usable_question_then_fix_format_answers_only_that_question(tmp_path):
@@ -351,32 +430,53 @@ def test_given_a_planted_number_error_a_candidate_that_keeps_it_and_passes_the_g
     assert tried and all(r["row_set"] == "planted" and r["gate_keep"] and r["counted"] for r in tried)
 
 
-def test_given_a_planted_number_error_a_candidate_without_it_counts_as_recovered(tmp_path):
-    row = planted("Refunds take 21 days.", "number_change", "'14' -> '21'",
-                  {"faithfulness": (0.1, "faithfulness_unsupported")})
-    out = run(tmp_path, SYNTHETIC_ARROW.empty_table(), FakeBackend(responder=responder({"recover_grounded": GOOD})),
-              planted_rows=row)
-    d = out.injected.to_pylist()[0]
-    assert d["outcome"] == "recovered" and d["error_survives"] is False
+class NumbersInEvidence:
+    """A verifier double: a claim is supported when every number in it is in the passage (a judge that checks)."""
+
+    def score(self, passages, claims):
+        import re
+
+        return np.array([float(all(n in p for n in re.findall(r"\d+", c))) for p, c in zip(passages, claims)])
+
+
+class Credulous:
+    """A verifier double that supports every claim (a judge that lets planted errors through)."""
+
+    def score(self, passages, claims):
+        return np.ones(len(claims))
+
+
+LAUNDERS = "Refunds are issued within 21 days."  # the planted wrong number, in a fluent answer
+
+
+@pytest.mark.parametrize("teacher_answer, judge, outcome", [
+    (GOOD, Credulous, "recovered"),  # the teacher removed the error: nothing to let through
+    (LAUNDERS, NumbersInEvidence, "failed"),  # the teacher kept it and the faithfulness gate caught it again
+    (LAUNDERS, Credulous, "laundered"),  # the teacher kept it and the gate let it through
+])
+def test_recall_after_recovery_falls_by_every_planted_error_the_gates_let_back_in(tmp_path, teacher_answer, judge,
+                                                                                    outcome):
+    # given two planted number errors the gates caught ('14' -> '21' days), recovered by a teacher whose grounded
+    # answer and resample are ``teacher_answer``, re-gated by the real faithfulness gate judging with ``judge``
+    rows = pa.concat_tables([planted("Refunds take 21 days.", "number_change", "'14' -> '21'",
+                                     {"faithfulness": (0.1, "faithfulness_unsupported")}, row_id=f"inj_{c * 16}")
+                             for c in "ab"])
+    gates = {**{g: Marker(g) for g in GATES},
+             "faithfulness": FaithfulnessGate(judge(), DOCS, mode="grounded", min_support=0.5)}
+    backend = FakeBackend(responder=responder({"recover_grounded": teacher_answer}, default=teacher_answer))
+    # when recovered through the stage's wiring
+    out = run(tmp_path, SYNTHETIC_ARROW.empty_table(), backend, planted_rows=rows, gates=gates)
+    # then each row's outcome follows the gates alone, and ground truth counts what they let through
+    planted_out = recovered_schema.DIAGNOSED_INJECTED_CONTRACT.validate(out.injected, "planted").to_pylist()
+    assert [r["outcome"] for r in planted_out] == [outcome] * 2
+    let_through = sum(bool(r["error_survives"]) for r in planted_out)
     inj = out.metrics["injected"]["adaptive"]
-    assert inj["recovered_error_removed"] == 1 and inj["errors_surviving_into_recovered"] == 0
-    assert inj["recall_after"] == 1.0
-
-
-def test_recall_after_recovery_falls_when_a_laundering_candidate_gets_through_the_gates(tmp_path):
-    # given the same planted row recovered once by a teacher that removes the error, once by one that keeps it
-    row = planted("Refunds take 21 days.", "number_change", "'14' -> '21'",
-                  {"faithfulness": (0.1, "faithfulness_unsupported")})
-    figures = {}
-    for name, answer in (("fixes", GOOD), ("launders", "Refunds are issued within 21 days.")):
-        out = run(tmp_path / name, SYNTHETIC_ARROW.empty_table(),
-                  FakeBackend(responder=responder({"recover_grounded": answer})), planted_rows=row,
-                  naive_baseline=False)
-        figures[name] = out.metrics["injected"]["adaptive"]
-    # then recall before recovery is the same, and after it the laundered error is no longer caught
-    assert figures["fixes"]["recall_before"] == figures["launders"]["recall_before"] == 1.0
-    assert figures["fixes"]["recall_after"] == 1.0 and figures["launders"]["recall_after"] == 0.0
-    assert figures["launders"]["errors_surviving_into_recovered"] == 1
+    assert inj["errors_surviving_into_recovered"] == let_through == (2 if outcome == "laundered" else 0)
+    assert inj["recall_before"] == 1.0
+    assert inj["recall_after"] == (inj["rejected_by_gates"] - let_through) / inj["planted_errors"]
+    assert inj["recall_after"] == (0.0 if outcome == "laundered" else 1.0)
+    assert inj["recovered_error_removed"] == (2 if outcome == "recovered" else 0)
+    assert out.recovered.num_rows == 0  # planted rows never enter the datasets
 
 
 @pytest.mark.parametrize("kind, detail, planted_answer, candidate, present", [
@@ -390,7 +490,7 @@ def test_recall_after_recovery_falls_when_a_laundering_candidate_gets_through_th
 def test_injected_error_check_reads_the_ground_truth(kind, detail, planted_answer, candidate, present):
     row = {"injection_kind": kind, "injection_detail": detail, "injection_field": "answer", "answer": planted_answer,
            "question": "q?", "evidence": "Refunds are issued within 14 days. Contact billing to start one."}
-    assert rec.injected_error_present(row, "q?", candidate) is present
+    assert injected_error_present(row, "q?", candidate) is present
 
 
 # ---- bad input and budgets ----
@@ -456,43 +556,66 @@ def test_a_rerun_is_answered_from_the_cache_and_a_failed_call_is_retried(tmp_pat
     assert first.metrics["adaptive"]["overall"]["calls"] >= 3
 
 
-def test_cli_with_an_empty_rejected_set_writes_empty_outputs_and_exits_0(tmp_path, monkeypatch):
+def _cli_project(tmp, thresholds: dict) -> list[str]:
+    """Write a project for the recover command: an endpoint teacher nothing listens to (so a model call would fail),
+    the tiny train split and documents, empty gated outputs and ``thresholds`` as thresholds.json."""
     import pyarrow.parquet as pq
+
+    from tests.test_generate import _endpoint_project
+
+    _endpoint_project(tmp, "http://127.0.0.1:9/v1")
+    for name, schema in (("rejected", SYNTHETIC_ARROW), ("accepted", SYNTHETIC_ARROW), ("injected", INJECTED_ARROW)):
+        pq.write_table(schema.empty_table(), tmp / f"{name}.parquet")
+    (tmp / "thresholds.json").write_text(json.dumps(thresholds))
+    return ["recover", "--params", "params.yaml", "--rejected", "rejected.parquet", "--accepted", "accepted.parquet",
+            "--injected", "injected.parquet", "--thresholds", "thresholds.json", "--train", "train.parquet",
+            "--documents", "documents.parquet", "--models", "base", "--verifier", "verifier", "--reward", "reward",
+            "--prompts", str(ROOT / "prompts"), "--cache", "teacher.sqlite", "--gate-cache", "gate", "--out", "out",
+            "--metrics", "recover.json", "--table", "recover.md", "--quiet"]
+
+
+def test_cli_with_an_empty_rejected_set_writes_empty_outputs_loads_no_model_and_exits_0(in_tmp):
+    import pyarrow.parquet as pq
+
+    from refinery.cli import main
+
+    # given nothing to recover (no rejected row, no rejected planted row) and no model folders at all
+    argv = _cli_project(in_tmp, THRESHOLDS)
+    # when the command runs
+    assert main(argv) == 0
+    # then every output is written, empty, and the metrics hold the gate stage's thresholds for review
+    for name in ("recovered", "baseline", "unrecoverable", "diagnosed", "injected", "attempts"):
+        assert pq.read_table(in_tmp / "out" / f"{name}.parquet").num_rows == 0
+    metrics = json.loads((in_tmp / "recover.json").read_text())
+    assert metrics["adaptive"]["overall"]["attempted"] == 0
+    assert metrics["thresholds"]["reward"] == {"min_reward": 0.5} and metrics["thresholds"] == THRESHOLDS
+
+
+def test_cli_with_a_thresholds_file_missing_a_bound_fails_in_one_line_naming_the_file_and_key(in_tmp, capsys):
+    from refinery.cli import main
+
+    # given a thresholds.json whose reward entry lost its bound (written by an older gate stage, or edited)
+    broken = {**THRESHOLDS, "reward": {}}
+    argv = _cli_project(in_tmp, broken)
+    capsys.readouterr()
+    # when the command runs, then it stops before any work with one line naming the file and the key
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "thresholds.json" in err[0] and "reward.min_reward" in err[0]
+    assert not (in_tmp / "out").exists()
+
+
+def test_cli_paths_are_required_and_every_option_is_explained():
     from click.testing import CliRunner
 
     from stages.recover import cli
-    from tests.conftest import params_for
 
-    needed = [ROOT / "data/02_split/train.parquet", ROOT / "data/02_split/val.parquet",
-              ROOT / "data/01_seed/documents.parquet", ROOT / "models/base/teacher"]
-    if not all(p.exists() for p in needed):
-        pytest.skip("needs the demo's split, documents and provisioned models (dvc repro)")
-    section = dict(seed=1, budget=10, injected_budget=10, max_attempts=2, naive_baseline=True, min_confidence=0.5,
-                   order="round_robin",
-                   margins=dict(faithfulness=0.05, reward=0.05, overlap_embedding=0.02, overlap_ngram=0.05,
-                                dedup=0.05, perplexity=0.2), temperatures={a: 0.3 for a in rec.ACTIONS}, top_p=0.95,
-                   max_new_tokens={"answer": 24, "qa": 32}, naive_temperature=0.7,
-                   naive_max_new_tokens={"answer": 24, "question": 24, "qa": 32}, naive_shots=0, batch_size=4,
-                   threads=1)
-    import yaml
-
-    params = yaml.safe_load(params_for(tmp_path).read_text())
-    params["recover"] = section
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for name, schema in (("rejected", SYNTHETIC_ARROW), ("accepted", SYNTHETIC_ARROW), ("injected", INJECTED_ARROW)):
-        pq.write_table(schema.empty_table(), tmp_path / f"{name}.parquet")
-    (tmp_path / "gate.json").write_text(json.dumps({"thresholds": {}}))
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(cli, [
-        "--params", "params.yaml", "--rejected", "rejected.parquet", "--accepted", "accepted.parquet",
-        "--injected", "injected.parquet", "--train", str(needed[0]), "--val", str(needed[1]),
-        "--documents", str(needed[2]), "--models", str(ROOT / "models/base"), "--prompts", str(ROOT / "prompts"),
-        "--cache", "teacher.sqlite", "--gate-cache", "gate", "--gate-metrics", "gate.json", "--out", "out",
-        "--metrics", "recover.json", "--table", "recover.md", "--quiet"])
-    assert result.exit_code == 0, result.output
-    for name in ("recovered", "baseline", "unrecoverable", "diagnosed", "injected", "attempts"):
-        assert pq.read_table(tmp_path / "out" / f"{name}.parquet").num_rows == 0
-    assert json.loads((tmp_path / "recover.json").read_text())["adaptive"]["overall"]["attempted"] == 0
+    # every option says what it is in --help, and a data path has no default (dvc.yaml passes each one)
+    assert all(o.help for o in cli.params if o.name != "help")
+    paths = [o for o in cli.params if o.name not in ("params_file", "quiet", "help")]
+    assert paths and all(o.required and o.to_info_dict()["default"] is None for o in paths)
+    result = CliRunner().invoke(cli, ["--params", "params.yaml"])
+    assert result.exit_code == 2 and "Missing option" in result.output
 
 
 def test_a_marginal_row_is_first_resampled_from_its_own_prompt_at_its_own_temperature(tmp_path):
@@ -500,7 +623,7 @@ def test_a_marginal_row_is_first_resampled_from_its_own_prompt_at_its_own_temper
     rejected = gated([("How long do refunds take?", "About two weeks <faithfulness>")],
                      [{"faithfulness": (0.47, "faithfulness_unsupported")}])
     backend = FakeBackend(responder=responder({"answer_augmentation": "About two weeks <faithfulness>"}))
-    run(tmp_path, rejected, backend, temperatures={**{a: 0.3 for a in rec.ACTIONS}, "reanswer_low_temp": 0.2},
+    run(tmp_path, rejected, backend, temperatures={**{a: 0.3 for a in ACTIONS}, "reanswer_low_temp": 0.2},
         naive_baseline=False)
     # then adaptive first draws again at the row's own temperature (0.7); the second action follows the
     # failed candidate's own diagnosis
@@ -517,12 +640,88 @@ def test_a_marginal_row_is_first_resampled_from_its_own_prompt_at_its_own_temper
 
 
 def test_priority_round_robin_reaches_every_mode_and_by_mode_keeps_mode_blocks():
-    diags = [rec.Diagnosis("too_close_to_seed", 0.9, "", True), rec.Diagnosis("threshold_marginal", 0.6, "", True),
-             rec.Diagnosis("too_close_to_seed", 0.7, "", True), rec.Diagnosis("threshold_marginal", 0.8, "", True),
-             rec.Diagnosis("ungrounded", 0.7, "", True)]
-    assert rec.priority(diags, interleave=False).tolist() == [3, 1, 4, 0, 2]
+    diags = [Diagnosis("too_close_to_seed", 0.9, "", True), Diagnosis("threshold_marginal", 0.6, "", True),
+             Diagnosis("too_close_to_seed", 0.7, "", True), Diagnosis("threshold_marginal", 0.8, "", True),
+             Diagnosis("ungrounded", 0.7, "", True)]
+    assert priority(diags, interleave=False).tolist() == [3, 1, 4, 0, 2]
     # round 1: the most confident row of each mode (in MODE_RANK order), round 2: the next ones
-    assert rec.priority(diags, interleave=True).tolist() == [3, 4, 0, 1, 2]
+    assert priority(diags, interleave=True).tolist() == [3, 4, 0, 1, 2]
     # a row that will not be attempted takes no turn, however confident its diagnosis
-    diags[0] = rec.Diagnosis("too_close_to_seed", 0.99, "", False)
-    assert rec.priority(diags, interleave=True).tolist() == [3, 4, 2, 1, 0]
+    diags[0] = Diagnosis("too_close_to_seed", 0.99, "", False)
+    assert priority(diags, interleave=True).tolist() == [3, 4, 2, 1, 0]
+
+
+# ---- the gate stage writes thresholds.json, the recover stage judges with exactly it ----
+
+def test_recover_regates_with_the_bounds_the_gate_stage_wrote_and_never_calibrates(in_tmp, monkeypatch):
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    import refinery.gates.run as gate_run
+    import refinery.generation.calls as calls
+    import stages.gate as gate_stage
+    from schemas.injected import ARROW as INJECTED
+    from stages.recover import cli as recover_cli
+    from tests.conftest import params_for
+    from tests.test_gate_stage import Counting
+    from stages.split import SplitParams, split
+    from tests.test_split import seed_tables
+
+    # given the tiny seed split, generated rows (one invents an e-mail address, one is too short) and planted rows
+    documents, qa = seed_tables(in_tmp)
+    train = split(documents, qa, SplitParams(seed=1, fractions={"train": 1.0, "val": 0.0, "test": 0.0}))
+    train = train.tables["train"]
+    pq.write_table(train, "train.parquet")
+    pq.write_table(documents, "documents.parquet")
+    stale = {d["doc_id"] for d in documents.to_pylist() if d["stale"]}
+    doc = next(r for r in train.to_pylist() if r["doc_id"] not in stale)
+    pairs = [("How long do refunds take for a normal order?", "Refunds are issued within fourteen days of it."),
+             ("Who do I write to about a refund that is late?", "Write to jane.doe@gmail.com and she will help."),
+             ("Refunds?", "Soon.")]
+    common = dict(doc_id=[doc["doc_id"]] * 3, evidence_start=[doc["evidence_start"]] * 3,
+                  evidence_end=[doc["evidence_end"]] * 3, parent_ids=[[doc["row_id"]]] * 3,
+                  strategy=["new_question"] * 3, row_id=[f"syn_{i:016x}" for i in range(3)])
+    pq.write_table(synthetic_rows(pairs, **common), "synthetic.parquet")
+    inj = synthetic_rows([pairs[0], (pairs[0][0], "Refunds are issued within 41 days of it.")],
+                         **{**{k: v[:2] for k, v in common.items()}, "origin": ["injected"] * 2,
+                            "row_id": ["inj_" + "0" * 16, "inj_" + "1" * 16]})
+    for f, v in zip(INJECTION_FIELDS, (["clean", "number_change"], [doc["row_id"]] * 2, ["answer"] * 2,
+                                       [None, "'fourteen' -> '41'"])):
+        inj = inj.append_column(f, pa.array(v, f.type))
+    pq.write_table(inj.cast(INJECTED), "injected.parquet")
+    params_for(in_tmp, recover={"budget": 4, "injected_budget": 0, "naive_baseline": False})
+    doubles = Counting()
+    monkeypatch.setattr(gate_stage, "load_models", lambda *a, **k: doubles.models())
+    monkeypatch.setattr(gate_run, "load_models", lambda *a, **k: doubles.models())
+    # when the gate stage runs (its null bounds calibrated on the human rows)
+    gated = CliRunner().invoke(gate_stage.cli, [
+        "--params", "params.yaml", "--synthetic", "synthetic.parquet", "--injected", "injected.parquet",
+        "--train", "train.parquet", "--val", "train.parquet", "--documents", "documents.parquet", "--models", "base",
+        "--verifier", "verifier", "--reward", "reward", "--cache", "cache", "--out", "gated", "--metrics", "gate.json",
+        "--injection-metrics", "gate_injection.json", "--plots", "plots"])
+    assert gated.exit_code == 0, gated.output
+    written = json.loads((in_tmp / "gated" / "thresholds.json").read_text())
+    reasons = {r["row_id"]: r["gate_reasons"] for r in pq.read_table("gated/rejected.parquet").to_pylist()}
+    # and then the recover stage runs, where calibrating anything would fail
+    monkeypatch.setattr(gate_run, "calibrate", lambda *a, **k: pytest.fail("recover calibrated a threshold"))
+    monkeypatch.setattr(calls, "teacher_backend", lambda *a, **k: ("fake@1", FakeBackend(
+        responder=lambda req: " Refunds are issued within 14 days of the request.")))
+    built = {}
+    real_build = gate_run.build_gates
+    monkeypatch.setattr(gate_run, "build_gates", lambda t, ctx: built.setdefault("gates", real_build(t, ctx)))
+    recovered = CliRunner().invoke(recover_cli, [
+        "--params", "params.yaml", "--rejected", "gated/rejected.parquet", "--accepted", "gated/accepted.parquet",
+        "--injected", "gated/injected.parquet", "--thresholds", "gated/thresholds.json", "--train", "train.parquet",
+        "--documents", "documents.parquet", "--models", "base", "--verifier", "verifier", "--reward", "reward",
+        "--prompts", str(ROOT / "prompts"), "--cache", "teacher.sqlite", "--gate-cache", "cache", "--out", "out",
+        "--metrics", "recover.json", "--table", "recover.md", "--quiet"])
+    assert recovered.exit_code == 0, recovered.output
+    # then its gates hold the written bounds to the last bit, and both stages report the same copy of them
+    gates = built["gates"]
+    assert gates["reward"].min_reward == written["reward"]["min_reward"]
+    assert gates["perplexity"].max_perplexity == written["perplexity"]["max_perplexity"]
+    assert gates["faithfulness"].min_support == written["faithfulness"]["min_support"] == doubles.threshold
+    assert json.loads((in_tmp / "recover.json").read_text())["thresholds"] == \
+        json.loads((in_tmp / "gate.json").read_text())["thresholds"]
+    attempts = pq.read_table("out/attempts.parquet")
+    assert attempts.num_rows > 0 and all(f"{g}_keep" in attempts.column_names for g in GATES)  # every gate re-gated

@@ -155,9 +155,11 @@ def test_every_threshold_is_calibrated_on_val_calibration_and_every_measurement_
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     cmd = {name: " ".join(s.get("do", s)["cmd"].split()) for name, s in stages.items()}
-    for name in ("train_verifier", "gate", "recover"):  # the faithfulness threshold, reward and perplexity bounds
+    for name in ("train_verifier", "gate"):  # the faithfulness threshold, reward and perplexity bounds
         assert "--val data/02_split/val_calibration.parquet" in cmd[name], name
         assert "val_control" not in cmd[name], name
+    # recover calibrates nothing: it judges with the bounds the gate stage wrote
+    assert "--thresholds data/04_gated/thresholds.json" in cmd["recover"] and "val_" not in cmd["recover"]
     assert "--val data/02_split/val_control.parquet" in cmd["inject"]  # clean controls and planted errors
     assert "val_calibration" not in cmd["inject"]
 

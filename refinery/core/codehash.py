@@ -88,6 +88,39 @@ def imported_modules(tree: ast.AST, *, on_import_only: bool = False) -> set[str]
     return found
 
 
+RESOLVES = "__resolves__"  # a module-level name: the module whose ``"pkg.module:Name"`` strings this one imports
+
+
+def dotted_references(tree: ast.AST) -> set[str]:
+    """Return the project modules named by ``"pkg.module:Name"`` string constants anywhere in ``tree``."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.count(":") == 1:
+            module, _, attr = node.value.partition(":")
+            parts = module.split(".")
+            if parts[0] in PACKAGES and attr.isidentifier() and all(p.isidentifier() for p in parts):
+                found.add(module)
+    return found
+
+
+def resolved_modules(tree: ast.Module) -> list[str]:
+    """Return the modules named by this module's ``__resolves__`` declaration (a string or a tuple of strings).
+
+    A module that imports classes by the dotted paths another module declares (the gate registry names each
+    gate's class as ``"refinery.gates.pii:PiiGate"``, and ``refinery.gates.run`` imports them) says so with
+    ``__resolves__ = "refinery.gates.registry"``: those classes' modules then count as its imports, as if it had
+    imported them by name, and only for it (the schema reads the registry's names without its gates' code).
+    """
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == RESOLVES for t in node.targets):
+            value = node.value
+            items = value.elts if isinstance(value, (ast.Tuple, ast.List)) else [value]
+            if not all(isinstance(v, ast.Constant) and isinstance(v.value, str) for v in items):
+                raise RefineryError(f"{RESOLVES} must be a module name or a tuple of module names")
+            return [v.value for v in items]
+    return []
+
+
 def _packages_of(module: str) -> list[str]:
     """Return the packages Python runs on the way to ``module`` (``a`` and ``a.b`` for ``a.b.c``)."""
     parts = module.split(".")
@@ -119,9 +152,15 @@ def closure(start: str, root: Path | None = None) -> set[str]:
         reach[name] = how
         if name not in trees:
             trees[name] = _parse(module_file(name, root))
-        for imported in imported_modules(trees[name], on_import_only=how == _ON_IMPORT):
-            todo.append((imported, how))
-            todo.extend((p, _ON_IMPORT) for p in _packages_of(imported))
+        imported = imported_modules(trees[name], on_import_only=how == _ON_IMPORT)
+        for source in resolved_modules(trees[name]):  # classes it imports by another module's dotted paths
+            path = module_file(source, root)
+            if path is None:
+                raise RefineryError(f"module {name}: {RESOLVES} names {source}, which has no file under {root}")
+            imported |= dotted_references(_parse(path))
+        for module in imported:
+            todo.append((module, how))
+            todo.extend((p, _ON_IMPORT) for p in _packages_of(module))
     return set(reach)
 
 

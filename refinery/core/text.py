@@ -32,6 +32,11 @@ def match_key(text: str) -> str:
     return _ALL_WS.sub(" ", _PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold())).strip()
 
 
+def content_words(text: str | None) -> set[str]:
+    """Return the match-key words of ``text`` longer than three characters (a cheap lexical-support cue)."""
+    return {w for w in match_key(text or "").split() if len(w) > 3}
+
+
 def sha256_hex(*parts: str) -> str:
     """Hash parts joined by a unit separator, so ('ab', 'c') and ('a', 'bc') differ."""
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()

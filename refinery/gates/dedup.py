@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from refinery.models.embed import VectorCache, content_keys
-from refinery.gates.base import Verdicts
+from refinery.core.params import StageParams
 from refinery.core.textkernels import as_strings, match_keys, mix64, utf8_buffers
+from refinery.gates.base import BaseGate, Gate, GateContext, Verdicts
+from refinery.models.embed import VectorCache, content_keys
 
 _U64 = np.uint64
 _SHINGLE_MUL = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
@@ -31,6 +34,15 @@ _SHINGLE_MUL = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E377
 _SIG_ROWS_PER_CALL = 20_000  # rows per rensa call (bounds the Python lists it returns)
 
 REASONS = ("dedup_exact_seed", "dedup_exact", "dedup_near_seed", "dedup_near")
+
+
+class DedupParams(StageParams):
+    """Exact and near-duplicate detection (MinHash LSH): ``gate.dedup``, and the same knobs where assemble and
+    validate deduplicate."""
+
+    max_jaccard: float = Field(gt=0, le=1)  # estimated Jaccard similarity at which a row is a near duplicate
+    num_perm: int = Field(gt=0)  # MinHash permutations
+    shingle: int = Field(gt=0, le=len(_SHINGLE_MUL))  # shingle length in characters
 
 
 def exact_keys(question: pa.Array | pa.ChunkedArray, answer: pa.Array | pa.ChunkedArray) -> pa.StringArray:
@@ -328,7 +340,7 @@ def keep_one_per_cluster(n: int, rank: np.ndarray, pairs: np.ndarray, similarity
     return Clusters(kept, eligible & ~kept, matched, score)
 
 
-class DedupGate:
+class DedupGate(BaseGate):
     """Reject exact and near duplicates, within the generated set and against the seed.
 
     Codes, in priority order: ``dedup_exact_seed`` (same normalised question and answer as a seed row),
@@ -356,6 +368,7 @@ class DedupGate:
 
     def __init__(self, seed: pa.Table | None = None, max_jaccard: float = 0.55, num_perm: int = 128,
                  shingle: int = 5, cache_dir: str | Path | None = None, minhash_seed: int = 42):
+        super().__init__()
         if not 0.0 < max_jaccard <= 1.0:
             raise ValueError(f"dedup: max_jaccard must lie in (0, 1], got {max_jaccard}")
         self.max_jaccard = max_jaccard
@@ -369,6 +382,15 @@ class DedupGate:
             texts = near_dup_texts(seed.column("question"), seed.column("answer"))
             self._seed_texts = texts.filter(pc.greater(pc.utf8_length(texts), 0))
         self._seed_sigs: np.ndarray | None = None
+
+    @classmethod
+    def calibrate(cls, params: DedupParams, ctx: GateContext) -> dict[str, Any]:
+        return params.model_dump()
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> DedupGate:
+        return cls(ctx.train, max_jaccard=bounds["max_jaccard"], num_perm=bounds["num_perm"],
+                   shingle=bounds["shingle"], cache_dir=ctx.cache_dir)
 
     def near_duplicates(self, rows: pa.Table, eligible: np.ndarray | None = None) -> tuple[Clusters, np.ndarray]:
         """Run signatures -> candidate pairs -> verification -> clusters on ``rows`` and the seed.
@@ -406,7 +428,7 @@ class DedupGate:
                                         eligible & ~near_seed)
         return clusters, seed_score
 
-    def apply(self, rows: pa.Table) -> Verdicts:
+    def judge(self, rows: pa.Table) -> Verdicts:
         """Judge every row.
 
         Args:
@@ -417,8 +439,6 @@ class DedupGate:
             dedup_near.
         """
         n = rows.num_rows
-        if n == 0:
-            return Verdicts([], [], [])
         keys = exact_keys(rows.column("question"), rows.column("answer"))
         rank = _rank(rows.column("row_id"))
         exact_seed = pc.is_in(keys, value_set=self._seed_keys).to_numpy(zero_copy_only=False)
@@ -435,6 +455,43 @@ class DedupGate:
                     reason[i] = code
         keep = [r is None for r in reason]
         return Verdicts(keep, score.tolist(), reason)
+
+
+class PooledDedup:
+    """The dedup gate, then (for rows it keeps) a check against a pool of rows already accepted or recovered.
+
+    Recovery re-gates its candidates with it. Codes: the base gate's, plus ``dedup_exact_accepted`` /
+    ``dedup_near_accepted`` (same as, or estimated Jaccard >= max_jaccard with, a row of the pool).
+
+    Args:
+        base: the dedup gate (against the seed and within the candidates).
+        pool: a dedup gate whose seed is the pool, or None for an empty pool.
+    """
+
+    name = "dedup"
+
+    def __init__(self, base: Gate, pool: Gate | None):
+        self.base, self.pool = base, pool
+
+    @classmethod
+    def over(cls, base: Gate, pool: pa.Table, params: dict[str, Any], cache_dir: Path | None) -> PooledDedup:
+        """Pool ``base`` with a dedup gate seeded by ``pool`` (rows with question and answer), same settings."""
+        pool_gate = DedupGate(pool, max_jaccard=params["max_jaccard"], num_perm=params["num_perm"],
+                              shingle=params["shingle"], cache_dir=cache_dir) if pool.num_rows else None
+        return cls(base, pool_gate)
+
+    def apply(self, rows: pa.Table) -> Verdicts:
+        v = self.base.apply(rows)
+        if self.pool is None or rows.num_rows == 0:
+            return v
+        p = self.pool.apply(rows)
+        keep, score, reason = list(v.keep), list(v.score), list(v.reason)
+        for i, (k, r) in enumerate(zip(p.keep, p.reason)):
+            if keep[i] and r in ("dedup_exact_seed", "dedup_near_seed"):
+                keep[i], reason[i] = False, r.replace("_seed", "_accepted")
+            if p.score[i] is not None:
+                score[i] = max(score[i] or 0.0, p.score[i])
+        return Verdicts(keep, score, reason)
 
 
 def _rank(row_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
-from refinery.gates.base import Verdicts
+from refinery.core.params import StageParams
+from refinery.gates.base import BaseGate, GateContext, Verdicts
 from refinery.models.claims import claim_text
 
-log = logging.getLogger(__name__)
-
 MODES = ("grounded", "retrieved", "ungrounded")
+
+
+class FaithfulnessParams(StageParams):
+    """Faithfulness gate: which judge, which evidence, which bound (``gate.faithfulness``)."""
+
+    judge: Literal["verifier", "llm"]  # trained/HF verifier, or the judge LLM's P(yes)
+    verifier: str  # 'trained' (the train_verifier stage's model) or an HF NLI / cross-encoder id or path
+    mode: Literal["grounded", "retrieved", "ungrounded"]
+    min_support: float | None = Field(default=None, ge=0, le=1)  # null: the verifier's calibrated threshold
+    compare_modes: bool = True  # also score the planted errors in all three modes (seed 000 comparison)
+    target_false_rejection: float = Field(ge=0, le=1)  # equal-FRR point for the mode comparison
 
 
 class Scorer(Protocol):
@@ -53,7 +63,7 @@ class PassageRetriever:
         return [self.windows[i] for i in best.tolist()]
 
 
-class FaithfulnessGate:
+class FaithfulnessGate(BaseGate):
     """Reject answers their evidence does not support (provenance-grounded faithfulness, seed 000).
 
     Modes: ``grounded`` scores (exact source passage recorded by generation, question + answer);
@@ -75,9 +85,11 @@ class FaithfulnessGate:
     """
 
     name = "faithfulness"
+    fail_closed = True
 
     def __init__(self, scorer: Scorer, documents: pa.Table, *, mode: str = "grounded", min_support: float = 0.5,
                  retriever: PassageRetriever | None = None):
+        super().__init__()
         if mode not in MODES:
             raise ValueError(f"faithfulness: unknown mode {mode!r} (one of {', '.join(MODES)})")
         if mode == "retrieved" and retriever is None:
@@ -86,7 +98,29 @@ class FaithfulnessGate:
             raise ValueError(f"faithfulness: min_support must lie in [0, 1], got {min_support}")
         self.scorer, self.mode, self.min_support, self.retriever = scorer, mode, min_support, retriever
         self.texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
-        self.last_error: str | None = None
+
+    @staticmethod
+    def scorer_for(judge: str, models: Any) -> Scorer:
+        """Return the configured judge: the verifier, or the judge model as an :class:`LLMJudge`."""
+        return models.verifier if judge == "verifier" else LLMJudge(models.judge)
+
+    @classmethod
+    def calibrate(cls, params: FaithfulnessParams, ctx: GateContext) -> dict[str, Any]:
+        """``min_support``: the param, or the verifier's calibrated threshold; the judge and evidence mode."""
+        min_support = params.min_support
+        if min_support is None:
+            min_support = getattr(cls.scorer_for(params.judge, ctx.models), "threshold", None)
+            if min_support is None:
+                raise ValueError("gate.faithfulness.min_support is null but the verifier records no calibrated "
+                                 "threshold: set a number")
+        return {"judge": params.judge, "mode": params.mode, "min_support": float(min_support)}
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> FaithfulnessGate:
+        mode = bounds["mode"]
+        retriever = PassageRetriever(ctx.documents, ctx.models.embedder) if mode == "retrieved" else None
+        return cls(cls.scorer_for(bounds["judge"], ctx.models), ctx.documents, mode=mode,
+                   min_support=float(bounds["min_support"]), retriever=retriever)
 
     def scores(self, rows: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         """Return support per row (NaN: not scored) and a reason for rows that could not be scored."""
@@ -121,18 +155,9 @@ class FaithfulnessGate:
             out[idx] = np.asarray(self.scorer.score(passages, claims), dtype=float)
         return out, pre
 
-    def apply(self, rows: pa.Table) -> Verdicts:
-        """Judge every row, failing closed on scorer errors and NaN."""
-        n = rows.num_rows
-        if n == 0:
-            return Verdicts([], [], [])
-        self.last_error = None
-        try:
-            support, pre = self.scores(rows)
-        except Exception as e:  # noqa: BLE001 - fail closed: no row may pass if the model failed
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("faithfulness: scorer failed, rejecting all %d rows: %s", n, self.last_error)
-            return Verdicts([False] * n, [None] * n, ["faithfulness_error"] * n)
+    def judge(self, rows: pa.Table) -> Verdicts:
+        """Judge every row; NaN support fails closed (``faithfulness_error``), as a failing scorer does."""
+        support, pre = self.scores(rows)
         keep, score, reason = [], [], []
         for s, p in zip(support.tolist(), pre):
             if p is not None:

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from refinery.gates.base import Verdicts
+from refinery.core.params import StageParams
+from refinery.gates.base import BaseGate, GateContext, Verdicts
 from refinery.gates.dedup import near_dup_texts
 from refinery.core.textkernels import ROWS_PER_PASS, Tokens, U64Set, as_strings, mix64, per_row_sum, word_tokens
-
-log = logging.getLogger(__name__)
 
 _U64 = np.uint64
 _GRAM_MUL = mix64(np.arange(1, 33, dtype=_U64)) | _U64(1)  # one odd multiplier per gram position
 _COSINE_ROWS = 4096  # rows per similarity block (block x seed floats in memory)
+
+
+class OverlapParams(StageParams):
+    """Seed-overlap bounds of the overlap_ngram and overlap_embedding gates: ``gate.overlap`` (seed 004: an 8-gram
+    share >= 0.30 or a cosine >= 0.85 is rejected)."""
+
+    ngram: int = Field(gt=0)
+    max_ngram_overlap: float = Field(ge=0, le=1)
+    max_cosine: float = Field(ge=-1, le=1)
 
 
 def ngram_hashes(tokens: Tokens, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +52,7 @@ def ngram_hashes(tokens: Tokens, n: int) -> tuple[np.ndarray, np.ndarray]:
     return mix64(h), rows
 
 
-class NgramOverlapGate:
+class NgramOverlapGate(BaseGate):
     """Reject rows whose word 8-grams are mostly found in the seed (copied or lightly edited seed text).
 
     Score: the share of the row's word n-grams (question + answer, case-folded, punctuation removed, as
@@ -65,6 +73,7 @@ class NgramOverlapGate:
     name = "overlap_ngram"
 
     def __init__(self, seed: pa.Table, max_ngram_overlap: float = 0.30, n: int = 8):
+        super().__init__()
         if not 0.0 < max_ngram_overlap <= 1.0:
             raise ValueError(f"overlap_ngram: max_ngram_overlap must lie in (0, 1], got {max_ngram_overlap}")
         if not 1 <= n <= len(_GRAM_MUL):
@@ -72,6 +81,14 @@ class NgramOverlapGate:
         self.max_ngram_overlap, self.n = max_ngram_overlap, n
         grams, _ = ngram_hashes(word_tokens(near_dup_texts(seed.column("question"), seed.column("answer"))), n)
         self._seed_grams = U64Set(grams)
+
+    @classmethod
+    def calibrate(cls, params: OverlapParams, ctx: GateContext) -> dict[str, Any]:
+        return {"ngram": params.ngram, "max_ngram_overlap": params.max_ngram_overlap}
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> NgramOverlapGate:
+        return cls(ctx.train, max_ngram_overlap=bounds["max_ngram_overlap"], n=bounds["ngram"])
 
     def scores(self, rows: pa.Table) -> np.ndarray:
         """Return each row's share of n-grams found in the seed (0 for rows without n-grams).
@@ -92,7 +109,7 @@ class NgramOverlapGate:
             out.append(np.where(total > 0, hits / np.maximum(total, 1), 0.0))
         return np.concatenate(out) if out else np.zeros(0)
 
-    def apply(self, rows: pa.Table) -> Verdicts:
+    def judge(self, rows: pa.Table) -> Verdicts:
         """Judge every row.
 
         Args:
@@ -119,7 +136,7 @@ def embedding_texts(question: pa.Array | pa.ChunkedArray, answer: pa.Array | pa.
     return pc.binary_join_element_wise(as_strings(question), as_strings(answer), "\n")
 
 
-class EmbeddingOverlapGate:
+class EmbeddingOverlapGate(BaseGate):
     """Reject rows too close in meaning to a seed row: cosine similarity to the nearest seed example.
 
     Score: the highest cosine similarity between the row's embedding (question + answer) and any seed
@@ -139,14 +156,23 @@ class EmbeddingOverlapGate:
     """
 
     name = "overlap_embedding"
+    fail_closed = True
 
     def __init__(self, seed: pa.Table, embedder: TextEmbedder, max_cosine: float = 0.85):
+        super().__init__()
         if not -1.0 <= max_cosine <= 1.0:
             raise ValueError(f"overlap_embedding: max_cosine must lie in [-1, 1], got {max_cosine}")
         self.embedder, self.max_cosine = embedder, max_cosine
         self._seed_texts = embedding_texts(seed.column("question"), seed.column("answer")).to_pylist()
         self._seed_vecs: np.ndarray | None = None
-        self.last_error: str | None = None
+
+    @classmethod
+    def calibrate(cls, params: OverlapParams, ctx: GateContext) -> dict[str, Any]:
+        return {"max_cosine": params.max_cosine}
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> EmbeddingOverlapGate:
+        return cls(ctx.train, ctx.models.embedder, max_cosine=bounds["max_cosine"])
 
     def nearest(self, rows: pa.Table) -> np.ndarray:
         """Return each row's highest cosine similarity to a seed row (NaN where it is not a number).
@@ -172,8 +198,8 @@ class EmbeddingOverlapGate:
             out[lo:lo + _COSINE_ROWS] = sims.max(axis=1)  # NaN propagates: a NaN vector gives a NaN score
         return out
 
-    def apply(self, rows: pa.Table) -> Verdicts:
-        """Judge every row, failing closed.
+    def judge(self, rows: pa.Table) -> Verdicts:
+        """Judge every row (the base class fails closed when the model fails).
 
         Args:
             rows: rows of the synthetic contract (question, answer).
@@ -183,19 +209,9 @@ class EmbeddingOverlapGate:
             when the model failed or gave no number.
         """
         n = rows.num_rows
-        if n == 0:
-            return Verdicts([], [], [])
-        self.last_error = None
-        try:
-            best = self.nearest(rows)
-        except Exception as e:  # noqa: BLE001 - fail closed: whatever the model raised, no row may pass
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("overlap_embedding: embedding failed, rejecting all %d rows: %s", n, self.last_error)
-            return Verdicts([False] * n, [None] * n, ["overlap_embedding_error"] * n)
+        best = self.nearest(rows)
         if len(best) != n:
-            self.last_error = f"embedder returned {len(best)} vectors for {n} rows"
-            log.warning("overlap_embedding: %s; rejecting all rows", self.last_error)
-            return Verdicts([False] * n, [None] * n, ["overlap_embedding_error"] * n)
+            raise ValueError(f"embedder returned {len(best)} vectors for {n} rows")
         keep, score, reason = [], [], []
         for s in best.tolist():
             if np.isnan(s):

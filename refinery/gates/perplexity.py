@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
-from refinery.gates.base import Verdicts
-
-log = logging.getLogger(__name__)
+from refinery.core.params import StageParams
+from refinery.gates.base import BaseGate, GateContext, Verdicts, human_quantile
 
 CONTEXT = "Question: {question}\nAnswer:"
 
 
-class PerplexityGate:
+class PerplexityParams(StageParams):
+    """Perplexity gate bounds (seed 002), under the judge model: ``gate.perplexity``."""
+
+    min_perplexity: float = Field(gt=0)
+    max_perplexity: float | None = Field(default=None, gt=0)  # null: max_factor x the human 95th percentile
+    max_factor: float = Field(gt=0)
+
+
+class PerplexityGate(BaseGate):
     """Perplexity of the answer given its question under the judge model (seed 002).
 
     Codes: ``perplexity_too_high`` (above ``max_perplexity``: incoherent text), ``perplexity_too_low``
@@ -32,12 +40,26 @@ class PerplexityGate:
     """
 
     name = "perplexity"
+    fail_closed = True
 
     def __init__(self, backend, min_perplexity: float, max_perplexity: float):
+        super().__init__()
         if not 0 < min_perplexity < max_perplexity:
             raise ValueError("perplexity: need 0 < min_perplexity < max_perplexity")
         self.backend, self.min_perplexity, self.max_perplexity = backend, min_perplexity, max_perplexity
-        self.last_error: str | None = None
+
+    @classmethod
+    def calibrate(cls, params: PerplexityParams, ctx: GateContext) -> dict[str, Any]:
+        """``max_perplexity``: the param, or ``max_factor`` x the 95th percentile of the human calibration answers'."""
+        max_ppl = params.max_perplexity
+        if max_ppl is None:
+            probe = cls(ctx.models.judge, params.min_perplexity, 1e9)  # only scores: its bounds are not used
+            max_ppl = params.max_factor * human_quantile(probe.perplexities(ctx.calib), 0.95)
+        return {"min_perplexity": params.min_perplexity, "max_perplexity": float(max_ppl)}
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> PerplexityGate:
+        return cls(ctx.models.judge, bounds["min_perplexity"], bounds["max_perplexity"])
 
     def perplexities(self, rows: pa.Table) -> np.ndarray:
         """Return exp(-mean log-prob per answer token); NaN where there is no answer."""
@@ -51,19 +73,10 @@ class PerplexityGate:
                 out[i] = math.exp(-ll / n) if n > 0 and math.isfinite(ll) else math.nan
         return out
 
-    def apply(self, rows: pa.Table) -> Verdicts:
-        """Judge every row, failing closed."""
-        n = rows.num_rows
-        if n == 0:
-            return Verdicts([], [], [])
+    def judge(self, rows: pa.Table) -> Verdicts:
+        """Judge every row (the base class fails closed when the model fails)."""
         answers = rows.column("answer").to_pylist()
-        self.last_error = None
-        try:
-            ppl = self.perplexities(rows)
-        except Exception as e:  # noqa: BLE001 - fail closed
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("perplexity: model failed, rejecting all %d rows: %s", n, self.last_error)
-            return Verdicts([False] * n, [None] * n, ["perplexity_error"] * n)
+        ppl = self.perplexities(rows)
         keep, score, reason = [], [], []
         for ans, p in zip(answers, ppl.tolist()):
             if not (ans or "").strip():

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
-from refinery.gates.base import Verdicts
+from refinery.core.params import StageParams
+from refinery.gates.base import BaseGate, GateContext, Verdicts, human_quantile
 
-log = logging.getLogger(__name__)
+
+class RewardParams(StageParams):
+    """Reward gate: ``gate.reward``."""
+
+    model: str  # 'trained' (the train_reward stage's model) or an HF reward model id or path
+    min_reward: float | None = None  # null: the human_quantile of human val answers' rewards
+    human_quantile: float = Field(ge=0, le=1)
 
 
 class RewardScorer(Protocol):
@@ -23,7 +30,7 @@ class RewardScorer(Protocol):
         ...
 
 
-class RewardGate:
+class RewardGate(BaseGate):
     """Reject rows whose reward is below ``min_reward`` (``reward_low``); fail closed (``reward_error``).
 
     Source: reward-model filtering of synthetic data (seed 000, 003; rejection sampling with a reward
@@ -36,27 +43,34 @@ class RewardGate:
     """
 
     name = "reward"
+    fail_closed = True
 
     def __init__(self, scorer: RewardScorer, min_reward: float):
+        super().__init__()
         self.scorer, self.min_reward = scorer, float(min_reward)
-        self.last_error: str | None = None
 
-    def apply(self, rows: pa.Table) -> Verdicts:
+    @classmethod
+    def calibrate(cls, params: RewardParams, ctx: GateContext) -> dict[str, Any]:
+        """``min_reward``: the param, or the ``human_quantile`` of the human calibration answers' rewards."""
+        min_reward = params.min_reward
+        if min_reward is None:
+            min_reward = human_quantile(ctx.models.reward.score(ctx.calib.column("question").to_pylist(),
+                                                                ctx.calib.column("answer").to_pylist()),
+                                        params.human_quantile)
+        return {"min_reward": float(min_reward)}
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> RewardGate:
+        return cls(ctx.models.reward, bounds["min_reward"])
+
+    def judge(self, rows: pa.Table) -> Verdicts:
         """Judge every row (rows without an answer get ``reward_no_answer``)."""
         n = rows.num_rows
-        if n == 0:
-            return Verdicts([], [], [])
         q, a = rows.column("question").to_pylist(), rows.column("answer").to_pylist()
         idx = [i for i in range(n) if (a[i] or "").strip() and (q[i] or "").strip()]
         scores = np.full(n, np.nan)
-        self.last_error = None
-        try:
-            if idx:
-                scores[idx] = np.asarray(self.scorer.score([q[i] for i in idx], [a[i] for i in idx]), float)
-        except Exception as e:  # noqa: BLE001 - fail closed
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.warning("reward: scorer failed, rejecting all %d rows: %s", n, self.last_error)
-            return Verdicts([False] * n, [None] * n, ["reward_error"] * n)
+        if idx:
+            scores[idx] = np.asarray(self.scorer.score([q[i] for i in idx], [a[i] for i in idx]), float)
         wanted = set(idx)
         keep, score, reason = [], [], []
         for i, s in enumerate(scores.tolist()):

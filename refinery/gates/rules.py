@@ -5,13 +5,17 @@ The rules run over whole Arrow columns with the kernels of :mod:`refinery.core.t
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
+from refinery.core.params import StageParams
 from refinery.core.textkernels import (ROWS_PER_PASS, SmallHashSet, Tokens, as_strings, hash_words, in_sorted,
                                        match_keys, per_row_sum, word_counts, word_tokens)
-from refinery.gates.base import Verdicts
+from refinery.gates.base import BaseGate, GateContext, Verdicts
 
 _U64 = np.uint64
 
@@ -107,7 +111,16 @@ def _unbalanced(arr: pa.StringArray) -> np.ndarray:
     return bad
 
 
-class RulesGate:
+class RulesParams(StageParams):
+    """Bounds of the rules gate: ``gate.rules`` (seed 004: 10-200 words of question + answer)."""
+
+    min_qa_words: int = Field(ge=0)
+    max_qa_words: int = Field(gt=0)
+    min_answer_words: int = Field(ge=0)
+    max_answer_words: int = Field(gt=0)
+
+
+class RulesGate(BaseGate):
     """Reject rows that fail cheap text rules; reason = the first failing rule in priority order.
 
     Codes, in priority order: ``rules_transport_error`` (the teacher call failed), ``rules_parse_error``
@@ -154,6 +167,7 @@ class RulesGate:
                  max_answer_words: int = 150, max_unterminated_answer_words: int = 40,
                  min_ascii_letter_share: float = 0.9, min_stopword_share: float = 0.1,
                  language_min_words: int = 8, max_answer_question_overlap: float = 0.9):
+        super().__init__()
         if min_qa_words > max_qa_words or min_answer_words > max_answer_words:
             raise ValueError("rules: a min_* word bound is above its max_* bound")
         for share in (min_ascii_letter_share, min_stopword_share, max_answer_question_overlap):
@@ -167,6 +181,15 @@ class RulesGate:
         self.language_min_words = language_min_words
         self.max_answer_question_overlap = max_answer_question_overlap
         self._stopwords = SmallHashSet(hash_words(ENGLISH_STOPWORDS))
+
+    @classmethod
+    def calibrate(cls, params: RulesParams, ctx: GateContext) -> dict[str, Any]:
+        return params.model_dump()
+
+    @classmethod
+    def build(cls, bounds: dict[str, Any], ctx: GateContext) -> RulesGate:
+        return cls(min_qa_words=bounds["min_qa_words"], max_qa_words=bounds["max_qa_words"],
+                   min_answer_words=bounds["min_answer_words"], max_answer_words=bounds["max_answer_words"])
 
     def failures(self, rows: pa.Table) -> dict[str, np.ndarray]:
         """Evaluate every rule on every row.
@@ -235,7 +258,7 @@ class RulesGate:
         share = per_row_sum(a_tok.rows, inside, n) / np.maximum(a_tok.counts, 1)
         return same | ((a_tok.counts > 0) & (share > self.max_answer_question_overlap))
 
-    def apply(self, rows: pa.Table) -> Verdicts:
+    def judge(self, rows: pa.Table) -> Verdicts:
         """Judge every row.
 
         Args:
@@ -244,8 +267,6 @@ class RulesGate:
         Returns:
             One verdict per row: score = rules failed, reason = the first failed rule in priority order.
         """
-        if rows.num_rows == 0:
-            return Verdicts([], [], [])
         fails = self.failures(rows)
         stacked = np.stack([fails[r] for r in REASONS])
         score = stacked.sum(axis=0)

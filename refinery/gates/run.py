@@ -1,4 +1,7 @@
-"""Build the quality gates with their calibrated thresholds and run them on rows: shared by gate and recover."""
+"""Calibrate the quality gates' bounds, build the gates from them, and run them on rows: shared by gate and recover.
+
+Which gates exist, their params sections, reason codes and cascade order come from :mod:`refinery.gates.registry`.
+"""
 
 from __future__ import annotations
 
@@ -10,84 +13,35 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, create_model
 
-from refinery.gates.base import Gate, Verdicts
 from refinery.core.params import StageParams
-from schemas.gated import GATES
+from refinery.gates.base import Gate, GateContext, Verdicts
+from refinery.gates.registry import CASCADE, GATES, SPECS
+
+# This module imports every registered gate's class and params model by the registry's dotted paths: their modules
+# count as its imports in each stage's code fingerprint (refinery.core.codehash).
+__resolves__ = "refinery.gates.registry"
 
 FACTUAL = ("entity_swap", "number_change", "negation_flip", "unsupported_claim", "other_document")
 
 
-class RulesParams(StageParams):
-    """Bounds of the rules gate (seed 004: 10-200 words of question + answer)."""
+class GateKnobs(StageParams):
+    """The gate stage's own knobs (each gate's section is added from the registry: see :data:`GateParams`)."""
 
-    min_qa_words: int = Field(ge=0)
-    max_qa_words: int = Field(gt=0)
-    min_answer_words: int = Field(ge=0)
-    max_answer_words: int = Field(gt=0)
-
-
-class DedupParams(StageParams):
-    """Near-duplicate detection (MinHash LSH)."""
-
-    max_jaccard: float = Field(gt=0, le=1)
-    num_perm: int = Field(gt=0)
-    shingle: int = Field(gt=0)
-
-
-class OverlapParams(StageParams):
-    """Seed-overlap bounds (seed 004: 8-gram share >= 0.30, cosine >= 0.85 are rejected)."""
-
-    ngram: int = Field(gt=0)
-    max_ngram_overlap: float = Field(ge=0, le=1)
-    max_cosine: float = Field(ge=-1, le=1)
-
-
-class FaithfulnessParams(StageParams):
-    """Faithfulness gate: which judge, which evidence, which bound."""
-
-    judge: Literal["verifier", "llm"]  # trained/HF verifier, or the judge LLM's P(yes)
-    verifier: str  # 'trained' (the train_verifier stage's model) or an HF NLI / cross-encoder id or path
-    mode: Literal["grounded", "retrieved", "ungrounded"]
-    min_support: float | None = Field(default=None, ge=0, le=1)  # null: the verifier's calibrated threshold
-    compare_modes: bool = True  # also score the planted errors in all three modes (seed 000 comparison)
-    target_false_rejection: float = Field(ge=0, le=1)  # equal-FRR point for the mode comparison
-
-
-class RewardParams(StageParams):
-    """Reward gate."""
-
-    model: str  # 'trained' (the train_reward stage's model) or an HF reward model id or path
-    min_reward: float | None = None  # null: the human_quantile of human val answers' rewards
-    human_quantile: float = Field(ge=0, le=1)
-
-
-class PerplexityParams(StageParams):
-    """Perplexity gate bounds (seed 002), under the judge model."""
-
-    min_perplexity: float = Field(gt=0)
-    max_perplexity: float | None = Field(default=None, gt=0)  # null: max_factor x the human 95th percentile
-    max_factor: float = Field(gt=0)
-
-
-class GateParams(StageParams):
-    """Knobs of the gate stage, one sub-section per gate."""
-
-    rules: RulesParams
-    dedup: DedupParams
-    overlap: OverlapParams
-    faithfulness: FaithfulnessParams
-    reward: RewardParams
-    perplexity: PerplexityParams
     batch_size: int = Field(gt=0)
     threads: int = Field(gt=0)
     mode: Literal["full", "cascade"] = "full"  # full: every verdict on every row; cascade: see run_gates
 
 
-# Cascade order: the gates that need no model first, then the model gates from the cheapest per row (an embedding,
-# a reward-head pass, a cross-encoder pass, a language-model pass over every token).
-CASCADE = ("rules", "dedup", "overlap_ngram", "overlap_embedding", "reward", "faithfulness", "perplexity")
+# Knobs of the gate stage: ``batch_size``, ``threads``, ``mode`` and one sub-section per registry section
+# (``gate.rules``, ``gate.dedup``, ``gate.overlap``, ...), each validated by its gate's params model.
+_SECTIONS = {s.section: s.params_model() for s in SPECS}
+if any(s.params_model() is not _SECTIONS[s.section] for s in SPECS):
+    raise ValueError("gate registry: gates that share a params section must share its params model")
+GateParams = create_model("GateParams", __base__=GateKnobs, __module__=__name__,
+                          **{section: (model, ...) for section, model in _SECTIONS.items()})
+GateParams.__doc__ = "Knobs of the gate stage, one sub-section per gate section of the registry."
 
 
 def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full") -> pa.Table:
@@ -138,7 +92,7 @@ def judged_rows(gated: pa.Table) -> dict[str, int]:
 
 
 class _ByKind:
-    """Wrap a gate so it judges planted rows one injection kind at a time (see ``refinery.planted.measure.apply_by_kind``)."""
+    """Wrap a gate so it judges planted rows one injection kind at a time (``refinery.planted.measure.apply_by_kind``)."""
 
     def __init__(self, gate: Gate):
         self.gate, self.name = gate, gate.name
@@ -176,63 +130,39 @@ class Models:
     embedder: Any
 
 
-def human_quantile(values: np.ndarray, q: float) -> float:
-    """Return the q-quantile of finite values (a bound calibrated on human answers)."""
-    finite = values[np.isfinite(values)]
-    if not len(finite):
-        raise ValueError("no finite score on the human calibration rows")
-    return float(np.quantile(finite, q))
+def calibrate(params: Any, ctx: GateContext) -> dict[str, dict[str, Any]]:
+    """Resolve every gate's bounds: params as set, null ones calibrated on ``ctx.calib`` (human val rows).
 
+    The gate stage alone calibrates, and writes the result as ``data/04_gated/thresholds.json``; recovery reads it.
 
-def build_gates(params: GateParams, train: pa.Table, calib: pa.Table, documents: pa.Table, models: Models,
-                cache_dir: Path | None, mode: str | None = None) -> tuple[dict[str, Gate], dict[str, float]]:
-    """Build the gate objects with their thresholds (calibrated on human val rows where params say null).
+    Args:
+        params: the gate stage's params (:data:`GateParams`).
+        ctx: train, documents, calibration rows and the loaded models.
 
     Returns:
-        The gates by name and the thresholds actually used.
+        ``{gate: {bound: value}}`` for every gate of GATES, each with the names its registry entry declares.
     """
-    from refinery.gates.dedup import DedupGate
-    from refinery.gates.faithfulness import FaithfulnessGate, LLMJudge, PassageRetriever
-    from refinery.gates.overlap import EmbeddingOverlapGate, NgramOverlapGate
-    from refinery.gates.perplexity import PerplexityGate
-    from refinery.gates.reward import RewardGate
-    from refinery.gates.rules import RulesGate
+    out = {}
+    for s in SPECS:
+        bounds = s.gate_class().calibrate(getattr(params, s.section), ctx)
+        if set(bounds) != set(s.bounds):
+            raise ValueError(f"gate {s.name}: calibrate returned {sorted(bounds)}, the registry declares "
+                             f"{sorted(s.bounds)}")
+        out[s.name] = {k: bounds[k] for k in s.bounds}
+    return out
 
-    p = params
-    scorer = models.verifier if p.faithfulness.judge == "verifier" else LLMJudge(models.judge)
-    min_support = p.faithfulness.min_support
-    if min_support is None:
-        min_support = getattr(scorer, "threshold", None)
-        if min_support is None:
-            raise ValueError("gate.faithfulness.min_support is null but the verifier records no calibrated "
-                             "threshold: set a number")
-    mode = mode or p.faithfulness.mode
-    retriever = PassageRetriever(documents, models.embedder) if mode == "retrieved" else None
-    faith = FaithfulnessGate(scorer, documents, mode=mode, min_support=float(min_support), retriever=retriever)
-    min_reward = p.reward.min_reward
-    if min_reward is None:
-        min_reward = human_quantile(models.reward.score(calib.column("question").to_pylist(),
-                                                        calib.column("answer").to_pylist()), p.reward.human_quantile)
-    ppl_gate = PerplexityGate(models.judge, p.perplexity.min_perplexity, 1e9)
-    max_ppl = p.perplexity.max_perplexity
-    if max_ppl is None:
-        max_ppl = p.perplexity.max_factor * human_quantile(ppl_gate.perplexities(calib), 0.95)
-    ppl_gate.max_perplexity = max_ppl
-    gates: dict[str, Gate] = {
-        "rules": RulesGate(min_qa_words=p.rules.min_qa_words, max_qa_words=p.rules.max_qa_words,
-                           min_answer_words=p.rules.min_answer_words, max_answer_words=p.rules.max_answer_words),
-        "dedup": DedupGate(train, max_jaccard=p.dedup.max_jaccard, num_perm=p.dedup.num_perm,
-                           shingle=p.dedup.shingle, cache_dir=cache_dir),
-        "overlap_ngram": NgramOverlapGate(train, max_ngram_overlap=p.overlap.max_ngram_overlap, n=p.overlap.ngram),
-        "overlap_embedding": EmbeddingOverlapGate(train, models.embedder, max_cosine=p.overlap.max_cosine),
-        "faithfulness": faith,
-        "reward": RewardGate(models.reward, float(min_reward)),
-        "perplexity": ppl_gate,
-    }
-    thresholds = {"faithfulness_min_support": round(float(min_support), 4), "reward_min": round(float(min_reward), 4),
-                  "perplexity_min": p.perplexity.min_perplexity, "perplexity_max": round(float(max_ppl), 4),
-                  "faithfulness_mode": mode}
-    return gates, thresholds
+
+def build_gates(thresholds: dict[str, dict[str, Any]], ctx: GateContext) -> dict[str, Gate]:
+    """Build every gate from its resolved bounds (as :func:`calibrate` returned them) and the context.
+
+    Args:
+        thresholds: ``{gate: {bound: value}}`` (thresholds.json, validated by ``schemas.thresholds``).
+        ctx: train (the seed of dedup and overlap), documents, the loaded models, the cache folder.
+
+    Returns:
+        The gates by name, in GATES order.
+    """
+    return {s.name: s.gate_class().build(thresholds[s.name], ctx) for s in SPECS}
 
 
 def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: pa.Table, models: Models,

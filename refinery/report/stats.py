@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from refinery.gates.registry import family as gate_family
 from refinery.training.arms import BASE
 
 MODELS = ("base", "human", "contaminated", "curated")  # the seed 004 models the A/B/C sections compare
@@ -48,8 +49,8 @@ QUESTIONS = (
     ("human_vs_base", "Does fine-tuning on the human rows help at all (A human vs the untuned base)?", "human", BASE),
 )
 
-HEURISTIC_GATES = ("rules", "dedup", "overlap_ngram", "overlap_embedding")  # text rules and similarity bounds
-MODEL_GATES = ("faithfulness", "reward", "perplexity")  # learned or model-scored gates
+HEURISTIC_GATES = gate_family("heuristic")  # text rules and similarity bounds
+MODEL_GATES = gate_family("model")  # learned or model-scored gates
 
 
 @dataclass(frozen=True)
