@@ -26,7 +26,8 @@ from schemas.gated import GATES
               help="Human train rows: the seed that dedup and overlap compare against (Parquet).")
 @click.option("--val", "val_file", required=True,
               help="Human rows that calibrate the bounds params leave null (Parquet).")
-@click.option("--documents", "documents_file", required=True, help="Source documents (Parquet).")
+@click.option("--documents", "documents_file", required=True,
+              help="ingest's documents.parquet: one row per source document (doc_id, text, updated_at, stale).")
 @click.option("--models", "models_dir", required=True, help="Provisioned base models folder (judge, embedder).")
 @click.option("--verifier", "verifier_dir", required=True, help="Trained verifier folder (judge: verifier, trained).")
 @click.option("--reward", "reward_dir", required=True, help="Trained reward model folder (model: trained).")

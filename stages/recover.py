@@ -25,7 +25,8 @@ __all__ = ["RecoverParams", "cli"]
                    "with exactly these.")
 @click.option("--train", "train_file", required=True,
               help="Human train rows (Parquet): parents, few-shot examples, the seed of dedup and overlap.")
-@click.option("--documents", "documents_file", required=True, help="Source documents (Parquet).")
+@click.option("--documents", "documents_file", required=True,
+              help="ingest's documents.parquet: one row per source document (doc_id, text, updated_at, stale).")
 @click.option("--models", "models_dir", required=True,
               help="Provisioned base models folder (teacher, judge, embedder).")
 @click.option("--verifier", "verifier_dir", required=True, help="Trained verifier folder (re-gating).")

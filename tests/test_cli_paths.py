@@ -16,8 +16,6 @@ from refinery.core import dag
 from refinery.core.errors import RefineryError
 from tests.conftest import ROOT
 
-# gate and recover are rewritten on another branch, which makes their path options required there.
-NOT_YET = {"gate", "recover"}
 STAGE_COMMANDS = {name: target for name, target in COMMANDS.items() if target[0].startswith("stages.")}
 PATH_WORDS = re.compile(r"\b(file|files|folder|folders|path|paths|dir|dirs|directory)\b|_(file|dir)$")
 PATH_PREFIXES = ("data/", "models/", "metrics/", "reports/", "prompts", ".refinery/", "schemas/")
@@ -48,7 +46,7 @@ def path_defaults(command: click.Command) -> list[str]:
 
 def test_no_stage_command_has_a_path_default():
     # given every stage command but the two rewritten elsewhere
-    found = [line for name in sorted(set(STAGE_COMMANDS) - NOT_YET) for line in path_defaults(_command(name))]
+    found = [line for name in sorted(STAGE_COMMANDS) for line in path_defaults(_command(name))]
     # then none of them writes a path a second time beside dvc.yaml
     assert found == [], "path options with a default (pass them from dvc.yaml's cmd instead):\n" + "\n".join(found)
 
@@ -69,7 +67,7 @@ def test_the_check_flags_a_path_default_by_its_value_its_name_or_its_help():
 
 
 def test_every_path_option_says_what_it_reads_or_writes():
-    missing = [f"{name} {option.opts[0]}" for name in sorted(set(STAGE_COMMANDS) - NOT_YET)
+    missing = [f"{name} {option.opts[0]}" for name in sorted(STAGE_COMMANDS)
                for option in _command(name).params
                if isinstance(option, click.Option) and _path_like(option) and len((option.help or "").split()) < 4]
     assert missing == [], "path options without a help text that says what is expected there: " + ", ".join(missing)
@@ -101,7 +99,7 @@ def test_dvc_yaml_passes_every_required_option_and_only_options_the_command_has(
 def test_every_stage_command_fails_with_one_line_naming_a_missing_path(tmp_path, monkeypatch, capsys):
     # given an empty folder: nothing to fall back on
     monkeypatch.chdir(tmp_path)
-    for name in sorted(set(STAGE_COMMANDS) - NOT_YET):
+    for name in sorted(STAGE_COMMANDS):
         required = [p for p in _command(name).params if isinstance(p, click.Option) and p.required]
         # when run with no options at all
         rc = main([name])
