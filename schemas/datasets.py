@@ -23,8 +23,8 @@ SOURCES = ("human", "accepted", "recovered", "generated", "contaminated")
 SYNTHETIC_SOURCES = ("accepted", "recovered", "generated", "contaminated")  # every source but the human anchor
 EXPECTATIONS = Path(__file__).resolve().parent / "expectations"  # GE suites: <name>.json (an arm names its suite)
 
-# Provenance a synthetic row must carry (seed 003: teacher, template hash, parents, evidence span); each is checked
-# as the GE check column missing_<name> (evidence_span: evidence_start and evidence_end).
+# Provenance a synthetic row must carry (governance brief: teacher, template hash, parents, evidence span); each is
+# checked as the GE check column missing_<name> (evidence_span: evidence_start and evidence_end).
 SYNTHETIC_PROVENANCE = ("teacher", "prompt_template", "parent_ids", "evidence_span")
 
 CONTENT_FIELDS = [
@@ -54,7 +54,7 @@ CONTRACT = Contract("datasets", ARROW, _checks, unique=("row_id",))
 
 
 class Thresholds(StageParams):
-    """Dataset-level bounds of one dataset kind (seed 003's table); each is a GE suite parameter of the same name."""
+    """Dataset-level bounds of one dataset kind (governance brief), each a GE suite parameter of that name."""
 
     min_rows: int = Field(ge=0)  # fewer rows than this fails
     max_synthetic_share: float = Field(ge=0, le=1)  # share of rows whose source is not human

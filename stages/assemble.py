@@ -1,13 +1,13 @@
 """Assemble the experiment's datasets, one per arm, each a recipe over row sources declared in params.yaml.
 
-An arm (``assemble.arms``) names the row sources it draws from: every human train row (the anchor; seed 001
+An arm (``assemble.arms``) names the row sources it draws from: every human train row (the anchor; generation brief
 "accumulate, never replace"), and synthetic sources: ``accepted`` (rows every gate kept), ``recovered`` (rows the
 recover stage rescued), ``generated`` (every parsed generated row before any gate) and ``contaminated`` (the
-AI-rewritten human rows). Seed 003 ("cap synthetic influence"): an arm's synthetic rows can be capped at a share of
-the dataset, rare intents and document categories are topped up from synthetic rows first (never beyond the cap),
-and per-row sampling weights keep the synthetic share of the total weight under its own bound. An arm can also take
-exactly as many synthetic rows as another arm holds (``synthetic_rows_of``), so two arms differ only in where their
-synthetic rows come from.
+AI-rewritten human rows). Governance brief ("cap synthetic influence"): an arm's synthetic rows can be capped at a share
+of the dataset, rare intents and document categories are topped up from synthetic rows first (never beyond the cap), and
+per-row sampling weights keep the synthetic share of the total weight under its own bound. An arm can also take exactly
+as many synthetic rows as another arm holds (``synthetic_rows_of``), so two arms differ only in where their synthetic
+rows come from.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def select_synthetic(pool: pa.Table, human: pa.Table, arm: ArmRecipe, seed: int,
                      categories: dict[str, str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Choose which synthetic rows join the human anchor: rare intents, then rare categories, then the rest.
 
-    Seed 003 scenario 2: classes the human rows cover thinly are topped up from synthetic rows first, never beyond
-    the cap; the remaining room is filled in a seeded random order.
+    Governance brief, scenario 2: classes the human rows cover thinly are topped up from synthetic rows first, never
+    beyond the cap; the remaining room is filled in a seeded random order.
 
     Args:
         pool: deduplicated synthetic rows (dataset columns).

@@ -1,4 +1,4 @@
-"""Build the AI-contaminated comparison set (seed 004, model B): human questions with teacher-written answers."""
+"""Build the AI-contaminated comparison set (experiment brief, model B): human questions, teacher-written answers."""
 
 from __future__ import annotations
 

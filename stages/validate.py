@@ -1,9 +1,9 @@
-"""Validate the assembled datasets against seed 003's thresholds; write the audit log and Data Docs; fail on a breach.
+"""Validate the datasets against the governance brief's thresholds; write the audit log and Data Docs; fail on a breach.
 
 Row level: each dataset's Pandera contract (schemas/datasets.py). Dataset level: the Great Expectations suite of its
 kind (schemas/expectations/<kind>.json) over the Parquet rows and the check columns of
-:func:`refinery.validation.expectations.check_columns`, thresholds from ``params.yaml: validate``. Diversity (seed 001):
-seed-cluster coverage, DCScore and distinct-n for every dataset, with floors as thresholds.
+:func:`refinery.validation.expectations.check_columns`, thresholds from ``params.yaml: validate``. Diversity
+(generation brief): seed-cluster coverage, DCScore and distinct-n for every dataset, with floors as thresholds.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class ChecksFailed(RefineryError):
 
 
 class DiversityParams(StageParams):
-    """Diversity measurement (seed 001)."""
+    """Diversity measurement (generation brief)."""
 
     embedder: Literal["model", "hashing", "none"]  # the provisioned embedder, hashed n-grams, or skip the metrics
     sample: int = Field(gt=1)  # rows per dataset embedded for coverage and DCScore, and used for distinct-n
@@ -163,7 +163,7 @@ def failure_lines(outcomes, stats: dict[str, dict[str, Any]], contract_errors: d
 
 def audit_records(kinds: list[str], stats: dict[str, dict[str, Any]], thresholds: dict[str, Thresholds],
                   lines: dict[str, list[str]], files: dict[str, str], suites: dict[str, str]) -> list[dict[str, Any]]:
-    """Return one audit event per dataset, in the shape of seed 003's audit log."""
+    """Return one audit event per dataset, in the shape of the governance brief's audit log."""
     out = []
     for kind in kinds:
         s = stats.get(kind, {})

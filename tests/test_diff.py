@@ -301,7 +301,8 @@ def test_ci_workflow_reproduces_posts_the_diff_and_fails_on_thresholds():
     runs = "\n".join(s.get("run", "") for s in steps)
     checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout"))
     assert checkout["with"]["fetch-depth"] == 0  # the merge-base must be there
-    assert "dvc repro --pull --allow-missing" in runs
+    assert "dvc repro --pull --allow-missing" in runs  # the diff reads the outputs it skips by hash
     assert "refinery diff" in runs and "--markdown" in runs and "GITHUB_STEP_SUMMARY" in runs
-    assert "gh pr comment" in runs and "--fail-on-threshold" in runs
+    assert "cml comment update" in runs and "--fail-on-threshold" in runs
     assert steps[-1]["name"] == "Fail on threshold violations"
+    # the steps themselves run end to end in tests/test_pr_workflow.py

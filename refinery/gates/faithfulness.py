@@ -24,7 +24,7 @@ class FaithfulnessParams(StageParams):
     verifier: str  # 'trained' (the train_verifier stage's model) or an HF NLI / cross-encoder id or path
     mode: Literal["grounded", "retrieved", "ungrounded"]
     min_support: float | None = Field(default=None, ge=0, le=1)  # null: the verifier's calibrated threshold
-    compare_modes: bool = True  # also score the planted errors in all three modes (seed 000 comparison)
+    compare_modes: bool = True  # also score the planted errors in all three modes (grounding brief's comparison)
     target_false_rejection: float = Field(ge=0, le=1)  # equal-FRR point for the mode comparison
 
 
@@ -40,7 +40,7 @@ class PassageRetriever:
     """Find evidence post hoc: the document sentence window nearest to a claim in embedding space.
 
     Used by the ``retrieved`` mode, which stands for pipelines that do not keep provenance and must
-    search for evidence after generation (seed 000's comparison).
+    search for evidence after generation (the grounding brief's comparison, docs/sources.md).
     """
 
     def __init__(self, documents: pa.Table, embedder: Any, window_sentences: int = 2):
@@ -64,7 +64,7 @@ class PassageRetriever:
 
 
 class FaithfulnessGate(BaseGate):
-    """Reject answers their evidence does not support (provenance-grounded faithfulness, seed 000).
+    """Reject answers their evidence does not support (provenance-grounded faithfulness, grounding brief).
 
     Modes: ``grounded`` scores (exact source passage recorded by generation, question + answer);
     ``retrieved`` scores against the document window nearest the claim (evidence found post hoc);
@@ -74,7 +74,8 @@ class FaithfulnessGate(BaseGate):
     ``faithfulness_error`` (the scorer failed or returned NaN: fail closed, never a pass).
 
     Sources: passage-level NLI for factual consistency (Laban et al. 2022, SummaC: sentence-level
-    aggregation by max); FActScore-style grounding in the source (Min et al. 2023); seed 000.
+    aggregation by max); FActScore-style grounding in the source (Min et al. 2023); the grounding brief
+    (docs/sources.md).
 
     Args:
         scorer: the verifier or LLM judge.

@@ -20,8 +20,8 @@ _COSINE_ROWS = 4096  # rows per similarity block (block x seed floats in memory)
 
 
 class OverlapParams(StageParams):
-    """Seed-overlap bounds of the overlap_ngram and overlap_embedding gates: ``gate.overlap`` (seed 004: an 8-gram
-    share >= 0.30 or a cosine >= 0.85 is rejected)."""
+    """Seed-overlap bounds of the overlap_ngram and overlap_embedding gates: ``gate.overlap`` (experiment brief: an
+    8-gram share >= 0.30 or a cosine >= 0.85 is rejected)."""
 
     ngram: int = Field(gt=0)
     max_ngram_overlap: float = Field(ge=0, le=1)
@@ -62,7 +62,7 @@ class NgramOverlapGate(BaseGate):
 
     Source: n-gram overlap contamination checks of GPT-3 (Brown et al. 2020, appendix C: 13-gram overlap)
     and of Llama 2 (Touvron et al. 2023, section A.6: share of contaminated tokens); 8-grams and the 0.30
-    threshold come from seed 004 (short QA text needs shorter grams than documents).
+    threshold come from the experiment brief (docs/sources.md; short QA text needs shorter grams than documents).
 
     Args:
         seed: seed rows (question, answer).
@@ -147,7 +147,7 @@ class EmbeddingOverlapGate(BaseGate):
     Source: embedding-based decontamination and semantic deduplication (Abbas et al. 2023, "SemDeDup";
     Yang et al. 2023, "Rethinking Benchmark and Contamination for Language Models with Rephrased Samples",
     which shows n-gram checks miss paraphrases); all-MiniLM-L6-v2 sentence embeddings (Reimers & Gurevych
-    2019); the 0.85 threshold comes from seed 004.
+    2019); the 0.85 threshold comes from the experiment brief (docs/sources.md).
 
     Args:
         seed: seed rows (question, answer).

@@ -16,7 +16,7 @@ CONTEXT = "Question: {question}\nAnswer:"
 
 
 class PerplexityParams(StageParams):
-    """Perplexity gate bounds (seed 002), under the judge model: ``gate.perplexity``."""
+    """Perplexity gate bounds (filtering brief), under the judge model: ``gate.perplexity``."""
 
     min_perplexity: float = Field(gt=0)
     max_perplexity: float | None = Field(default=None, gt=0)  # null: max_factor x the human 95th percentile
@@ -24,14 +24,15 @@ class PerplexityParams(StageParams):
 
 
 class PerplexityGate(BaseGate):
-    """Perplexity of the answer given its question under the judge model (seed 002).
+    """Perplexity of the answer given its question under the judge model (filtering brief).
 
     Codes: ``perplexity_too_high`` (above ``max_perplexity``: incoherent text), ``perplexity_too_low``
     (below ``min_perplexity``: degenerate repetition), ``perplexity_no_answer``, ``perplexity_error``
     (the model failed or gave a non-finite number: fail closed).
 
     Source: perplexity filtering of web and synthetic text (Wenzek et al. 2020, CCNet; Marion et al. 2023,
-    "When Less is More: Investigating Data Pruning for Pretraining LLMs at Scale"); seed 002.
+    "When Less is More: Investigating Data Pruning for Pretraining LLMs at Scale"); the filtering brief
+    (docs/sources.md).
 
     Args:
         backend: a model backend with ``loglikelihood(contexts, continuations)``.

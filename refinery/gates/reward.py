@@ -33,8 +33,8 @@ class RewardScorer(Protocol):
 class RewardGate(BaseGate):
     """Reject rows whose reward is below ``min_reward`` (``reward_low``); fail closed (``reward_error``).
 
-    Source: reward-model filtering of synthetic data (seed 000, 003; rejection sampling with a reward
-    model as in Llama 2 / RAFT, Dong et al. 2023). The embedded reward head is trained by the
+    Source: reward-model filtering of synthetic data (grounding and governance briefs, docs/sources.md; rejection
+    sampling with a reward model as in Llama 2 / RAFT, Dong et al. 2023). The embedded reward head is trained by the
     train_reward stage on preference pairs built from the seed (chosen = human answer).
 
     Args:

@@ -112,7 +112,7 @@ def _unbalanced(arr: pa.StringArray) -> np.ndarray:
 
 
 class RulesParams(StageParams):
-    """Bounds of the rules gate: ``gate.rules`` (seed 004: 10-200 words of question + answer)."""
+    """Bounds of the rules gate: ``gate.rules`` (experiment brief: 10-200 words of question + answer)."""
 
     min_qa_words: int = Field(ge=0)
     max_qa_words: int = Field(gt=0)
@@ -134,14 +134,14 @@ class RulesGate(BaseGate):
     ``gopher_enough_stop_words``); truncation and terminal punctuation follow C4's "lines that end in
     terminal punctuation" rule (Raffel et al. 2020, section 2.2; datatrove ``C4QualityFilter``); refusal and
     "As an AI language model" filters follow the cleaning of distilled instruction data (Alpaca-cleaned,
-    WizardLM/Vicuna "unfiltered" ShareGPT cleaning lists); seed 004 sets 10-200 QA words.
+    WizardLM/Vicuna "unfiltered" ShareGPT cleaning lists); the experiment brief (docs/sources.md) sets 10-200 QA words.
 
     Truncation (``rules_truncated``): ``finish_reason == 'length'``; an unclosed bracket, double quote,
     curly quote or code fence in the question or answer; an answer that ends with a joining word or
     punctuation (", and", "the", ":"); or an answer that does not end with terminal punctuation although
     an earlier sentence in it did ("... 14 days. To start one, open"), or that is longer than
-    ``max_unterminated_answer_words`` words. Single-sentence answers may omit the final period: Cosmos QA's
-    human answers do so in 23% of rows, up to 36 words long; the default bound of 40 keeps all of them.
+    ``max_unterminated_answer_words`` words. Single-sentence answers may omit the final period, as many of Cosmos
+    QA's human answers do; the default bound of 40 words keeps every one of them (docs/measurements.md).
 
     Language (``rules_language``): not English when fewer than ``min_ascii_letter_share`` of the letters
     are ASCII, or, for texts of at least ``language_min_words`` words, when fewer than

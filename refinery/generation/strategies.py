@@ -1,4 +1,4 @@
-"""Describe generation strategies (seed 001/002/004) and parse small-teacher output strictly by field markers."""
+"""Describe generation strategies (generation, filtering, experiment briefs); parse teacher output by field markers."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 )}
 GENERATION_STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "evol_depth", "evol_breadth")
 
-# Budget-aware mix (seed 001): with few calls per seed row, spend them on new answers and paraphrases of
-# existing questions (cheap, close to the seed); with many, on new questions and Evol-Instruct rewrites
+# Budget-aware mix (generation brief, docs/sources.md): with few calls per seed row, spend them on new answers and
+# paraphrases of existing questions (cheap, close to the seed); with many, on new questions and Evol-Instruct rewrites
 # (more coverage). Rows: (largest budget/seed ratio the row applies to, mix).
 MIX_BY_RATIO: tuple[tuple[float, dict[str, float]], ...] = (
     (1.0, {"answer_augmentation": 0.6, "question_rephrasing": 0.3, "new_question": 0.1}),

@@ -45,17 +45,36 @@ def default_base(root: Path) -> str:
     return "HEAD"
 
 
+@dataclass(frozen=True)
+class Tracked:
+    """One output that dvc.lock records: its path, hash and whether DVC caches it (``cache: false`` ones are not)."""
+
+    path: str
+    md5: str
+    legacy: bool  # recorded by DVC 2 (no ``hash: md5``): stored under the cache's and the remote's legacy layout
+    cached: bool
+
+    @property
+    def is_dir(self) -> bool:
+        return self.md5.endswith(".dir")
+
+
 @dataclass
 class Snapshot:
-    """The project as it was at one git revision (``rev=None``: the files on disk).
+    """The project as it was at one git revision (``rev=None``: the workspace, files on disk).
 
-    Artifacts are read from the DVC cache by the md5 that ``dvc.lock`` records at that revision, so the
-    workspace is never checked out; objects missing from the local cache are fetched with ``dvc.api``.
+    Artifacts are read from the DVC cache by the md5 that ``dvc.lock`` records at that revision, so nothing is
+    checked out; objects missing from the local cache are fetched from the default DVC remote by that hash. In the
+    workspace, an output that dvc.lock records but that is not on disk (``dvc repro --allow-missing`` skips
+    unchanged stages without pulling them) is read the same way, never taken for deleted; its path is listed in
+    ``not_in_workspace``.
     """
 
     root: Path
     rev: str | None = None
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    not_in_workspace: list[str] = field(default_factory=list)
+    _tracked: dict[str, Tracked] | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -77,38 +96,79 @@ class Snapshot:
         return proc.stdout if proc.returncode == 0 else None
 
     def list_files(self, folder: str) -> list[str]:
-        """Return the files directly in ``folder`` at this revision, sorted: git-tracked ones, else those of a
-        DVC-cached folder output (the folder's files on disk for the workspace)."""
+        """Return the files directly in ``folder`` at this revision, sorted: git-tracked ones (the folder on disk
+        for the workspace), else those of a DVC-cached folder output."""
         folder = folder.rstrip("/")
         if self.rev is None:
             p = self.root / folder
-            return sorted(str(f.relative_to(self.root)) for f in p.iterdir() if f.is_file()) if p.is_dir() else []
-        proc = subprocess.run(["git", "ls-tree", "--name-only", f"{self.rev}:{folder}"], cwd=self.root,
-                              capture_output=True, text=True)
-        if proc.returncode == 0 and proc.stdout.strip():
-            return sorted(f"{folder}/{name}" for name in proc.stdout.split())
-        md5 = self.lock_outs().get(folder, "")
-        if md5.endswith(".dir"):
-            return sorted(f"{folder}/{e['relpath']}" for e in self._dir_manifest(folder, md5) if "/" not in e["relpath"])
-        return []
+            if p.is_dir():
+                return sorted(str(f.relative_to(self.root)) for f in p.iterdir() if f.is_file())
+        else:
+            proc = subprocess.run(["git", "ls-tree", "--name-only", f"{self.rev}:{folder}"], cwd=self.root,
+                                  capture_output=True, text=True)
+            if proc.returncode == 0 and proc.stdout.strip():
+                return sorted(f"{folder}/{name}" for name in proc.stdout.split())
+        out = self.tracked().get(folder)
+        if out is None or not out.cached or not out.is_dir:
+            return []
+        if self.rev is None:
+            self._note_missing(folder)
+        return sorted(f"{folder}/{e['relpath']}" for e in self._manifest(out) if "/" not in e["relpath"])
 
     def lock_outs(self) -> dict[str, str]:
         """Return ``{out path: md5}`` from dvc.lock at this revision (empty when there is none)."""
+        return {path: out.md5 for path, out in self.tracked().items()}
+
+    def _dvc_yaml(self) -> dict | None:
+        raw = self.read_git("dvc.yaml")
+        return (yaml.safe_load(raw) or {}) if raw else None
+
+    def tracked(self) -> dict[str, Tracked]:
+        """Return the outputs dvc.lock records at this revision, by path, for the stages dvc.yaml still declares
+        (a stage removed from dvc.yaml can leave its entry in dvc.lock)."""
+        if self._tracked is None:
+            self._tracked = self._read_tracked()
+        return self._tracked
+
+    def _read_tracked(self) -> dict[str, Tracked]:
         raw = self.read_git("dvc.lock")
         if not raw:
             return {}
         lock = yaml.safe_load(raw) or {}
-        return {o["path"]: o.get("md5", "") for st in (lock.get("stages") or {}).values()
-                for o in st.get("outs", []) or []}
+        spec = self._dvc_yaml()
+        declared = set((spec or {}).get("stages") or {}) if spec is not None else None
+        uncached = self._uncached_outs(spec or {})
+        found = {}
+        for name, stage in (lock.get("stages") or {}).items():
+            if declared is not None and name.split("@", 1)[0] not in declared:
+                continue
+            for o in (stage or {}).get("outs") or []:
+                if o.get("md5"):
+                    found[o["path"]] = Tracked(o["path"], o["md5"], legacy=o.get("hash") != "md5",
+                                               cached=o["path"] not in uncached)
+        return found
+
+    @staticmethod
+    def _uncached_outs(spec: dict) -> set[str]:
+        """The literal output paths dvc.yaml declares with ``cache: false`` (outs, metrics and plots)."""
+        found = set()
+        for st in (spec.get("stages") or {}).values():
+            body = st.get("do", st) if isinstance(st, dict) else {}
+            for kind in ("outs", "metrics", "plots"):
+                for out in body.get(kind, []) or []:
+                    if isinstance(out, dict):
+                        path, opts = next(iter(out.items()))
+                        if isinstance(opts, dict) and opts.get("cache") is False:
+                            found.add(path)
+        return found
 
     def yaml_outs(self) -> list[str]:
         """Return the literal out paths that dvc.yaml declares at this revision (templated ones skipped)."""
-        raw = self.read_git("dvc.yaml")
-        if not raw:
+        spec = self._dvc_yaml()
+        if not spec:
             return []
-        stages = (yaml.safe_load(raw) or {}).get("stages") or {}
         paths = []
-        for st in stages.values():
+        for st in (spec.get("stages") or {}).values():
             body = st.get("do", st) if isinstance(st, dict) else {}
             for out in body.get("outs", []) or []:
                 path = next(iter(out)) if isinstance(out, dict) else out
@@ -137,35 +197,48 @@ class Snapshot:
                 return p
         return None
 
-    def _fetch(self, path: str) -> Path:
-        """Fetch one tracked file at this revision with dvc.api (remote or non-default cache)."""
-        from dvc.api import DVCFileSystem
-
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="refinery-snapshot-")
-        dest = Path(self._tmp.name) / path
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    def _pull(self, wanted: list[tuple[str, str, bool]]) -> None:
+        """Fetch ``(path, md5, legacy)`` objects missing from the local cache from the default DVC remote, by hash,
+        in one transfer (a folder's hash brings its files); fail with one line naming the first one still missing.
+        """
+        missing = [(path, md5, legacy) for path, md5, legacy in wanted if self._cache_object(md5) is None]
+        if not missing:
+            return
+        why = ""
         try:
-            DVCFileSystem(str(self.root), rev=self.rev).get_file(path, str(dest))
-        except Exception as e:  # noqa: BLE001 - dvc raises many types; report the file and the cause
-            raise RefineryError(f"{path}@{self.rev}: not in the DVC cache and not fetchable ({e}); "
-                                f"run `dvc fetch --rev {self.rev}` or `dvc pull`") from None
-        return dest
+            from dvc.repo import Repo
+            from dvc_data.hashfile.hash_info import HashInfo
 
-    def file(self, path: str) -> Path | None:
-        """Return a local path holding ``path`` as it was at this revision, or None when it did not exist."""
-        if self.rev is None:
-            p = self.root / path
-            return p if p.is_file() else None
-        for out, md5 in self.lock_outs().items():
-            if path == out and md5 and not md5.endswith(".dir"):
-                return self._cache_object(md5) or self._fetch(path)
-            if path.startswith(out.rstrip("/") + "/") and md5.endswith(".dir"):
-                rel = path[len(out.rstrip("/")) + 1:]
-                entry = next((e for e in self._dir_manifest(out, md5) if e["relpath"] == rel), None)
-                if entry is None:
-                    return None
-                return self._cache_object(entry["md5"]) or self._fetch(path)
+            with Repo(str(self.root)) as repo:
+                remote = repo.config["core"].get("remote")
+                repo.cloud.pull([HashInfo("md5-dos2unix" if legacy else "md5", md5) for _, md5, legacy in missing])
+            why = f"not on the DVC remote '{remote}'"
+        except Exception as e:  # noqa: BLE001 - dvc raises many types (no remote, credentials, network): reported
+            why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        for path, md5, _ in missing:
+            if self._cache_object(md5) is None:
+                if self.rev is None:
+                    raise RefineryError(f"{path}: recorded in dvc.lock (md5 {md5}) but not in the workspace, the "
+                                        f"DVC cache or the remote ({why}); run `dvc pull {path}`, or `dvc repro` "
+                                        f"where no remote has it")
+                raise RefineryError(f"{path}@{self.rev}: recorded in dvc.lock there (md5 {md5}) but not in the DVC "
+                                    f"cache or the remote ({why}); run `dvc push` in a checkout of {self.rev} "
+                                    f"that has it (`git checkout {self.rev} && dvc repro && dvc push`)")
+
+    def _object(self, path: str, md5: str, legacy: bool) -> Path:
+        """The cache file of one object, fetched from the remote when the local cache lacks it."""
+        self._pull([(path, md5, legacy)])
+        return self._cache_object(md5)  # type: ignore[return-value]  (_pull raised if it is still missing)
+
+    def _manifest(self, out: Tracked) -> list[dict]:
+        """A folder output's ``[{relpath, md5}]``, from its ``.dir`` object (fetched with its files if missing)."""
+        return json.loads(self._object(out.path, out.md5, out.legacy).read_text())
+
+    def _note_missing(self, path: str) -> None:
+        if path not in self.not_in_workspace:
+            self.not_in_workspace.append(path)
+
+    def _git_copy(self, path: str) -> Path | None:
         raw = self.read_git(path)
         if raw is None:
             return None
@@ -176,51 +249,86 @@ class Snapshot:
         dest.write_bytes(raw)
         return dest
 
+    def file(self, path: str) -> Path | None:
+        """Return a local path holding ``path`` as it was at this revision, or None when it did not exist.
+
+        The workspace's file on disk when there is one; else the object dvc.lock records for it (alone, or in a
+        folder output) from the DVC cache or the remote; else, at a revision, the git-tracked file.
+        """
+        if self.rev is None and (self.root / path).is_file():
+            return self.root / path
+        for out in self.tracked().values():
+            if not out.cached:
+                continue
+            if path == out.path and not out.is_dir:
+                if self.rev is None:
+                    self._note_missing(path)
+                return self._object(path, out.md5, out.legacy)
+            if path.startswith(out.path.rstrip("/") + "/") and out.is_dir:
+                if self.rev is None and (self.root / out.path).is_dir():
+                    return None  # the folder is there, without this file
+                rel = path[len(out.path.rstrip("/")) + 1:]
+                entry = next((e for e in self._manifest(out) if e["relpath"] == rel), None)
+                if entry is None:
+                    return None
+                if self.rev is None:
+                    self._note_missing(out.path)
+                return self._object(path, entry["md5"], out.legacy)
+        return None if self.rev is None else self._git_copy(path)
+
     def read_json(self, path: str):
         """Return a JSON file's content at this revision, or None when it did not exist."""
         p = self.file(path)
         return json.loads(p.read_text(encoding="utf-8")) if p else None
 
-    def _dir_manifest(self, out: str, md5: str) -> list[dict]:
-        obj = self._cache_object(md5)
-        if obj is None:
-            return [{"relpath": str(p.relative_to(out)), "md5": ""}
-                    for p in map(Path, self._dvcfs_listing(out))]
-        return json.loads(obj.read_text())
-
-    def _dvcfs_listing(self, out: str) -> list[str]:
-        from dvc.api import DVCFileSystem
-
-        fs = DVCFileSystem(str(self.root), rev=self.rev)
-        return [p for p in fs.find(out) if p.endswith(".parquet")]
-
     # ---- artifacts -----------------------------------------------------------------------------
     def parquet_outs(self, under: str = "data/") -> dict[str, Path]:
-        """Return ``{relative path: local file}`` for every Parquet file inside a DVC out under ``under``."""
+        """Return ``{relative path: local file}`` for every Parquet file inside a DVC out under ``under``.
+
+        At a revision: every output dvc.lock records there. In the workspace: every output dvc.lock or dvc.yaml
+        declares, read from disk, or by its dvc.lock hash when it is not on disk; one that neither the disk nor
+        dvc.lock has is absent.
+        """
+        tracked = self.tracked()
         found: dict[str, Path] = {}
-        if self.rev is None:
-            outs = sorted(set(self.lock_outs()) | set(self.yaml_outs()))
-            for out in outs:
-                if not out.startswith(under):
-                    continue
-                p = self.root / out
+        pending: list[tuple[str, Tracked]] = []
+        for out in sorted(set(tracked) | (set(self.yaml_outs()) if self.rev is None else set())):
+            if not out.startswith(under):
+                continue
+            p = self.root / out
+            if self.rev is None and p.exists():
                 if p.is_file() and p.suffix == ".parquet":
                     found[out] = p
                 elif p.is_dir():
                     for f in sorted(p.rglob("*.parquet")):
                         found[str(f.relative_to(self.root))] = f
-            return found
-        for out, md5 in sorted(self.lock_outs().items()):
-            if not out.startswith(under) or not md5:
                 continue
-            if md5.endswith(".dir"):
-                for e in self._dir_manifest(out, md5):
-                    if e["relpath"].endswith(".parquet"):
-                        rel = f"{out.rstrip('/')}/{e['relpath']}"
-                        found[rel] = (self._cache_object(e["md5"]) if e["md5"] else None) or self._fetch(rel)
-            elif out.endswith(".parquet"):
-                found[out] = self._cache_object(md5) or self._fetch(out)
-        return found
+            entry = tracked.get(out)
+            if entry is None:
+                continue  # declared but never produced
+            if not entry.cached:
+                if self.rev is not None and out.endswith(".parquet"):
+                    copy = self._git_copy(out)
+                    if copy is not None:
+                        found[out] = copy
+                continue
+            if entry.is_dir or out.endswith(".parquet"):
+                pending.append((out, entry))
+        # one transfer for every folder manifest, then one for every file they and the file outputs name
+        self._pull([(out, e.md5, e.legacy) for out, e in pending])
+        files: list[tuple[str, str, bool]] = []
+        for out, entry in pending:
+            if self.rev is None:
+                self._note_missing(out)
+            if entry.is_dir:
+                files += [(f"{out.rstrip('/')}/{e['relpath']}", e["md5"], entry.legacy)
+                          for e in self._manifest(entry) if e["relpath"].endswith(".parquet")]
+            else:
+                files.append((out, entry.md5, entry.legacy))
+        self._pull(files)
+        for rel, md5, legacy in files:
+            found[rel] = self._object(rel, md5, legacy)
+        return dict(sorted(found.items()))
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -327,7 +327,8 @@ def diff_revisions(root: str | Path, rev_a: str | None, rev_b: str | None, opts:
     Args:
         root: the project's git root.
         rev_a: the "before" revision (None: the merge-base of HEAD with the base branch).
-        rev_b: the "after" revision (None: the workspace, files on disk).
+        rev_b: the "after" revision (None: the workspace: files on disk, and the outputs its dvc.lock records
+            but that are not on disk, read by that hash from the DVC cache or remote).
         opts: comparison options.
         dvc_diffs: also report ``dvc metrics diff`` and ``dvc params diff``.
 
@@ -360,6 +361,8 @@ def diff_revisions(root: str | Path, rev_a: str | None, rev_b: str | None, opts:
         else:
             report["metrics"], report["params"], report["errors"] = [], [], []
         report["violations"] = threshold_violations(report)
+        if rev_b is None:  # outputs dvc.lock records that were not on disk, read by hash (never taken as deleted)
+            report["rev_b"]["not_in_workspace"] = list(snap_b.not_in_workspace)
         return report
     finally:
         snap_a.close()
@@ -410,6 +413,9 @@ def render(report: dict, markdown: bool = True) -> str:
     changed = [d for d in report["datasets"] if d["status"] != "unchanged"]
     parts.append(f"{len(changed)} of {len(report['datasets'])} datasets changed (rows joined on "
                  f"{code(report['key'])}).")
+    if b.get("not_in_workspace"):
+        parts.append("Not in the workspace, so read by their dvc.lock hash from the DVC cache or remote: "
+                     + ", ".join(code(p) for p in b["not_in_workspace"]) + ".")
     parts.append(_table(["dataset", "rows before", "rows after", "added", "removed", "changed", "changed columns"],
                         [[code(d["dataset"]), d["rows_a"], d["rows_b"], _signed(d["added"]), _signed(-d["removed"]),
                           d["changed"], ", ".join(f"{c} ({n})" for c, n in sorted(d["changed_columns"].items(),

@@ -23,7 +23,7 @@ MAX_LINEAGE = 8
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """Which rows go to human review (seed 003: at least 20% of rare-class synthetic rows).
+    """Which rows go to human review (governance brief: at least 20% of rare-class synthetic rows).
 
     Attributes:
         seed: orders candidate rows by sha256(seed, row_id), so a sample is stable as rows are added.

@@ -1,8 +1,8 @@
 """Recovery actions: what each one asks the teacher, the order tried per failure mode, and the planned calls.
 
-Adaptive recovery (seed 000) answers each failure mode with its action (a versioned ``prompts/recover_*.txt``
-template at its own temperature) and, on failure, the next action of the mode's chain. The naive baseline
-resamples the row's original strategy template at its original temperature, on the same rows and budget.
+Adaptive recovery (grounding brief, docs/sources.md) answers each failure mode with its action (a versioned
+``prompts/recover_*.txt`` template at its own temperature) and, on failure, the next action of the mode's chain. The
+naive baseline resamples the row's original strategy template at its original temperature, on the same rows and budget.
 """
 
 from __future__ import annotations

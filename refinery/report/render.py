@@ -14,9 +14,10 @@ from refinery.report.stats import METRICS, MODELS, NOT_MEASURABLE, NOT_RUN, verd
 
 LABEL = {"base": "Base (untuned)", "human": "A: human", "contaminated": "B: contaminated", "curated": "C: curated",
          "synthetic_only": "synthetic only", "unfiltered": "unfiltered", "no_recovery": "no recovery"}
-# Numbers the report's fixed prose contains (ROUGE-1/2, seed 004, the 95% of Wilson intervals, the 80% power of the
+# Numbers the report's fixed prose contains (ROUGE-1/2, the 95% of Wilson intervals, the 80% power of the
 # minimum detectable differences, "excludes 0"); every other number
-# is traced to a file.
+# is traced to a file. "004": reports written before the experiment brief was called by its name said "seed 004";
+# drop it once the committed reports/report.md has been rewritten by the report stage.
 STATIC_NUMBERS = frozenset({"1", "2", "004", "95", "80", "0"})
 PLACEHOLDER = re.compile(r"\[FILL[^\]]*\]|\bX\.X+\b|\bTODO\b|\bTBD\b|\{\{?[^}\n]*\}\}?|<[A-Z_]+>")
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])")
@@ -195,8 +196,8 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
     w("Human seed QA data is turned into curated synthetic post-training data. LoRA adapters of the same student are "
       "trained on each arm's dataset (`assemble.arms`): A (human rows only), B (AI-contaminated rows), C (human + "
       "curated synthetic rows), and the arms that isolate what curation is worth; each is compared with the "
-      "untuned student on the same human test split, as in seed 004. Every number below is read from a metrics "
-      "file; a section whose stage did not run says so.\n")
+      "untuned student on the same human test split, as in the experiment brief (`docs/sources.md`). Every number "
+      "below is read from a metrics file; a section whose stage did not run says so.\n")
     v.write = w
     seed_questions(v, S, plots_rel, M("gate_injection"))
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 from refinery.gates.registry import family as gate_family
 from refinery.training.arms import BASE
 
-MODELS = ("base", "human", "contaminated", "curated")  # the seed 004 models the A/B/C sections compare
+MODELS = ("base", "human", "contaminated", "curated")  # the experiment brief's models the A/B/C sections compare
 ADAPTERS = ("human", "contaminated", "curated")
 METRICS = (("exact_match", "EM"), ("f1", "F1"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
            ("bertscore_f1", "BERTScore"), ("factual_accuracy", "Factual acc."))

@@ -3,7 +3,7 @@
 Sources: distinct-n (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models");
 DCScore (Zhu et al. 2025, "Measuring Diversity in Synthetic Datasets", arXiv 2502.08512: diversity as
 sample classification, the trace of the row-wise softmax of a kernel similarity matrix); embedding-space coverage
-of the seed's k-means clusters (seed 001).
+of the seed's k-means clusters (generation brief, docs/sources.md).
 """
 
 from __future__ import annotations

@@ -441,8 +441,8 @@ class OpenAICompatBackend:
             return self._loop
 
     async def _session(self) -> Any:
-        """The HTTP session of the loop: aiohttp (its client costs ~0.1 ms of CPU a request), or an httpx
-        AsyncClient over an injected test transport."""
+        """The HTTP session of the loop: aiohttp (the client with the least CPU per request, docs/measurements.md:
+        client choice), or an httpx AsyncClient over an injected test transport."""
         if self._async is None:
             if self._transport is not None:
                 self._async = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), transport=self._transport,

@@ -38,9 +38,9 @@ def cpu_has_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
 def resolve_dtype(dtype: str, *, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     """Resolve a dtype choice for the CPU: 'auto' is bfloat16 where the CPU computes it natively, else float32.
 
-    Measured on 2 AMD EPYC cores with AVX512-BF16, SmolLM2-135M batches of 8 few-shot prompts (~210 tokens):
-    bfloat16 took 4.4 s per batch against 9.4 s in float32. Without native support bfloat16 is emulated and
-    slower than float32, hence the check.
+    Where the CPU computes bfloat16 natively (e.g. AVX512-BF16), bfloat16 batches run faster than float32
+    (docs/measurements.md, teacher dtype). Without native support bfloat16 is emulated and slower than float32,
+    hence the check.
     """
     if dtype not in DTYPE_CHOICES:
         raise BackendError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
