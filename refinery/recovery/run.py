@@ -23,7 +23,7 @@ from refinery.gates.dedup import PooledDedup
 from refinery.gates.registry import SPECS
 from refinery.generation import calls as generation
 from refinery.generation.calls import Planned, TeacherDtype, call_seed
-from refinery.generation.few_shot import sample_shots
+from refinery.generation.few_shot import ShotPool, sample_shots
 from refinery.generation.prompts import Template
 from refinery.planted.truth import injected_error_present
 from refinery.recovery.actions import (ACTIONS, CHAINS, OWN_TEMPERATURE, CallSettings, next_action, plan_adaptive,
@@ -129,6 +129,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
     order = priority(diags, interleave=params.order == "round_robin").tolist()
     ordered = [rows[i] for i in order]
     by_id = {r["row_id"]: r for r in train_rows}
+    shot_pool = ShotPool(train_rows)
 
     def evidence(row: dict[str, Any]) -> str:
         return docs[row["doc_id"]]["text"][row["evidence_start"]:row["evidence_end"]]
@@ -144,7 +145,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
         if not params.naive_shots:
             return []
         rng = np.random.default_rng(call_seed(params.seed, row["row_id"], "shots"))
-        return sample_shots(train_rows, row["doc_id"], params.naive_shots, rng)
+        return sample_shots(shot_pool, row["doc_id"], params.naive_shots, rng)
 
     def original(row: dict[str, Any], attempt: int, temperature: float | None, tag: str) -> Planned:
         seed_row = by_id.get((row.get("parent_ids") or [None])[0])
