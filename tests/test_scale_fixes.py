@@ -173,3 +173,88 @@ def test_rows_are_built_as_before(tmp_path):
     assert new.equals(old) and new.schema == old.schema
     assert to_rows(planned, results, documents, **{**kw, "origin": "recovered"}).equals(
         old_to_rows(planned, results, documents, **{**kw, "origin": "recovered"}))
+
+
+def _qa(r: np.random.Generator, n: int, prefix: str, base: list[tuple[str, str]] | None = None) -> pa.Table:
+    """Random question/answer rows from a small vocabulary; some copy or lightly edit a ``base`` row."""
+    words = [f"w{i}" for i in range(40)]
+    qs, ans = [], []
+    for _ in range(n):
+        if base and r.random() < 0.4:
+            q, a = base[int(r.integers(len(base)))]
+            if r.random() < 0.5:  # a near copy: one word changed
+                parts = a.split()
+                parts[int(r.integers(len(parts)))] = str(r.choice(words))
+                a = " ".join(parts)
+        else:
+            q = " ".join(r.choice(words, size=int(r.integers(3, 9)))) + "?"
+            a = " ".join(r.choice(words, size=int(r.integers(4, 14)))) + "."
+        qs.append(q), ans.append(a)
+    return pa.table({"row_id": [f"{prefix}_{i:016x}" for i in range(n)], "question": qs, "answer": ans})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_extended_dedup_gate_judges_as_one_built_on_the_whole_pool(seed, tmp_path):
+    from refinery.gates.dedup import DedupGate
+
+    r = np.random.default_rng(seed)
+    pool = _qa(r, 120, "acc")
+    base = list(zip(pool.column("question").to_pylist(), pool.column("answer").to_pylist()))
+    more = _qa(r, 30, "rec", base)
+    cands = _qa(r, 80, "cnd", base + list(zip(more.column("question").to_pylist(), more.column("answer").to_pylist())))
+    whole = DedupGate(pa.concat_tables([pool, more]), max_jaccard=0.5, cache_dir=tmp_path / "a")
+    for warm in (False, True):
+        gate = DedupGate(pool, max_jaccard=0.5, cache_dir=tmp_path / "b")
+        if warm:  # the base gate has judged once, so its seed signatures are held and reused
+            gate.apply(cands.slice(0, 5))
+        got, want = gate.extended(more).apply(cands), whole.apply(cands)
+        assert (got.keep, got.score, got.reason) == (want.keep, want.score, want.reason)
+        assert not all(want.keep)  # the case is not vacuous
+
+
+def test_recovery_regates_each_round_as_with_a_fresh_pool_gate(tmp_path):
+    from refinery.gates.dedup import DedupGate, PooledDedup
+    from refinery.recovery.loop import pool_of
+    from refinery.recovery.run import Regater
+    from tests.gates.conftest import rows as synthetic_rows
+
+    r = np.random.default_rng(7)
+    seed_rows = _qa(r, 60, "qa")
+    accepted = _qa(r, 150, "acc", list(zip(seed_rows.column("question").to_pylist(),
+                                           seed_rows.column("answer").to_pylist())))
+    bounds = {"max_jaccard": 0.5, "num_perm": 128, "shingle": 5}
+    base = DedupGate(seed_rows, **bounds)
+
+    class Only:  # every other gate keeps every row: the comparison is about dedup
+        def __init__(self, name):
+            self.name = name
+
+        def apply(self, rows):
+            from refinery.gates.base import Verdicts
+
+            return Verdicts([True] * rows.num_rows, [None] * rows.num_rows, [None] * rows.num_rows)
+
+    from refinery.gates.registry import GATES
+
+    gates = {g: Only(g) for g in GATES}
+    gates["dedup"] = base
+    regate = Regater(gates, bounds, tmp_path / "cache", "full")
+    recovered: list[pa.Table] = []
+    reasons: set[str] = set()
+    known = list(zip(accepted.column("question").to_pylist(), accepted.column("answer").to_pylist()))
+    for round_ in range(4):
+        for method_pool in (pool_of(accepted), pool_of(accepted, *recovered)):  # naive restarts from the base pool
+            cands = _qa(r, 40, f"c{round_}", known)
+            cand_rows = synthetic_rows(list(zip(cands.column("question").to_pylist(),
+                                                cands.column("answer").to_pylist())),
+                                       row_id=cands.column("row_id").to_pylist())
+            got = regate(cand_rows, method_pool)
+            fresh = PooledDedup.over(base, method_pool, bounds, tmp_path / "cache")
+            from refinery.gates.run import run_gates
+
+            want = run_gates(cand_rows, {**gates, "dedup": fresh}, "full")
+            assert got.equals(want)
+            reasons.update(x for x in got.column("dedup_reason").to_pylist() if x)
+        recovered.append(cands.slice(0, 10))
+        known += list(zip(cands.column("question").to_pylist()[:10], cands.column("answer").to_pylist()[:10]))
+    assert {"dedup_exact_accepted", "dedup_near_accepted"} <= reasons  # the pool did reject rows

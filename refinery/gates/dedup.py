@@ -392,6 +392,26 @@ class DedupGate(BaseGate):
         return cls(ctx.train, max_jaccard=bounds["max_jaccard"], num_perm=bounds["num_perm"],
                    shingle=bounds["shingle"], cache_dir=ctx.cache_dir)
 
+    def extended(self, more: pa.Table) -> DedupGate:
+        """Return the gate seeded by this gate's seed rows followed by ``more`` (question, answer), same settings.
+
+        The same gate as ``DedupGate(concat(seed, more), ...)``, without recomputing what this one holds: the
+        seed's keys, texts and (once computed) signatures are reused, only ``more``'s are computed. Recovery
+        re-gates each round against the accepted rows plus the rows recovered so far: a pool that only grows.
+        """
+        new = DedupGate.__new__(DedupGate)
+        BaseGate.__init__(new)
+        new.max_jaccard, new.store, new.bands, new.rows_per_band = (self.max_jaccard, self.store, self.bands,
+                                                                    self.rows_per_band)
+        keys = exact_keys(more.column("question"), more.column("answer"))
+        new._seed_keys = pc.unique(pa.concat_arrays([as_strings(self._seed_keys), as_strings(keys)]))
+        texts = near_dup_texts(more.column("question"), more.column("answer"))
+        texts = as_strings(texts.filter(pc.greater(pc.utf8_length(texts), 0)))
+        new._seed_texts = pa.concat_arrays([as_strings(self._seed_texts), texts])
+        new._seed_sigs = None if self._seed_sigs is None else \
+            np.concatenate([self._seed_sigs, self.store.signatures(texts)])
+        return new
+
     def near_duplicates(self, rows: pa.Table, eligible: np.ndarray | None = None) -> tuple[Clusters, np.ndarray]:
         """Run signatures -> candidate pairs -> verification -> clusters on ``rows`` and the seed.
 

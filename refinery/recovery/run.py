@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from refinery.core.errors import RefineryError
 from refinery.core.params import StageParams
 from refinery.gates.base import Gate
-from refinery.gates.dedup import PooledDedup
+from refinery.gates.dedup import DedupGate, PooledDedup
 from refinery.gates.registry import SPECS
 from refinery.generation import calls as generation
 from refinery.generation.calls import Planned, TeacherDtype, call_seed
@@ -371,11 +371,32 @@ class Regater:
 
     def __init__(self, gates: Mapping[str, Gate], dedup: Mapping[str, Any], cache_dir: Path | None, mode: str):
         self.gates, self.dedup, self.cache_dir, self.mode = dict(gates), dict(dedup), cache_dir, mode
+        self._pools: list[tuple[pa.Table, DedupGate]] = []  # the first pool's gate and the last one's
+
+    def _pool_gate(self, pool: pa.Table) -> DedupGate | None:
+        """The dedup gate seeded by ``pool``: a pool that extends one seen before extends that one's gate.
+
+        Each round's pool is the accepted rows plus the rows recovered so far (``run_method``), so rebuilding the
+        pool's keys and signatures every round would cost each round the whole pool; extending costs the new rows.
+        """
+        if pool.num_rows == 0:
+            return None
+        for seen, gate in reversed(self._pools):
+            k = seen.num_rows
+            if k <= pool.num_rows and pool.slice(0, k).equals(seen):
+                if k < pool.num_rows:
+                    gate = gate.extended(pool.slice(k))
+                    self._pools = self._pools[:1] + [(pool, gate)]
+                return gate
+        gate = DedupGate(pool, max_jaccard=self.dedup["max_jaccard"], num_perm=self.dedup["num_perm"],
+                         shingle=self.dedup["shingle"], cache_dir=self.cache_dir)
+        self._pools = self._pools[:1] + [(pool, gate)]
+        return gate
 
     def __call__(self, cands: pa.Table, pool: pa.Table) -> pa.Table:
         from refinery.gates.run import run_gates
 
-        pooled = PooledDedup.over(self.gates["dedup"], pool, self.dedup, self.cache_dir)
+        pooled = PooledDedup(self.gates["dedup"], self._pool_gate(pool))
         return run_gates(cands, {**self.gates, "dedup": pooled}, self.mode)
 
 
