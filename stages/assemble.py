@@ -264,6 +264,7 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
     tables: dict[str, pa.Table] = {}
     metrics: dict[str, Any] = {}
     synthetic_rows: dict[str, int] = {}
+    dedup: DedupGate | None = None  # one gate for every arm: it keeps the signatures it computed (in memory)
     for arm_name, arm in params.arms.items():
         missing = [x for x in arm.sources if x not in sources]
         if missing:
@@ -277,9 +278,10 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         pool = pool.take(pa.array(first, pa.int64()))
         dropped_dup: Counter = Counter()
         if arm.dedup and pool.num_rows:
-            gate = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
-                             shingle=params.dedup.shingle)
-            verdicts = gate.apply(pool)
+            if dedup is None:
+                dedup = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
+                                  shingle=params.dedup.shingle)
+            verdicts = dedup.apply(pool)
             dropped_dup.update(r for r in verdicts.reason if r is not None)
             pool = pool.filter(pa.array(verdicts.keep, pa.bool_()))
         anchor = human if arm.human else datasets_schema.ARROW.empty_table()

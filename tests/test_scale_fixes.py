@@ -258,3 +258,22 @@ def test_recovery_regates_each_round_as_with_a_fresh_pool_gate(tmp_path):
         recovered.append(cands.slice(0, 10))
         known += list(zip(cands.column("question").to_pylist()[:10], cands.column("answer").to_pylist()[:10]))
     assert {"dedup_exact_accepted", "dedup_near_accepted"} <= reasons  # the pool did reject rows
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_dedup_gate_judges_each_table_as_a_fresh_one_would(seed):
+    # assemble deduplicates every arm, and validate checks every dataset, with one gate that keeps its signatures
+    from refinery.gates.dedup import DedupGate
+
+    r = np.random.default_rng(seed)
+    anchor = _qa(r, 80, "qa")
+    known = list(zip(anchor.column("question").to_pylist(), anchor.column("answer").to_pylist()))
+    shared = DedupGate(anchor, max_jaccard=0.5)
+    judged = []
+    for k in range(4):  # overlapping tables, as arms share rows
+        table = _qa(r, 60, f"t{k}", known)
+        known += list(zip(table.column("question").to_pylist()[:20], table.column("answer").to_pylist()[:20]))
+        got, want = shared.apply(table), DedupGate(anchor, max_jaccard=0.5).apply(table)
+        assert (got.keep, got.score, got.reason) == (want.keep, want.score, want.reason)
+        judged.append(not all(want.keep))
+    assert any(judged)
