@@ -319,7 +319,7 @@ class TeacherCalls:
         backend: the teacher, or a function that builds it (called once, on the first call not in the cache).
         cache_file: the teacher result cache.
         documents: documents (the candidates' evidence).
-        parents: row_id -> rejected row (generated or planted) whose provenance candidates carry.
+        parents: row_id -> the rejected row (generated or planted), or the part of it candidates carry (its strategy).
         batch_size: requests per teacher batch.
         teacher_id: model id + revision (in every cache key).
         phash: recover params hash stamped on candidates.
@@ -425,7 +425,9 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
     Returns:
         The recovery; its metrics hold a review copy of the thresholds, ``teacher`` the call counts.
     """
-    parents = {r["row_id"]: r for r in rejected.to_pylist() + planted.to_pylist()}
+    # what candidates take from their rejected row (stamp: the original strategy), not a copy of every row
+    parents = {rid: {"strategy": strategy} for t in (rejected, planted)
+               for rid, strategy in zip(t.column("row_id").to_pylist(), t.column("strategy").to_pylist())}
     execute = TeacherCalls(backend, cache_file, documents, parents, batch_size=params.batch_size,
                            teacher_id=teacher_id, phash=phash, code_version=code_version, quiet=quiet)
     regate = Regater(gates, thresholds["dedup"], gate_cache, gate_mode)
