@@ -144,7 +144,10 @@ def print_scaling(results: dict[int, dict[str, dict[str, Any]]]) -> None:
         rate = b["rows"] / b["wall_s"]
         verdict = "met" if rate >= TARGET_ROWS_PER_S else "NOT met"
         if stage == "generate":
-            verdict = "teacher-bound (see generate (cached))"
+            verdict = "teacher-bound: the stage beyond the teacher is generate_cached"
+        elif b.get("teacher_s"):
+            beyond = b["rows"] / max(b["wall_s"] - b["teacher_s"], 1e-9)
+            verdict += f" ({beyond:,.0f} rows/s beyond its {b['teacher_s']:.0f} s of teacher calls)"
         print(f"{stage:<16}{b['rows'] / max(a['rows'], 1):>8.1f}{b['wall_s'] / a['wall_s']:>8.1f}"
               f"{b['peak_rss_mb'] / a['peak_rss_mb']:>8.2f}{wb / max(wa, 1):>11.2f}{rate:>18,.0f}  "
               f">= {TARGET_ROWS_PER_S:,} rows/s: {verdict}")
@@ -193,6 +196,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     ap.add_argument("--profile", action="store_true", help="cProfile each stage; print its top functions")
     ap.add_argument("--keep", default=None, help="keep every input and output under this folder")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="run only these stages (with --keep --reuse: on the outputs a previous run left there)")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: reuse the inputs and outputs found there")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
@@ -201,6 +207,9 @@ def main() -> None:
         child(args.child, Path(args.workdir), json.loads(args.child_args))
         return
     check_engine(args.engine)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the mock server (finally below)
     from bench.bench_http_teacher import start_server
 
     mean = args.latency_s
@@ -218,23 +227,27 @@ def main() -> None:
     try:
         for rows in args.rows:
             work = base / str(rows)
-            shutil.rmtree(work, ignore_errors=True)
-            (work / "in").mkdir(parents=True)
             import yaml
 
             from bench.scale_data import build_inputs
 
-            t0 = time.perf_counter()
-            counts = build_inputs(rows, work / "in", args.seed)
-            print(f"\n== {rows:,} generated rows: inputs built in {time.perf_counter() - t0:.1f} s "
-                  f"({', '.join(f'{k} {v:,}' for k, v in counts.items())})")
+            if args.reuse and keep is not None and (work / "in" / "documents.parquet").is_file():
+                print(f"\n== {rows:,} generated rows: inputs and earlier outputs reused from {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+                (work / "in").mkdir(parents=True)
+                t0 = time.perf_counter()
+                counts = build_inputs(rows, work / "in", args.seed)
+                print(f"\n== {rows:,} generated rows: inputs built in {time.perf_counter() - t0:.1f} s "
+                      f"({', '.join(f'{k} {v:,}' for k, v in counts.items())})")
             (work / "params.yaml").write_text(yaml.safe_dump(bench_params(rows, args.gate_mode), sort_keys=False),
                                               encoding="utf-8")
             provision_teacher(url, args.concurrency, work / "models")
             print(HEAD)
             results[rows] = {}
             for stage in STAGES:
-                if stage == "gate_models" and (args.model_sample <= 0 or rates is not None):
+                if stage not in args.stages or \
+                        stage == "gate_models" and (args.model_sample <= 0 or rates is not None):
                     continue
                 r = run_child(stage, work, args)
                 results[rows][stage] = r
@@ -243,7 +256,7 @@ def main() -> None:
                 print(fmt_row(stage, r), flush=True)
                 if args.profile and (work / f"{stage}.prof").is_file():
                     print_profile(work / f"{stage}.prof")
-            if rates is not None:
+            if rates is not None and "gate" in results[rows]:
                 print_model_extrapolation(rates, results[rows])
         print_scaling(results) if len(results) > 1 else None
     finally:

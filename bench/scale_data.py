@@ -147,7 +147,9 @@ _STOCK = 300  # the stock pairs the duplicate replies draw from
 def mock_reply(prompt: str, seed: object) -> str:
     """Return the mock teacher's completion for a prompt, in the format its strategy parses.
 
-    A pure function of (prompt, seed): a question and answer from the support templates, and planted failures
+    A pure function of (prompt, seed): a question and answer from the support templates with a fifth of their words
+    swapped (templated text would otherwise share 8-grams with the templated seed at a rate that grows with the
+    seed's size), and planted failures
     at fixed shares (by the request's hash): 3% refusals, 2% meta-talk, 2% truncated answers, 3% one of 300
     stock pairs (exact and near duplicates), 1% an e-mail address the source does not hold, 2% (question-and-answer
     prompts) no ``Answer:`` line, 2% (prompts with few-shot examples) a seed answer copied from an example.
@@ -177,6 +179,10 @@ def mock_reply(prompt: str, seed: object) -> str:
     elif u < 0.15:
         m = _SHOT_ANSWER.search(prompt)
         a = m.group(1) if m else a
+    else:  # a row of its own: words swapped, so templated text shares few 8-grams with the templated seed
+        q = edit_words(q, max(1, len(q.split()) // 5), r)
+        a = edit_words(a, max(1, len(a.split()) // 4), r)
+        a = a if a.endswith((".", "!", "?")) else a + "."
     if kind == "qa":
         return f" {q}\nAnswer: {a}"
     return f" {q}" if kind == "question" else f" {a}"
