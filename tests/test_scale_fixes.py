@@ -277,3 +277,32 @@ def test_a_dedup_gate_judges_each_table_as_a_fresh_one_would(seed):
         assert (got.keep, got.score, got.reason) == (want.keep, want.score, want.reason)
         judged.append(not all(want.keep))
     assert any(judged)
+
+
+def test_assemble_fails_on_an_unknown_document_as_the_eager_export_did():
+    from refinery.core.errors import InputError
+    from stages.assemble import SftRecords, check_documents, sft_records
+
+    r = np.random.default_rng(3)
+    passages = {f"d{i}": f"Passage {i} text." for i in range(5)}
+    tables = {}
+    for arm in ("a", "b", "c"):
+        n = 30
+        docs = [f"d{int(x)}" for x in r.integers(0, 7, n)]  # d5, d6 are unknown
+        tables[arm] = pa.table({"row_id": [f"{arm}{i}" for i in range(n)], "doc_id": docs, "question": ["q?"] * n,
+                                "answer": ["a."] * n, "weight": [1.0] * n, "evidence": ["x"] * n,
+                                "evidence_start": [0] * n, "evidence_end": [3] * n})
+    # the eager export failed on the first arm's first unknown document
+    with pytest.raises(InputError) as eager:
+        for arm, t in tables.items():
+            sft_records(t, passages, 300, f"{arm} dataset")
+    with pytest.raises(InputError) as checked:
+        check_documents(tables, passages)
+    assert str(checked.value) == str(eager.value)
+    # and with every document known, the lazy records are the eager ones
+    known = {arm: t.filter(pa.compute.is_in(t.column("doc_id"), value_set=pa.array(list(passages))))
+             for arm, t in tables.items()}
+    check_documents(known, passages)
+    lazy = SftRecords(known, passages, 300)
+    assert list(lazy) == list(known) and len(lazy) == 3
+    assert all(lazy[arm] == sft_records(t, passages, 300, f"{arm} dataset") for arm, t in known.items())
