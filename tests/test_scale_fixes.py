@@ -306,3 +306,24 @@ def test_assemble_fails_on_an_unknown_document_as_the_eager_export_did():
     lazy = SftRecords(known, passages, 300)
     assert list(lazy) == list(known) and len(lazy) == 3
     assert all(lazy[arm] == sft_records(t, passages, 300, f"{arm} dataset") for arm, t in known.items())
+
+
+def test_the_recovery_pool_grown_round_by_round_is_the_pool_rebuilt_from_every_recovered_row():
+    from refinery.recovery.loop import pool_of
+
+    r = np.random.default_rng(5)
+
+    def gated(n, prefix):  # gated-like rows: extra columns, some without an answer
+        t = _qa(r, n, prefix)
+        answers = [None if r.random() < 0.2 else a for a in t.column("answer").to_pylist()]
+        return t.set_column(2, "answer", pa.array(answers, pa.string())).append_column("gate_keep", pa.array([True] * n))
+
+    accepted = gated(50, "acc")
+    grown, one_by_one = pool_of(pool_of(accepted)), []
+    for round_ in range(5):
+        cands = gated(20, f"r{round_}")
+        got = sorted(r.choice(20, size=int(r.integers(0, 8)), replace=False).tolist())
+        one_by_one += [cands.slice(k, 1) for k in got]  # as run_method keeps them, one table per recovered row
+        if got:
+            grown = pool_of(grown, cands.take(pa.array(got, pa.int64())))
+        assert grown.equals(pool_of(pool_of(accepted), *one_by_one))

@@ -362,17 +362,22 @@ class DedupGate(BaseGate):
         shingle: shingle length in characters.
         cache_dir: folder for the signature cache (None: no cache).
         minhash_seed: the MinHash seed.
+        store: a signature store to share with other gates of the same settings (``cache_dir`` is then unused):
+            a text signed by one of them is signed for all.
     """
 
     name = "dedup"
 
     def __init__(self, seed: pa.Table | None = None, max_jaccard: float = 0.55, num_perm: int = 128,
-                 shingle: int = 5, cache_dir: str | Path | None = None, minhash_seed: int = 42):
+                 shingle: int = 5, cache_dir: str | Path | None = None, minhash_seed: int = 42,
+                 store: SignatureStore | None = None):
         super().__init__()
         if not 0.0 < max_jaccard <= 1.0:
             raise ValueError(f"dedup: max_jaccard must lie in (0, 1], got {max_jaccard}")
         self.max_jaccard = max_jaccard
-        self.store = SignatureStore(cache_dir, num_perm=num_perm, shingle=shingle, seed=minhash_seed)
+        if store is not None and (store.num_perm, store.shingle, store.seed) != (num_perm, shingle, minhash_seed):
+            raise ValueError("dedup: a shared signature store must have the gate's num_perm, shingle and seed")
+        self.store = store or SignatureStore(cache_dir, num_perm=num_perm, shingle=shingle, seed=minhash_seed)
         self.bands, self.rows_per_band = lsh_params(max_jaccard, num_perm)
         if seed is None or seed.num_rows == 0:
             self._seed_keys = pa.array([], pa.string())

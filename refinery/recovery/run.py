@@ -388,8 +388,10 @@ class Regater:
                     gate = gate.extended(pool.slice(k))
                     self._pools = self._pools[:1] + [(pool, gate)]
                 return gate
+        base = getattr(self.gates["dedup"], "store", None)  # the candidates are signed once for both gates
+        same = base is not None and (base.num_perm, base.shingle) == (self.dedup["num_perm"], self.dedup["shingle"])
         gate = DedupGate(pool, max_jaccard=self.dedup["max_jaccard"], num_perm=self.dedup["num_perm"],
-                         shingle=self.dedup["shingle"], cache_dir=self.cache_dir)
+                         shingle=self.dedup["shingle"], cache_dir=self.cache_dir, store=base if same else None)
         self._pools = self._pools[:1] + [(pool, gate)]
         return gate
 
