@@ -327,3 +327,26 @@ def test_the_recovery_pool_grown_round_by_round_is_the_pool_rebuilt_from_every_r
         if got:
             grown = pool_of(grown, cands.take(pa.array(got, pa.int64())))
         assert grown.equals(pool_of(pool_of(accepted), *one_by_one))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seed_bands_pair_new_rows_as_candidate_pairs_on_the_concatenation(seed):
+    from refinery.gates.dedup import SeedBands, candidate_pairs
+
+    r = np.random.default_rng(seed)
+    # few distinct values, so buckets hold many rows (more than the first + 8 neighbours each row is paired with)
+    values = int(r.integers(2, 6))
+    n_seed, n_more, n_new = (int(x) for x in r.integers(0, 60, 3))
+    bands, rows = int(r.integers(1, 5)), int(r.integers(1, 3))
+    sigs = r.integers(0, values, (n_seed + n_more + n_new, bands * rows)).astype(np.uint32)
+    seed_sigs, more, new = sigs[:n_seed], sigs[n_seed:n_seed + n_more], sigs[n_seed + n_more:]
+
+    def expected(upto: int, rows_: np.ndarray) -> np.ndarray:
+        pairs = candidate_pairs(rows_, bands, rows)
+        return pairs[pairs[:, 1] >= upto]
+
+    got = SeedBands(seed_sigs, bands, rows).pairs(np.concatenate([more, new]))
+    assert np.array_equal(got, expected(n_seed, sigs))
+    grown = SeedBands(seed_sigs, bands, rows).extended(more)
+    assert np.array_equal(grown.pairs(new), expected(n_seed + n_more, sigs))
+    assert np.array_equal(grown.pairs(new), SeedBands(sigs[:n_seed + n_more], bands, rows).pairs(new))
