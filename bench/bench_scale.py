@@ -17,10 +17,10 @@ planted failures, latency ``--latency-s``), provisions it as the teacher role (a
   cost beyond the teacher;
 - gate: the gate stage's core (``calibrate`` -> ``build_gates`` -> ``run_gates`` -> contract -> accepted/rejected
   Parquet, thresholds.json, metrics) with the non-model gates on every row. The model gates are stand-ins there
-  (deterministic by row_id, 3% rejected each, so recovery sees their reasons) and cost nothing; ``gate models``
-  times the real ones (MiniLM embedder, SmolLM2 judge, MiniLM-based verifier and reward heads: untrained heads of
-  the trained ones' architecture, so the time per row is theirs) on ``--model-sample`` rows and prints their
-  cost extrapolated to N rows at the measured rate;
+  (deterministic by question and answer, 3% rejected each, so recovery sees their reasons) and cost nothing;
+  ``gate models`` times the real ones (MiniLM embedder, SmolLM2 judge, MiniLM-based verifier and reward heads:
+  untrained heads of the trained ones' architecture, so the time per row is theirs) on ``--model-sample`` rows and
+  prints their cost extrapolated to N rows at the measured rate;
 - recover: the recover stage's core (``refinery.recovery.run.recover``: diagnosis of every rejected row, both
   methods within a budget of ``--recover-share`` x rejected rows x max_attempts calls each through the mock
   teacher, every candidate re-gated with the same gates; planted rows left out: a fixed ~200, not scaled);
@@ -288,7 +288,7 @@ def print_model_extrapolation(rates: dict[str, Any], res: dict[str, dict[str, An
 # ------------------------------------------------------------------------------------------------------------------
 
 def child(stage: str, work: Path, opts: dict[str, Any]) -> None:
-    """Import what the stage needs, note the RSS, run the stage's work (timed, optionally profiled), write the result."""
+    """Import what the stage needs, note the RSS, run the stage's work (timed, maybe profiled), write its result."""
     runner = RUNNERS[stage]
     runner.prepare()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -312,7 +312,8 @@ def child(stage: str, work: Path, opts: dict[str, Any]) -> None:
 def _paths(work: Path) -> dict[str, Path]:
     i = work / "in"
     return {"params": work / "params.yaml", "train": i / "train.parquet", "val": i / "val.parquet",
-            "test": i / "test.parquet", "documents": i / "documents.parquet", "contaminated": i / "contaminated.parquet",
+            "test": i / "test.parquet", "documents": i / "documents.parquet",
+            "contaminated": i / "contaminated.parquet",
             "pairs": i / "pairs.parquet", "models": work / "models", "cache": work / "cache" / "teacher.sqlite",
             "gate_cache": work / "cache" / "gate", "synthetic": work / "03" / "synthetic.parquet",
             "gated": work / "04", "recovered": work / "05", "datasets": work / "06", "reports": work / "reports",
@@ -320,7 +321,10 @@ def _paths(work: Path) -> dict[str, Path]:
 
 
 class StandInGate:
-    """A model gate's stand-in: deterministic verdicts by row_id, a share rejected with the gate's marginal reason.
+    """A model gate's stand-in: verdicts by the row's text, a share rejected with the gate's marginal reason.
+
+    By question and answer, not row_id: a row_id hashes the teacher's id, which holds the mock server's port, so
+    the same rows get the same verdicts in every run.
 
     Its scores sit on either side of the gate's bound (thresholds.json), so recovery's diagnosis measures margins
     as it would on real scores. Costs nothing: the real gate's cost is measured on a sample (``gate_models``).
@@ -341,9 +345,9 @@ class StandInGate:
 
         from refinery.gates.base import Verdicts
 
-        ids = rows.column("row_id").to_pylist()
-        u = [int.from_bytes(hashlib.blake2b(f"{self.name}|{i}".encode(), digest_size=8).digest(), "big") / 2 ** 64
-             for i in ids]
+        texts = zip(rows.column("question").to_pylist(), rows.column("answer").to_pylist())
+        u = [int.from_bytes(hashlib.blake2b(f"{self.name}|{q}|{a}".encode(), digest_size=8).digest(), "big") / 2 ** 64
+             for q, a in texts]
         sign = 1.0 if self.side == "min" else -1.0
         score = [self.bound + sign * (x - self.share) * self.width for x in u]
         keep = [x >= self.share for x in u]

@@ -29,7 +29,8 @@ def test_shot_pool_draws_what_the_list_scan_drew(seed):
     r = np.random.default_rng(seed)
     docs = [f"d{i}" for i in range(int(r.integers(1, 12)))]
     weights = r.dirichlet(np.ones(len(docs)))
-    rows = [{"row_id": f"r{i}", "doc_id": docs[int(r.choice(len(docs), p=weights))]} for i in range(int(r.integers(0, 60)))]
+    rows = [{"row_id": f"r{i}", "doc_id": docs[int(r.choice(len(docs), p=weights))]}
+            for i in range(int(r.integers(0, 60)))]
     pool = ShotPool(rows)
     for doc in docs + ["absent"]:
         for n in (0, 1, 2, 5, 100):
@@ -316,7 +317,8 @@ def test_the_recovery_pool_grown_round_by_round_is_the_pool_rebuilt_from_every_r
     def gated(n, prefix):  # gated-like rows: extra columns, some without an answer
         t = _qa(r, n, prefix)
         answers = [None if r.random() < 0.2 else a for a in t.column("answer").to_pylist()]
-        return t.set_column(2, "answer", pa.array(answers, pa.string())).append_column("gate_keep", pa.array([True] * n))
+        t = t.set_column(2, "answer", pa.array(answers, pa.string()))
+        return t.append_column("gate_keep", pa.array([True] * n))
 
     accepted = gated(50, "acc")
     grown, one_by_one = pool_of(pool_of(accepted)), []
