@@ -86,14 +86,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(scale: float = 1.0, reply: str = FIXED_REPLY) -> tuple[subprocess.Popen, str]:
+def start_server(scale: float = 1.0, reply: str = FIXED_REPLY, port: int = 0) -> tuple[subprocess.Popen, str]:
     """Start the mock server in its own process; return it and its base URL.
 
     Args:
         scale: factor on every latency (0: answer at once).
         reply: Python source defining ``reply(prompt, seed) -> str``, the completion text (and chat content).
+        port: the port to listen on (0: a free one).
     """
-    port = free_port()
+    port = port or free_port()
     code = SERVER.format(mu=MU, sigma=SIGMA, scale=scale, reply=reply)
     proc = subprocess.Popen([sys.executable, "-c", code, str(port)])
     for _ in range(200):

@@ -196,6 +196,9 @@ def main() -> None:
     ap.add_argument("--engine", choices=["local", "ray"], default="local",
                     help="engine of the row-parallel stages (ray: needs refinery.engine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    ap.add_argument("--port", type=int, default=0,
+                    help="the mock teacher's port (0: a free one); the teacher's id, and so every cache key and "
+                         "generated row_id, holds it: give an earlier run's to reuse its teacher cache with --reuse")
     ap.add_argument("--profile", action="store_true", help="cProfile each stage; print its top functions")
     ap.add_argument("--keep", default=None, help="keep every input and output under this folder")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
@@ -217,7 +220,7 @@ def main() -> None:
     mean = args.latency_s
     scale = mean / 0.40  # the server's lognormal has a mean of 0.40 s at scale 1
     server, url = start_server(scale, "import sys\nsys.path.insert(0, %r)\nfrom bench.scale_data import mock_reply "
-                                      "as reply\n" % str(ROOT))
+                                      "as reply\n" % str(ROOT), args.port)
     keep = Path(args.keep) if args.keep else None
     tmp = tempfile.mkdtemp(prefix="bench-scale-")
     base = keep or Path(tmp)
