@@ -383,7 +383,11 @@ def bench_gates(thresholds: dict[str, Any], ctx) -> dict[str, Timed]:
 
 
 class Runner:
-    """One stage of the benchmark: ``prepare`` imports (before the RSS baseline), ``run`` does the stage's work."""
+    """One stage of the benchmark: ``prepare`` imports (before the RSS baseline), ``run`` does the stage's work.
+
+    Stage modules are named as strings and run through ``refinery.cli`` (as the ``refinery`` command runs them):
+    nothing outside ``stages/`` imports a stage (tests/test_pipeline_deps.py).
+    """
 
     imports: tuple[str, ...] = ()
 
@@ -403,10 +407,10 @@ class Generate(Runner):
     def run(self, work: Path, opts: dict[str, Any]) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        from stages.generate import cli
+        from refinery.cli import cli
 
         p = _paths(work)
-        cli.main(["--params", str(p["params"]), "--train", str(p["train"]), "--documents", str(p["documents"]),
+        cli.main(["generate", "--params", str(p["params"]), "--train", str(p["train"]), "--documents", str(p["documents"]),
                   "--models", str(p["models"]), "--prompts", str(ROOT / "prompts"), "--cache", str(p["cache"]),
                   "--out", str(p["synthetic"]), "--metrics", str(p["metrics"] / "generate.json"), "--quiet"],
                  standalone_mode=False)
@@ -632,10 +636,10 @@ class Assemble(Runner):
     def run(self, work: Path, opts: dict[str, Any]) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        from stages.assemble import cli
+        from refinery.cli import cli
 
         p = _paths(work)
-        cli.main(["--params", str(p["params"]), "--train", str(p["train"]), "--contaminated", str(p["contaminated"]),
+        cli.main(["assemble", "--params", str(p["params"]), "--train", str(p["train"]), "--contaminated", str(p["contaminated"]),
                   "--accepted", str(p["gated"] / "accepted.parquet"),
                   "--recovered", str(p["recovered"] / "recovered.parquet"), "--generated", str(p["synthetic"]),
                   "--documents", str(p["documents"]), "--pairs", str(p["pairs"]), "--out", str(p["datasets"]),
@@ -656,11 +660,11 @@ class Validate(Runner):
     def run(self, work: Path, opts: dict[str, Any]) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        from stages.validate import cli
+        from refinery.cli import cli
 
         p = _paths(work)
         (work / "models").mkdir(exist_ok=True)
-        cli.main(["--params", str(p["params"]), "--datasets", str(p["datasets"]), "--train", str(p["train"]),
+        cli.main(["validate", "--params", str(p["params"]), "--datasets", str(p["datasets"]), "--train", str(p["train"]),
                   "--val", str(p["val"]), "--test", str(p["test"]), "--documents", str(p["documents"]),
                   "--models", str(p["models"]), "--cache", str(work / "cache" / "validate"),
                   "--expectations", str(ROOT / "schemas" / "expectations"), "--audit", str(p["reports"] / "audit"),
