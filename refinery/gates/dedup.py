@@ -330,16 +330,17 @@ class SeedBands:
             new_group[1:] = hc[1:] != hc[:-1]
             start = np.maximum.accumulate(np.where(new_group, ranks, 0))  # first new row of the bucket
             pos = seeds + ranks - start  # the new row's place in its bucket
-            me = n_s + order
+            shared = np.flatnonzero(pos >= 1)  # rows alone in their bucket (most) have no partner
+            pos, lo, seeds, start = pos[shared], lo[shared], seeds[shared], start[shared]
+            me = n_s + order[shared]
             safe = np.minimum(lo, max(n_s - 1, 0))
             first = np.where(seeds > 0, sidx[safe] if n_s else 0, n_s + order[start])
-            has = pos >= 1
-            left, right = [first[has]], [me[has]]
+            left, right = [first], [me]
             for d in range(1, max_neighbours + 1):
                 q = pos - d  # the partner's place in the bucket; the first (place 0) is paired above
                 has = q >= 1
                 in_seed = q < seeds
-                seed_at = sidx[np.clip(lo + q, 0, max(n_s - 1, 0))] if n_s else np.zeros(m, np.int64)
+                seed_at = sidx[np.clip(lo + q, 0, max(n_s - 1, 0))] if n_s else np.zeros(len(q), np.int64)
                 new_at = n_s + order[np.clip(start + q - seeds, 0, m - 1)]
                 partner = np.where(in_seed, seed_at, new_at)
                 left.append(partner[has]), right.append(me[has])
