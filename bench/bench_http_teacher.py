@@ -36,6 +36,7 @@ from collections import Counter
 from aiohttp import web
 MU, SIGMA = {mu}, {sigma}
 seen = Counter()
+{reply}
 
 def latency(prompt):
     h = hashlib.sha256(prompt.encode()).digest()
@@ -43,22 +44,39 @@ def latency(prompt):
     z = math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
     return math.exp(MU + SIGMA * z) * {scale}
 
+async def answer(prompt, seed):
+    seen[prompt] += 1
+    delay = latency(prompt)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    text = reply(prompt, seed)
+    return text, {{"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}}
+
 async def chat(request):
     body = await request.json()
-    prompt = body["messages"][-1]["content"]
-    seen[prompt] += 1
-    await asyncio.sleep(latency(prompt))
-    return web.json_response({{"choices": [{{"message": {{"content": "Q: x?\nAnswer: y."}}, "finish_reason": "stop"}}],
-                              "usage": {{"prompt_tokens": 10, "completion_tokens": 5}}}})
+    text, usage = await answer(body["messages"][-1]["content"], body.get("seed"))
+    return web.json_response({{"choices": [{{"message": {{"content": text}}, "finish_reason": "stop"}}],
+                              "usage": usage}})
+
+async def complete(request):
+    body = await request.json()
+    text, usage = await answer(body["prompt"], body.get("seed"))
+    return web.json_response({{"choices": [{{"text": text, "finish_reason": "stop"}}], "usage": usage}})
 
 async def stats(request):
     mine = [v for k, v in seen.items() if k.startswith(request.query.get("prefix", ""))]
     return web.json_response({{"requests": sum(mine), "repeated": sum(v - 1 for v in mine)}})
 
-app = web.Application()
+app = web.Application(client_max_size=16 * 2**20)
 app.router.add_post("/v1/chat/completions", chat)
+app.router.add_post("/v1/completions", complete)
 app.router.add_get("/stats", stats)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, backlog=4096)
+'''
+# The default reply: a fixed question-and-answer (this benchmark measures the client, not parsing).
+FIXED_REPLY = '''
+def reply(prompt, seed):
+    return "Q: x?\\nAnswer: y."
 '''
 
 
@@ -68,9 +86,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(scale: float = 1.0) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    code = SERVER.format(mu=MU, sigma=SIGMA, scale=scale)
+def start_server(scale: float = 1.0, reply: str = FIXED_REPLY, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """Start the mock server in its own process; return it and its base URL.
+
+    Args:
+        scale: factor on every latency (0: answer at once).
+        reply: Python source defining ``reply(prompt, seed) -> str``, the completion text (and chat content).
+        port: the port to listen on (0: a free one).
+    """
+    port = port or free_port()
+    code = SERVER.format(mu=MU, sigma=SIGMA, scale=scale, reply=reply)
     proc = subprocess.Popen([sys.executable, "-c", code, str(port)])
     for _ in range(200):
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class AssembleResult:
     """The three datasets, their SFT chat records, the DPO records and the counts metrics."""
 
     tables: dict[str, pa.Table]
-    sft: dict[str, list[dict[str, Any]]]
+    sft: Mapping[str, list[dict[str, Any]]]  # per arm, built when read (:class:`SftRecords`)
     dpo: list[dict[str, Any]]
     metrics: dict[str, Any]
 
@@ -206,6 +207,46 @@ def sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, wh
     return out
 
 
+class SftRecords(Mapping):
+    """Each arm's SFT chat records (:func:`sft_records`), built when an arm is read and not kept.
+
+    The stage writes one arm's export at a time, so it holds one arm's records, not every arm's (at 100,000
+    generated rows, the records of all arms are a few times the size of the tables they come from).
+
+    Args:
+        tables: the arms' datasets.
+        passages: doc_id -> document text; every row's document is in it (checked by :func:`check_documents`).
+        window_chars: the passage window (``train.window_chars``).
+    """
+
+    def __init__(self, tables: Mapping[str, pa.Table], passages: dict[str, str], window_chars: int):
+        self._tables, self._passages, self._window = tables, passages, window_chars
+
+    def __getitem__(self, arm: str) -> list[dict[str, Any]]:
+        return sft_records(self._tables[arm], self._passages, self._window, f"{arm} dataset")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+def check_documents(tables: Mapping[str, pa.Table], passages: dict[str, str]) -> None:
+    """Fail as :func:`sft_records` would, before anything is written: the first row whose document is unknown.
+
+    Raises:
+        InputError: naming the arm's dataset, the row and ``doc_id``.
+    """
+    known = pa.array(list(passages), pa.string())
+    for arm, table in tables.items():
+        found = pc.is_in(table.column("doc_id"), value_set=known).to_numpy(zero_copy_only=False)
+        if not found.all():
+            i = int(np.flatnonzero(~found)[0])
+            raise InputError(f"{arm} dataset", f"document {table.column('doc_id')[i].as_py()!r} not in the documents "
+                                               f"table", row=i + 1, field="doc_id")
+
+
 def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: int) -> list[dict]:
     """Return DPO records in the conversational preference shape (TRL): prompt messages, chosen, rejected."""
     from refinery.training.sft import messages
@@ -264,6 +305,7 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
     tables: dict[str, pa.Table] = {}
     metrics: dict[str, Any] = {}
     synthetic_rows: dict[str, int] = {}
+    dedup: DedupGate | None = None  # one gate for every arm: it keeps the signatures it computed (in memory)
     for arm_name, arm in params.arms.items():
         missing = [x for x in arm.sources if x not in sources]
         if missing:
@@ -277,9 +319,10 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         pool = pool.take(pa.array(first, pa.int64()))
         dropped_dup: Counter = Counter()
         if arm.dedup and pool.num_rows:
-            gate = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
-                             shingle=params.dedup.shingle)
-            verdicts = gate.apply(pool)
+            if dedup is None:
+                dedup = DedupGate(human, max_jaccard=params.dedup.max_jaccard, num_perm=params.dedup.num_perm,
+                                  shingle=params.dedup.shingle)
+            verdicts = dedup.apply(pool)
             dropped_dup.update(r for r in verdicts.reason if r is not None)
             pool = pool.filter(pa.array(verdicts.keep, pa.bool_()))
         anchor = human if arm.human else datasets_schema.ARROW.empty_table()
@@ -313,7 +356,8 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
             **({"synthetic_rows_of": arm.synthetic_rows_of} if arm.synthetic_rows_of else {}),
             **sel,
         }
-    sft = {k: sft_records(t, passages, window_chars, f"{k} dataset") for k, t in tables.items()}
+    check_documents(tables, passages)
+    sft = SftRecords(tables, passages, window_chars)
     dpo = dpo_records(pairs, passages, params.max_passage_chars)
     metrics["dpo_pairs"] = len(dpo)
     return AssembleResult(tables, sft, dpo, {"arms": list(params.arms), **metrics})

@@ -19,7 +19,7 @@ from refinery.core.params import StageParams, load_section, params_hash
 from refinery.generation.prompts import Template
 from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
                                  teacher_backend)
-from refinery.generation.few_shot import sample_shots, shot_values
+from refinery.generation.few_shot import ShotPool, sample_shots, shot_values
 from refinery.generation.teacher import Job, cache_key
 from refinery.core.text import sentence_spans
 from schemas import synthetic as synthetic_schema
@@ -105,6 +105,8 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     if missing:
         raise RefineryError(f"generate: no prompt template for strategy {missing[0]}")
     planned: list[Planned] = []
+    shots = ShotPool(rows)  # drawn from once per call
+    windows: dict[str, list[tuple[int, int]]] = {}  # per document, computed once
     for name in strat.GENERATION_STRATEGIES:
         n = counts.get(name, 0)
         if not n:
@@ -117,10 +119,12 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
             doc = docs[parent["doc_id"]]
             span = (parent["evidence_start"], parent["evidence_end"])
             if s.passage == "window":
-                windows = _windows(doc["text"], params.window_sentences)
-                fresh = [w for w in windows if w[1] <= span[0] or w[0] >= span[1]] or windows
+                doc_windows = windows.get(doc["doc_id"])
+                if doc_windows is None:
+                    doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
+                fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
                 span = fresh[int(rng.integers(len(fresh)))]
-            shot_rows = sample_shots(rows, parent["doc_id"], params.shots, rng) if tpl.shot else []
+            shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
             values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
                       "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]]}
             prompt = tpl.render(values, shot_values(shot_rows))

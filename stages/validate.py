@@ -116,7 +116,7 @@ def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, see
     Returns:
         Check tables, statistics and contract errors, per dataset.
     """
-    from refinery.validation.expectations import NearDup, check_columns
+    from refinery.validation.expectations import NearDup, check_columns, held_out_dedup
     from schemas import datasets as datasets_schema
 
     valid, errors = {}, {}
@@ -128,10 +128,11 @@ def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, see
     diversity = diversity_of(valid, seed, params.diversity, embed)
     categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
     nd = params.near_duplicate
+    near = NearDup(nd.max_jaccard, nd.num_perm, nd.shingle)
+    dedup = held_out_dedup(val, test, near)  # one for every dataset: rows shared by datasets are signed once
     frames, stats = {}, {}
     for kind, table in valid.items():
-        checked = check_columns(table, val, test, seed, categories, NearDup(nd.max_jaccard, nd.num_perm, nd.shingle),
-                                diversity.get(kind))
+        checked = check_columns(table, val, test, seed, categories, near, diversity.get(kind), dedup)
         frames[kind], stats[kind] = checked.frame, checked.stats
     return Checks(frames, stats, errors)
 

@@ -248,10 +248,7 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, max_neighbours: int
     found = []  # per band: pair codes i * n + j (i < j), deduplicated within the band
     with np.errstate(over="ignore"):
         for b in range(bands):
-            block = sigs[:, b * rows:(b + 1) * rows].astype(_U64)
-            h = np.full(n, _U64(b + 1), _U64)
-            for m in range(rows):
-                h = mix64(h ^ block[:, m])
+            h = band_hashes(sigs, b, rows)
             order = np.argsort(h, kind="stable")
             hs = h[order]
             new_group = np.ones(n, bool)
@@ -266,6 +263,91 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, max_neighbours: int
             found.append(np.unique(np.minimum(i, j) * n + np.maximum(i, j)))
     codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return np.stack([codes // n, codes % n], axis=1)
+
+
+def band_hashes(sigs: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """Return each signature's LSH bucket in one band: a 64-bit hash of its ``rows`` values in that band."""
+    block = sigs[:, band * rows:(band + 1) * rows].astype(_U64)
+    h = np.full(len(sigs), _U64(band + 1), _U64)
+    with np.errstate(over="ignore"):
+        for m in range(rows):
+            h = mix64(h ^ block[:, m])
+    return h
+
+
+class SeedBands:
+    """A seed's LSH buckets, sorted once per band, to pair new rows with it without sorting the seed again.
+
+    :meth:`pairs` gives the candidate pairs :func:`candidate_pairs` gives for the seed's signatures followed by the
+    new rows', less the pairs of two seed rows (near-duplicate detection against a seed never uses those): in a
+    bucket the seed's rows come first (lower indices, stable order), so each new row's partners (the bucket's first
+    row and the ``max_neighbours`` rows just before it) are found by searching the sorted seed. Recovery re-gates
+    candidates against the same seed (or a pool that only grows) every round; the seed's sort is paid once.
+
+    Args:
+        sigs: the seed's uint32 signatures (rows, num_perm).
+        bands, rows: the LSH banding.
+    """
+
+    def __init__(self, sigs: np.ndarray, bands: int, rows: int):
+        self.n, self.bands, self.rows = len(sigs), bands, rows
+        self._sorted = []  # per band: (bucket hashes sorted, seed index of each), ties in index order
+        for b in range(bands):
+            h = band_hashes(sigs, b, rows)
+            order = np.argsort(h, kind="stable")
+            self._sorted.append((h[order], order.astype(np.int64)))
+
+    def extended(self, sigs: np.ndarray) -> SeedBands:
+        """Return the buckets of this seed followed by ``sigs`` (merged into the sorted order, no new sort)."""
+        new = SeedBands.__new__(SeedBands)
+        new.n, new.bands, new.rows, new._sorted = self.n + len(sigs), self.bands, self.rows, []
+        for b, (hs, idx) in enumerate(self._sorted):
+            h = band_hashes(sigs, b, self.rows)
+            order = np.argsort(h, kind="stable")
+            at = np.searchsorted(hs, h[order], side="right")  # after the equal seed hashes: higher indices
+            new._sorted.append((np.insert(hs, at, h[order]), np.insert(idx, at, order.astype(np.int64) + self.n)))
+        return new
+
+    def pairs(self, sigs: np.ndarray, max_neighbours: int = 8) -> np.ndarray:
+        """Return the candidate pairs (i, j), i < j, of the seed + ``sigs`` that hold a row of ``sigs``.
+
+        Indices count the seed's rows first (row k of ``sigs`` is ``n + k``), as :func:`candidate_pairs` on the
+        concatenation; the result equals its rows with ``j >= n``.
+        """
+        n_s, m = self.n, len(sigs)
+        n = n_s + m
+        if m == 0 or n < 2:
+            return np.zeros((0, 2), np.int64)
+        found = []
+        ranks = np.arange(m)
+        for b, (hs, sidx) in enumerate(self._sorted):
+            h = band_hashes(sigs, b, self.rows)
+            order = np.argsort(h, kind="stable")
+            hc = h[order]
+            lo = np.searchsorted(hs, hc, side="left")
+            seeds = np.searchsorted(hs, hc, side="right") - lo  # seed rows in the new row's bucket (they come first)
+            new_group = np.ones(m, bool)
+            new_group[1:] = hc[1:] != hc[:-1]
+            start = np.maximum.accumulate(np.where(new_group, ranks, 0))  # first new row of the bucket
+            pos = seeds + ranks - start  # the new row's place in its bucket
+            shared = np.flatnonzero(pos >= 1)  # rows alone in their bucket (most) have no partner
+            pos, lo, seeds, start = pos[shared], lo[shared], seeds[shared], start[shared]
+            me = n_s + order[shared]
+            safe = np.minimum(lo, max(n_s - 1, 0))
+            first = np.where(seeds > 0, sidx[safe] if n_s else 0, n_s + order[start])
+            left, right = [first], [me]
+            for d in range(1, max_neighbours + 1):
+                q = pos - d  # the partner's place in the bucket; the first (place 0) is paired above
+                has = q >= 1
+                in_seed = q < seeds
+                seed_at = sidx[np.clip(lo + q, 0, max(n_s - 1, 0))] if n_s else np.zeros(len(q), np.int64)
+                new_at = n_s + order[np.clip(start + q - seeds, 0, m - 1)]
+                partner = np.where(in_seed, seed_at, new_at)
+                left.append(partner[has]), right.append(me[has])
+            i, j = np.concatenate(left).astype(np.int64), np.concatenate(right).astype(np.int64)
+            found.append(np.unique(np.minimum(i, j) * n + np.maximum(i, j)))
+        codes = np.unique(np.concatenate(found))
+        return np.stack([codes // n, codes % n], axis=1)
 
 
 def verify_pairs(sigs: np.ndarray, pairs: np.ndarray, chunk: int = 65_536) -> np.ndarray:
@@ -362,17 +444,22 @@ class DedupGate(BaseGate):
         shingle: shingle length in characters.
         cache_dir: folder for the signature cache (None: no cache).
         minhash_seed: the MinHash seed.
+        store: a signature store to share with other gates of the same settings (``cache_dir`` is then unused):
+            a text signed by one of them is signed for all.
     """
 
     name = "dedup"
 
     def __init__(self, seed: pa.Table | None = None, max_jaccard: float = 0.55, num_perm: int = 128,
-                 shingle: int = 5, cache_dir: str | Path | None = None, minhash_seed: int = 42):
+                 shingle: int = 5, cache_dir: str | Path | None = None, minhash_seed: int = 42,
+                 store: SignatureStore | None = None):
         super().__init__()
         if not 0.0 < max_jaccard <= 1.0:
             raise ValueError(f"dedup: max_jaccard must lie in (0, 1], got {max_jaccard}")
         self.max_jaccard = max_jaccard
-        self.store = SignatureStore(cache_dir, num_perm=num_perm, shingle=shingle, seed=minhash_seed)
+        if store is not None and (store.num_perm, store.shingle, store.seed) != (num_perm, shingle, minhash_seed):
+            raise ValueError("dedup: a shared signature store must have the gate's num_perm, shingle and seed")
+        self.store = store or SignatureStore(cache_dir, num_perm=num_perm, shingle=shingle, seed=minhash_seed)
         self.bands, self.rows_per_band = lsh_params(max_jaccard, num_perm)
         if seed is None or seed.num_rows == 0:
             self._seed_keys = pa.array([], pa.string())
@@ -382,6 +469,7 @@ class DedupGate(BaseGate):
             texts = near_dup_texts(seed.column("question"), seed.column("answer"))
             self._seed_texts = texts.filter(pc.greater(pc.utf8_length(texts), 0))
         self._seed_sigs: np.ndarray | None = None
+        self._seed_bands: SeedBands | None = None
 
     @classmethod
     def calibrate(cls, params: DedupParams, ctx: GateContext) -> dict[str, Any]:
@@ -391,6 +479,30 @@ class DedupGate(BaseGate):
     def build(cls, bounds: dict[str, Any], ctx: GateContext) -> DedupGate:
         return cls(ctx.train, max_jaccard=bounds["max_jaccard"], num_perm=bounds["num_perm"],
                    shingle=bounds["shingle"], cache_dir=ctx.cache_dir)
+
+    def extended(self, more: pa.Table) -> DedupGate:
+        """Return the gate seeded by this gate's seed rows followed by ``more`` (question, answer), same settings.
+
+        The same gate as ``DedupGate(concat(seed, more), ...)``, without recomputing what this one holds: the
+        seed's keys, texts and (once computed) signatures are reused, only ``more``'s are computed. Recovery
+        re-gates each round against the accepted rows plus the rows recovered so far: a pool that only grows.
+        """
+        new = DedupGate.__new__(DedupGate)
+        BaseGate.__init__(new)
+        new.max_jaccard, new.store, new.bands, new.rows_per_band = (self.max_jaccard, self.store, self.bands,
+                                                                    self.rows_per_band)
+        keys = exact_keys(more.column("question"), more.column("answer"))
+        new._seed_keys = pc.unique(pa.concat_arrays([as_strings(self._seed_keys), as_strings(keys)]))
+        texts = near_dup_texts(more.column("question"), more.column("answer"))
+        texts = as_strings(texts.filter(pc.greater(pc.utf8_length(texts), 0)))
+        new._seed_texts = pa.concat_arrays([as_strings(self._seed_texts), texts])
+        new._seed_sigs, new._seed_bands = None, None
+        if self._seed_sigs is not None:
+            more_sigs = self.store.signatures(texts)
+            new._seed_sigs = np.concatenate([self._seed_sigs, more_sigs])
+            if self._seed_bands is not None:
+                new._seed_bands = self._seed_bands.extended(more_sigs)
+        return new
 
     def near_duplicates(self, rows: pa.Table, eligible: np.ndarray | None = None) -> tuple[Clusters, np.ndarray]:
         """Run signatures -> candidate pairs -> verification -> clusters on ``rows`` and the seed.
@@ -413,9 +525,13 @@ class DedupGate(BaseGate):
         sigs = self.store.signatures(texts.take(pa.array(idx, pa.int64())))
         if self._seed_sigs is None:
             self._seed_sigs = self.store.signatures(self._seed_texts)
+        if self._seed_bands is None:
+            self._seed_bands = SeedBands(self._seed_sigs, self.bands, self.rows_per_band)
         n_seed = len(self._seed_sigs)
+        # the pairs candidate_pairs gives on seed + rows, less seed <-> seed pairs (unused below); the seed's
+        # buckets are sorted once per gate, not once per call
+        pairs = self._seed_bands.pairs(sigs)
         both = np.concatenate([self._seed_sigs, sigs]) if n_seed else sigs
-        pairs = candidate_pairs(both, self.bands, self.rows_per_band)
         sim = verify_pairs(both, pairs)
         del both
         # seed <-> generated pairs (seed rows come first, so i < n_seed <= j)

@@ -45,7 +45,9 @@ def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Tabl
             teacher_id: str, phash: str, code_version: str) -> pa.Table:
     """Turn teacher results into rows of the synthetic contract, parsed strictly, failures kept with a reason."""
     texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
-    out = []
+    cols: dict[str, list[Any]] = {name: [] for name in synthetic_schema.ARROW.names}
+    gen_params: dict[tuple, str] = {}  # one JSON text per distinct sampling setting (most calls share a few)
+    prefix = "syn" if origin == "synthetic" else origin[:3]
     for p, r in zip(planned, results):
         s = strat.STRATEGIES[p.strategy]
         question, answer, parse_error = (None, None, None)
@@ -56,21 +58,25 @@ def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Tabl
             elif parse_error is None and s.output == "question":
                 answer = p.parent["answer"]
         req = p.job.request
-        out.append({
-            "row_id": stable_id("syn" if origin == "synthetic" else origin[:3], p.job.key), "origin": origin,
-            "parent_ids": [p.parent["row_id"]], "doc_id": p.parent["doc_id"], "evidence_start": p.span[0],
-            "evidence_end": p.span[1], "strategy": p.strategy, "teacher": teacher_id,
-            "prompt_template": p.template_ref,
-            "gen_params": json.dumps({"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
-                                      "top_p": req.top_p, "stop": list(req.stop)}, sort_keys=True),
-            "attempt": 0, "recovery_action": None, "params_hash": phash, "code_version": code_version,
-            "question": question, "answer": answer, "intent": p.parent["intent"],
-            "evidence": texts[p.parent["doc_id"]][p.span[0]:p.span[1]], "raw_output": r.text,
-            "parse_error": parse_error, "error": r.error, "finish_reason": r.finish_reason,
-            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "seed": req.seed, "sample_index": p.sample_index, "cache_key": p.job.key,
-        })
-    return pa.Table.from_pylist(out, schema=synthetic_schema.ARROW)
+        setting = (req.max_new_tokens, type(req.temperature), req.temperature, type(req.top_p), req.top_p, req.stop)
+        gp = gen_params.get(setting)
+        if gp is None:
+            gp = gen_params[setting] = json.dumps({"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
+                                                   "top_p": req.top_p, "stop": list(req.stop)}, sort_keys=True)
+        for name, value in (
+            ("row_id", stable_id(prefix, p.job.key)), ("origin", origin), ("parent_ids", [p.parent["row_id"]]),
+            ("doc_id", p.parent["doc_id"]), ("evidence_start", p.span[0]), ("evidence_end", p.span[1]),
+            ("strategy", p.strategy), ("teacher", teacher_id), ("prompt_template", p.template_ref),
+            ("gen_params", gp), ("attempt", 0), ("recovery_action", None), ("params_hash", phash),
+            ("code_version", code_version), ("question", question), ("answer", answer),
+            ("intent", p.parent["intent"]), ("evidence", texts[p.parent["doc_id"]][p.span[0]:p.span[1]]),
+            ("raw_output", r.text), ("parse_error", parse_error), ("error", r.error),
+            ("finish_reason", r.finish_reason), ("prompt_tokens", r.prompt_tokens),
+            ("completion_tokens", r.completion_tokens), ("seed", req.seed), ("sample_index", p.sample_index),
+            ("cache_key", p.job.key),
+        ):
+            cols[name].append(value)
+    return pa.table(cols, schema=synthetic_schema.ARROW)
 
 
 def outcome_metrics(table: pa.Table) -> dict[str, Any]:
@@ -82,7 +88,7 @@ def outcome_metrics(table: pa.Table) -> dict[str, Any]:
     counts, cache hits, retries and latencies go to the run log, not here: metrics must not depend on
     what was cached or how the server behaved.
     """
-    rows = table.to_pylist()
+    rows = table.select(["strategy", "error", "parse_error", "completion_tokens"]).to_pylist()  # what is counted
 
     def counts(sub: list[dict[str, Any]]) -> dict[str, Any]:
         call = sum(r["error"] is not None for r in sub)

@@ -8,7 +8,7 @@ import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,27 @@ def cache_key(model: str, template_ref: str, request: GenRequest, sample_index: 
     prompt or messages, the sampling params and seed, and the sample index: if any of them changes,
     the call is made again; if none does, the cached result is reused.
     """
-    payload = {"model": model, "template": template_ref, "request": request.as_dict(), "sample_index": sample_index}
+    payload = {"model": model, "template": template_ref, "request": request_fields(request),
+               "sample_index": sample_index}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+_REQUEST_FIELDS = tuple(f.name for f in fields(GenRequest))
+_RESULT_FIELDS = tuple(f.name for f in fields(GenResult))
+_OPTIONAL_FIELDS = ("require_text", "require")
+
+
+def request_fields(request: GenRequest) -> dict[str, Any]:
+    """Return ``request.as_dict()`` (the fields a cache key covers) without its deep copy: the same JSON, ~10x faster.
+
+    ``GenRequest`` holds only strings, numbers and tuples of them, so a shallow read of its fields serialises
+    exactly as ``dataclasses.asdict`` does; like ``as_dict``, ``require_text`` and ``require`` only when set.
+    """
+    d = {k: getattr(request, k) for k in _REQUEST_FIELDS}
+    for key in _OPTIONAL_FIELDS:
+        if not d[key]:
+            del d[key]
+    return d
 
 
 class GenerationCache:
@@ -57,7 +76,8 @@ class GenerationCache:
         """Store results and commit (one transaction)."""
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO results (key, result) VALUES (?, ?)",
-                                 [(k, json.dumps(asdict(r), ensure_ascii=False)) for k, r in items])
+                                 [(k, json.dumps({f: getattr(r, f) for f in _RESULT_FIELDS}, ensure_ascii=False))
+                                  for k, r in items])
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]

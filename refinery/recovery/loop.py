@@ -84,8 +84,7 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
         if s.diagnosis.recoverable:
             s.outcome = "budget_exhausted"
     recovered: list[pa.Table] = []
-    base_pool = pool_of(pool)
-    pool = base_pool
+    pool = pool_of(pool)  # grows by each round's recovered rows, in the order they were recovered
     while True:
         todo, planned = [], []
         for i, (row, s) in enumerate(zip(rows, states)):
@@ -106,7 +105,7 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
             break
         cands = execute(planned, [states[i].actions[-1] for i in todo])
         gated = _regate_groups(cands, pool, regate, [group_of(rows[i]) for i in todo] if group_of else None)
-        counted = []
+        counted, got = [], []
         for k, (i, cand) in enumerate(zip(todo, gated.to_pylist())):
             s = states[i]
             s.attempts += 1
@@ -122,13 +121,14 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
                     if s.error_survives:
                         s.outcome = "laundered"
                 recovered.append(gated.slice(k, 1))
+                got.append(k)
                 reserved -= s.cap - s.attempts  # release what this row no longer needs
                 continue
             s.next = next_action(rediagnose(cand), s.actions, s.diagnosis, chains) if rediagnose is not None else None
         if trail is not None:
             trail.append(gated.append_column("counted", pa.array(counted, pa.bool_())))
-        if recovered:
-            pool = pool_of(base_pool, *recovered)
+        if got:
+            pool = pool_of(pool, gated.take(pa.array(got, pa.int64())))
     return pa.concat_tables(recovered) if recovered else None
 
 

@@ -19,11 +19,11 @@ from pydantic import Field, model_validator
 from refinery.core.errors import RefineryError
 from refinery.core.params import StageParams
 from refinery.gates.base import Gate
-from refinery.gates.dedup import PooledDedup
+from refinery.gates.dedup import DedupGate, PooledDedup
 from refinery.gates.registry import SPECS
 from refinery.generation import calls as generation
 from refinery.generation.calls import Planned, TeacherDtype, call_seed
-from refinery.generation.few_shot import sample_shots
+from refinery.generation.few_shot import ShotPool, sample_shots
 from refinery.generation.prompts import Template
 from refinery.planted.truth import injected_error_present
 from refinery.recovery.actions import (ACTIONS, CHAINS, OWN_TEMPERATURE, CallSettings, next_action, plan_adaptive,
@@ -129,6 +129,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
     order = priority(diags, interleave=params.order == "round_robin").tolist()
     ordered = [rows[i] for i in order]
     by_id = {r["row_id"]: r for r in train_rows}
+    shot_pool = ShotPool(train_rows)
 
     def evidence(row: dict[str, Any]) -> str:
         return docs[row["doc_id"]]["text"][row["evidence_start"]:row["evidence_end"]]
@@ -144,7 +145,7 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
         if not params.naive_shots:
             return []
         rng = np.random.default_rng(call_seed(params.seed, row["row_id"], "shots"))
-        return sample_shots(train_rows, row["doc_id"], params.naive_shots, rng)
+        return sample_shots(shot_pool, row["doc_id"], params.naive_shots, rng)
 
     def original(row: dict[str, Any], attempt: int, temperature: float | None, tag: str) -> Planned:
         seed_row = by_id.get((row.get("parent_ids") or [None])[0])
@@ -318,7 +319,7 @@ class TeacherCalls:
         backend: the teacher, or a function that builds it (called once, on the first call not in the cache).
         cache_file: the teacher result cache.
         documents: documents (the candidates' evidence).
-        parents: row_id -> rejected row (generated or planted) whose provenance candidates carry.
+        parents: row_id -> the rejected row (generated or planted), or the part of it candidates carry (its strategy).
         batch_size: requests per teacher batch.
         teacher_id: model id + revision (in every cache key).
         phash: recover params hash stamped on candidates.
@@ -370,11 +371,34 @@ class Regater:
 
     def __init__(self, gates: Mapping[str, Gate], dedup: Mapping[str, Any], cache_dir: Path | None, mode: str):
         self.gates, self.dedup, self.cache_dir, self.mode = dict(gates), dict(dedup), cache_dir, mode
+        self._pools: list[tuple[pa.Table, DedupGate]] = []  # the first pool's gate and the last one's
+
+    def _pool_gate(self, pool: pa.Table) -> DedupGate | None:
+        """The dedup gate seeded by ``pool``: a pool that extends one seen before extends that one's gate.
+
+        Each round's pool is the accepted rows plus the rows recovered so far (``run_method``), so rebuilding the
+        pool's keys and signatures every round would cost each round the whole pool; extending costs the new rows.
+        """
+        if pool.num_rows == 0:
+            return None
+        for seen, gate in reversed(self._pools):
+            k = seen.num_rows
+            if k <= pool.num_rows and pool.slice(0, k).equals(seen):
+                if k < pool.num_rows:
+                    gate = gate.extended(pool.slice(k))
+                    self._pools = self._pools[:1] + [(pool, gate)]
+                return gate
+        base = getattr(self.gates["dedup"], "store", None)  # the candidates are signed once for both gates
+        same = base is not None and (base.num_perm, base.shingle) == (self.dedup["num_perm"], self.dedup["shingle"])
+        gate = DedupGate(pool, max_jaccard=self.dedup["max_jaccard"], num_perm=self.dedup["num_perm"],
+                         shingle=self.dedup["shingle"], cache_dir=self.cache_dir, store=base if same else None)
+        self._pools = self._pools[:1] + [(pool, gate)]
+        return gate
 
     def __call__(self, cands: pa.Table, pool: pa.Table) -> pa.Table:
         from refinery.gates.run import run_gates
 
-        pooled = PooledDedup.over(self.gates["dedup"], pool, self.dedup, self.cache_dir)
+        pooled = PooledDedup(self.gates["dedup"], self._pool_gate(pool))
         return run_gates(cands, {**self.gates, "dedup": pooled}, self.mode)
 
 
@@ -403,7 +427,9 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
     Returns:
         The recovery; its metrics hold a review copy of the thresholds, ``teacher`` the call counts.
     """
-    parents = {r["row_id"]: r for r in rejected.to_pylist() + planted.to_pylist()}
+    # what candidates take from their rejected row (stamp: the original strategy), not a copy of every row
+    parents = {rid: {"strategy": strategy} for t in (rejected, planted)
+               for rid, strategy in zip(t.column("row_id").to_pylist(), t.column("strategy").to_pylist())}
     execute = TeacherCalls(backend, cache_file, documents, parents, batch_size=params.batch_size,
                            teacher_id=teacher_id, phash=phash, code_version=code_version, quiet=quiet)
     regate = Regater(gates, thresholds["dedup"], gate_cache, gate_mode)

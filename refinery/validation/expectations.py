@@ -80,7 +80,7 @@ def _texts(table: pa.Table) -> pa.Array:
 
 
 def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table, categories: dict[str, str],
-                  near: NearDup, diversity: dict[str, Any] | None = None) -> Checked:
+                  near: NearDup, diversity: dict[str, Any] | None = None, dedup: Any = None) -> Checked:
     """Derive every check column of one dataset and its audit statistics.
 
     Args:
@@ -91,13 +91,14 @@ def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table
         categories: doc_id -> document category.
         near: near-duplicate settings.
         diversity: this dataset's diversity figures (:meth:`refinery.validation.diversity.Diversity.as_dict`), or None.
+        dedup: the duplicate gate of :func:`held_out_dedup` for these splits and settings, shared by the datasets
+            of one run (it keeps the signatures it computed); None builds one.
 
     Returns:
         The check table (row_id, source + check and broadcast columns) and the statistics.
     """
     import duckdb
 
-    from refinery.gates.dedup import DedupGate
     from refinery.core.textkernels import match_keys
 
     n = table.num_rows
@@ -105,10 +106,9 @@ def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table
     synthetic = np.asarray(pc.not_equal(source, "human").to_numpy(zero_copy_only=False), bool) if n else \
         np.zeros(0, bool)
     # duplicates within the dataset and against val + test (exact key, then MinHash near), in one pass
-    held_out = pa.concat_tables([val.select(["question", "answer"]), test.select(["question", "answer"])])
     reasons: list[str | None] = [None] * n
     if n:
-        gate = DedupGate(held_out, max_jaccard=near.max_jaccard, num_perm=near.num_perm, shingle=near.shingle)
+        gate = dedup if dedup is not None else held_out_dedup(val, test, near)
         reasons = gate.apply(table.select(["row_id", "question", "answer"])).reason
     r = np.asarray([x or "" for x in reasons], object)
     dup_exact, dup_near = r == "dedup_exact", r == "dedup_near"
@@ -197,6 +197,18 @@ def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table
                      **{f"provenance_missing_{k}": _first(table, v) for k, v in missing.items()}},
     }
     return Checked(pa.table(cols), stats)
+
+
+def held_out_dedup(val: pa.Table, test: pa.Table, near: NearDup) -> Any:
+    """Return the duplicate gate of :func:`check_columns`: seeded by the val and test rows, with ``near``'s settings.
+
+    Its verdicts on a dataset do not depend on what it judged before, so one gate serves every dataset of a run,
+    and a row shared by several datasets (the human anchor, accepted rows) has its signature computed once.
+    """
+    from refinery.gates.dedup import DedupGate
+
+    held_out = pa.concat_tables([val.select(["question", "answer"]), test.select(["question", "answer"])])
+    return DedupGate(held_out, max_jaccard=near.max_jaccard, num_perm=near.num_perm, shingle=near.shingle)
 
 
 def _first(table: pa.Table, mask: np.ndarray, k: int = 3) -> list[str]:

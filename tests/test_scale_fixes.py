@@ -1,0 +1,354 @@
+"""Scale fixes keep their results: each faster algorithm against the one it replaced, on random inputs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from refinery.generation.few_shot import ShotPool, sample_shots
+from refinery.generation.teacher import GenerationCache, cache_key, request_fields
+from refinery.models.backends.base import GenRequest, GenResult
+
+
+def old_sample_shots(rows, doc_id, n, rng):
+    """The list scan sample_shots did before ShotPool (one pass over every row per draw)."""
+    others = [r for r in rows if r["doc_id"] != doc_id]
+    if not others:
+        return []
+    return [others[i] for i in rng.choice(len(others), size=min(n, len(others)), replace=False)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shot_pool_draws_what_the_list_scan_drew(seed):
+    # given seed rows spread unevenly over documents, with runs of one document and a document holding most rows
+    r = np.random.default_rng(seed)
+    docs = [f"d{i}" for i in range(int(r.integers(1, 12)))]
+    weights = r.dirichlet(np.ones(len(docs)))
+    rows = [{"row_id": f"r{i}", "doc_id": docs[int(r.choice(len(docs), p=weights))]}
+            for i in range(int(r.integers(0, 60)))]
+    pool = ShotPool(rows)
+    for doc in docs + ["absent"]:
+        for n in (0, 1, 2, 5, 100):
+            # when both draw with the same generator state
+            old = old_sample_shots(rows, doc, n, np.random.default_rng(seed * 1000 + n))
+            new_rng = np.random.default_rng(seed * 1000 + n)
+            new = pool.sample(doc, n, new_rng)
+            # then they draw the same rows and leave the generator in the same state
+            assert [x["row_id"] for x in new] == [x["row_id"] for x in old]
+            ref = np.random.default_rng(seed * 1000 + n)
+            old_sample_shots(rows, doc, n, ref)
+            assert new_rng.integers(1 << 30) == ref.integers(1 << 30)
+            assert [x["row_id"] for x in sample_shots(rows, doc, n, np.random.default_rng(seed * 1000 + n))] == \
+                [x["row_id"] for x in old]
+
+
+def _requests(seed: int) -> list[GenRequest]:
+    r = np.random.default_rng(seed)
+    out = []
+    for i in range(40):
+        text = "".join(r.choice(list("ab é\n\"{}"), size=int(r.integers(1, 30))))
+        kind = dict(prompt=text) if i % 2 else dict(messages=(("system", "x"), ("user", text)))
+        out.append(GenRequest(**kind, max_new_tokens=int(r.integers(1, 200)), temperature=float(r.random()),
+                              top_p=float(r.uniform(0.1, 1.0)), stop=tuple(r.choice(["\n", "###", "Q:"], size=i % 3)),
+                              seed=int(r.integers(0, 1 << 40)), require_text=bool(i % 4 == 0),
+                              require="Answer:" if i % 5 == 0 else ""))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cache_keys_are_what_as_dict_gave(seed):
+    for req in _requests(seed):
+        # given a request of any shape, when its fields are read for the key
+        assert request_fields(req) == req.as_dict()
+        old = hashlib_key("m@1", "t@abc", req, 3)
+        # then the cache key is the one earlier runs stored results under
+        assert cache_key("m@1", "t@abc", req, 3) == old
+
+
+def hashlib_key(model, template, request, sample_index):
+    import hashlib
+
+    payload = {"model": model, "template": template, "request": request.as_dict(), "sample_index": sample_index}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def test_cached_results_are_stored_as_before_and_read_back(tmp_path):
+    # given results with text, errors and non-ASCII
+    results = [GenResult(text=f"é {i}\n", finish_reason="stop", prompt_tokens=i, completion_tokens=2 * i,
+                         latency_s=0.5 * i, error=None if i % 3 else "transport_timeout: x") for i in range(10)]
+    store = GenerationCache(tmp_path / "c.sqlite")
+    store.put_many([(f"k{i}", r) for i, r in enumerate(results)])
+    # then each is stored as the JSON text asdict gave, and read back equal
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        stored = dict(db.execute("select key, result from results").fetchall())
+    assert stored == {f"k{i}": json.dumps(asdict(r), ensure_ascii=False) for i, r in enumerate(results)}
+    assert store.get_many([f"k{i}" for i in range(10)]) == {f"k{i}": r for i, r in enumerate(results)}
+    store.close()
+
+
+def old_to_rows(planned, results, documents, *, origin, teacher_id, phash, code_version):
+    """to_rows as it was: one dict per row, then Table.from_pylist."""
+    from refinery.core.text import stable_id
+    from refinery.generation import strategies as strat
+    from schemas import synthetic as synthetic_schema
+
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    out = []
+    for p, r in zip(planned, results):
+        s = strat.STRATEGIES[p.strategy]
+        question, answer, parse_error = (None, None, None)
+        if r.ok:
+            question, answer, parse_error = strat.parse_output(s, r.text)
+            if parse_error is None and s.output == "answer":
+                question = p.parent["question"]
+            elif parse_error is None and s.output == "question":
+                answer = p.parent["answer"]
+        req = p.job.request
+        out.append({
+            "row_id": stable_id("syn" if origin == "synthetic" else origin[:3], p.job.key), "origin": origin,
+            "parent_ids": [p.parent["row_id"]], "doc_id": p.parent["doc_id"], "evidence_start": p.span[0],
+            "evidence_end": p.span[1], "strategy": p.strategy, "teacher": teacher_id,
+            "prompt_template": p.template_ref,
+            "gen_params": json.dumps({"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
+                                      "top_p": req.top_p, "stop": list(req.stop)}, sort_keys=True),
+            "attempt": 0, "recovery_action": None, "params_hash": phash, "code_version": code_version,
+            "question": question, "answer": answer, "intent": p.parent["intent"],
+            "evidence": texts[p.parent["doc_id"]][p.span[0]:p.span[1]], "raw_output": r.text,
+            "parse_error": parse_error, "error": r.error, "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "seed": req.seed, "sample_index": p.sample_index, "cache_key": p.job.key,
+        })
+    return pa.Table.from_pylist(out, schema=synthetic_schema.ARROW)
+
+
+def _plan(tmp_path, budget=60, shots=2, sample_shots_fn=None, monkeypatch=None):
+    from refinery.generation import strategies as strat
+    from refinery.generation.calls import load_templates
+    from stages import generate
+    from stages.generate import GenerateParams, TokenBudget
+    from stages.split import SplitParams, split
+    from tests.conftest import ROOT
+    from tests.test_split import seed_tables
+
+    documents, qa = seed_tables(tmp_path)
+    train = split(documents, qa, SplitParams(seed=1, fractions={"train": 1.0, "val": 0.0, "test": 0.0})).tables["train"]
+    params = GenerateParams(seed=3, budget=budget, strategy_mix=None, temperature=0.7, top_p=0.95, shots=shots,
+                            max_new_tokens=TokenBudget(answer=16, question=16, qa=24), batch_size=4, threads=1,
+                            skip_stale=True, window_sentences=1, max_failure_share=0.5)
+    if sample_shots_fn is not None:
+        monkeypatch.setattr(generate, "sample_shots", sample_shots_fn)
+    templates = load_templates(ROOT / "prompts", list(strat.GENERATION_STRATEGIES))
+    planned, _ = generate.plan(train, documents, templates, params, "fake@1")
+    return planned, documents
+
+
+def test_generate_plans_the_same_calls_as_with_the_list_scan(tmp_path, monkeypatch):
+    # given the demo-shaped seed and a budget of several calls per seed row
+    new, _ = _plan(tmp_path / "a")
+    # when the shots are drawn by the list scan instead of the pool
+    old, _ = _plan(tmp_path / "b", sample_shots_fn=lambda pool, doc, n, rng: old_sample_shots(pool.rows, doc, n, rng),
+                   monkeypatch=monkeypatch)
+    # then every planned call (prompt, seed, cache key, passage span) is the same
+    assert [(p.job.key, p.job.request, p.span, p.strategy) for p in new] == \
+        [(p.job.key, p.job.request, p.span, p.strategy) for p in old]
+
+
+def test_rows_are_built_as_before(tmp_path):
+    from refinery.generation.calls import to_rows
+    from refinery.models.backends.fake import FakeBackend
+
+    # given planned calls and results with failures, unparsable text and sampling settings that differ
+    planned, documents = _plan(tmp_path)
+    results = FakeBackend(fail_every=7).generate([p.job.request for p in planned])
+    results = [GenResult(text="Q?\nAnswer: yes.", finish_reason="stop", prompt_tokens=3, completion_tokens=4,
+                         latency_s=0.1)
+               if i % 5 == 0 else r for i, r in enumerate(results)]
+    kw = dict(origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    # then the table is the one the row-by-row build gave, to the byte
+    new, old = to_rows(planned, results, documents, **kw), old_to_rows(planned, results, documents, **kw)
+    assert new.equals(old) and new.schema == old.schema
+    assert to_rows(planned, results, documents, **{**kw, "origin": "recovered"}).equals(
+        old_to_rows(planned, results, documents, **{**kw, "origin": "recovered"}))
+
+
+def _qa(r: np.random.Generator, n: int, prefix: str, base: list[tuple[str, str]] | None = None) -> pa.Table:
+    """Random question/answer rows from a small vocabulary; some copy or lightly edit a ``base`` row."""
+    words = [f"w{i}" for i in range(40)]
+    qs, ans = [], []
+    for _ in range(n):
+        if base and r.random() < 0.4:
+            q, a = base[int(r.integers(len(base)))]
+            if r.random() < 0.5:  # a near copy: one word changed
+                parts = a.split()
+                parts[int(r.integers(len(parts)))] = str(r.choice(words))
+                a = " ".join(parts)
+        else:
+            q = " ".join(r.choice(words, size=int(r.integers(3, 9)))) + "?"
+            a = " ".join(r.choice(words, size=int(r.integers(4, 14)))) + "."
+        qs.append(q), ans.append(a)
+    return pa.table({"row_id": [f"{prefix}_{i:016x}" for i in range(n)], "question": qs, "answer": ans})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_extended_dedup_gate_judges_as_one_built_on_the_whole_pool(seed, tmp_path):
+    from refinery.gates.dedup import DedupGate
+
+    r = np.random.default_rng(seed)
+    pool = _qa(r, 120, "acc")
+    base = list(zip(pool.column("question").to_pylist(), pool.column("answer").to_pylist()))
+    more = _qa(r, 30, "rec", base)
+    cands = _qa(r, 80, "cnd", base + list(zip(more.column("question").to_pylist(), more.column("answer").to_pylist())))
+    whole = DedupGate(pa.concat_tables([pool, more]), max_jaccard=0.5, cache_dir=tmp_path / "a")
+    for warm in (False, True):
+        gate = DedupGate(pool, max_jaccard=0.5, cache_dir=tmp_path / "b")
+        if warm:  # the base gate has judged once, so its seed signatures are held and reused
+            gate.apply(cands.slice(0, 5))
+        got, want = gate.extended(more).apply(cands), whole.apply(cands)
+        assert (got.keep, got.score, got.reason) == (want.keep, want.score, want.reason)
+        assert not all(want.keep)  # the case is not vacuous
+
+
+def test_recovery_regates_each_round_as_with_a_fresh_pool_gate(tmp_path):
+    from refinery.gates.dedup import DedupGate, PooledDedup
+    from refinery.recovery.loop import pool_of
+    from refinery.recovery.run import Regater
+    from tests.gates.conftest import rows as synthetic_rows
+
+    r = np.random.default_rng(7)
+    seed_rows = _qa(r, 60, "qa")
+    accepted = _qa(r, 150, "acc", list(zip(seed_rows.column("question").to_pylist(),
+                                           seed_rows.column("answer").to_pylist())))
+    bounds = {"max_jaccard": 0.5, "num_perm": 128, "shingle": 5}
+    base = DedupGate(seed_rows, **bounds)
+
+    class Only:  # every other gate keeps every row: the comparison is about dedup
+        def __init__(self, name):
+            self.name = name
+
+        def apply(self, rows):
+            from refinery.gates.base import Verdicts
+
+            return Verdicts([True] * rows.num_rows, [None] * rows.num_rows, [None] * rows.num_rows)
+
+    from refinery.gates.registry import GATES
+
+    gates = {g: Only(g) for g in GATES}
+    gates["dedup"] = base
+    regate = Regater(gates, bounds, tmp_path / "cache", "full")
+    recovered: list[pa.Table] = []
+    reasons: set[str] = set()
+    known = list(zip(accepted.column("question").to_pylist(), accepted.column("answer").to_pylist()))
+    for round_ in range(4):
+        for method_pool in (pool_of(accepted), pool_of(accepted, *recovered)):  # naive restarts from the base pool
+            cands = _qa(r, 40, f"c{round_}", known)
+            cand_rows = synthetic_rows(list(zip(cands.column("question").to_pylist(),
+                                                cands.column("answer").to_pylist())),
+                                       row_id=cands.column("row_id").to_pylist())
+            got = regate(cand_rows, method_pool)
+            fresh = PooledDedup.over(base, method_pool, bounds, tmp_path / "cache")
+            from refinery.gates.run import run_gates
+
+            want = run_gates(cand_rows, {**gates, "dedup": fresh}, "full")
+            assert got.equals(want)
+            reasons.update(x for x in got.column("dedup_reason").to_pylist() if x)
+        recovered.append(cands.slice(0, 10))
+        known += list(zip(cands.column("question").to_pylist()[:10], cands.column("answer").to_pylist()[:10]))
+    assert {"dedup_exact_accepted", "dedup_near_accepted"} <= reasons  # the pool did reject rows
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_dedup_gate_judges_each_table_as_a_fresh_one_would(seed):
+    # assemble deduplicates every arm, and validate checks every dataset, with one gate that keeps its signatures
+    from refinery.gates.dedup import DedupGate
+
+    r = np.random.default_rng(seed)
+    anchor = _qa(r, 80, "qa")
+    known = list(zip(anchor.column("question").to_pylist(), anchor.column("answer").to_pylist()))
+    shared = DedupGate(anchor, max_jaccard=0.5)
+    judged = []
+    for k in range(4):  # overlapping tables, as arms share rows
+        table = _qa(r, 60, f"t{k}", known)
+        known += list(zip(table.column("question").to_pylist()[:20], table.column("answer").to_pylist()[:20]))
+        got, want = shared.apply(table), DedupGate(anchor, max_jaccard=0.5).apply(table)
+        assert (got.keep, got.score, got.reason) == (want.keep, want.score, want.reason)
+        judged.append(not all(want.keep))
+    assert any(judged)
+
+
+def test_assemble_fails_on_an_unknown_document_as_the_eager_export_did():
+    from refinery.core.errors import InputError
+    from stages.assemble import SftRecords, check_documents, sft_records
+
+    r = np.random.default_rng(3)
+    passages = {f"d{i}": f"Passage {i} text." for i in range(5)}
+    tables = {}
+    for arm in ("a", "b", "c"):
+        n = 30
+        docs = [f"d{int(x)}" for x in r.integers(0, 7, n)]  # d5, d6 are unknown
+        tables[arm] = pa.table({"row_id": [f"{arm}{i}" for i in range(n)], "doc_id": docs, "question": ["q?"] * n,
+                                "answer": ["a."] * n, "weight": [1.0] * n, "evidence": ["x"] * n,
+                                "evidence_start": [0] * n, "evidence_end": [3] * n})
+    # the eager export failed on the first arm's first unknown document
+    with pytest.raises(InputError) as eager:
+        for arm, t in tables.items():
+            sft_records(t, passages, 300, f"{arm} dataset")
+    with pytest.raises(InputError) as checked:
+        check_documents(tables, passages)
+    assert str(checked.value) == str(eager.value)
+    # and with every document known, the lazy records are the eager ones
+    known = {arm: t.filter(pa.compute.is_in(t.column("doc_id"), value_set=pa.array(list(passages))))
+             for arm, t in tables.items()}
+    check_documents(known, passages)
+    lazy = SftRecords(known, passages, 300)
+    assert list(lazy) == list(known) and len(lazy) == 3
+    assert all(lazy[arm] == sft_records(t, passages, 300, f"{arm} dataset") for arm, t in known.items())
+
+
+def test_the_recovery_pool_grown_round_by_round_is_the_pool_rebuilt_from_every_recovered_row():
+    from refinery.recovery.loop import pool_of
+
+    r = np.random.default_rng(5)
+
+    def gated(n, prefix):  # gated-like rows: extra columns, some without an answer
+        t = _qa(r, n, prefix)
+        answers = [None if r.random() < 0.2 else a for a in t.column("answer").to_pylist()]
+        t = t.set_column(2, "answer", pa.array(answers, pa.string()))
+        return t.append_column("gate_keep", pa.array([True] * n))
+
+    accepted = gated(50, "acc")
+    grown, one_by_one = pool_of(pool_of(accepted)), []
+    for round_ in range(5):
+        cands = gated(20, f"r{round_}")
+        got = sorted(r.choice(20, size=int(r.integers(0, 8)), replace=False).tolist())
+        one_by_one += [cands.slice(k, 1) for k in got]  # as run_method keeps them, one table per recovered row
+        if got:
+            grown = pool_of(grown, cands.take(pa.array(got, pa.int64())))
+        assert grown.equals(pool_of(pool_of(accepted), *one_by_one))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seed_bands_pair_new_rows_as_candidate_pairs_on_the_concatenation(seed):
+    from refinery.gates.dedup import SeedBands, candidate_pairs
+
+    r = np.random.default_rng(seed)
+    # few distinct values, so buckets hold many rows (more than the first + 8 neighbours each row is paired with)
+    values = int(r.integers(2, 6))
+    n_seed, n_more, n_new = (int(x) for x in r.integers(0, 60, 3))
+    bands, rows = int(r.integers(1, 5)), int(r.integers(1, 3))
+    sigs = r.integers(0, values, (n_seed + n_more + n_new, bands * rows)).astype(np.uint32)
+    seed_sigs, more, new = sigs[:n_seed], sigs[n_seed:n_seed + n_more], sigs[n_seed + n_more:]
+
+    def expected(upto: int, rows_: np.ndarray) -> np.ndarray:
+        pairs = candidate_pairs(rows_, bands, rows)
+        return pairs[pairs[:, 1] >= upto]
+
+    got = SeedBands(seed_sigs, bands, rows).pairs(np.concatenate([more, new]))
+    assert np.array_equal(got, expected(n_seed, sigs))
+    grown = SeedBands(seed_sigs, bands, rows).extended(more)
+    assert np.array_equal(grown.pairs(new), expected(n_seed + n_more, sigs))
+    assert np.array_equal(grown.pairs(new), SeedBands(sigs[:n_seed + n_more], bands, rows).pairs(new))
