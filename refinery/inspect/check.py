@@ -21,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "train_verifier": "stages.train_verifier:TrainVerifierParams",
     "train_reward": "stages.train_reward:TrainRewardParams",
     "gate": "refinery.gates.run:GateParams",
+    "engine": "refinery.engine.params:EngineParams",
     "recover": "stages.recover:RecoverParams",
     "assemble": "stages.assemble:AssembleParams",
     "validate": "stages.validate:ValidateParams",
