@@ -379,3 +379,78 @@ def test_a_bad_address_is_one_line_naming_the_key():
     with pytest.raises(RefineryError, match=r"engine.address '127.0.0.1:\d+'") as e:
         engine.connect()
     assert "\n" not in str(e.value)
+
+
+# ---- teacher calls on an engine ----
+
+class Recording:
+    """A FakeBackend that records the prompts of each generate call (its batches)."""
+
+    def __init__(self):
+        from refinery.models.backends.fake import FakeBackend
+
+        self.fake, self.batches = FakeBackend(), []
+
+    def generate(self, requests):
+        self.batches.append([r.prompt for r in requests])
+        return self.fake.generate(requests)
+
+
+class OutOfOrderEngine:
+    """An engine double that answers batches last first, and can die after some batches (a kill -9)."""
+
+    name = "double"
+
+    def __init__(self, die_after=None):
+        self.die_after, self.sent = die_after, []
+
+    def generate_batches(self, backend, batches):
+        for n, i in enumerate(reversed(range(len(batches)))):
+            if self.die_after is not None and n == self.die_after:
+                raise KeyboardInterrupt("killed")
+            self.sent.append([r.prompt for r in batches[i]])
+            yield i, backend.generate(batches[i])
+
+
+def _jobs():
+    from refinery.generation.teacher import Job, cache_key
+    from refinery.models.backends.base import GenRequest
+
+    reqs = [GenRequest(prompt=f"p{i % 9}", seed=i % 9) for i in range(20)]  # 9 distinct calls, repeated
+    return [Job(r, cache_key("m", "t", r, 0)) for r in reqs]
+
+
+def test_engine_teacher_batches_are_the_in_process_batches_and_results_keep_job_order(tmp_path):
+    from refinery.generation.teacher import GenerationCache, run_jobs
+
+    jobs = _jobs()
+    # given the in-process run's batches and results
+    local = Recording()
+    want, _ = run_jobs(jobs, local, GenerationCache(tmp_path / "a.sqlite"), batch_size=4, quiet=True)
+    # when an engine answers the same jobs, batches finishing in another order
+    engine, remote = OutOfOrderEngine(), Recording()
+    got, stats = run_jobs(jobs, remote, GenerationCache(tmp_path / "b.sqlite"), batch_size=4, quiet=True,
+                          engine=engine)
+    # then it sent the same batches (each key once, in the first batch holding it) and the results are the same
+    assert sorted(map(tuple, engine.sent)) == sorted(map(tuple, local.batches))
+    assert [r.text for r in got] == [r.text for r in want]
+    assert stats.calls == 9 and len(GenerationCache(tmp_path / "b.sqlite")) == 9
+
+
+def test_a_killed_engine_run_repeats_only_the_batches_in_flight(tmp_path):
+    from refinery.generation.teacher import GenerationCache, run_jobs
+
+    jobs = _jobs()
+    cache = tmp_path / "c.sqlite"
+    # given a run killed after two batches came back
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, Recording(), GenerationCache(cache), batch_size=4, quiet=True,
+                 engine=OutOfOrderEngine(die_after=2))
+    committed = len(GenerationCache(cache))
+    # when it is run again
+    engine = OutOfOrderEngine()
+    got, stats = run_jobs(jobs, Recording(), GenerationCache(cache), batch_size=4, quiet=True, engine=engine)
+    # then the two finished batches were not asked again, and the rows equal an uninterrupted run's
+    assert committed > 0 and stats.calls == 9 - committed and stats.cache_hits > 0
+    want, _ = run_jobs(jobs, Recording(), GenerationCache(tmp_path / "d.sqlite"), batch_size=4, quiet=True)
+    assert [r.text for r in got] == [r.text for r in want]
