@@ -10,8 +10,7 @@ import pyarrow.compute as pc
 
 from refinery.core.params import load_section, read_key
 from refinery.gates.base import GateContext
-from refinery.engine.base import make_engine
-from refinery.engine.params import EngineParams
+from refinery.engine.base import engine_of
 from refinery.gates.run import (GateParams, GateRecipe, GateRequest, build_gates, calibrate, compare_modes,
                                 gate_tables, judged_rows, load_models, model_factory, reason_counts, run_gates,
                                 run_gates_by_kind)
@@ -58,7 +57,7 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
 
     t0 = time.perf_counter()
     params = load_section(params_file, "gate", GateParams)
-    engine_params = load_section(params_file, "engine", EngineParams)
+    engine = engine_of(params_file)  # a local or Ray cluster starts on first use only
     unseen = unseen_kinds(read_key(params_file, "inject.unseen_families", []), params_file)
     synthetic = synthetic_schema.CONTRACT.validate(read_parquet(synthetic_file), synthetic_file)
     injected = injected_schema.CONTRACT.validate(read_parquet(injected_file), injected_file)
@@ -72,11 +71,10 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     ctx = GateContext(train, documents, models, cache, calib=val)
     thresholds = thresholds_schema.validate(calibrate(params, ctx), "calibrated thresholds")
     gates = build_gates(thresholds, ctx)
-    recipe = GateRecipe(thresholds, train, documents, model_factory(models, engine_params.threads_per_worker),
-                        str(cache))
+    recipe = GateRecipe(thresholds, train, documents, model_factory(models, engine.worker_threads), str(cache))
     # planted rows get every verdict in either mode, so recall, overlap and who-caught-what keep their meaning;
     # they are judged kind by kind, so a variant is never deduplicated against its twin from the same source
-    with make_engine(engine_params) as engine:
+    with engine:
         gated, planted = gate_tables([GateRequest(synthetic, params.mode),
                                       GateRequest(injected, "full", by="injection_kind")],
                                      gates, engine=engine, recipe=recipe)

@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from refinery.engine.base import make_engine
-from refinery.engine.params import EngineParams
+from refinery.engine.base import engine_of
 from refinery.generation import calls as generation
 from refinery.generation import strategies as strat
 from refinery.models.backends.base import GenRequest
@@ -173,13 +172,12 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     templates = load_templates(Path(prompts_dir), list(strat.GENERATION_STRATEGIES))
-    engine_params = load_section(params_file, "engine", EngineParams)
     # an absolute models path: a Ray worker builds the same teacher from wherever it runs
     teacher_id, backend = teacher_backend(str(Path(models_dir).resolve()), params.batch_size, params.threads,
                                           params.dtype)
     planned, plan_metrics = plan(train, documents, templates, params, teacher_id)
     # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process
-    with make_engine(engine_params) as engine:
+    with engine_of(params_file) as engine:
         table, stats, seconds = generation.execute(
             planned, backend, cache_file, documents, batch_size=params.batch_size, origin="synthetic",
             teacher_id=teacher_id, phash=params_hash(params),

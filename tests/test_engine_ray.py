@@ -454,3 +454,39 @@ def test_a_killed_engine_run_repeats_only_the_batches_in_flight(tmp_path):
     assert committed > 0 and stats.calls == 9 - committed and stats.cache_hits > 0
     want, _ = run_jobs(jobs, Recording(), GenerationCache(tmp_path / "d.sqlite"), batch_size=4, quiet=True)
     assert [r.text for r in got] == [r.text for r in want]
+
+
+# ---- validate's per-row checks ----
+
+def test_validate_per_row_checks_through_an_engine_equal_the_one_pass_checks():
+    from refinery.validation.expectations import NearDup, check_columns
+
+    # given a dataset whose rows use several scripts
+    texts = ["Plain text", "Cyrillic: привет", "Greek: γεια", "日本語のテキスト", "Mixed Ωmega", "12 34"] * 5
+    table = pa.table({"row_id": [f"r{i}" for i in range(30)], "source": ["synthetic"] * 30,
+                      "question": texts, "answer": texts[::-1], "intent": ["how_to"] * 30,
+                      "doc_id": ["d1"] * 30, "teacher": ["t"] * 30, "prompt_template": ["p"] * 30,
+                      "parent_ids": [["h1"]] * 30, "evidence_start": [0] * 30, "evidence_end": [1] * 30})
+    seed = pa.table({"question": ["Plain"], "answer": ["text"], "intent": ["how_to"], "doc_id": ["d1"]})
+    held = pa.table({"question": ["other"], "answer": ["row"], "doc_id": ["d9"]})
+    args = (table, held, held, seed, {"d1": "c"}, NearDup(0.8, 32, 5))
+    # when the per-row checks run in blocks of 7 rows, and in one pass
+    blocks = LocalEngine(7, quiet=True)
+    split = check_columns(*args, map_blocks=blocks.map_blocks)
+    whole = check_columns(*args)
+    # then the check columns and statistics are the same
+    assert split.frame.equals(whole.frame) and split.stats == whole.stats
+    assert whole.stats["scripts"]["foreign_rows"] > 0
+
+
+def test_a_params_file_without_an_engine_section_runs_locally_one_call_per_gate(tmp_path):
+    from refinery.engine.base import engine_of
+
+    (tmp_path / "p.yaml").write_text("gate: {}\n")
+    engine = engine_of(tmp_path / "p.yaml")
+    assert engine.name == "local" and engine.block_rows is None
+    (tmp_path / "q.yaml").write_text("engine: {kind: local, workers: 2, threads_per_worker: 1, block_rows: 64}\n")
+    assert engine_of(tmp_path / "q.yaml").block_rows == 64
+    (tmp_path / "r.yaml").write_text("engine: {kind: local, workers: 2, threads_per_worker: 1, blok_rows: 64}\n")
+    with pytest.raises(ParamsError, match=r"r.yaml: engine.(block_rows|blok_rows)"):
+        engine_of(tmp_path / "r.yaml")

@@ -50,6 +50,7 @@ class Engine(Protocol):
 
     name: str
     block_rows: int | None
+    worker_threads: int | None  # torch threads of each worker process (None: the stage's own setting)
 
     def judge(self, jobs: Sequence[GateJob], gates: dict[str, Gate], recipe: GateRecipe | None = None
               ) -> list[dict[str, Verdicts]]:
@@ -128,6 +129,24 @@ def verdicts_of(table: pa.Table, name: str) -> Verdicts:
     """Read a gate's verdicts back from :func:`verdict_table`."""
     return Verdicts(table.column(f"{name}_keep").to_pylist(), table.column(f"{name}_score").to_pylist(),
                     table.column(f"{name}_reason").to_pylist())
+
+
+def engine_of(params_file: Any) -> Engine:
+    """Return the engine a params file's ``engine`` section names; without one, the local engine with one unit
+    per gate call (exactly how the stages ran before engines existed).
+
+    Raises:
+        ParamsError: the section is there but invalid (one line naming the key).
+    """
+    from refinery.core.params import load_yaml, parse_section
+    from refinery.engine.params import EngineParams
+
+    data = load_yaml(params_file)
+    if "engine" not in data:
+        from refinery.engine.local import LocalEngine
+
+        return LocalEngine(None)
+    return make_engine(parse_section(data["engine"], EngineParams, where=f"{params_file}: engine"))
 
 
 def make_engine(params: Any) -> Engine:

@@ -135,7 +135,7 @@ class RayEngine:
 
     def __init__(self, params: Any, *, quiet: bool = False):
         self.params, self.quiet = params, quiet
-        self.block_rows = params.block_rows
+        self.block_rows, self.worker_threads = params.block_rows, params.threads_per_worker
         self._ray: Any = None
         self._started = False
 
