@@ -278,6 +278,9 @@ def test_a_frozen_cache_embedding_depends_only_on_its_call_and_the_cache_at_the_
     assert first.tolist() == [[1.0, 1.0]]
     assert later.tolist() == [[1.0, 2.0], [2.0, 2.0], [9.0, 9.0]]
     assert sorted(base.calls[-1]) == ["a", "bb"]
+    cold = CompositionEmbedder(tmp_path / "none")
+    assert FrozenCacheEmbedder(cold, FrozenCacheEmbedder.shards_of(cold)).embed(["a", "bb"]).tolist() == \
+        [[1.0, 2.0], [2.0, 2.0]]
     fresh = CompositionEmbedder(tmp_path)
     assert FrozenCacheEmbedder(fresh, FrozenCacheEmbedder.shards_of(fresh)).embed(["bb"]).tolist() == [[2.0, 2.0]]
     assert fresh.calls == []
@@ -376,7 +379,7 @@ def test_a_bad_address_is_one_line_naming_the_key():
     from refinery.engine.raydata import RayEngine
 
     engine = RayEngine(ray_params(f"127.0.0.1:{_free_port()}", 8), quiet=True)
-    with pytest.raises(RefineryError, match=r"engine.address '127.0.0.1:\d+'") as e:
+    with pytest.raises(RefineryError, match=r"engine.address '127.0.0.1:\d+': nothing answers") as e:
         engine.connect()
     assert "\n" not in str(e.value)
 
@@ -490,3 +493,25 @@ def test_a_params_file_without_an_engine_section_runs_locally_one_call_per_gate(
     (tmp_path / "r.yaml").write_text("engine: {kind: local, workers: 2, threads_per_worker: 1, blok_rows: 64}\n")
     with pytest.raises(ParamsError, match=r"r.yaml: engine.(block_rows|blok_rows)"):
         engine_of(tmp_path / "r.yaml")
+
+
+def test_a_worker_with_other_code_than_the_driver_refuses_in_one_line():
+    from refinery.core.errors import RefineryError
+    from refinery.engine.raydata import check_code, code_digest
+
+    check_code(code_digest())  # the same code: nothing to say
+    with pytest.raises(RefineryError, match="differs from the driver's code") as e:
+        check_code("0" * 16)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_the_ci_profiles_gate_stage_writes_the_same_files_on_ray(tmp_path):
+    # given a fresh ci-profile clone with every input of the gate stage (dvc repro of its upstream stages)
+    # when its gate stage's own cmd runs with engine.kind local, then ray (a local cluster of 2 workers)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_ray_gate.py"), "--build", str(tmp_path / "ci"),
+                           "--check"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    # then accepted, rejected, injected, thresholds.json and both metrics files are equal byte for byte
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-2])
+    assert summary["outputs_equal"] and summary["generated_rows"] > 0 and summary["planted_rows"] > 0

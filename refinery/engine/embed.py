@@ -81,14 +81,15 @@ class FrozenCacheEmbedder:
 
         texts = list(texts)
         keys = content_keys(self.base.model_id, texts)
-        found, vecs = self._frozen().get(keys)
+        found, cached = self._frozen().get(keys)
         missing = np.flatnonzero(~found)
-        if len(missing):
-            new_keys, first = np.unique(keys[missing], return_index=True)
-            new = self.base.encode([texts[i] for i in missing[first]])
-            self.base.cache.put(new_keys, new)
-            if vecs.shape[1] != new.shape[1]:
-                vecs = np.zeros((len(texts), new.shape[1]), np.float32)
-                vecs[found] = self._frozen().get(keys[found])[1]
-            vecs[missing] = new[np.searchsorted(new_keys, keys[missing])]
+        if not len(missing):
+            return cached
+        new_keys, first = np.unique(keys[missing], return_index=True)
+        new = self.base.encode([texts[i] for i in missing[first]])
+        self.base.cache.put(new_keys, new)
+        vecs = np.zeros((len(texts), new.shape[1]), np.float32)
+        if found.any():
+            vecs[found] = cached[found]
+        vecs[missing] = new[np.searchsorted(new_keys, keys[missing])]
         return vecs

@@ -30,6 +30,40 @@ _ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_
 _INSTALL = "pip install -c constraints.txt 'ray[data]==2.60.0' (make install does)"
 
 
+_DIGEST: dict[str, str] = {}
+
+
+def code_digest() -> str:
+    """Return a hash of the ``refinery`` and ``schemas`` sources this process imports (once per process)."""
+    if "code" not in _DIGEST:
+        import hashlib
+
+        import refinery
+        import schemas
+
+        h = hashlib.sha256()
+        for pkg in (refinery, schemas):
+            root = Path(pkg.__file__).parent
+            for f in sorted(root.rglob("*.py")):
+                h.update(str(f.relative_to(root.parent)).encode() + b"\0" + f.read_bytes())
+        _DIGEST["code"] = h.hexdigest()[:16]
+    return _DIGEST["code"]
+
+
+def check_code(driver: str) -> None:
+    """Refuse to work with other code than the driver's (a stale copy first on a worker's path).
+
+    Raises:
+        RefineryError: one line naming the worker's copy.
+    """
+    if code_digest() != driver:
+        import refinery
+
+        raise RefineryError(f"a Ray worker imports refinery from {Path(refinery.__file__).parent}, which differs "
+                            f"from the driver's code: run dvc repro from the project root, with the same commit "
+                            f"on every node (docs/ray.md)")
+
+
 def to_ipc(table: pa.Table) -> bytes:
     """Serialise a table as Arrow IPC stream bytes (schema and values exact)."""
     sink = pa.BufferOutputStream()
@@ -58,7 +92,8 @@ def _judge_units(batch: pa.Table, names_by_job: Sequence[Sequence[str]], gate_of
 class _GateWorker:
     """A Ray Data actor: builds the gates (and loads their models) once, then judges every unit it is given."""
 
-    def __init__(self, recipe: GateRecipe, names_by_job: Sequence[Sequence[str]]):
+    def __init__(self, recipe: GateRecipe, names_by_job: Sequence[Sequence[str]], code: str):
+        check_code(code)
         self.recipe, self.names_by_job = recipe, names_by_job
         self.models: Any = None
         self.gates: dict[str, Gate] = {}
@@ -74,8 +109,9 @@ class _GateWorker:
         return _judge_units(batch, self.names_by_job, self._gate)
 
 
-def _judge_task(batch: pa.Table, recipe: GateRecipe, names_by_job: Sequence[Sequence[str]]) -> pa.Table:
+def _judge_task(batch: pa.Table, recipe: GateRecipe, names_by_job: Sequence[Sequence[str]], code: str) -> pa.Table:
     """A Ray Data task for gates without a model (cheap to build per block)."""
+    check_code(code)
     built: dict[str, Gate] = {}
 
     def gate_of(name: str) -> Gate:
@@ -86,8 +122,9 @@ def _judge_task(batch: pa.Table, recipe: GateRecipe, names_by_job: Sequence[Sequ
     return _judge_units(batch, names_by_job, gate_of)
 
 
-def _map_task(batch: pa.Table, fn: Callable[..., pa.Table], args: tuple) -> pa.Table:
+def _map_task(batch: pa.Table, fn: Callable[..., pa.Table], args: tuple, code: str) -> pa.Table:
     """A Ray Data task applying ``fn`` to each block (a table) it is given."""
+    check_code(code)
     out = [to_ipc(fn(from_ipc(data), *args)) for data in batch.column("rows").to_pylist()]
     return pa.table({"unit": batch.column("unit"), "result": pa.array(out, pa.large_binary())})
 
@@ -106,7 +143,8 @@ def request_of(d: dict[str, Any]) -> Any:
 class _TeacherWorker:
     """A Ray Data actor: builds the teacher backend once, then answers each batch of requests it is given."""
 
-    def __init__(self, backend: Any):
+    def __init__(self, backend: Any, code: str):
+        check_code(code)
         self.backend = backend
         self.model: Any = None
 
@@ -120,6 +158,22 @@ class _TeacherWorker:
             results = self.model.generate(requests)
             out.append(to_ipc(pa.table({"result": [json.dumps(asdict(r), ensure_ascii=False) for r in results]})))
         return pa.table({"unit": batch.column("unit"), "result": pa.array(out, pa.large_binary())})
+
+
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at a cluster address (Ray itself retries for minutes).
+
+    Raises:
+        RefineryError: naming ``engine.address``.
+    """
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RefineryError(f"engine.address {address!r}: nothing answers at {host}:{port} ({e.strerror or e}); "
+                            f"start the cluster (ray start --head) or fix the address") from None
 
 
 class RayEngine:
@@ -155,9 +209,12 @@ class RayEngine:
             import refinery
             import schemas
 
-            # the driver's own code travels to the workers, so they run what the driver fingerprinted
+            # the driver's own code travels to the workers (a copy already on a worker's path comes first there,
+            # so each worker checks it runs the driver's code: check_code)
             env = {"py_modules": [str(Path(refinery.__file__).parent), str(Path(schemas.__file__).parent)],
                    "env_vars": {k: os.environ[k] for k in _ENV if k in os.environ}}
+            if p.address not in (None, "local", "auto"):
+                _probe(p.address)
             try:
                 if p.address in (None, "local"):
                     ray.init(num_cpus=p.workers * p.threads_per_worker, include_dashboard=False,
@@ -233,8 +290,8 @@ class RayEngine:
         results: dict[int, pa.Table] = {}
         if plan:
             stateful = recipe.needs_model([n for names in names_by_job for n in names])
-            args = dict(fn_constructor_args=(recipe, names_by_job)) if stateful else \
-                dict(fn_args=(recipe, names_by_job))
+            args = dict(fn_constructor_args=(recipe, names_by_job, code_digest())) if stateful else \
+                dict(fn_args=(recipe, names_by_job, code_digest()))
             udf = _GateWorker if stateful else _judge_task
             for unit, data in self._run(tables, "gate (ray)", [len(i) for _, i in plan], fn=udf, **args,
                                         **self._compute(stateful, len(plan))):
@@ -254,7 +311,7 @@ class RayEngine:
         if not plan:
             return []
         tables = [self._unit_table(u, 0, take(table, idx)) for u, idx in enumerate(plan)]
-        results = dict(self._run(tables, "checks (ray)", [len(i) for i in plan], fn=_map_task, fn_args=(fn, args),
+        results = dict(self._run(tables, "checks (ray)", [len(i) for i in plan], fn=_map_task, fn_args=(fn, args, code_digest()),
                                  **self._compute(False, len(plan))))
         return [from_ipc(results[u]) for u in range(len(plan))]
 
@@ -277,5 +334,5 @@ class RayEngine:
         if not tables:
             return
         for unit, data in self._run(tables, "teacher (ray)", [len(b) for b in batches], fn=_TeacherWorker,
-                                    fn_constructor_args=(backend,), **self._compute(True, len(tables))):
+                                    fn_constructor_args=(backend, code_digest()), **self._compute(True, len(tables))):
             yield unit, [GenResult(**json.loads(r)) for r in from_ipc(data).column("result").to_pylist()]
