@@ -8,8 +8,9 @@ Usage:
 ``dvc repro`` of everything the gate stage reads (provision, ingest, split, generate, inject, train_verifier,
 train_reward): minutes. Then each run executes the gate stage's own ``cmd`` from DIR's dvc.yaml, as DVC would, in
 a fresh process with its own empty gate cache and output folders under DIR/.bench-ray/, once with
-``engine.kind: local`` and once with ``engine.kind: ray`` (a local cluster of ``--workers`` workers, one thread
-each, started by the stage itself: its start-up is part of the figure). ``--rows N`` gates N generated rows
+``engine.kind: local`` and once with ``engine.kind: ray`` (a local cluster of ``--workers`` workers started by the stage itself, its start-up part
+of the figure; each worker reserves one CPU and runs its models with ``gate.threads`` torch threads, as the
+local engine does, since scores move in their last bits with the thread count). ``--rows N`` gates N generated rows
 instead of the profile's own (the profile's rows, repeated with a numbered suffix on question and answer, so every
 gate has N different rows to judge). The local engine runs with the profile's ``gate.threads``. The stage runs
 DIR's own code (``PYTHONPATH=DIR``): rebuild DIR after changing the code, or copy the changed files into it.
@@ -114,7 +115,7 @@ def params_for(project: Path, run: Path, kind: str, workers: int) -> Path:
     """Write the project's params with ``engine.kind`` set (and the Ray workers), for one run."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["engine"] = {**params["engine"], "kind": kind, "address": None, "workers": workers,
-                        "threads_per_worker": 1}
+                        "cpus_per_worker": 1}
     path = run / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

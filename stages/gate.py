@@ -71,13 +71,26 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     ctx = GateContext(train, documents, models, cache, calib=val)
     thresholds = thresholds_schema.validate(calibrate(params, ctx), "calibrated thresholds")
     gates = build_gates(thresholds, ctx)
-    recipe = GateRecipe(thresholds, train, documents, model_factory(models, engine.worker_threads), str(cache))
+    recipe = GateRecipe(thresholds, train, documents, model_factory(models), str(cache))
     # planted rows get every verdict in either mode, so recall, overlap and who-caught-what keep their meaning;
     # they are judged kind by kind, so a variant is never deduplicated against its twin from the same source
+    requests = [GateRequest(synthetic, params.mode), GateRequest(injected, "full", by="injection_kind")]
+
+    def judges_by_mode() -> dict:  # reads the planted rows' kinds and text only: it needs no verdict
+        return compare_modes(injected, gates, documents, models, params.faithfulness.target_false_rejection) \
+            if params.faithfulness.compare_modes else {}
+
     with engine:
-        gated, planted = gate_tables([GateRequest(synthetic, params.mode),
-                                      GateRequest(injected, "full", by="injection_kind")],
-                                     gates, engine=engine, recipe=recipe)
+        if engine.name == "local":
+            gated, planted = gate_tables(requests, gates, engine=engine, recipe=recipe)
+            modes = judges_by_mode()
+        else:  # the workers gate while this process measures the judges' evidence modes
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(gate_tables, requests, gates, engine=engine, recipe=recipe)
+                modes = judges_by_mode()
+                gated, planted = pending.result()
     gated = gated_schema.CONTRACT.validate(gated, "gated synthetic rows")
     planted = gated_schema.INJECTED_CONTRACT.validate(planted, "gated injected rows")
     keep = gated.column("gate_keep")
@@ -89,9 +102,7 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
                "overlap": gate_overlap(gated, list(GATES)) if params.mode == "full" else None}
     injection = {"cascade_and_gates": evaluate_injection(planted, list(GATES), unseen),
                  "overlap": gate_overlap(planted, list(GATES)),
-                 "faithfulness_modes": compare_modes(planted, gates, documents, models,
-                                                     params.faithfulness.target_false_rejection)
-                 if params.faithfulness.compare_modes else {}}
+                 "faithfulness_modes": modes}
     out = Path(out_dir)
     with atomic_outputs() as outputs:
         outputs.parquet(accepted, out / "accepted.parquet", gated_schema.SYNTHETIC_ARROW)

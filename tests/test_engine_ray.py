@@ -62,7 +62,7 @@ def test_scatter_puts_verdicts_back_and_refuses_a_row_judged_twice_or_never():
 # ---- params ----
 
 def test_engine_params_name_the_bad_key_in_one_line():
-    good = {"kind": "ray", "address": "ray://head.example:10001", "workers": 4, "threads_per_worker": 2,
+    good = {"kind": "ray", "address": "ray://head.example:10001", "workers": 4, "cpus_per_worker": 2,
             "block_rows": 128}
     assert parse_section(good, EngineParams, where="params.yaml: engine").workers == 4
     for address in ("auto", "local", "10.0.0.5:6379", None):
@@ -329,7 +329,7 @@ def ray_cluster(tmp_path_factory):
 
 
 def ray_params(address: str, block_rows: int) -> EngineParams:
-    return EngineParams(kind="ray", address=address, workers=2, threads_per_worker=1, block_rows=block_rows)
+    return EngineParams(kind="ray", address=address, workers=2, cpus_per_worker=1, block_rows=block_rows)
 
 
 @pytest.mark.slow
@@ -488,9 +488,9 @@ def test_a_params_file_without_an_engine_section_runs_locally_one_call_per_gate(
     (tmp_path / "p.yaml").write_text("gate: {}\n")
     engine = engine_of(tmp_path / "p.yaml")
     assert engine.name == "local" and engine.block_rows is None
-    (tmp_path / "q.yaml").write_text("engine: {kind: local, workers: 2, threads_per_worker: 1, block_rows: 64}\n")
+    (tmp_path / "q.yaml").write_text("engine: {kind: local, workers: 2, cpus_per_worker: 1, block_rows: 64}\n")
     assert engine_of(tmp_path / "q.yaml").block_rows == 64
-    (tmp_path / "r.yaml").write_text("engine: {kind: local, workers: 2, threads_per_worker: 1, blok_rows: 64}\n")
+    (tmp_path / "r.yaml").write_text("engine: {kind: local, workers: 2, cpus_per_worker: 1, blok_rows: 64}\n")
     with pytest.raises(ParamsError, match=r"r.yaml: engine.(block_rows|blok_rows)"):
         engine_of(tmp_path / "r.yaml")
 

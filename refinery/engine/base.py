@@ -50,7 +50,6 @@ class Engine(Protocol):
 
     name: str
     block_rows: int | None
-    worker_threads: int | None  # torch threads of each worker process (None: the stage's own setting)
 
     def judge(self, jobs: Sequence[GateJob], gates: dict[str, Gate], recipe: GateRecipe | None = None
               ) -> list[dict[str, Verdicts]]:

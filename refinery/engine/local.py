@@ -21,7 +21,6 @@ class LocalEngine:
     """
 
     name = "local"
-    worker_threads = None  # the models run in this process, with the stage's own threads
 
     def __init__(self, block_rows: int | None = None, *, quiet: bool = False):
         self.block_rows, self.quiet = block_rows, quiet

@@ -18,13 +18,14 @@ class EngineParams(StageParams):
     """Where the gate, generate and validate stages run their row-parallel work (``engine``).
 
     Only ``block_rows`` changes what a stage writes (it fixes which rows share one model call); ``kind``,
-    ``address``, ``workers`` and ``threads_per_worker`` only choose where the same calls run.
+    ``address``, ``workers`` and ``cpus_per_worker`` only choose where the same calls run (a worker runs its
+    models with the stage's own torch threads, which do change scores in their last bits).
     """
 
     kind: Literal["local", "ray"]
     address: str | None = None
     workers: int = Field(gt=0)
-    threads_per_worker: int = Field(gt=0)
+    cpus_per_worker: float = Field(gt=0)
     block_rows: int = Field(gt=0)
 
     @field_validator("address")

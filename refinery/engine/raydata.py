@@ -181,7 +181,7 @@ class RayEngine:
 
     Args:
         params: the ``engine`` params (:class:`refinery.engine.params.EngineParams`): address, workers,
-            threads_per_worker, block_rows.
+            cpus_per_worker, block_rows.
         quiet: no progress lines.
     """
 
@@ -189,7 +189,7 @@ class RayEngine:
 
     def __init__(self, params: Any, *, quiet: bool = False):
         self.params, self.quiet = params, quiet
-        self.block_rows, self.worker_threads = params.block_rows, params.threads_per_worker
+        self.block_rows = params.block_rows
         self._ray: Any = None
         self._started = False
 
@@ -217,7 +217,7 @@ class RayEngine:
                 _probe(p.address)
             try:
                 if p.address in (None, "local"):
-                    ray.init(num_cpus=p.workers * p.threads_per_worker, include_dashboard=False,
+                    ray.init(num_cpus=max(1, round(p.workers * p.cpus_per_worker)), include_dashboard=False,
                              runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
                 else:
                     ray.init(address=p.address, runtime_env=env, logging_level=logging.WARNING)
@@ -273,7 +273,7 @@ class RayEngine:
         size = max(1, min(self.params.workers, n_units))
         strategy = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1) if stateful else \
             ray.data.TaskPoolStrategy(size=size)
-        return {"compute": strategy, "num_cpus": self.params.threads_per_worker}
+        return {"compute": strategy, "num_cpus": self.params.cpus_per_worker}
 
     def judge(self, jobs: Sequence[GateJob], gates: dict[str, Gate], recipe: GateRecipe | None = None
               ) -> list[dict[str, Verdicts]]:

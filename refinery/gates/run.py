@@ -303,7 +303,6 @@ class ModelLoader:
         embed_shards: the embedding cache's shard files to read (``with_frozen_cache``), so every embedding call
             depends only on its own texts and what was cached when the stage started; None: the embedder reads
             its whole cache and reuses what it computed earlier in the run.
-        threads: torch threads, overriding ``params.threads`` (a Ray worker's own share of its node).
     """
 
     params: Any
@@ -312,7 +311,6 @@ class ModelLoader:
     reward_dir: str
     cache_dir: str | None
     embed_shards: tuple[str, ...] | None = None
-    threads: int | None = None
 
     def __call__(self) -> LazyModels:
         """Return the models, each loaded on first use."""
@@ -357,7 +355,7 @@ class LazyModels:
 
     @property
     def threads(self) -> int:
-        return self.loader.threads or self.loader.params.threads
+        return self.loader.params.threads
 
     @property
     def judge(self) -> Any:
@@ -418,15 +416,11 @@ class GivenModels:
         return self.models
 
 
-def model_factory(models: Any, threads: int | None = None) -> Any:
-    """Return a picklable factory of ``models`` for a :class:`GateRecipe`: their loader (with ``threads``) where
-    they came from :func:`load_models`, else the models themselves."""
-    from dataclasses import replace
-
+def model_factory(models: Any) -> Any:
+    """Return a picklable factory of ``models`` for a :class:`GateRecipe`: their loader where they came from
+    :func:`load_models`, else the models themselves."""
     loader = getattr(models, "loader", None)
-    if isinstance(loader, ModelLoader):
-        return replace(loader, threads=threads) if threads is not None else loader
-    return GivenModels(models)
+    return loader if isinstance(loader, ModelLoader) else GivenModels(models)
 
 
 @dataclass(frozen=True)
