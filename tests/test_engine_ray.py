@@ -86,6 +86,20 @@ def test_refinery_check_lists_an_engine_error(tmp_path):
     assert any("engine.workers" in p for p in problems), problems
 
 
+def test_refinery_check_says_when_ray_is_named_but_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from refinery.inspect.check import check_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["engine"]["kind"] = "ray"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    _, problems = check_params(tmp_path / "params.yaml")
+    assert [p for p in problems if "engine.kind is ray but Ray is not installed" in p], problems
+
+
 # ---- doubles whose scores depend on the rest of their call ----
 
 class CallSensitive:
