@@ -10,15 +10,17 @@ import pyarrow.compute as pc
 
 from refinery.core.params import load_section, read_key
 from refinery.gates.base import GateContext
-from refinery.gates.run import (GateParams, build_gates, calibrate, compare_modes, judged_rows, load_models,
-                                reason_counts, run_gates, run_gates_by_kind)
+from refinery.engine.base import engine_of
+from refinery.gates.run import (GateParams, GateRecipe, GateRequest, build_gates, calibrate, compare_modes,
+                                gate_tables, judged_rows, load_models, model_factory, reason_counts, run_gates,
+                                run_gates_by_kind)
 from refinery.planted.corruptions import unseen_kinds
 from schemas.gated import GATES
 
 
 @click.command("gate")
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
-              help="Params file (its gate section; and inject.unseen_families).")
+              help="Params file (its gate and engine sections; and inject.unseen_families).")
 @click.option("--synthetic", "synthetic_file", required=True, help="Generated rows to gate (Parquet).")
 @click.option("--injected", "injected_file", required=True,
               help="Rows with planted errors (Parquet): gated to measure recall and false rejections.")
@@ -55,20 +57,42 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
 
     t0 = time.perf_counter()
     params = load_section(params_file, "gate", GateParams)
+    engine = engine_of(params_file)  # a local or Ray cluster starts on first use only
     unseen = unseen_kinds(read_key(params_file, "inject.unseen_families", []), params_file)
     synthetic = synthetic_schema.CONTRACT.validate(read_parquet(synthetic_file), synthetic_file)
     injected = injected_schema.CONTRACT.validate(read_parquet(injected_file), injected_file)
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
-    cache = Path(cache_dir)
-    models = load_models(params, models_dir, verifier_dir, reward_dir, cache)
+    cache = Path(cache_dir).resolve()
+    # absolute paths: a Ray worker loads the same models from wherever it runs
+    models = load_models(params, str(Path(models_dir).resolve()), str(Path(verifier_dir).resolve()),
+                         str(Path(reward_dir).resolve()), cache, frozen_cache=True)
     ctx = GateContext(train, documents, models, cache, calib=val)
     thresholds = thresholds_schema.validate(calibrate(params, ctx), "calibrated thresholds")
     gates = build_gates(thresholds, ctx)
-    gated = gated_schema.CONTRACT.validate(run_gates(synthetic, gates, params.mode), "gated synthetic rows")
-    # planted rows get every verdict in either mode, so recall, overlap and who-caught-what keep their meaning
-    planted = gated_schema.INJECTED_CONTRACT.validate(run_gates_by_kind(injected, gates), "gated injected rows")
+    recipe = GateRecipe(thresholds, train, documents, model_factory(models), str(cache))
+    # planted rows get every verdict in either mode, so recall, overlap and who-caught-what keep their meaning;
+    # they are judged kind by kind, so a variant is never deduplicated against its twin from the same source
+    requests = [GateRequest(synthetic, params.mode), GateRequest(injected, "full", by="injection_kind")]
+
+    def judges_by_mode() -> dict:  # reads the planted rows' kinds and text only: it needs no verdict
+        return compare_modes(injected, gates, documents, models, params.faithfulness.target_false_rejection) \
+            if params.faithfulness.compare_modes else {}
+
+    with engine:
+        if engine.name == "local":
+            gated, planted = gate_tables(requests, gates, engine=engine, recipe=recipe)
+            modes = judges_by_mode()
+        else:  # the workers gate while this process measures the judges' evidence modes
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(gate_tables, requests, gates, engine=engine, recipe=recipe)
+                modes = judges_by_mode()
+                gated, planted = pending.result()
+    gated = gated_schema.CONTRACT.validate(gated, "gated synthetic rows")
+    planted = gated_schema.INJECTED_CONTRACT.validate(planted, "gated injected rows")
     keep = gated.column("gate_keep")
     accepted, rejected = gated.filter(keep), gated.filter(pc.invert(keep))
     judged = judged_rows(gated)
@@ -78,9 +102,7 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
                "overlap": gate_overlap(gated, list(GATES)) if params.mode == "full" else None}
     injection = {"cascade_and_gates": evaluate_injection(planted, list(GATES), unseen),
                  "overlap": gate_overlap(planted, list(GATES)),
-                 "faithfulness_modes": compare_modes(planted, gates, documents, models,
-                                                     params.faithfulness.target_false_rejection)
-                 if params.faithfulness.compare_modes else {}}
+                 "faithfulness_modes": modes}
     out = Path(out_dir)
     with atomic_outputs() as outputs:
         outputs.parquet(accepted, out / "accepted.parquet", gated_schema.SYNTHETIC_ARROW)

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from refinery.engine.base import engine_of
 from refinery.generation import calls as generation
 from refinery.generation import strategies as strat
 from refinery.models.backends.base import GenRequest
@@ -142,7 +143,7 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
 
 @click.command("generate")
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
-              help="Params file; this stage reads its generate section.")
+              help="Params file; this stage reads its generate and engine sections.")
 @click.option("--train", "train_file", required=True,
               help="Human train split (split's train.parquet): one row per seed QA pair; the examples and "
                    "passages the teacher starts from.")
@@ -175,12 +176,17 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     templates = load_templates(Path(prompts_dir), list(strat.GENERATION_STRATEGIES))
-    teacher_id, backend = teacher_backend(models_dir, params.batch_size, params.threads, params.dtype)
+    # an absolute models path: a Ray worker builds the same teacher from wherever it runs
+    teacher_id, backend = teacher_backend(str(Path(models_dir).resolve()), params.batch_size, params.threads,
+                                          params.dtype)
     planned, plan_metrics = plan(train, documents, templates, params, teacher_id)
-    table, stats, seconds = generation.execute(
-        planned, backend, cache_file, documents, batch_size=params.batch_size, origin="synthetic",
-        teacher_id=teacher_id, phash=params_hash(params),
-        code_version=code_version(sys.modules[__name__]), desc="generate", quiet=quiet)
+    # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process
+    with engine_of(params_file) as engine:
+        table, stats, seconds = generation.execute(
+            planned, backend, cache_file, documents, batch_size=params.batch_size, origin="synthetic",
+            teacher_id=teacher_id, phash=params_hash(params),
+            code_version=code_version(sys.modules[__name__]), desc="generate", quiet=quiet,
+            engine=engine if engine.name != "local" else None)
     metrics = {**plan_metrics, **outcome_metrics(table)}
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, synthetic_schema.ARROW)

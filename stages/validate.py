@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from refinery.core.errors import InputError, RefineryError
 from refinery.core.params import StageParams, load_section
+from refinery.engine.base import engine_of
 from refinery.gates.dedup import DedupParams
 from schemas.datasets import Thresholds
 
@@ -102,7 +103,7 @@ def diversity_of(datasets: dict[str, pa.Table], seed: pa.Table, params: Diversit
 
 
 def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, seed: pa.Table, documents: pa.Table,
-               params: ValidateParams, embed=None) -> Checks:
+               params: ValidateParams, embed=None, map_blocks=None) -> Checks:
     """Check each dataset's rows against its contract and derive its check columns and statistics.
 
     Args:
@@ -112,6 +113,7 @@ def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, see
         documents: doc_id -> category, for concept coverage.
         params: the stage's params.
         embed: texts -> normalised vectors for diversity, or None to skip the diversity metrics.
+        map_blocks: an engine's block map for the per-row checks (``engine.kind: ray``), or None (here).
 
     Returns:
         Check tables, statistics and contract errors, per dataset.
@@ -132,7 +134,8 @@ def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, see
     dedup = held_out_dedup(val, test, near)  # one for every dataset: rows shared by datasets are signed once
     frames, stats = {}, {}
     for kind, table in valid.items():
-        checked = check_columns(table, val, test, seed, categories, near, diversity.get(kind), dedup)
+        checked = check_columns(table, val, test, seed, categories, near, diversity.get(kind), dedup,
+                                map_blocks=map_blocks)
         frames[kind], stats[kind] = checked.frame, checked.stats
     return Checks(frames, stats, errors)
 
@@ -278,7 +281,7 @@ def plot_diversity(records: list[dict[str, Any]], path: Path) -> None:
 
 @click.command("validate")
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
-              help="Params file; this stage reads its validate section and assemble.arms.")
+              help="Params file; this stage reads its validate and engine sections and assemble.arms.")
 @click.option("--datasets", "datasets_dir", required=True,
               help="Assemble's output folder: reads <arm>.parquet (one row per training example) for every arm "
                    "of assemble.arms.")
@@ -338,7 +341,10 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     test = split_schema.CONTRACT.validate(read_parquet(test_file), test_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     embed = make_embedder(params.diversity, models_dir, cache_dir)
-    checks = run_checks(datasets, val, test, train, documents, params, embed)
+    # engine ray: the per-row checks run on Ray tasks, block by block; the checks across rows stay here
+    with engine_of(params_file) as engine:
+        checks = run_checks(datasets, val, test, train, documents, params, embed,
+                            map_blocks=engine.map_blocks if engine.name != "local" else None)
     thresholds = {k: params.thresholds_for(k) for k in kinds}
     with atomic_outputs() as outputs:
         docs = outputs.folder(docs_dir)

@@ -449,6 +449,7 @@ class DedupGate(BaseGate):
     """
 
     name = "dedup"
+    compares_rows = True  # the within-set decision needs every row at once: engines run it whole, on the driver
 
     def __init__(self, seed: pa.Table | None = None, max_jaccard: float = 0.55, num_perm: int = 128,
                  shingle: int = 5, cache_dir: str | Path | None = None, minhash_seed: int = 42,

@@ -8,16 +8,20 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, create_model
 
+from refinery.core.errors import RefineryError
 from refinery.core.params import StageParams
 from refinery.gates.base import Gate, GateContext, Verdicts
-from refinery.gates.registry import CASCADE, GATES, SPECS
+from refinery.gates.registry import BY_NAME, CASCADE, GATES, SPECS
+
+if TYPE_CHECKING:
+    from refinery.engine.base import Engine, GateRecipe
 
 # This module imports every registered gate's class and params model by the registry's dotted paths: their modules
 # count as its imports in each stage's code fingerprint (refinery.core.codehash).
@@ -44,7 +48,22 @@ GateParams = create_model("GateParams", __base__=GateKnobs, __module__=__name__,
 GateParams.__doc__ = "Knobs of the gate stage, one sub-section per gate section of the registry."
 
 
-def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full") -> pa.Table:
+def compares_rows(name: str) -> bool:
+    """Whether gate ``name`` compares rows with each other (dedup): its verdicts need the whole set in one call."""
+    return bool(getattr(BY_NAME[name].gate_class(), "compares_rows", False))
+
+
+@dataclass(frozen=True)
+class GateRequest:
+    """Rows to gate: in which mode, and split by which column (``injection_kind`` for planted rows) if any."""
+
+    rows: pa.Table
+    mode: str = "full"
+    by: str | None = None
+
+
+def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full", *, engine: Engine | None = None,
+              recipe: GateRecipe | None = None, by: str | None = None) -> pa.Table:
     """Apply the gates to the rows and append their columns, ``gate_keep`` and ``gate_reasons``.
 
     Args:
@@ -54,24 +73,81 @@ def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full") -> pa.
             ``cascade``: gates run in ``CASCADE`` order and each judges only the rows every earlier gate
             kept, so a model scores a row at most once and never one already rejected; a gate's columns
             are null on rows it did not judge, and ``gate_reasons`` holds the one reason that stopped a row.
+        engine: runs the gates that judge rows one by one, unit by unit (:mod:`refinery.engine`); None: one
+            call per gate in this process. Gates that compare rows (dedup) always judge the whole set here.
+        recipe: how the engine builds the gates elsewhere (the Ray engine needs it).
+        by: judge each value of this column on its own (full mode only).
 
     Returns:
         ``rows`` with the gate columns (in GATES order); no row is dropped.
     """
-    if mode not in ("full", "cascade"):
-        raise ValueError(f"gate mode must be 'full' or 'cascade', got {mode!r}")
+    return gate_tables([GateRequest(rows, mode, by)], gates, engine=engine, recipe=recipe)[0]
+
+
+def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: Engine | None = None,
+                recipe: GateRecipe | None = None) -> list[pa.Table]:
+    """Gate several tables: every full-mode request in one pass of the engine, cascade ones gate by gate.
+
+    Returns:
+        One gated table per request (see :func:`run_gates`).
+    """
+    from refinery.engine.base import GateJob, scatter, take, units
+    from refinery.engine.local import LocalEngine
+
+    engine = engine if engine is not None else LocalEngine(None, quiet=True)
+    for r in requests:
+        if r.mode not in ("full", "cascade"):
+            raise ValueError(f"gate mode must be 'full' or 'cascade', got {r.mode!r}")
+        if r.by is not None and r.mode != "full":
+            raise ValueError("rows split by a column are gated in full mode only")
+        if r.by is not None and r.by not in r.rows.column_names:
+            raise RefineryError(f"gating by {r.by}: the table has no column {r.by}")
+
+    def whole(name: str, rows: pa.Table, by: str | None) -> Verdicts:  # a gate that compares rows: whole groups
+        return scatter(rows.num_rows, [(idx, gates[name].apply(take(rows, idx))) for idx in units(rows, None, by)])
+
+    parallel = tuple(n for n in GATES if not compares_rows(n))
+    full = [r for r in requests if r.mode == "full"]
+    judged = iter(engine.judge([GateJob(r.rows, parallel, r.by) for r in full], gates, recipe) if full else [])
+    out = []
+    for r in requests:
+        n = r.rows.num_rows
+        if r.mode == "full":
+            verdicts = next(judged)
+            every = np.arange(n)
+            results = {name: (every, verdicts[name] if name in verdicts else whole(name, r.rows, r.by))
+                       for name in GATES}
+            out.append(_assemble(r.rows, results, GATES))
+            continue
+        keep_all = np.ones(n, bool)
+        results = {}
+        for name in CASCADE:
+            idx = np.flatnonzero(keep_all)
+            sub = take(r.rows, idx)
+            if not len(idx):
+                v = Verdicts([], [], [])
+            elif compares_rows(name):
+                v = whole(name, sub, None)
+            else:
+                v = engine.judge([GateJob(sub, (name,))], gates, recipe)[0][name]
+            results[name] = (idx, v)
+            keep_all[idx] &= np.asarray(v.keep, bool)
+        out.append(_assemble(r.rows, results, CASCADE))
+    return out
+
+
+def _assemble(rows: pa.Table, results: dict[str, tuple[np.ndarray, Verdicts]], order: tuple[str, ...]) -> pa.Table:
+    """Append every gate's columns (GATES order), ``gate_keep`` and ``gate_reasons`` (reasons in ``order``)."""
     n = rows.num_rows
     keep_all = np.ones(n, bool)
     reasons: list[list[str]] = [[] for _ in range(n)]
     columns: dict[str, dict[str, pa.Array]] = {}
-    for name in GATES if mode == "full" else CASCADE:
-        idx = np.arange(n) if mode == "full" else np.flatnonzero(keep_all)
-        sub = rows if len(idx) == n else rows.take(pa.array(idx, pa.int64()))
-        verdicts = gates[name].apply(sub) if len(idx) else Verdicts([], [], [])
+    for name in order:
+        idx, verdicts = results[name]
         keep: list[bool | None] = [None] * n
         score: list[float | None] = [None] * n
         reason: list[str | None] = [None] * n
-        for j, i in enumerate(idx):
+        for j, i in enumerate(idx.tolist()):
             keep[i], score[i], reason[i] = verdicts.keep[j], verdicts.score[j], verdicts.reason[j]
             if verdicts.reason[j] is not None:
                 reasons[i].append(verdicts.reason[j])
@@ -91,21 +167,10 @@ def judged_rows(gated: pa.Table) -> dict[str, int]:
     return {g: gated.num_rows - gated.column(f"{g}_keep").null_count for g in GATES}
 
 
-class _ByKind:
-    """Wrap a gate so it judges planted rows one injection kind at a time (``refinery.planted.measure.apply_by_kind``)."""
-
-    def __init__(self, gate: Gate):
-        self.gate, self.name = gate, gate.name
-
-    def apply(self, rows: pa.Table):
-        from refinery.planted.measure import apply_by_kind
-
-        return apply_by_kind(self.gate, rows)
-
-
-def run_gates_by_kind(injected: pa.Table, gates: dict[str, Gate]) -> pa.Table:
+def run_gates_by_kind(injected: pa.Table, gates: dict[str, Gate], *, engine: Engine | None = None,
+                      recipe: GateRecipe | None = None) -> pa.Table:
     """Gate planted rows kind by kind, so a variant is never deduplicated against its twin from the same source."""
-    return run_gates(injected, {name: _ByKind(g) for name, g in gates.items()})
+    return run_gates(injected, gates, "full", engine=engine, recipe=recipe, by="injection_kind")
 
 
 def reason_counts(gated: pa.Table) -> dict[str, Any]:
@@ -226,24 +291,165 @@ def compare_modes(injected_gated: pa.Table, gates: dict[str, Gate], documents: p
     return {**by_judge[name_of]["modes"], "judge": name_of, "by_judge": by_judge}
 
 
-def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_dir: str, cache_dir: Path) -> Models:
-    """Load the verifier, reward model, judge backend and embedder once for the stage."""
-    from refinery.models.backends.factory import make_backend
-    from refinery.models.embed import Embedder
-    from refinery.models.resolve import backend_spec, load_target
-    from refinery.models.reward import load_reward
-    from refinery.models.verifier import load_verifier
+@dataclass(frozen=True)
+class ModelLoader:
+    """Where the gates' models come from, picklable, so a Ray worker loads the very models the driver would.
 
-    verifier_ref = verifier_dir if params.faithfulness.verifier == "trained" else params.faithfulness.verifier
-    reward_ref = reward_dir if params.reward.model == "trained" else params.reward.model
-    embed = load_target(models_dir, "embedder")
-    judge = make_backend(backend_spec(load_target(models_dir, "judge"), batch_size=params.batch_size,
-                                      threads=params.threads))
-    embedder = Embedder(embed["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=embed["id"])
-    return Models(
-        verifier=load_verifier(verifier_ref, batch_size=params.batch_size, threads=params.threads, judge=judge,
-                               embedder=embedder),
-        reward=load_reward(reward_ref, batch_size=params.batch_size, threads=params.threads),
-        judge=judge,
-        embedder=embedder,
-    )
+    Attributes:
+        params: the gate stage's params (judge and model choices, batch size, threads).
+        models_dir, verifier_dir, reward_dir: the provisioned base models and the trained heads (absolute paths
+            when the loader travels to other machines).
+        cache_dir: the signature and embedding cache.
+        embed_shards: the embedding cache's shard files to read (``with_frozen_cache``), so every embedding call
+            depends only on its own texts and what was cached when the stage started; None: the embedder reads
+            its whole cache and reuses what it computed earlier in the run.
+    """
+
+    params: Any
+    models_dir: str
+    verifier_dir: str
+    reward_dir: str
+    cache_dir: str | None
+    embed_shards: tuple[str, ...] | None = None
+
+    def __call__(self) -> LazyModels:
+        """Return the models, each loaded on first use."""
+        return LazyModels(self)
+
+    def embedder(self) -> Any:
+        """Build the embedder (its model loads on the first text it has to embed)."""
+        from refinery.models.embed import Embedder
+        from refinery.models.resolve import load_target
+
+        embed = load_target(self.models_dir, "embedder")
+        base = Embedder(embed["path"], batch_size=self.params.batch_size, cache_dir=self.cache_dir,
+                        model_id=embed["id"])
+        if self.embed_shards is None:
+            return base
+        from refinery.engine.embed import FrozenCacheEmbedder
+
+        return FrozenCacheEmbedder(base, self.embed_shards)
+
+    def with_frozen_cache(self) -> ModelLoader:
+        """Return this loader reading only the embedding cache shards on disk now."""
+        from dataclasses import replace
+
+        from refinery.engine.embed import FrozenCacheEmbedder
+
+        base = self.embedder()
+        return replace(self, embed_shards=FrozenCacheEmbedder.shards_of(getattr(base, "base", base)))
+
+
+class LazyModels:
+    """The verifier, reward model, judge backend and embedder of the gates (:class:`Models`), each loaded once, on
+    first use: a process that runs only some gates (a Ray worker) loads only their models."""
+
+    def __init__(self, loader: ModelLoader):
+        self.loader = loader
+        self._loaded: dict[str, Any] = {}
+
+    def _get(self, name: str, build: Any) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = build()
+        return self._loaded[name]
+
+    @property
+    def threads(self) -> int:
+        return self.loader.params.threads
+
+    @property
+    def judge(self) -> Any:
+        def build():
+            from refinery.models.backends.factory import make_backend
+            from refinery.models.resolve import backend_spec, load_target
+
+            return make_backend(backend_spec(load_target(self.loader.models_dir, "judge"),
+                                             batch_size=self.loader.params.batch_size, threads=self.threads))
+        return self._get("judge", build)
+
+    @property
+    def embedder(self) -> Any:
+        return self._get("embedder", self.loader.embedder)
+
+    @property
+    def verifier(self) -> Any:
+        def build():
+            from refinery.models.verifier import load_verifier
+
+            p = self.loader.params
+            ref = self.loader.verifier_dir if p.faithfulness.verifier == "trained" else p.faithfulness.verifier
+            return load_verifier(ref, batch_size=p.batch_size, threads=self.threads, judge=self.judge,
+                                 embedder=self.embedder)
+        return self._get("verifier", build)
+
+    @property
+    def reward(self) -> Any:
+        def build():
+            from refinery.models.reward import load_reward
+
+            p = self.loader.params
+            ref = self.loader.reward_dir if p.reward.model == "trained" else p.reward.model
+            return load_reward(ref, batch_size=p.batch_size, threads=self.threads)
+        return self._get("reward", build)
+
+
+def load_models(params: GateParams, models_dir: str, verifier_dir: str, reward_dir: str, cache_dir: Path, *,
+                frozen_cache: bool = False) -> LazyModels:
+    """Return the verifier, reward model, judge backend and embedder for the stage, each loaded once on first use.
+
+    Args:
+        frozen_cache: embed as :class:`refinery.engine.embed.FrozenCacheEmbedder` does (the gate stage: so its
+            verdicts do not depend on which engine, worker or unit embedded a text first).
+    """
+    loader = ModelLoader(params, str(models_dir), str(verifier_dir), str(reward_dir),
+                         str(cache_dir) if cache_dir is not None else None)
+    return (loader.with_frozen_cache() if frozen_cache else loader)()
+
+
+@dataclass(frozen=True)
+class GivenModels:
+    """A model factory returning models already built (test doubles): pickled whole to where they are used."""
+
+    models: Any
+
+    def __call__(self) -> Any:
+        return self.models
+
+
+def model_factory(models: Any) -> Any:
+    """Return a picklable factory of ``models`` for a :class:`GateRecipe`: their loader where they came from
+    :func:`load_models`, else the models themselves."""
+    loader = getattr(models, "loader", None)
+    return loader if isinstance(loader, ModelLoader) else GivenModels(models)
+
+
+@dataclass(frozen=True)
+class GateRecipe:
+    """How to build the gates in any process: their resolved bounds, the data they compare with, their models.
+
+    Picklable (Arrow tables, a :class:`ModelLoader`), so the Ray engine's workers build the very gates the driver
+    builds with :func:`build_gates`.
+
+    Attributes:
+        thresholds: ``{gate: {bound: value}}`` (thresholds.json).
+        train, documents: the seed and documents (:class:`refinery.gates.base.GateContext`).
+        models: a factory of the models (``ModelLoader``), called only where a gate needs one.
+        cache_dir: the signature and embedding cache.
+    """
+
+    thresholds: dict[str, dict[str, Any]]
+    train: pa.Table
+    documents: pa.Table
+    models: Any
+    cache_dir: str | None
+
+    def needs_model(self, names: Any) -> bool:
+        """Whether any of the named gates scores rows with a model."""
+        return any(BY_NAME[n].needs_model for n in names)
+
+    def build(self, names: Any, models: Any = None) -> dict[str, Gate]:
+        """Build the named gates in this process, with ``models`` or, where a gate needs one, models of their own."""
+        if models is None and self.models is not None and self.needs_model(names):
+            models = self.models()
+        ctx = GateContext(self.train, self.documents, models, Path(self.cache_dir) if self.cache_dir else None)
+        return {n: BY_NAME[n].gate_class().build(self.thresholds[n], ctx) for n in names}

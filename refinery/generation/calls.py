@@ -147,7 +147,7 @@ def teacher_backend(base: str, batch_size: int, threads: int,
 
 def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table, *,
             batch_size: int, origin: str, teacher_id: str, phash: str, code_version: str, desc: str,
-            quiet: bool) -> tuple[pa.Table, RunStats, float]:
+            quiet: bool, engine: Any = None) -> tuple[pa.Table, RunStats, float]:
     """Run planned calls through the cache and turn the results into contract-checked rows.
 
     Returns:
@@ -159,7 +159,7 @@ def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: 
     t0 = time.perf_counter()
     try:
         results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=batch_size, desc=desc,
-                                  quiet=quiet)
+                                  quiet=quiet, engine=engine)
     finally:
         cache.close()
     seconds = time.perf_counter() - t0

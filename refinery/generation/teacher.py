@@ -152,8 +152,38 @@ def _stream(model: Any, todo: list[Job], jobs: Sequence[Job], results: dict[str,
         bar.update(sum(per_key[k] for k, _ in done))
 
 
+def _on_engine(engine: Any, backend: Any, jobs: Sequence[Job], results: dict[str, GenResult],
+               cache: GenerationCache, stats: RunStats, bar: Any, batch_size: int) -> None:
+    """Answer the missing jobs on a distributed engine, in the batches the in-process path would send.
+
+    The batches are cut from the full job list, each key sent once (in the first batch holding it), as the
+    in-process path cuts them; the workers return results and this process commits each batch as it arrives,
+    so a kill loses at most the batches in flight (one per worker).
+    """
+    batches: list[list[Job]] = []
+    seen = set(results)
+    for start in range(0, len(jobs), batch_size):
+        sent = []
+        for j in jobs[start:start + batch_size]:
+            if j.key not in seen:
+                seen.add(j.key)
+                sent.append(j)
+        if sent:
+            batches.append(sent)
+    per_key = Counter(j.key for j in jobs)
+    for i, out in engine.generate_batches(backend, [[j.request for j in b] for b in batches]):
+        done = [(j.key, r) for j, r in zip(batches[i], out)]
+        stats.calls += len(done)
+        stats.errors += sum(not r.ok for _, r in done)
+        stats.latencies.extend(r.latency_s for _, r in done)
+        results.update(done)
+        cache.put_many([(k, r) for k, r in done if r.ok])
+        bar.update(sum(per_key[k] for k, _ in done))
+
+
 def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cache: GenerationCache, *,
-             batch_size: int, desc: str = "teacher", quiet: bool = False) -> tuple[list[GenResult], RunStats]:
+             batch_size: int, desc: str = "teacher", quiet: bool = False,
+             engine: Any = None) -> tuple[list[GenResult], RunStats]:
     """Answer every job from the cache or the backend.
 
     A backend with ``generate_stream`` (HTTP servers) gets every missing job in job order through its
@@ -170,6 +200,9 @@ def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cach
         batch_size: jobs per backend call.
         desc: progress-bar label.
         quiet: no progress bar.
+        engine: a distributed engine (``refinery.engine.raydata.RayEngine``) that answers the missing jobs on its
+            workers, batch by batch as above (the backend, or the function that builds it, travels to them);
+            None: this process.
 
     Returns:
         One result per job, in order, and the run's counts.
@@ -181,6 +214,12 @@ def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cach
     bar = progress_bar(len(jobs), desc, quiet)
     bar.update(stats.cache_hits)
     todo = list({j.key: j for j in jobs if j.key not in results}.values())  # job order, each key once
+    if todo and engine is not None:
+        try:
+            _on_engine(engine, backend, jobs, results, cache, stats, bar, batch_size)
+        finally:
+            bar.close()
+        return [results[j.key] for j in jobs], stats
     if todo and model is None:
         model = backend()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ SECTIONS: dict[str, str] = {
     "train_verifier": "stages.train_verifier:TrainVerifierParams",
     "train_reward": "stages.train_reward:TrainRewardParams",
     "gate": "refinery.gates.run:GateParams",
+    "engine": "refinery.engine.params:EngineParams",
     "recover": "stages.recover:RecoverParams",
     "assemble": "stages.assemble:AssembleParams",
     "validate": "stages.validate:ValidateParams",
@@ -62,6 +64,9 @@ def check_params(params_file: str | Path) -> tuple[dict, list[str]]:
     if "assemble" in parsed and "raft" in parsed and parsed["raft"].arm not in parsed["assemble"].arms:
         problems.append(f"{params_file}: raft.arm '{parsed['raft'].arm}' is not an arm of assemble.arms "
                         f"({', '.join(parsed['assemble'].arms)})")
+    if "engine" in parsed and parsed["engine"].kind == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append(f"{params_file}: engine.kind is ray but Ray is not installed: "
+                        f"pip install -c constraints.txt 'ray[data]==2.60.0' (docs/ray.md)")
     if "assemble" in parsed and "validate" in parsed:  # thresholds for a misspelt arm would silently be unused
         try:
             parsed["validate"].check_arms(list(parsed["assemble"].arms))

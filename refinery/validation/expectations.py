@@ -72,6 +72,11 @@ def row_scripts(texts: pa.Array) -> list[set[str]]:
     return out
 
 
+def script_table(block: pa.Table) -> pa.Table:
+    """Return each row's scripts (sorted) as a table: the per-row check an engine maps over blocks of rows."""
+    return pa.table({"scripts": pa.array([sorted(s) for s in row_scripts(_texts(block))], pa.list_(pa.string()))})
+
+
 def _texts(table: pa.Table) -> pa.Array:
     q = pc.fill_null(table.column("question"), "")
     a = pc.fill_null(table.column("answer"), "")
@@ -80,7 +85,8 @@ def _texts(table: pa.Table) -> pa.Array:
 
 
 def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table, categories: dict[str, str],
-                  near: NearDup, diversity: dict[str, Any] | None = None, dedup: Any = None) -> Checked:
+                  near: NearDup, diversity: dict[str, Any] | None = None, dedup: Any = None,
+                  map_blocks: Any = None) -> Checked:
     """Derive every check column of one dataset and its audit statistics.
 
     Args:
@@ -93,6 +99,8 @@ def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table
         diversity: this dataset's diversity figures (:meth:`refinery.validation.diversity.Diversity.as_dict`), or None.
         dedup: the duplicate gate of :func:`held_out_dedup` for these splits and settings, shared by the datasets
             of one run (it keeps the signatures it computed); None builds one.
+        map_blocks: ``map_blocks(fn, table)`` of an engine (:mod:`refinery.engine`), to run the per-row checks
+            (:func:`script_table`) block by block elsewhere; None: here, in one pass.
 
     Returns:
         The check table (row_id, source + check and broadcast columns) and the statistics.
@@ -151,7 +159,10 @@ def check_columns(table: pa.Table, val: pa.Table, test: pa.Table, seed: pa.Table
     cats = {categories.get(d) for d in table.column("doc_id").to_pylist()} - {None}
     # scripts
     seed_scripts = set().union(*row_scripts(_texts(seed))) if seed.num_rows else set()
-    per_row = row_scripts(_texts(table)) if n else []
+    if n and map_blocks is not None:
+        per_row = [set(s) for block in map_blocks(script_table, table) for s in block.column("scripts").to_pylist()]
+    else:
+        per_row = row_scripts(_texts(table)) if n else []
     present = set().union(*per_row) if per_row else set()
     foreign = np.asarray([bool(s - seed_scripts) for s in per_row], bool)
     script_cov = len(seed_scripts & present) / len(seed_scripts) if seed_scripts else 1.0

@@ -1,0 +1,95 @@
+"""Embed texts so that every call depends only on its own texts and on the cache as it was when the stage started."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class FrozenCacheEmbedder:
+    """An :class:`refinery.models.embed.Embedder` whose vectors never depend on which process ran which call before.
+
+    A sentence-transformers vector differs in its last bits with the other texts of its batch (length-sorted,
+    padded), and the plain embedder batches only the texts missing from its cache, which grows during a run: the
+    same call would give other bits after another unit, or on another Ray worker, had cached some of its texts.
+    This one reads only the cache shards listed when the stage started (``shards``) and embeds every other text
+    of a call together, as one call of :meth:`Embedder.encode`; new vectors are still written to the cache, for
+    the next run.
+
+    Args:
+        base: the embedder (its model, batch size, model id and cache folder).
+        shards: shard file names in ``base``'s cache folder to read (:meth:`shards_of` at the stage's start).
+    """
+
+    def __init__(self, base: Any, shards: Sequence[str]):
+        self.base, self.shards = base, tuple(shards)
+        self._view: Any = None
+
+    @staticmethod
+    def shards_of(base: Any) -> tuple[str, ...]:
+        """Return the shard files now in ``base``'s cache folder (none without a folder)."""
+        folder = base.cache.folder
+        if folder is None or not Path(folder).is_dir():
+            return ()
+        return tuple(sorted(p.name for p in Path(folder).glob("part-*.parquet")))
+
+    @property
+    def computed(self) -> int:
+        """How many texts went through the model."""
+        return self.base.computed
+
+    def _frozen(self) -> Any:
+        if self._view is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            from refinery.models.embed import VectorCache, _keys_from_arrow
+
+            view = VectorCache(None, None, np.float32)
+            folder = self.base.cache.folder
+            keys, vecs = [], []
+            for name in self.shards:
+                path = Path(folder) / name
+                if not path.is_file():
+                    continue  # removed since (a cleaned cache): those texts are embedded again
+                table = pq.read_table(path)
+                column = table.column("vec")
+                flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else None
+                if flat is None:
+                    continue
+                keys.append(_keys_from_arrow(table.column("key")))
+                vecs.append(flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, column.type.list_size))
+            if keys:
+                all_keys, first = np.unique(np.concatenate(keys), return_index=True)
+                view.put(all_keys, np.concatenate(vecs)[first])
+            self._view = view
+        return self._view
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return one normalised vector per text: cached at the stage's start, or embedded in this call.
+
+        Args:
+            texts: the texts.
+
+        Returns:
+            float32 array (texts, dim), in input order.
+        """
+        from refinery.models.embed import content_keys
+
+        texts = list(texts)
+        keys = content_keys(self.base.model_id, texts)
+        found, cached = self._frozen().get(keys)
+        missing = np.flatnonzero(~found)
+        if not len(missing):
+            return cached
+        new_keys, first = np.unique(keys[missing], return_index=True)
+        new = self.base.encode([texts[i] for i in missing[first]])
+        self.base.cache.put(new_keys, new)
+        vecs = np.zeros((len(texts), new.shape[1]), np.float32)
+        if found.any():
+            vecs[found] = cached[found]
+        vecs[missing] = new[np.searchsorted(new_keys, keys[missing])]
+        return vecs
