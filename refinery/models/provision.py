@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -26,15 +26,35 @@ class EndpointSpec(StageParams):
     backoff_max_s: float | None = Field(default=None, ge=0)
 
 
+class ServeSpec(StageParams):
+    """A GGUF model that refinery serves itself (llama-cpp-python's OpenAI-compatible server), started by the stage
+    that uses it and stopped when that stage ends."""
+
+    serve: Literal["llama.cpp"]
+    model: str  # embedded:<name> (a GGUF shipped in a PyPI package) or a path to a .gguf file
+    # server settings (throughput only; none changes a row): processes, threads each, context, first port, start wait
+    parallel: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    n_ctx: int | None = Field(default=None, ge=16)
+    port: int | None = Field(default=None, ge=0, le=65535)
+    startup_timeout_s: float | None = Field(default=None, gt=0)
+    # client settings, as an endpoint's (concurrency is parallel: one request per server process)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0)
+    max_malformed_retries: int | None = Field(default=None, ge=0)
+    backoff_initial_s: float | None = Field(default=None, ge=0)
+    backoff_max_s: float | None = Field(default=None, ge=0)
+
+
 class ProvisionParams(StageParams):
     """Which model each role uses (see params.yaml for accepted forms)."""
 
-    teacher: str | EndpointSpec
-    judge: str | EndpointSpec
-    student: str | EndpointSpec
-    embedder: str | EndpointSpec
+    teacher: str | EndpointSpec | ServeSpec
+    judge: str | EndpointSpec | ServeSpec
+    student: str | EndpointSpec | ServeSpec
+    embedder: str | EndpointSpec | ServeSpec
 
 
-def raw_spec(value: str | EndpointSpec) -> Any:
+def raw_spec(value: str | EndpointSpec | ServeSpec) -> Any:
     """Return a role's value as :func:`refinery.models.resolve.parse_spec` reads it (a string or a plain dict)."""
-    return value.model_dump(exclude_none=True) if isinstance(value, EndpointSpec) else value
+    return value.model_dump(exclude_none=True) if isinstance(value, (EndpointSpec, ServeSpec)) else value
