@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from refinery.core.params import StageParams
 
@@ -46,13 +46,27 @@ class ServeSpec(StageParams):
     backoff_max_s: float | None = Field(default=None, ge=0)
 
 
+def _form(value: Any) -> str:
+    """Name the form a role's value takes, so that a mistake is reported against that form only."""
+    if isinstance(value, (EndpointSpec, ServeSpec)):
+        return "serve" if isinstance(value, ServeSpec) else "endpoint"
+    if isinstance(value, dict):
+        return "serve" if "serve" in value else "endpoint"
+    return "name"
+
+
+# A model name (embedded:<name>, an HF id, a path), an endpoint mapping, or a serve mapping.
+RoleSpec = Annotated[Annotated[str, Tag("name")] | Annotated[EndpointSpec, Tag("endpoint")]
+                     | Annotated[ServeSpec, Tag("serve")], Discriminator(_form)]
+
+
 class ProvisionParams(StageParams):
     """Which model each role uses (see params.yaml for accepted forms)."""
 
-    teacher: str | EndpointSpec | ServeSpec
-    judge: str | EndpointSpec | ServeSpec
-    student: str | EndpointSpec | ServeSpec
-    embedder: str | EndpointSpec | ServeSpec
+    teacher: RoleSpec
+    judge: RoleSpec
+    student: RoleSpec
+    embedder: RoleSpec
 
 
 def raw_spec(value: str | EndpointSpec | ServeSpec) -> Any:

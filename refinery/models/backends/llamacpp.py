@@ -41,6 +41,7 @@ SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette
 # Sampling fields the server would otherwise default to values the transformers backend does not use (top_k 40,
 # min_p 0.05, repeat_penalty 1.1): with these, temperature and top_p mean the same on both backends.
 NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 _LOG_TAIL_LINES = 3
 _running: weakref.WeakSet[LlamaCppServer] = weakref.WeakSet()
 
@@ -177,16 +178,14 @@ class LlamaCppServer:
         self.urls.append(f"http://127.0.0.1:{port}/v1")
 
     def _wait_ready(self) -> None:
-        """Poll each server's /v1/models until it answers 200; raise one line when one exits or times out."""
+        """Poll each server until /v1/models answers 200, then have it generate one token (a llama.cpp build
+        whose kernels this CPU cannot run dies there, not on the first real request); raise one line when a
+        server exits or does not answer within ``startup_timeout_s``."""
         deadline = time.monotonic() + self.startup_timeout_s
         pending = list(range(len(self.procs)))
         while pending:
             for k in list(pending):
-                proc, log = self.procs[k], self.logs[k]
-                if proc.poll() is not None:
-                    raise BackendError(f"llama.cpp server for {self.model_path.name} exited with code "
-                                       f"{proc.returncode} while starting: {_log_tail(log) or 'no output'} "
-                                       f"(log: {log})")
+                self._check_alive(k, "while starting")
                 try:
                     with urllib.request.urlopen(self.urls[k] + "/models", timeout=2) as resp:
                         if resp.status == 200:
@@ -200,6 +199,33 @@ class LlamaCppServer:
                                    f"(log: {self.logs[k]})")
             if pending:
                 time.sleep(0.2)
+        # a prompt of a few dozen tokens, so prompt processing runs the batched matrix kernels, not only the
+        # one-row ones that decoding uses
+        body = json.dumps({"model": self.name, "prompt": WARMUP_PROMPT, "max_tokens": 1, "temperature": 0}).encode()
+        for k, url in enumerate(self.urls):
+            req = urllib.request.Request(url + "/completions", data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=max(5.0, deadline - time.monotonic())) as resp:
+                    resp.read()
+            except (urllib.error.URLError, OSError) as exc:
+                time.sleep(0.5)  # let a crashed server's exit status arrive
+                self._check_alive(k, "on its first completion")
+                raise BackendError(f"llama.cpp server for {self.model_path.name} failed its first completion "
+                                   f"({' '.join(str(exc).split())[:120]}): {_log_tail(self.logs[k]) or 'no output'} "
+                                   f"(log: {self.logs[k]})") from None
+
+    def _check_alive(self, k: int, when: str) -> None:
+        """Raise one line, with the last lines of its log, when server process ``k`` has exited."""
+        proc, log = self.procs[k], self.logs[k]
+        code = proc.poll()
+        if code is None:
+            return
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ \
+            else f"exited with code {code}"
+        hint = " (a llama.cpp build this CPU cannot run? reinstall: make install-llamacpp)" \
+            if code in (-signal.SIGSEGV, -signal.SIGILL, -signal.SIGBUS) else ""
+        raise BackendError(f"llama.cpp server for {self.model_path.name} {how} {when}{hint}: "
+                           f"{_log_tail(log) or 'no output'} (log: {log})")
 
     def alive(self) -> bool:
         """Return True while every process is running."""
