@@ -315,6 +315,41 @@ def _watch_parent(parent: int, interval_s: float = 0.5) -> None:
         time.sleep(interval_s)
 
 
+def align_echo_logprobs(llama_cls: Any) -> None:
+    """Make echoed prompt log-probs those of each token given the tokens before it, for models without a BOS token.
+
+    llama-cpp-python 0.3.x pairs echoed prompt token i with the distribution computed *after* it when the model
+    adds no BOS token (SmolLM2, Qwen, GPT-2 style vocabularies: abetlen/llama-cpp-python#1983), so the value it
+    reports is log p(token i | tokens up to i), not log p(token i | tokens before i). With ``logits_all`` the
+    model keeps every prompt position's logits: this recomputes each prompt token's value from the position
+    before it (the first token has none: null, as in the OpenAI API) and leaves the generated token's unset.
+    Correct whatever the library's own alignment, so it stays right if a later version fixes it.
+    """
+    original = llama_cls.create_completion
+    if getattr(original, "_refinery_aligned", False):
+        return
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        choice = out["choices"][0] if isinstance(out, dict) and out.get("choices") else None
+        lp = choice.get("logprobs") if isinstance(choice, dict) else None
+        if not (kwargs.get("echo") and isinstance(prompt, str) and prompt and isinstance(lp, dict)
+                and self._logits_all and not self._model.add_bos_token()):
+            return out
+        tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        n = min(len(tokens), len(lp["token_logprobs"]))
+        rows = llama_cls.logits_to_logprobs(self._scores[: n - 1]) if n > 1 else []
+        values = [None] + [float(rows[i - 1][tokens[i]]) for i in range(1, n)]
+        lp["token_logprobs"] = values + [None] * (len(lp["token_logprobs"]) - n)
+        lp["top_logprobs"] = [None] + [{lp["tokens"][i]: values[i]} for i in range(1, n)] \
+            + [None] * (len(lp["top_logprobs"]) - n)
+        return out
+
+    create_completion._refinery_aligned = True  # type: ignore[attr-defined]
+    llama_cls.create_completion = create_completion
+
+
 def serve(argv: Sequence[str] | None = None) -> None:
     """Run one llama-cpp-python server on an inherited listening socket (the child side of LlamaCppServer)."""
     ap = argparse.ArgumentParser(prog="python -m refinery.models.backends.llamacpp")
@@ -326,9 +361,11 @@ def serve(argv: Sequence[str] | None = None) -> None:
     cfg = json.loads(args.config)
 
     import uvicorn
+    from llama_cpp import Llama
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    align_echo_logprobs(Llama)
     sock = socket.socket(fileno=args.fd)
     host, port = sock.getsockname()[:2]
     model = ModelSettings(model=cfg["model"], model_alias=cfg["alias"], n_threads=cfg["threads"],
