@@ -49,8 +49,9 @@ repro: install
 	refinery check
 	python tools/timed_repro.py
 
-## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included).
-test: install test-tools
+## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included), with llama.cpp
+## built first so the `serve: llama.cpp` tests run against real servers (they skip, saying why, where it is absent).
+test: install install-llamacpp test-tools
 	python -m pytest
 
 ## The inner loop: every test but the slow ones (a real model or server) and the end-to-end dvc repro runs.

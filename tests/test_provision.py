@@ -168,3 +168,20 @@ def test_served_model_file_must_exist(in_tmp):
     spec = resolve.parse_spec("teacher", {"serve": "llama.cpp", "model": "./missing.gguf"})
     with pytest.raises(ModelResolutionError, match=r"^role 'teacher': GGUF file './missing.gguf' does not exist$"):
         resolve.materialize(spec, in_tmp / "w")
+
+
+def test_doctor_and_check_name_the_install_step_for_a_served_model(in_tmp, monkeypatch):
+    from refinery.inspect.doctor import check_models
+    from refinery.models.backends import llamacpp
+
+    (in_tmp / "m").mkdir()
+    params = params_for(in_tmp, provision={"teacher": {**SERVED, "parallel": 2}, "judge": "./m", "student": "./m",
+                                           "embedder": "./m"})
+    monkeypatch.setattr(llamacpp, "missing_modules", lambda: ["llama_cpp"])
+    rows = {role: (where, problem) for role, where, problem in check_models(str(params), str(in_tmp / "base"))}
+    assert rows["teacher"][1] == ("role 'teacher': serve: llama.cpp needs llama-cpp-python with its server extra "
+                                  "(missing: llama_cpp): run `make install-llamacpp`")
+    monkeypatch.setattr(llamacpp, "missing_modules", lambda: [])
+    where, problem = next((w, p) for r, w, p in check_models(str(params), str(in_tmp / "base")) if r == "teacher")
+    assert problem is None and where.startswith("llama.cpp server x2 (1 thread(s) each): ")
+    assert where.split(": ", 1)[1].split("  [")[0].endswith(".gguf")
