@@ -315,38 +315,61 @@ def _watch_parent(parent: int, interval_s: float = 0.5) -> None:
         time.sleep(interval_s)
 
 
-def align_echo_logprobs(llama_cls: Any) -> None:
-    """Make echoed prompt log-probs those of each token given the tokens before it, for models without a BOS token.
+def echo_logprobs(llama_cls: Any, max_top: int = 20) -> None:
+    """Serve echoed prompt log-probs (``echo`` + ``logprobs`` on /v1/completions) computed by refinery, exactly.
 
-    llama-cpp-python 0.3.x pairs echoed prompt token i with the distribution computed *after* it when the model
-    adds no BOS token (SmolLM2, Qwen, GPT-2 style vocabularies: abetlen/llama-cpp-python#1983), so the value it
-    reports is log p(token i | tokens up to i), not log p(token i | tokens before i). With ``logits_all`` the
-    model keeps every prompt position's logits: this recomputes each prompt token's value from the position
-    before it (the first token has none: null, as in the OpenAI API) and leaves the generated token's unset.
-    Correct whatever the library's own alignment, so it stays right if a later version fixes it.
+    llama-cpp-python 0.3.x gets them wrong for models that add no BOS token (SmolLM2, Qwen, GPT-2 style
+    vocabularies): it pairs prompt token i with the distribution computed *after* it, so it reports
+    log p(token i | tokens up to i) instead of log p(token i | tokens before i) (abetlen/llama-cpp-python#1983);
+    and it builds them in Python with a full sort of the vocabulary per token (seconds for a passage-length
+    prompt). Here the completion runs without logprobs, then each prompt token's value is read from the logits
+    of the position before it, which the model keeps (``logits_all``): the first token has none unless the
+    model adds a BOS token (null, as in the OpenAI API). A generated token gets its value when the position
+    before it was evaluated (the first one always is), else null. ``top_logprobs`` holds the ``logprobs`` (at
+    most ``max_top``) likeliest tokens and the token itself. Requests without echo are left to the library.
     """
     original = llama_cls.create_completion
-    if getattr(original, "_refinery_aligned", False):
+    if getattr(original, "_refinery_echo", False):
         return
+    import numpy as np
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        prompt = kwargs.get("prompt", args[0] if args else None)
-        choice = out["choices"][0] if isinstance(out, dict) and out.get("choices") else None
-        lp = choice.get("logprobs") if isinstance(choice, dict) else None
-        if not (kwargs.get("echo") and isinstance(prompt, str) and prompt and isinstance(lp, dict)
-                and self._logits_all and not self._model.add_bos_token()):
-            return out
-        tokens = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        n = min(len(tokens), len(lp["token_logprobs"]))
-        rows = llama_cls.logits_to_logprobs(self._scores[: n - 1]) if n > 1 else []
-        values = [None] + [float(rows[i - 1][tokens[i]]) for i in range(1, n)]
-        lp["token_logprobs"] = values + [None] * (len(lp["token_logprobs"]) - n)
-        lp["top_logprobs"] = [None] + [{lp["tokens"][i]: values[i]} for i in range(1, n)] \
-            + [None] * (len(lp["top_logprobs"]) - n)
+        prompt, top = kwargs.get("prompt", args[0] if args else None), kwargs.get("logprobs")
+        if not (kwargs.get("echo") and top is not None and isinstance(prompt, str) and prompt and len(args) <= 1
+                and self._logits_all and not kwargs.get("stream") and kwargs.get("suffix") is None):
+            return original(self, *args, **kwargs)
+        out = original(self, *args, **{**kwargs, "logprobs": None})
+        text = out["choices"][0]["text"]
+        ids = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        generated = self.tokenize(text[len(prompt):].encode("utf-8"), add_bos=False, special=True) \
+            if len(text) > len(prompt) else []
+        ids, bos = ids + generated, int(bool(self._model.add_bos_token()))
+        scores = self._scores  # row j: the logits after input position j (a BOS, when added, is position 0)
+        rows = [bos + i - 1 for i in range(len(ids))]
+        known = [i for i, r in enumerate(rows) if 0 <= r < len(scores)]
+        logp = llama_cls.logits_to_logprobs(scores[[rows[i] for i in known]]) if known else np.zeros((0, 1))
+        k = max(0, min(int(top), max_top))
+        tokens, offsets, values, tops, done = [], [], [], [], b""
+        by_row = dict(zip(known, range(len(known))))
+        for i, tid in enumerate(ids):
+            piece = self.detokenize([tid], prev_tokens=ids[:i])
+            offsets.append(len(done.decode("utf-8", errors="ignore")))
+            tokens.append(piece.decode("utf-8", errors="ignore"))
+            done += piece
+            if i not in by_row:
+                values.append(None), tops.append(None)
+                continue
+            row = logp[by_row[i]]
+            values.append(float(row[tid]))
+            best = np.argpartition(-row, k)[:k] if k else []
+            entry = {self.detokenize([int(t)], prev_tokens=ids[:i]).decode("utf-8", errors="ignore"): float(row[t])
+                     for t in best}
+            tops.append({**entry, tokens[-1]: values[-1]})
+        out["choices"][0]["logprobs"] = {"tokens": tokens, "text_offset": offsets, "token_logprobs": values,
+                                         "top_logprobs": tops}
         return out
 
-    create_completion._refinery_aligned = True  # type: ignore[attr-defined]
+    create_completion._refinery_echo = True  # type: ignore[attr-defined]
     llama_cls.create_completion = create_completion
 
 
@@ -365,7 +388,7 @@ def serve(argv: Sequence[str] | None = None) -> None:
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    align_echo_logprobs(Llama)
+    echo_logprobs(Llama)
     sock = socket.socket(fileno=args.fd)
     host, port = sock.getsockname()[:2]
     model = ModelSettings(model=cfg["model"], model_alias=cfg["alias"], n_threads=cfg["threads"],
