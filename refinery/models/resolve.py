@@ -60,6 +60,7 @@ class ModelSpec:
     revision: str | None = None
     api_key_env: str | None = None
     client: tuple[tuple[str, Any], ...] = ()  # endpoint client settings (CLIENT_KEYS); they do not change outputs
+    serve: tuple[tuple[str, Any], ...] = ()  # kind 'served': the server and its settings (SERVE_KEYS)
 
     @property
     def slug(self) -> str:
@@ -76,17 +77,80 @@ CLIENT_KEYS: dict[str, tuple[type, float]] = {
 }
 
 
+# A model refinery serves itself (``{serve: llama.cpp, model: ...}``): the server settings, with their type, lower
+# bound and default. parallel: server processes (llama-cpp-python serves one request at a time per process);
+# threads: CPU threads per process; n_ctx: context tokens per process; port: first port (0: free ports);
+# startup_timeout_s: how long to wait for the servers to answer. None changes a row.
+SERVERS = ("llama.cpp",)
+SERVE_KEYS: dict[str, tuple[type, float, Any]] = {
+    "parallel": (int, 1, 2), "threads": (int, 1, 1), "n_ctx": (int, 16, 2048), "port": (int, 0, 0),
+    "startup_timeout_s": (float, 0.001, 120.0),
+}
+SERVED_ROLES = ("teacher", "judge")  # the student is fine-tuned and the embedder embeds: both run in-process
+
+
+def _numbers(role: str, value: dict, keys: dict[str, tuple], what: str) -> list[tuple[str, Any]]:
+    """Check the numeric settings ``keys`` of a mapping spec; return (key, value) for those given."""
+    out = []
+    for key, (kind, low, *_) in keys.items():
+        if value.get(key) is None:
+            continue
+        v = value[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)) \
+                or v < low or (key == "port" and v > 65535):
+            raise ModelResolutionError(f"role '{role}': {what} {key} must be {'an integer' if kind is int else 'a number'}"
+                                       f" >= {low:g}, got {v!r}")
+        out.append((key, kind(v)))
+    return out
+
+
+def _parse_served(role: str, value: dict) -> ModelSpec:
+    """Parse ``{serve: llama.cpp, model: embedded:<name> | path/to/model.gguf, parallel: N, ...}``."""
+    server, model = value.get("serve"), value.get("model")
+    if server not in SERVERS:
+        raise ModelResolutionError(f"role '{role}': serve must be one of {', '.join(SERVERS)}, got {server!r}")
+    if role not in SERVED_ROLES:
+        raise ModelResolutionError(f"role '{role}': a served model cannot be the {role} (it runs in-process); "
+                                   f"serve: is for {' and '.join(SERVED_ROLES)}")
+    client_keys = {k: v for k, v in CLIENT_KEYS.items() if k != "concurrency"}
+    unknown = set(value) - {"serve", "model", *SERVE_KEYS, *client_keys}
+    if unknown:
+        extra = " (concurrency is parallel: one request per server process)" if "concurrency" in unknown else ""
+        raise ModelResolutionError(f"role '{role}': unknown serve key(s) {sorted(unknown)}{extra} (known: serve, "
+                                   f"model, {', '.join(SERVE_KEYS)}, {', '.join(client_keys)})")
+    if not isinstance(model, str) or not model.strip():
+        raise ModelResolutionError(f"role '{role}': serve: {server} needs 'model': embedded:<name> or a .gguf file")
+    model = model.strip()
+    if model.startswith("embedded:"):
+        name = model.removeprefix("embedded:")
+        if EMBEDDED.get(name) is None or EMBEDDED[name].layout != "gguf":
+            ggufs = sorted(n for n, e in EMBEDDED.items() if e.layout == "gguf")
+            raise ModelResolutionError(f"role '{role}': serve: {server} needs a GGUF model; embedded '{name}' is not "
+                                       f"one (known: {', '.join(ggufs)})")
+    elif not model.endswith(".gguf"):
+        raise ModelResolutionError(f"role '{role}': serve: {server} model '{model}' must be embedded:<name> or a "
+                                   f"path to a .gguf file")
+    settings = dict((k, d) for k, (_, _, d) in SERVE_KEYS.items())
+    settings.update(_numbers(role, value, SERVE_KEYS, "serve"))
+    return ModelSpec(role, "served", model, None, None, tuple(_numbers(role, value, client_keys, "serve")),
+                     (("server", server), *sorted(settings.items())))
+
+
 def parse_spec(role: str, value: Any) -> ModelSpec:
     """Parse what params.yaml names for ``role``.
 
     Accepted: ``embedded:<name>``; a Hugging Face id ``org/name`` or ``hf:org/name``, optionally ``@revision``;
-    a local folder path; or a mapping ``{endpoint: URL, model: NAME, api_key_env: VAR}`` for an
+    a local folder path; a mapping ``{endpoint: URL, model: NAME, api_key_env: VAR}`` for an
     OpenAI-compatible server, optionally with client settings (``concurrency``, ``timeout_s``,
-    ``max_retries``, ``max_malformed_retries``, ``backoff_initial_s``, ``backoff_max_s``).
+    ``max_retries``, ``max_malformed_retries``, ``backoff_initial_s``, ``backoff_max_s``); or a mapping
+    ``{serve: llama.cpp, model: embedded:<name> | PATH.gguf}`` for a server refinery starts and stops itself,
+    optionally with server settings (``SERVE_KEYS``) and the client settings but ``concurrency``.
 
     Raises:
         ModelResolutionError: one line naming the role and what to set.
     """
+    if isinstance(value, dict) and "serve" in value:
+        return _parse_served(role, value)
     if isinstance(value, dict):
         url, model = value.get("endpoint"), value.get("model")
         if not url or not model:
@@ -97,16 +161,7 @@ def parse_spec(role: str, value: Any) -> ModelSpec:
         if unknown:
             raise ModelResolutionError(f"role '{role}': unknown endpoint key(s) {sorted(unknown)} (known: endpoint, "
                                        f"model, api_key_env, {', '.join(CLIENT_KEYS)})")
-        client = []
-        for key, (kind, low) in CLIENT_KEYS.items():
-            if value.get(key) is None:
-                continue
-            v = value[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)) \
-                    or v < low:
-                raise ModelResolutionError(f"role '{role}': endpoint {key} must be {'an integer' if kind is int else 'a number'}"
-                                           f" >= {low:g}, got {v!r}")
-            client.append((key, kind(v)))
+        client = _numbers(role, value, CLIENT_KEYS, "endpoint")
         return ModelSpec(role, "endpoint", str(url).rstrip("/"), str(model), value.get("api_key_env"), tuple(client))
     if not isinstance(value, str) or not value.strip():
         raise ModelResolutionError(f"role '{role}': expected a model name, got {value!r}")
@@ -203,7 +258,8 @@ def materialize(spec: ModelSpec, weights_root: Path, log: Callable[[str], None] 
 
     Embedded models are converted / copied into ``weights_root/<slug>`` (DVC-tracked); Hugging Face ids
     are resolved to a commit in the local HF cache (never downloaded at run time when offline); local
-    paths are hashed in place; endpoints are recorded, not contacted.
+    paths are hashed in place; endpoints are recorded, not contacted; a served model's GGUF file is copied
+    unchanged into ``weights_root/<slug>`` and hashed (its server is started by the stage that uses it).
 
     Returns:
         The PROVENANCE.json record: ``load`` says how downstream stages load it.
@@ -259,6 +315,8 @@ def materialize(spec: ModelSpec, weights_root: Path, log: Callable[[str], None] 
         record["files"] = hash_folder(folder)
         record["load"] = {"hf_id": spec.ref, "revision": folder.name}
         return record
+    if spec.kind == "served":
+        return _materialize_served(spec, weights_root, record, log)
     if spec.kind == "endpoint":
         record.update(model=spec.revision, api_key_env=spec.api_key_env)
         record["load"] = {"endpoint": spec.ref, "model": spec.revision, "api_key_env": spec.api_key_env,
@@ -267,12 +325,55 @@ def materialize(spec: ModelSpec, weights_root: Path, log: Callable[[str], None] 
     raise ModelResolutionError(f"role '{spec.role}': unknown model kind '{spec.kind}'")
 
 
+def gguf_source(spec: ModelSpec) -> tuple[Path, dict[str, Any]]:
+    """Return a served spec's GGUF file and what to record about where it came from.
+
+    Raises:
+        ModelResolutionError: the package or the file is missing (one line naming the role).
+    """
+    if spec.ref.startswith("embedded:"):
+        entry, path, version = embedded_source(ModelSpec(spec.role, "embedded", spec.ref.removeprefix("embedded:")))
+        return path, {"package": entry.distribution, "package_version": version, "task": entry.task}
+    path = Path(spec.ref).expanduser()
+    if not path.is_file():
+        raise ModelResolutionError(f"role '{spec.role}': GGUF file '{spec.ref}' does not exist")
+    return path, {"task": "causal-lm"}
+
+
+def _materialize_served(spec: ModelSpec, weights_root: Path, record: dict[str, Any],
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    """Copy a served model's GGUF into ``weights_root/<slug>`` (once) and record how to serve it."""
+    source, origin = gguf_source(spec)
+    serve = dict(spec.serve)
+    record.update(origin, serve=serve["server"], source_file=source.name, source_sha256=sha256_file(source))
+    target = weights_root / spec.slug
+    if not (target / source.name).exists() or sha256_file(target / source.name) != record["source_sha256"]:
+        log(f"copying {source.name} ({source.stat().st_size / 1e6:.0f} MB) for serve: {serve['server']}")
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copyfile(source, tmp / source.name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    record["conversion"] = ["copied unchanged (the server reads the GGUF itself)"]
+    record["files"] = {source.name: record["source_sha256"]}
+    # The judge scores continuations by echoed prompt log-probs, which llama-cpp-python returns only when it
+    # keeps every prompt token's logits; generation alone does not need them (they cost time and memory).
+    record["load"] = {"serve": serve["server"], "path": f"{target.name}/{source.name}", "relative_to": "weights",
+                      "name": spec.ref.removeprefix("embedded:") if spec.ref.startswith("embedded:") else source.stem,
+                      "logits_all": spec.role == "judge",
+                      **{k: v for k, v in serve.items() if k != "server"}, **dict(spec.client)}
+    return record
+
+
 def load_target(base_dir: str | Path, role: str) -> dict[str, Any]:
     """Return how to load ``role``'s model from a provisioned ``models/base`` folder.
 
     Returns:
         ``{"path": folder}`` for materialised or local weights, ``{"hf_id", "revision"}`` for HF ids,
-        or ``{"endpoint", "model", "api_key_env"}`` for servers; plus ``"id"`` for provenance stamps.
+        ``{"endpoint", "model", "api_key_env"}`` for servers, ``{"serve", "path", ...}`` for a model refinery
+        serves; plus ``"id"`` for provenance stamps (a served model's names its server and its GGUF's sha256,
+        e.g. ``llama.cpp:embedded:smollm2-135m-instruct@sha256:0123456789abcdef``).
     """
     base_dir = Path(base_dir)
     prov_file = base_dir / role / PROVENANCE_FILE
@@ -286,14 +387,17 @@ def load_target(base_dir: str | Path, role: str) -> dict[str, Any]:
     load.pop("relative_to", None)
     files = record.get("files") or {}
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12] if files else None
-    load["id"] = f"{record['kind']}:{record['spec']}@{record.get('revision') or record.get('model') or digest}"
+    if record["kind"] == "served":
+        load["id"] = f"{record['serve']}:{record['spec']}@sha256:{record['source_sha256'][:16]}"
+    else:
+        load["id"] = f"{record['kind']}:{record['spec']}@{record.get('revision') or record.get('model') or digest}"
     return load
 
 
 def base_model_path(base_dir: str | Path) -> tuple[str, str]:
     """Return (loadable path or HF id, provenance id) of the provisioned embedder, the base of trained heads."""
     target = load_target(base_dir, "embedder")
-    ref = target.get("path") or target.get("hf_id")
+    ref = None if "serve" in target else target.get("path") or target.get("hf_id")
     if ref is None:
         raise RefineryError("embedder: an endpoint cannot be fine-tuned; name embedded:all-minilm-l6-v2, an HF id "
                             "or a local folder in provision.embedder")
@@ -305,8 +409,11 @@ def backend_spec(load: dict[str, Any], **local_options: Any) -> dict[str, Any]:
 
     Args:
         load: ``load_target(...)`` of the role.
-        local_options: options of the in-process backend (batch_size, threads, ...); ignored for endpoints.
+        local_options: options of the in-process backend (batch_size, threads, ...); ignored for servers.
     """
+    if "serve" in load:
+        keys = ("name", "logits_all", *SERVE_KEYS, *(k for k in CLIENT_KEYS if k != "concurrency"))
+        return {"kind": "llamacpp", "model_path": load["path"], **{k: load[k] for k in keys if k in load}}
     if "endpoint" in load:
         return {"kind": "openai", "base_url": load["endpoint"], "model": load["model"],
                 "api_key_env": load.get("api_key_env"), **{k: load[k] for k in CLIENT_KEYS if k in load}}

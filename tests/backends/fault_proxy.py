@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -62,6 +63,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.log: list[tuple[str, str, str]] = []  # (method, path, action)
+        self.forwarded: list[tuple[float, float]] = []  # (start, end) monotonic times of each forwarded request
         self.auth_headers: list[str] = []
         proxy = self
 
@@ -103,6 +105,7 @@ class FaultProxy:
             self.default = default
             self.log.clear()
             self.auth_headers.clear()
+            self.forwarded.clear()
 
     def _next(self) -> str:
         with self._lock:
@@ -150,7 +153,10 @@ class FaultProxy:
             choice = {"index": 0, "text": 42, "message": {"role": "assistant", "content": 42}, "finish_reason": "stop"}
             self._reply(h, 200, json.dumps({"id": "x", "choices": [choice]}).encode())
         else:
+            start = time.monotonic()
             self._forward(h, method, body)
+            with self._lock:
+                self.forwarded.append((start, time.monotonic()))
 
     def _forward(self, h: BaseHTTPRequestHandler, method: str, body: bytes) -> None:
         conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=self.upstream_timeout_s)

@@ -7,7 +7,7 @@ from typing import Any
 
 from refinery.models.backends.base import Backend, BackendError
 
-_KINDS = ("local", "openai", "fake")
+_KINDS = ("local", "openai", "llamacpp", "fake")
 _LOCAL_KEYS = {"path", "batch_size", "threads", "dtype", "max_length", "device"}
 _OPENAI_KEYS = {
     "base_url",
@@ -21,6 +21,8 @@ _OPENAI_KEYS = {
     "backoff_max_s",
     "check",
 }
+_LLAMACPP_KEYS = {"model_path", "name", "parallel", "threads", "n_ctx", "port", "logits_all", "startup_timeout_s",
+                  "log_dir", "check"} | (_OPENAI_KEYS - {"base_url", "model", "api_key_env", "concurrency"})
 _FAKE_KEYS = {"model_id", "responses", "fail", "fail_every", "revision"}
 
 
@@ -42,8 +44,9 @@ def make_backend(spec: Mapping[str, Any]) -> Backend:
 
     Args:
         spec: {"kind": "local", "path": ..., "batch_size": 8, "threads": 2, ...},
-            {"kind": "openai", "base_url": ..., "model": ..., "api_key_env": "OPENAI_API_KEY", ...}
-            or {"kind": "fake", ...}.
+            {"kind": "openai", "base_url": ..., "model": ..., "api_key_env": "OPENAI_API_KEY", ...},
+            {"kind": "llamacpp", "model_path": ....gguf, "name": ..., "parallel": 2, ...} (starts llama.cpp
+            server processes, stopped by the backend's ``close()`` or at exit) or {"kind": "fake", ...}.
 
     Returns:
         A Backend.
@@ -64,6 +67,11 @@ def make_backend(spec: Mapping[str, Any]) -> Backend:
         from refinery.models.backends.http import OpenAICompatBackend
 
         return OpenAICompatBackend(opts.pop("base_url"), opts.pop("model"), **opts)
+    if kind == "llamacpp":
+        opts = _options(spec, _LLAMACPP_KEYS, ("model_path", "name"))
+        from refinery.models.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(opts.pop("model_path"), **opts)
     if kind == "fake":
         opts = _options(spec, _FAKE_KEYS, ())
         from refinery.models.backends.fake import FakeBackend

@@ -12,7 +12,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -205,8 +205,13 @@ class OpenAICompatBackend:
     ``revision`` is the model name the server lists at /models (when it lists one matching the
     configured model, or exactly one), else the configured model.
 
+    Several base URLs name replicas of one model (e.g. llama.cpp server processes that each serve one request at
+    a time): slot ``k`` of the window always talks to replica ``k % len(base_url)``, so with ``concurrency`` equal
+    to the replicas' total capacity no replica ever queues a request behind another.
+
     Args:
-        base_url: server URL, e.g. 'http://127.0.0.1:8000/v1' ('/v1' is added when missing).
+        base_url: server URL, e.g. 'http://127.0.0.1:8000/v1' ('/v1' is added when missing), or a sequence of
+            replica URLs serving the same model.
         model: model name sent with each request.
         api_key_env: name of the environment variable holding the API key (None: no key).
         concurrency: requests in flight at once.
@@ -216,13 +221,17 @@ class OpenAICompatBackend:
         backoff_initial_s: first backoff wait (doubles each retry, plus up to this much jitter).
         backoff_max_s: cap on any single wait, Retry-After included.
         check: probe the server at construction (raises BackendError when unreachable).
+        extra_body: server-specific fields added to every generation and scoring payload (e.g. llama.cpp's
+            ``top_k: 0`` so that sampling means what temperature and top_p say); None: none.
+        echo_max_tokens: max_tokens of the echo requests ``loglikelihood`` sends, when known for this server
+            (1 for llama-cpp-python, which reads 0 as 'no limit'); None: probe 0 first, then fall back to 1.
         transport: optional httpx transport (tests).
         sleep: optional sleep function used between retries (tests).
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         *,
         api_key_env: str | None = None,
@@ -233,10 +242,17 @@ class OpenAICompatBackend:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 20,
         check: bool = True,
+        extra_body: Mapping[str, Any] | None = None,
+        echo_max_tokens: int | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
-        self.base_url = normalize_base_url(base_url)
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise BackendError("OpenAICompatBackend needs at least one base_url")
+        self.base_urls = tuple(normalize_base_url(u) for u in urls)
+        self.base_url = self.base_urls[0]
+        self.extra_body = dict(extra_body or {})
         self.model_id = model
         self.model = model
         if concurrency < 1 or max_retries < 0 or max_malformed_retries < 0 or timeout_s <= 0 \
@@ -273,7 +289,7 @@ class OpenAICompatBackend:
             follow_redirects=False,
         )
         self._lock = threading.Lock()
-        self._ll_max_tokens: int | None = None  # max_tokens that works for echo scoring, once known
+        self._ll_max_tokens: int | None = echo_max_tokens  # max_tokens that works for echo scoring, once known
         self.attempts = 0  # HTTP attempts made, retries included (for tests and logs)
         self.retries: dict[str, int] = {}  # retries by reason, e.g. {'malformed_response': 2} (the run log)
         self.revision = self.model
@@ -326,9 +342,10 @@ class OpenAICompatBackend:
             return min(exc.retry_after, self.backoff_max_s)
         return min(self._jitter(state), self.backoff_max_s)
 
-    def _attempt(self, method: str, path: str, payload: dict | None) -> httpx.Response:
-        """Make one HTTP attempt, turning transient failures into _Retryable."""
-        url = self.base_url + path
+    def _attempt(self, method: str, path: str, payload: dict | None, base: str | None = None) -> httpx.Response:
+        """Make one HTTP attempt (to ``base``, default the first base URL), turning transient failures into
+        _Retryable."""
+        url = (base or self.base_url) + path
         with self._lock:
             self.attempts += 1
         try:
@@ -345,7 +362,8 @@ class OpenAICompatBackend:
             raise _HTTPStatusError(code, f"{url}: {self._scrub(resp.text)[:200]}")
         return resp
 
-    def _request(self, method: str, path: str, payload: dict | None = None, *, retries: int | None = None) -> Any:
+    def _request(self, method: str, path: str, payload: dict | None = None, *, retries: int | None = None,
+                 base: str | None = None) -> Any:
         """POST/GET with retries (``retries`` overrides max_retries) and return the decoded JSON body.
 
         Raises:
@@ -361,7 +379,7 @@ class OpenAICompatBackend:
             reraise=True,
             before_sleep=self._log_retry,
         )
-        resp = retrying(self._attempt, method, path, payload)
+        resp = retrying(self._attempt, method, path, payload, base)
         try:
             return resp.json()
         except ValueError:
@@ -416,6 +434,7 @@ class OpenAICompatBackend:
             "temperature": req.temperature,
             "top_p": req.top_p,
             "seed": req.seed,
+            **self.extra_body,
         }
         if req.stop:
             body["stop"] = list(req.stop)
@@ -499,8 +518,8 @@ class OpenAICompatBackend:
             return min(exc.retry_after, self.backoff_max_s)
         return min(self.backoff_initial_s * 2 ** retry + random.uniform(0, self.backoff_initial_s), self.backoff_max_s)
 
-    async def _generate_one(self, req: GenRequest) -> GenResult:
-        """Run one request to completion; never raises.
+    async def _generate_one(self, req: GenRequest, base: str | None = None) -> GenResult:
+        """Run one request to completion (at ``base``, default the first base URL); never raises.
 
         Transient failures are retried up to ``max_retries`` times (with backoff); a reply that is not JSON or
         not of the OpenAI shape (a proxy's HTML page, an empty ``choices``) is asked again up to
@@ -509,7 +528,7 @@ class OpenAICompatBackend:
         """
         t0 = time.perf_counter()
         path, payload, chat = self._payload(req)
-        url = self.base_url + path
+        url = (base or self.base_url) + path
         transient = malformed = 0
         while True:
             try:
@@ -558,15 +577,16 @@ class OpenAICompatBackend:
         done: queue.Queue = queue.Queue()
         todo = iter(enumerate(requests))
 
-        async def worker() -> None:
+        async def worker(base: str) -> None:
             for i, req in todo:  # one shared iterator: each slot takes the next request when its last one ends
                 taken = asyncio.Event()
-                done.put((i, await self._generate_one(req), taken))
+                done.put((i, await self._generate_one(req, base), taken))
                 await taken.wait()  # the caller has taken (and committed) the result: only then a new request
 
         async def window() -> None:
             try:
-                await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(requests)))))
+                slots = range(min(self.concurrency, len(requests)))
+                await asyncio.gather(*(worker(self.base_urls[k % len(self.base_urls)]) for k in slots))
             finally:
                 done.put(None)
 
@@ -604,8 +624,13 @@ class OpenAICompatBackend:
                 out[i] = result
         return out  # type: ignore[return-value]
 
-    def _echo_logprobs(self, ctx: str, cont: str, max_tokens: int, retries: int | None) -> tuple[float, int] | None:
-        """Ask /completions to echo ``ctx + cont`` with logprobs; None when the answer has none.
+    def _echo_logprobs(self, ctx: str, cont: str, max_tokens: int, retries: int | None,
+                       base: str | None = None) -> tuple[tuple[float, int] | None, int]:
+        """Ask /completions (at ``base``) to echo ``ctx + cont`` with logprobs.
+
+        Returns:
+            The continuation's (sum of log-probs, token count), None when the answer has none; and the number
+            of tokens the server generated past the echo (usage.completion_tokens, 0 when not reported).
 
         Raises:
             _Retryable, _HTTPStatusError, _Malformed: as ``_request``.
@@ -617,16 +642,22 @@ class OpenAICompatBackend:
             "logprobs": 1,
             "max_tokens": max_tokens,
             "temperature": 0,
+            **self.extra_body,
         }
-        body = self._request("POST", "/completions", payload, retries=retries)
-        return parse_echo_logprobs(body, len(ctx), len(ctx) + len(cont))
+        body = self._request("POST", "/completions", payload, retries=retries, base=base)
+        usage = body.get("usage") if isinstance(body, dict) else None
+        generated = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        generated = generated if isinstance(generated, int) and not isinstance(generated, bool) else 0
+        return parse_echo_logprobs(body, len(ctx), len(ctx) + len(cont)), generated
 
     def loglikelihood(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
         """Score continuations through /completions with echo=True, logprobs=1.
 
         The first call tries max_tokens=0 once (no retries); a server that rejects it (any HTTP
         error status) is asked again with max_tokens=1, whose generated token is ignored (it lies
-        past the echoed text). The working setting is remembered for later calls.
+        past the echoed text). A server that accepts 0 but generates anyway (llama-cpp-python reads 0 as
+        "up to the context size") is asked with max_tokens=1 from then on. The working setting is remembered
+        for later calls. Requests run ``concurrency`` at a time, each thread pinned to one base URL.
 
         Args:
             contexts: conditioning texts.
@@ -652,9 +683,15 @@ class OpenAICompatBackend:
                 return BackendError(f"loglikelihood not supported by {self.base_url} (HTTP {exc.status} to echo/logprobs)")
             return BackendError(f"loglikelihood failed at {self.base_url}: malformed_response: {self._scrub(exc)}")
 
+        pinned = threading.local()
+        next_slot = iter(range(1 << 62))
+
         def one(pair: tuple[str, str], max_tokens: int) -> tuple[float, int]:
+            if not hasattr(pinned, "base"):  # each worker thread keeps to one replica
+                with self._lock:
+                    pinned.base = self.base_urls[next(next_slot) % len(self.base_urls)]
             try:
-                parsed = self._echo_logprobs(pair[0], pair[1], max_tokens, None)
+                parsed, _ = self._echo_logprobs(pair[0], pair[1], max_tokens, None, pinned.base)
             except (_Retryable, _HTTPStatusError, _Malformed) as exc:
                 raise fail(exc) from None
             if parsed is None:
@@ -664,10 +701,10 @@ class OpenAICompatBackend:
         first: tuple[float, int] | None = None
         if self._ll_max_tokens is None:
             try:
-                first = self._echo_logprobs(pairs[0][0], pairs[0][1], 0, 0)
+                first, generated = self._echo_logprobs(pairs[0][0], pairs[0][1], 0, 0)
                 if first is None:
                     raise BackendError(unsupported)
-                self._ll_max_tokens = 0
+                self._ll_max_tokens = 1 if generated > 0 else 0
             except (_Retryable, _HTTPStatusError):
                 first = one(pairs[0], 1)  # e.g. servers that refuse max_tokens=0 (HTTP 400/422/500)
                 self._ll_max_tokens = 1
