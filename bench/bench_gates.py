@@ -312,7 +312,7 @@ def bench_embedding(corpus: Corpus, n: int, batch_size: int, repeats: int = 3) -
     bare_model.encode(embedding_texts(warm_rows.column("question"),
                                       warm_rows.column("answer")).to_pylist(), batch_size=batch_size)
     seed = corpus.seed.slice(0, 500)
-    embedder = Embedder(path, batch_size=batch_size, cache_dir=None)
+    embedder = Embedder(path, cache_dir=None)
     gate = EmbeddingOverlapGate(seed, embedder, max_cosine=0.85)
     gate.apply(warm_rows)  # loads the model and embeds the seed once, as a long-lived gate would have
     best_bare, best_gate = None, None
@@ -330,10 +330,10 @@ def bench_embedding(corpus: Corpus, n: int, batch_size: int, repeats: int = 3) -
           f"{n / best_gate:,.0f} rows/s (hashing, cache lookup, encode, nearest-seed cosine over {seed.num_rows} "
           f"seed rows) = {best_bare / best_gate:.0%} of bare (target >= 85%)")
     with tempfile.TemporaryDirectory() as d:
-        embedder = Embedder(path, batch_size=batch_size, cache_dir=d)
+        embedder = Embedder(path, cache_dir=d)
         gate = EmbeddingOverlapGate(seed, embedder, max_cosine=0.85)
         gate.apply(rows)
-        gate2 = EmbeddingOverlapGate(seed, Embedder(path, batch_size=batch_size, cache_dir=d), max_cosine=0.8)
+        gate2 = EmbeddingOverlapGate(seed, Embedder(path, cache_dir=d), max_cosine=0.8)
         t0 = time.perf_counter()
         gate2.apply(rows)
         print(f"[embed] re-run with another max_cosine from the cache: {n / (time.perf_counter() - t0):,.0f} "

@@ -550,7 +550,7 @@ class GateModels(Runner):
             save_model(model, tok, heads / name, label=name)
         bs, threads = params["batch_size"], params["threads"]
         judge = make_backend({"kind": "local", "path": str(smol), "batch_size": bs, "threads": threads})
-        embedder = Embedder(str(minilm), batch_size=bs, cache_dir=None, model_id="bench-minilm")
+        embedder = Embedder(str(minilm), cache_dir=None, model_id="bench-minilm")
         models = Models(verifier=load_verifier(heads / "verifier", batch_size=bs, threads=threads),
                         reward=load_reward(heads / "reward", batch_size=bs, threads=threads), judge=judge,
                         embedder=embedder)

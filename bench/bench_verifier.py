@@ -53,7 +53,7 @@ def main(model_dir: str, split_file: str, documents_file: str, threshold: float 
         from refinery.models.resolve import load_target
 
         target = load_target(models_dir, "embedder")
-        embedder = Embedder(target["path"], batch_size=64, model_id=target["id"])
+        embedder = Embedder(target["path"], model_id=target["id"])
     verifier = load_verifier(model_dir, batch_size=64, threads=threads, lexical=lexical, judge=judge,
                              embedder=embedder)
     threshold = verifier.threshold if threshold is None else threshold

@@ -41,7 +41,6 @@ class RaftParams(StageParams):
     random_negatives: int = Field(ge=0)  # random other documents per row
     window_chars: int = Field(ge=0)  # passage length around the evidence (distractors: the document's head); 0: all
     eval_k: int = Field(ge=1)  # recall@k of the retrieval check (and recall@1)
-    batch_size: int = Field(ge=1)  # texts per embedding batch
 
 
 @dataclass(frozen=True)
@@ -246,7 +245,7 @@ def cli(params_file, datasets_dir, documents_file, test_file, models_dir, cache_
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     test = split_schema.CONTRACT.validate(read_parquet(test_file), test_file)
     target = load_target(models_dir, "embedder")
-    embed = Embedder(target["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=target["id"]).embed
+    embed = Embedder(target["path"], cache_dir=cache_dir, model_id=target["id"]).embed
     result = raft(dataset, documents, test, embed, params, code_version=code_version(sys.modules[__name__]))
     out = Path(out_dir)
     table = raft_schema.CONTRACT.validate(result.table, str(out / "raft.parquet"))

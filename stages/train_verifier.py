@@ -381,7 +381,7 @@ def cli(params_file: str, train_file: str, val_file: str, documents_file: str, b
         from refinery.models.resolve import load_target
 
         target = load_target(base_dir, "embedder")
-        embedder = Embedder(target["path"], batch_size=64, model_id=target["id"])
+        embedder = Embedder(target["path"], model_id=target["id"])
     snli = read_snli(params.snli_path, max_pairs=params.snli_max_pairs, seed=params.seed) if params.snli_path else None
     inputs = {"train": sha256_file(train_file), "val": sha256_file(val_file), "documents": sha256_file(documents_file)}
     if params.snli_path:

@@ -39,7 +39,6 @@ class DiversityParams(StageParams):
     clusters: int = Field(gt=0)  # k of the seed k-means
     seed: int
     temperature: float = Field(gt=0)  # DCScore softmax temperature on cosine similarities
-    batch_size: int = Field(gt=0)
 
 
 class ValidateParams(StageParams):
@@ -381,7 +380,7 @@ def make_embedder(params: DiversityParams, models_dir: str, cache_dir: str):
     from refinery.models.resolve import load_target
 
     target = load_target(models_dir, "embedder")
-    return Embedder(target["path"], batch_size=params.batch_size, cache_dir=cache_dir, model_id=target["id"]).embed
+    return Embedder(target["path"], cache_dir=cache_dir, model_id=target["id"]).embed
 
 
 if __name__ == "__main__":  # pragma: no cover

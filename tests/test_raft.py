@@ -28,8 +28,7 @@ TOPICS = {
     "sso": "Single sign-on supports SAML and OIDC identity providers on the enterprise plan.",
     "api": "API keys are created in the developer settings and can be rotated at any time.",
 }
-PARAMS = RaftParams(arm="curated", seed=1, hard_negatives=2, random_negatives=2, window_chars=0, eval_k=2,
-                    batch_size=8)
+PARAMS = RaftParams(arm="curated", seed=1, hard_negatives=2, random_negatives=2, window_chars=0, eval_k=2)
 
 
 def documents() -> pa.Table:

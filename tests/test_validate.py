@@ -30,8 +30,7 @@ ARMS = {"human": {"human": True}, "contaminated": {"sources": ["contaminated"], 
         "curated": {"human": True, "sources": ["accepted", "recovered"]}}
 VALIDATE = {
     "near_duplicate": {"max_jaccard": 0.8, "num_perm": 64, "shingle": 5},
-    "diversity": {"embedder": "hashing", "sample": 200, "clusters": 3, "seed": 1, "temperature": 0.1,
-                  "batch_size": 8},
+    "diversity": {"embedder": "hashing", "sample": 200, "clusters": 3, "seed": 1, "temperature": 0.1},
     "defaults": {"min_rows": 1, "max_synthetic_share": 0.5, "max_duplicate_rate": 0.005,
                  "max_cross_split_duplicates": 0, "max_test_question_leaks": 0, "max_test_document_leaks": 0,
                  "min_intent_count": 2, "max_provenance_missing": 0, "max_label_disagreement_rate": 0.05,
@@ -305,7 +304,7 @@ def test_diversity_with_the_real_embedder_ranks_a_repetitive_set_below_a_varied_
     from refinery.validation.diversity import kmeans_centroids, measure
     from refinery.models.embed import Embedder
 
-    embed = Embedder(minilm_dir, batch_size=8, cache_dir=tmp_path / "cache").embed
+    embed = Embedder(minilm_dir, cache_dir=tmp_path / "cache").embed
     varied = ["How do I reset my password?", "What does the Team plan cost per month?",
               "Can I export my notes as PDF?", "Why does sync fail with error E42?",
               "Who can see files in a shared folder?", "How long are deleted files kept in Trash?"]

@@ -12,12 +12,11 @@ import numpy as np
 class FrozenCacheEmbedder:
     """An :class:`refinery.models.embed.Embedder` whose vectors never depend on which process ran which call before.
 
-    A sentence-transformers vector differs in its last bits with the other texts of its batch (length-sorted,
-    padded), and the plain embedder batches only the texts missing from its cache, which grows during a run: the
-    same call would give other bits after another unit, or on another Ray worker, had cached some of its texts.
-    This one reads only the cache shards listed when the stage started (``shards``) and embeds every other text
-    of a call together, as one call of :meth:`Embedder.encode`; new vectors are still written to the cache, for
-    the next run.
+    The embedder embeds one text at a time, so a vector depends on its text alone; what this view adds is that
+    a call reads only the cache shards listed when the stage started (``shards``), never the shards other units
+    or Ray workers write while the stage runs, so what a call reads and computes does not follow the order in
+    which the workers ran. It embeds every other text of a call as one call of :meth:`Embedder.encode`; new
+    vectors are still written to the cache, for the next run.
 
     Args:
         base: the embedder (its model, batch size, model id and cache folder).

@@ -59,7 +59,8 @@ class PassageRetriever:
         if self._vecs is None:
             self._vecs = np.asarray(self.embedder.embed(self.windows), np.float32)
         q = np.asarray(self.embedder.embed(list(claims)), np.float32)
-        best = (q @ self._vecs.T).argmax(axis=1) if len(q) else np.zeros(0, int)
+        # float64 (exact products of float32 numbers): the chosen window does not follow the claims batched with it
+        best = (q.astype(np.float64) @ self._vecs.T.astype(np.float64)).argmax(axis=1) if len(q) else np.zeros(0, int)
         return [self.windows[i] for i in best.tolist()]
 
 

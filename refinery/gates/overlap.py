@@ -192,9 +192,12 @@ class EmbeddingOverlapGate(BaseGate):
                                                               rows.column("answer")).to_pylist()), np.float32)
         if len(self._seed_vecs) == 0:
             return np.full(len(vecs), -np.inf)
+        # float64: products of float32 numbers are exact there, so a row's score no longer moves in its last bits with
+        # how many rows share its matrix product (a Ray block against the whole table; docs/measurements.md)
+        seed = self._seed_vecs.astype(np.float64).T
         out = np.empty(len(vecs))
         for lo in range(0, len(vecs), _COSINE_ROWS):
-            sims = vecs[lo:lo + _COSINE_ROWS] @ self._seed_vecs.T
+            sims = (vecs[lo:lo + _COSINE_ROWS].astype(np.float64) @ seed).astype(np.float32)
             out[lo:lo + _COSINE_ROWS] = sims.max(axis=1)  # NaN propagates: a NaN vector gives a NaN score
         return out
 

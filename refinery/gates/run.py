@@ -322,8 +322,7 @@ class ModelLoader:
         from refinery.models.resolve import load_target
 
         embed = load_target(self.models_dir, "embedder")
-        base = Embedder(embed["path"], batch_size=self.params.batch_size, cache_dir=self.cache_dir,
-                        model_id=embed["id"])
+        base = Embedder(embed["path"], cache_dir=self.cache_dir, model_id=embed["id"], threads=self.params.threads)
         if self.embed_shards is None:
             return base
         from refinery.engine.embed import FrozenCacheEmbedder

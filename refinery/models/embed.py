@@ -176,17 +176,22 @@ class Embedder:
     """Sentence embeddings from a local sentence-transformers folder, normalised, cached by content hash.
 
     The model is loaded once, on the first text that is not in the cache (so a fully cached run never
-    loads it). Vectors are L2-normalised, so a dot product is the cosine similarity. The cache key is
+    loads it). Texts are embedded one at a time, unpadded: a vector then depends on its text alone, never on the
+    other texts of a batch (batched, padded and length-sorted, its last bits follow its batch), so a run that reads
+    some vectors from the cache gives the bits a cold run gives and a resumed stage writes what an unbroken one
+    would (docs/measurements.md, embedding one text at a time). Vectors are L2-normalised, so a dot product is the cosine similarity. The cache key is
     sha256(model id + text): a different model never reads another's vectors, and changing a gate's
     threshold recomputes nothing.
 
     Args:
         model_path: the model folder (e.g. ``load_target('models/base', 'embedder')['path']``).
-        batch_size: texts per forward pass.
         cache_dir: folder for the vector cache (None: no disk cache; vectors are still reused in memory).
         model_id: the id that keys the cache (e.g. ``load_target(...)['id']``); default: a fingerprint of
             the folder's files.
         device: torch device.
+        threads: torch intra-op threads while embedding (None: whatever the process has). A vector's last bits
+            follow the thread count for longer texts, so a stage that embeds in several processes (Ray workers
+            start with one thread) fixes it.
 
     Attributes:
         computed: how many texts this embedder has run through the model; tests count on it.
@@ -195,15 +200,15 @@ class Embedder:
         ModelResolutionError: the model folder does not exist.
     """
 
-    def __init__(self, model_path: str | Path, batch_size: int = 64, cache_dir: str | Path | None = None,
-                 model_id: str | None = None, device: str = "cpu"):
+    def __init__(self, model_path: str | Path, cache_dir: str | Path | None = None, model_id: str | None = None,
+                 device: str = "cpu", threads: int | None = None):
         self.model_path = Path(model_path)
         if not self.model_path.is_dir():
             raise ModelResolutionError(f"embedder: model folder {self.model_path} not found (run `refinery "
                                        f"provision` first)")
-        if batch_size < 1:
-            raise ValueError(f"embedder: batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.device = batch_size, device
+        if threads is not None and threads < 1:
+            raise ValueError(f"embedder: threads must be >= 1, got {threads}")
+        self.device, self.threads = device, threads
         self.model_id = model_id or model_fingerprint(self.model_path)
         folder = None
         if cache_dir is not None:
@@ -227,8 +232,12 @@ class Embedder:
         return self._model
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Run the model on ``texts`` (no cache): float32 (texts, dim), L2-normalised."""
-        vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+        """Run the model on ``texts`` one at a time (no cache): float32 (texts, dim), L2-normalised."""
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        vecs = self.model.encode(texts, batch_size=1, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False)
         self.computed += len(texts)
         return np.asarray(vecs, np.float32)

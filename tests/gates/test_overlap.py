@@ -100,12 +100,34 @@ def test_embedding_empty_input_gives_empty_verdicts():
     assert (v.keep, v.score, v.reason) == ([], [], [])
 
 
+class RandomEmbedder:
+    """Test double: a fixed random unit vector per text (seeded by its hash), dense like a real model's."""
+
+    def embed(self, texts):
+        out = np.stack([np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
+                        .standard_normal(384) for t in texts]).astype(np.float32) if texts else np.zeros((0, 384))
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_a_rows_score_has_the_same_bits_whichever_rows_are_judged_with_it():
+    # given dense vectors (a float32 matrix product's last bits follow the number of rows it multiplies)
+    seed = seed_rows([(f"seed question {i}", f"seed answer {i}") for i in range(37)])
+    pairs = [(f"question {i}", f"answer {i}") for i in range(300)]
+    gate = EmbeddingOverlapGate(seed, RandomEmbedder())
+    # when the rows are judged all at once, in blocks of 7 (as an engine's blocks would) and one at a time
+    whole = gate.apply(rows(pairs)).score
+    blocks = [s for lo in range(0, 300, 7) for s in gate.apply(rows(pairs[lo:lo + 7])).score]
+    single = [gate.apply(rows([p])).score[0] for p in pairs]
+    # then every score is equal bit for bit
+    assert whole == blocks == single
+
+
 # --- the real embedded MiniLM ------------------------------------------------------------------------------------
 
 def test_minilm_rejects_a_paraphrase_of_the_seed_and_keeps_an_unrelated_row(minilm_path):
     paraphrase = ("How long do files I delete stay in the trash?",
                   "30 days on every plan. After that they're permanently gone and support can't restore them.")
-    gate = EmbeddingOverlapGate(seed_rows(SEED), Embedder(minilm_path, batch_size=8), max_cosine=0.85)
+    gate = EmbeddingOverlapGate(seed_rows(SEED), Embedder(minilm_path), max_cosine=0.85)
     v = gate.apply(rows([paraphrase, FRESH]))
     assert v.reason == ["overlap_embedding", None]
     assert 0.85 <= v.score[0] <= 1.0 + 1e-5 and v.score[1] < 0.5
@@ -114,11 +136,11 @@ def test_minilm_rejects_a_paraphrase_of_the_seed_and_keeps_an_unrelated_row(mini
 def test_changing_the_threshold_embeds_nothing_again(minilm_path, tmp_path):
     # given a run that filled the cache
     table = rows([COPY, FRESH])
-    first = Embedder(minilm_path, batch_size=8, cache_dir=tmp_path)
+    first = Embedder(minilm_path, cache_dir=tmp_path)
     EmbeddingOverlapGate(seed_rows(SEED), first, max_cosine=0.85).apply(table)
     assert first.computed == len(SEED) + 2
     # when a new embedder and gate with another threshold run on the same rows
-    second = Embedder(minilm_path, batch_size=8, cache_dir=tmp_path)
+    second = Embedder(minilm_path, cache_dir=tmp_path)
     v = EmbeddingOverlapGate(seed_rows(SEED), second, max_cosine=0.5).apply(table)
     # then nothing is embedded (the model is not even loaded) and the verdicts use the new threshold
     assert second.computed == 0 and not second.loaded
@@ -127,14 +149,42 @@ def test_changing_the_threshold_embeds_nothing_again(minilm_path, tmp_path):
 
 def test_cached_vectors_equal_fresh_ones(minilm_path, tmp_path):
     texts = ["Refunds are issued within 14 days.", "Sync runs every 5 minutes.", "Refunds are issued within 14 days."]
-    fresh = Embedder(minilm_path, batch_size=2).embed(texts)
-    Embedder(minilm_path, batch_size=2, cache_dir=tmp_path).embed(texts[:2])
-    again = Embedder(minilm_path, batch_size=2, cache_dir=tmp_path)
+    fresh = Embedder(minilm_path).embed(texts)
+    Embedder(minilm_path, cache_dir=tmp_path).embed(texts[:2])
+    again = Embedder(minilm_path, cache_dir=tmp_path)
     vecs = again.embed(texts)
-    assert again.computed == 0 and np.allclose(vecs, fresh, atol=1e-5)
+    assert again.computed == 0 and np.array_equal(vecs, fresh)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+
+
+def test_a_vector_depends_on_its_text_alone_not_on_the_texts_embedded_with_it(minilm_path):
+    # a cold run embeds a text with other texts than a run that finds some of them cached, or than a resumed
+    # stage: the vector must be the same bits, or a resumed stage writes other scores than an unbroken one
+    text = "Refunds are issued within 14 days."
+    longer = "Sync runs every 5 minutes on every plan, and a failed sync is retried with a backoff. " * 3
+    alone = Embedder(minilm_path).embed([text])[0]
+    together = Embedder(minilm_path).embed([longer, text, "Sync runs."])[1]
+    assert np.array_equal(alone, together)
+
+
+def test_an_embedder_with_threads_embeds_with_that_many_torch_threads_whatever_the_process_had(minilm_path):
+    import torch
+
+    # given a process with one torch thread (as a Ray worker starts: OMP_NUM_THREADS=1), where a long text's
+    # vector differs in its last bits from a two-thread process's
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        # when an embedder built with threads=2 embeds
+        Embedder(minilm_path, threads=2).embed(["Sync runs every 5 minutes."])
+        # then it ran with 2 threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Embedder(minilm_path, threads=0)
 
 
 def test_a_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelResolutionError, match="not found"):
-        Embedder(tmp_path / "absent", batch_size=8)
+        Embedder(tmp_path / "absent")
