@@ -589,17 +589,16 @@ class Recover(Runner):
                "aiohttp", "refinery.models.backends.http", "rensa")
 
     def run(self, work: Path, opts: dict[str, Any]) -> dict[str, Any]:
-        from refinery.core.io import atomic_outputs, read_json, read_parquet
+        from refinery.core.io import read_json, read_parquet
         from refinery.core.params import load_section, params_hash
         from refinery.gates.base import GateContext
         from refinery.gates.run import GateParams
         from refinery.generation import calls as generation
         from refinery.generation.prompts import load_template
         from refinery.generation.strategies import GENERATION_STRATEGIES
-        from refinery.recovery import actions, metrics, run
+        from refinery.recovery import actions, run
         from schemas import documents as documents_schema
         from schemas import gated as gated_schema
-        from schemas import recovered as recovered_schema
         from schemas import split as split_schema
         from schemas import thresholds as thresholds_schema
 
@@ -624,22 +623,8 @@ class Recover(Runner):
                              gates=gates, gate_mode=gate_params.mode, templates=templates, teacher_id=teacher_id,
                              backend=backend, cache_file=p["cache"], gate_cache=p["gate_cache"],
                              phash=params_hash(params), code_version="bench", quiet=True)
-        out, m = p["recovered"], result.metrics
-        with atomic_outputs() as outputs:
-            outputs.parquet(recovered_schema.CONTRACT.validate(result.recovered, "recovered rows"),
-                            out / "recovered.parquet", recovered_schema.RECOVERED_ARROW)
-            outputs.parquet(recovered_schema.CONTRACT.validate(result.baseline, "baseline rows"),
-                            out / "baseline.parquet", recovered_schema.RECOVERED_ARROW)
-            outputs.parquet(recovered_schema.DIAGNOSED_CONTRACT.validate(result.unrecoverable, "unrecoverable"),
-                            out / "unrecoverable.parquet", recovered_schema.DIAGNOSED_ARROW)
-            outputs.parquet(recovered_schema.DIAGNOSED_CONTRACT.validate(result.diagnosed, "diagnosed rows"),
-                            out / "diagnosed.parquet", recovered_schema.DIAGNOSED_ARROW)
-            outputs.parquet(recovered_schema.DIAGNOSED_INJECTED_CONTRACT.validate(result.injected, "planted rows"),
-                            out / "injected.parquet", recovered_schema.DIAGNOSED_INJECTED_ARROW)
-            outputs.parquet(recovered_schema.ATTEMPT_CONTRACT.validate(result.attempts, "recovery attempts"),
-                            out / "attempts.parquet", recovered_schema.ATTEMPT_ARROW)
-            outputs.json(m, p["metrics"] / "recover.json")
-            outputs.text(metrics.report_table(m), p["reports"] / "recover.md")
+        result.write(p["recovered"], p["metrics"] / "recover.json", p["reports"] / "recover.md")
+        m = result.metrics
         a, n, st = m["adaptive"]["overall"], (m["naive"] or {}).get("overall") or {}, result.teacher
         regate = sum(g.seconds for g in gates.values())
         return {"rows": rejected.num_rows, "budget": budget, "teacher_s": st["seconds"], "regate_s": regate,

@@ -45,7 +45,7 @@ def cli(params_file, rejected_file, accepted_file, injected_file, thresholds_fil
     """Diagnose rejected rows, recover them with targeted actions and a naive baseline, re-gate every candidate."""
     import time
 
-    from refinery.core.io import atomic_outputs, read_json, read_parquet
+    from refinery.core.io import read_json, read_parquet
     from refinery.core.params import load_section, params_hash
     from refinery.core.provenance import code_version
     from refinery.gates.base import GateContext
@@ -53,10 +53,9 @@ def cli(params_file, rejected_file, accepted_file, injected_file, thresholds_fil
     from refinery.generation import calls as generation
     from refinery.generation.prompts import load_template
     from refinery.generation.strategies import GENERATION_STRATEGIES
-    from refinery.recovery import actions, metrics, run
+    from refinery.recovery import actions, run
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
-    from schemas import recovered as recovered_schema
     from schemas import split as split_schema
     from schemas import thresholds as thresholds_schema
 
@@ -86,22 +85,8 @@ def cli(params_file, rejected_file, accepted_file, injected_file, thresholds_fil
                          gates=gates, gate_mode=gate_params.mode, templates=templates, teacher_id=teacher_id,
                          backend=backend, cache_file=cache_file, gate_cache=cache, phash=phash, code_version=version,
                          quiet=quiet)
+    result.write(out_dir, metrics_file, table_file)
     out, m = Path(out_dir), result.metrics
-    with atomic_outputs() as outputs:
-        outputs.parquet(recovered_schema.CONTRACT.validate(result.recovered, "recovered rows"),
-                        out / "recovered.parquet", recovered_schema.RECOVERED_ARROW)
-        outputs.parquet(recovered_schema.CONTRACT.validate(result.baseline, "baseline rows"),
-                        out / "baseline.parquet", recovered_schema.RECOVERED_ARROW)
-        outputs.parquet(recovered_schema.DIAGNOSED_CONTRACT.validate(result.unrecoverable, "unrecoverable rows"),
-                        out / "unrecoverable.parquet", recovered_schema.DIAGNOSED_ARROW)
-        outputs.parquet(recovered_schema.DIAGNOSED_CONTRACT.validate(result.diagnosed, "diagnosed rows"),
-                        out / "diagnosed.parquet", recovered_schema.DIAGNOSED_ARROW)
-        outputs.parquet(recovered_schema.DIAGNOSED_INJECTED_CONTRACT.validate(result.injected, "planted rows"),
-                        out / "injected.parquet", recovered_schema.DIAGNOSED_INJECTED_ARROW)
-        outputs.parquet(recovered_schema.ATTEMPT_CONTRACT.validate(result.attempts, "recovery attempts"),
-                        out / "attempts.parquet", recovered_schema.ATTEMPT_ARROW)
-        outputs.json(m, metrics_file)
-        outputs.text(metrics.report_table(m), table_file)
     a, n, st = m["adaptive"]["overall"], (m["naive"] or {}).get("overall"), result.teacher
     click.echo(f"recover: {m['rejected']} rejected, {m['recoverable']} diagnosed recoverable; adaptive "
                f"recovered {a['recovered']}/{a['attempted']} attempted with {a['calls']} calls"

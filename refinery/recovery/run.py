@@ -86,6 +86,32 @@ class Recovery:
     metrics: dict[str, Any]
     teacher: dict[str, Any] = field(default_factory=dict)  # teacher calls, cache hits, failures, seconds (not written)
 
+    def write(self, out_dir: str | Path, metrics_file: str | Path, table_file: str | Path) -> None:
+        """Write every output, checked against its contract, all or nothing (:func:`refinery.core.io.atomic_outputs`).
+
+        Args:
+            out_dir: the folder of the six Parquet outputs.
+            metrics_file: the metrics JSON.
+            table_file: the metrics as a Markdown table.
+        """
+        from refinery.core.io import atomic_outputs
+        from refinery.recovery.metrics import report_table
+
+        out, rs = Path(out_dir), recovered_schema
+        tables = (("recovered", self.recovered, rs.CONTRACT, "recovered rows", rs.RECOVERED_ARROW),
+                  ("baseline", self.baseline, rs.CONTRACT, "baseline rows", rs.RECOVERED_ARROW),
+                  ("unrecoverable", self.unrecoverable, rs.DIAGNOSED_CONTRACT, "unrecoverable rows",
+                   rs.DIAGNOSED_ARROW),
+                  ("diagnosed", self.diagnosed, rs.DIAGNOSED_CONTRACT, "diagnosed rows", rs.DIAGNOSED_ARROW),
+                  ("injected", self.injected, rs.DIAGNOSED_INJECTED_CONTRACT, "planted rows",
+                   rs.DIAGNOSED_INJECTED_ARROW),
+                  ("attempts", self.attempts, rs.ATTEMPT_CONTRACT, "recovery attempts", rs.ATTEMPT_ARROW))
+        with atomic_outputs() as outputs:
+            for name, table, contract, what, arrow in tables:
+                outputs.parquet(contract.validate(table, what), out / f"{name}.parquet", arrow)
+            outputs.json(self.metrics, metrics_file)
+            outputs.text(report_table(self.metrics), table_file)
+
 
 def check_params(p: RecoverParams) -> None:
     """Fail with one line on an action without a temperature, a chain naming an unknown mode or action, or an
