@@ -1,4 +1,4 @@
-"""Embed texts with a sentence-transformers model, in batches, caching vectors on disk by content hash."""
+"""Embed texts with a sentence-transformers model, one text at a time, caching vectors on disk by content hash."""
 
 from __future__ import annotations
 
@@ -179,7 +179,8 @@ class Embedder:
     loads it). Texts are embedded one at a time, unpadded: a vector then depends on its text alone, never on the
     other texts of a batch (batched, padded and length-sorted, its last bits follow its batch), so a run that reads
     some vectors from the cache gives the bits a cold run gives and a resumed stage writes what an unbroken one
-    would (docs/measurements.md, embedding one text at a time). Vectors are L2-normalised, so a dot product is the cosine similarity. The cache key is
+    would (docs/measurements.md, embedding one text at a time). Vectors are L2-normalised, so a dot product is the
+    cosine similarity. The cache key is
     sha256(model id + text): a different model never reads another's vectors, and changing a gate's
     threshold recomputes nothing.
 
