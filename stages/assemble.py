@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from refinery.training.arms import ArmRecipe, check_arms
 from refinery.core.errors import InputError
+from refinery.inspect.decisions import Decision, read_decisions
 from refinery.gates.dedup import DedupParams
 from refinery.core.params import StageParams, load_section
 from schemas import datasets as datasets_schema
@@ -46,14 +47,23 @@ class WeightParams(StageParams):
     contaminated: float = Field(gt=0)
 
 
+class CardParams(StageParams):
+    """The Hugging Face dataset card written beside the datasets (README.md)."""
+
+    license: str = "other"  # a Hugging Face license id (the seed's licence decides it)
+    pretty_name: str = "refinery curated QA"
+    language: list[str] = Field(default_factory=lambda: ["en"])
+    description: str = "Synthetic QA rows generated from a human seed, gated, recovered and assembled per arm."
+
+
 class AssembleParams(StageParams):
     """Knobs of the assemble stage."""
 
     seed: int  # order in which synthetic rows are drawn under the cap
     weights: WeightParams
     dedup: DedupParams  # exact + MinHash removal of synthetic rows duplicating the human anchor or each other
-    max_passage_chars: int = Field(gt=0)  # passage length in the DPO export (characters; cut at a word)
     arms: dict[str, ArmRecipe]  # arm name -> recipe; data/06_datasets/<arm>.parquet each
+    card: CardParams = Field(default_factory=CardParams)
 
     @model_validator(mode="after")
     def _check_arms(self) -> AssembleParams:
@@ -69,6 +79,113 @@ class AssembleResult:
     sft: Mapping[str, list[dict[str, Any]]]  # per arm, built when read (:class:`SftRecords`)
     dpo: list[dict[str, Any]]
     metrics: dict[str, Any]
+    decisions: pa.Table | None = None  # one row per review decision and what it did (None: no decisions file)
+
+
+Regate = Callable[[pa.Table], tuple[list[bool], list[list[str]]]]  # synthetic rows -> (kept, reasons) per row
+
+DECISIONS_ARROW = pa.schema([
+    pa.field("reviewed_row_id", pa.string(), nullable=False),  # the row the reviewer judged
+    pa.field("verdict", pa.string(), nullable=False),  # accept | reject | fix
+    pa.field("action", pa.string(), nullable=False),  # kept | removed | replaced | replacement_rejected | not_found
+    pa.field("replacement_row_id", pa.string(), nullable=True),  # the corrected row (fix)
+    pa.field("sources", pa.list_(pa.string()), nullable=False),  # the sources the reviewed row was found in
+    pa.field("gate_reasons", pa.list_(pa.string()), nullable=False),  # why the gates refused the corrected row
+    pa.field("record", pa.string(), nullable=False),  # decisions file and record number
+])
+
+
+def corrected_row_id(row_id: str, answer: str) -> str:
+    """Content-derived id of a reviewer's corrected row (``rev_`` + 16 hex of the original id and the answer)."""
+    import hashlib
+
+    return "rev_" + hashlib.sha256(f"{row_id}\0{answer}".encode()).hexdigest()[:16]
+
+
+def _replace(table: pa.Table, values: dict[str, Any]) -> pa.Table:
+    for name, value in values.items():
+        i = table.schema.get_field_index(name)
+        if i >= 0:
+            table = table.set_column(i, table.schema.field(name), pa.array([value] * table.num_rows,
+                                                                           table.schema.field(name).type))
+    return table
+
+
+def apply_decisions(raw: Mapping[str, pa.Table], sources: dict[str, pa.Table], decisions: Sequence[Decision],
+                    regate: Regate | None) -> tuple[dict[str, pa.Table], pa.Table, dict[str, Any]]:
+    """Apply human review decisions to the synthetic sources before any arm draws from them.
+
+    ``reject`` removes the row from every source; ``fix`` removes it and adds a corrected row (the reviewer's answer,
+    ``rev_`` id, ``parent_ids`` = the reviewed row, ``recovery_action`` ``human_review``) to each source it was in,
+    once every gate has judged the corrected row (a corrected answer is a new answer); a corrected row the gates
+    refuse is left out with its reasons. ``accept`` changes nothing. Every decision is a row of the returned table.
+
+    Args:
+        raw: the parsed source tables as read (synthetic contract columns), by source name.
+        sources: the same rows in the datasets shape (:func:`rows_of`), by source name.
+        decisions: what reviewers decided (:func:`refinery.inspect.decisions.read_decisions`).
+        regate: judges synthetic-contract rows with every gate; needed when some decision is ``fix``.
+
+    Returns:
+        (the sources with decisions applied, the decisions table, counts for the metrics).
+    """
+    from schemas import synthetic as synthetic_schema
+
+    where: dict[str, list[str]] = {}
+    for name, table in sources.items():
+        for rid in set(table.column("row_id").to_pylist()) & {d.row_id for d in decisions}:
+            where.setdefault(rid, []).append(name)
+    fixes = [d for d in decisions if d.verdict == "fix" and d.row_id in where]
+    corrected: dict[str, tuple[str, pa.Table]] = {}  # reviewed id -> (corrected id, synthetic-contract row)
+    for d in fixes:
+        table = raw[where[d.row_id][0]]
+        row = table.filter(pc.equal(table.column("row_id"), d.row_id)).slice(0, 1)
+        new_id = corrected_row_id(d.row_id, d.corrected_answer or "")
+        row = _replace(row.select(list(synthetic_schema.ARROW.names)).cast(synthetic_schema.ARROW),
+                       {"row_id": new_id, "answer": d.corrected_answer, "parent_ids": [d.row_id],
+                        "recovery_action": "human_review"})
+        corrected[d.row_id] = (new_id, row)
+    verdicts: dict[str, tuple[bool, list[str]]] = {}
+    if corrected:
+        if regate is None:
+            raise InputError("review decisions", "a 'fix' decision needs the gates to judge the corrected answer "
+                                                 "(pass --thresholds, --models, --verifier and --reward)")
+        rows = pa.concat_tables([t for _, t in corrected.values()])
+        kept, reasons = regate(rows)
+        verdicts = {rid: (bool(k), list(r)) for rid, k, r in zip(rows.column("row_id").to_pylist(), kept, reasons)}
+    removed = {d.row_id for d in decisions if d.verdict in ("reject", "fix")}
+    out: dict[str, pa.Table] = {}
+    for name, table in sources.items():
+        keep = pc.invert(pc.is_in(table.column("row_id"), value_set=pa.array(sorted(removed), pa.string())))
+        parts = [table.filter(keep)]
+        for d in fixes:
+            new_id, _ = corrected[d.row_id]
+            if name in where[d.row_id] and verdicts[new_id][0]:
+                original = table.filter(pc.equal(table.column("row_id"), d.row_id)).slice(0, 1)
+                parts.append(_replace(original, {"row_id": new_id, "answer": d.corrected_answer,
+                                                 "parent_ids": [d.row_id], "recovery_action": "human_review"}))
+        out[name] = pa.concat_tables(parts)
+    log = []
+    for d in decisions:
+        new_id, reasons = None, []
+        if d.row_id not in where:
+            action = "not_found"
+        elif d.verdict == "accept":
+            action = "kept"
+        elif d.verdict == "reject":
+            action = "removed"
+        else:
+            new_id = corrected[d.row_id][0]
+            ok, reasons = verdicts[new_id]
+            action = "replaced" if ok else "replacement_rejected"
+        log.append({"reviewed_row_id": d.row_id, "verdict": d.verdict, "action": action,
+                    "replacement_row_id": new_id, "sources": where.get(d.row_id, []), "gate_reasons": reasons,
+                    "record": d.where})
+    table = pa.Table.from_pylist(log, DECISIONS_ARROW)
+    counts = Counter(r["action"] for r in log)
+    return out, table, {"decisions": len(log), **{a: counts.get(a, 0) for a in
+                                                  ("kept", "removed", "replaced", "replacement_rejected",
+                                                   "not_found")}}
 
 
 def rows_of(table: pa.Table, source: str, weight: float, where: str) -> pa.Table:
@@ -247,14 +364,25 @@ def check_documents(tables: Mapping[str, pa.Table], passages: dict[str, str]) ->
                                                f"table", row=i + 1, field="doc_id")
 
 
-def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: int) -> list[dict]:
-    """Return DPO records in the conversational preference shape (TRL): prompt messages, chosen, rejected."""
-    from refinery.training.sft import messages
+def dpo_records(pairs: pa.Table, passages: dict[str, str], window_chars: int, parents: pa.Table) -> list[dict]:
+    """Return DPO records in the conversational preference shape (TRL): prompt messages, chosen, rejected.
 
+    The prompt is built as training builds it (:func:`refinery.training.lora.messages_for`): the passage window
+    around the evidence of the pair's parent seed row (``parent_id`` in ``parents``), else the document's head.
+    """
+    from refinery.training.lora import messages_for
+
+    spans = {r["row_id"]: r for r in parents.select(["row_id", "evidence", "evidence_start", "evidence_end"])
+             .to_pylist()}
     out = []
-    for p in pairs.to_pylist():
-        passage = passages.get(p["doc_id"], "")
-        out.append({"prompt": messages(passage, p["prompt"], None, max_passage_chars),
+    for i, p in enumerate(pairs.to_pylist()):
+        if p["doc_id"] not in passages:
+            raise InputError("preference pairs", f"document {p['doc_id']!r} not in the documents table", row=i + 1,
+                             field="doc_id")
+        parent = spans.get(p["parent_id"], {})
+        row = {"row_id": p["pair_id"], "doc_id": p["doc_id"], "question": p["prompt"], "answer": None,
+               **{k: parent.get(k) for k in ("evidence", "evidence_start", "evidence_end")}}
+        out.append({"prompt": messages_for(row, passages, window_chars, with_answer=False),
                     "chosen": [{"role": "assistant", "content": p["chosen"].strip()}],
                     "rejected": [{"role": "assistant", "content": p["rejected"].strip()}],
                     "category": p["category"], "pair_id": p["pair_id"]})
@@ -263,7 +391,8 @@ def dpo_records(pairs: pa.Table, passages: dict[str, str], max_passage_chars: in
 
 def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recovered: pa.Table | None,
              documents: pa.Table, pairs: pa.Table, params: AssembleParams,
-             generated: pa.Table | None = None, window_chars: int = 0) -> AssembleResult:
+             generated: pa.Table | None = None, window_chars: int = 0, decisions: Sequence[Decision] | None = None,
+             regate: Regate | None = None) -> AssembleResult:
     """Build every arm's dataset and its trainer exports.
 
     Args:
@@ -276,6 +405,8 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         params: the arms' recipes, weights, dedup bounds.
         generated: every generated row before any gate (synthetic contract), or None.
         window_chars: the passage window of the SFT export (``train.window_chars``: what training sees).
+        decisions: human review decisions to apply (:func:`apply_decisions`); None: no decisions file.
+        regate: judges reviewer-corrected rows with every gate (needed when a decision is ``fix``).
 
     Returns:
         Tables of the datasets contract (one per arm, in params order), SFT and DPO records, counts metrics.
@@ -293,13 +424,17 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
     inputs = {"accepted": (accepted, "accepted rows"), "recovered": (recovered, "recovered rows"),
               "generated": (generated, "generated rows"), "contaminated": (contaminated, "contaminated set")}
     sources: dict[str, pa.Table] = {}
+    raw: dict[str, pa.Table] = {}
     unparsed: dict[str, int] = {}
     for name, (table, where) in inputs.items():
         if table is None:
             continue
-        parsed = _parsed(table)
-        sources[name] = rows_of(parsed, name, getattr(w, name), where)
-        unparsed[name] = table.num_rows - parsed.num_rows
+        raw[name] = _parsed(table)
+        sources[name] = rows_of(raw[name], name, getattr(w, name), where)
+        unparsed[name] = table.num_rows - raw[name].num_rows
+    decision_table, review = None, None
+    if decisions is not None:
+        sources, decision_table, review = apply_decisions(raw, sources, decisions, regate)
     passages = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
     categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
     tables: dict[str, pa.Table] = {}
@@ -358,9 +493,11 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         }
     check_documents(tables, passages)
     sft = SftRecords(tables, passages, window_chars)
-    dpo = dpo_records(pairs, passages, params.max_passage_chars)
+    dpo = dpo_records(pairs, passages, window_chars, train)
     metrics["dpo_pairs"] = len(dpo)
-    return AssembleResult(tables, sft, dpo, {"arms": list(params.arms), **metrics})
+    if review is not None:
+        metrics["review_decisions"] = review
+    return AssembleResult(tables, sft, dpo, {"arms": list(params.arms), **metrics}, decision_table)
 
 
 def jsonl(records: list[dict]) -> str:
@@ -391,15 +528,30 @@ def jsonl(records: list[dict]) -> str:
 @click.option("--pairs", "pairs_file", required=True,
               help="Train_reward's DPO preference pairs (Parquet): one row per (prompt, chosen, rejected); "
                    "exported as dpo.jsonl.")
+@click.option("--decisions", "decisions_file", default=None,
+              help="Human review decisions (a Label Studio JSON export or Argilla records; '[]' for none): one "
+                   "record per reviewed row; rejected rows leave every arm, corrected answers replace theirs once "
+                   "every gate has judged them. Leave out to assemble without review.")
+@click.option("--thresholds", "thresholds_file", default=None,
+              help="Gate's thresholds.json: the bounds that judge reviewer-corrected answers (with --models, "
+                   "--verifier, --reward, --gate-cache; loaded only when a decision is 'fix').")
+@click.option("--models", "models_dir", default=None, help="Provisioned base models folder (re-gating corrections).")
+@click.option("--verifier", "verifier_dir", default=None, help="Trained verifier folder (re-gating corrections).")
+@click.option("--reward", "reward_dir", default=None, help="Trained reward model folder (re-gating corrections).")
+@click.option("--gate-cache", "gate_cache", default=None, help="The gates' signature and embedding cache.")
 @click.option("--out", "out_dir", required=True,
               help="Writes <arm>.parquet (one row per training example, with provenance) and <arm>.sft.jsonl for "
-                   "every arm of assemble.arms, and dpo.jsonl, here.")
+                   "every arm of assemble.arms, dpo.jsonl (TRL) and dpo.sharegpt.jsonl (LLaMA-Factory), the dataset "
+                   "card README.md (one Hugging Face config per file), LLaMA-Factory's dataset_info.json and, with "
+                   "--decisions, review_decisions.parquet (one row per decision and what it did), here.")
 @click.option("--metrics", "metrics_file", required=True,
               help="Writes the rows per arm and source, and the DPO pair count, here (JSON).")
 def cli(params_file, train_file, contaminated_file, accepted_file, recovered_file, generated_file, documents_file,
-        pairs_file, out_dir, metrics_file) -> None:
+        pairs_file, decisions_file, thresholds_file, models_dir, verifier_dir, reward_dir, gate_cache, out_dir,
+        metrics_file) -> None:
     """Assemble one dataset per arm (params.yaml: assemble.arms) with SFT and DPO exports."""
     from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.training import publish
     from schemas import documents as documents_schema
     from schemas import gated as gated_schema
     from schemas import preference_pairs as pairs_schema
@@ -418,7 +570,18 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
     from refinery.core.params import read_key
 
     window = read_key(params_file, "train.window_chars", 0)
-    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params, generated, int(window))
+    decisions = read_decisions(decisions_file) if decisions_file else None
+    regate = None
+    if decisions and any(d.verdict == "fix" for d in decisions):
+        missing = [o for o, v in (("--thresholds", thresholds_file), ("--models", models_dir),
+                                  ("--verifier", verifier_dir), ("--reward", reward_dir),
+                                  ("--gate-cache", gate_cache)) if not v]
+        if missing:
+            raise click.UsageError(f"{decisions_file}: a 'fix' decision is re-gated: pass {', '.join(missing)}")
+        regate = _regate(params_file, thresholds_file, train, documents, models_dir, verifier_dir, reward_dir,
+                         gate_cache)
+    result = assemble(train, contaminated, accepted, recovered, documents, pairs, params, generated, int(window),
+                      decisions, regate)
     out = Path(out_dir)
     with atomic_outputs() as outputs:
         for kind in result.tables:
@@ -427,10 +590,45 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
             outputs.parquet(table, path, datasets_schema.ARROW)
             outputs.text(jsonl(result.sft[kind]), out / f"{kind}.sft.jsonl")
         outputs.text(jsonl(result.dpo), out / "dpo.jsonl")
+        outputs.text(jsonl(publish.dpo_sharegpt(result.dpo)), out / publish.DPO_SHAREGPT_FILE)
+        arm_metrics = {arm: result.metrics[arm] for arm in result.tables}
+        card = params.card
+        outputs.text(publish.dataset_card(arm_metrics, len(result.dpo), license_id=card.license,
+                                          pretty_name=card.pretty_name, language=card.language,
+                                          description=card.description), out / publish.CARD_FILE)
+        outputs.json(publish.llamafactory_info(list(result.tables), dpo=bool(result.dpo)),
+                     out / publish.LLAMAFACTORY_FILE)
+        if result.decisions is not None:
+            outputs.parquet(result.decisions, out / "review_decisions.parquet", DECISIONS_ARROW)
         outputs.json(result.metrics, metrics_file)
     arms = ", ".join(f"{k} {m['rows']} ({m['synthetic']} synthetic)" for k, m in result.metrics.items()
                      if isinstance(m, dict))
-    click.echo(f"assemble: {arms}; {result.metrics['dpo_pairs']} DPO pairs -> {out}", err=True)
+    review = result.metrics.get("review_decisions")
+    said = (f"; review decisions: {review['decisions']} ({review['removed']} removed, {review['replaced']} replaced, "
+            f"{review['replacement_rejected']} corrections refused by the gates, {review['not_found']} not found)"
+            if review else "")
+    click.echo(f"assemble: {arms}; {result.metrics['dpo_pairs']} DPO pairs{said} -> {out}", err=True)
+
+
+def _regate(params_file: str, thresholds_file: str, train: pa.Table, documents: pa.Table, models_dir: str,
+            verifier_dir: str, reward_dir: str, gate_cache: str) -> Regate:
+    """Build the gate stage's gates from its thresholds.json (as recover does): they judge corrected rows."""
+    from refinery.core.io import read_json
+    from refinery.gates.base import GateContext
+    from refinery.gates.run import GateParams, build_gates, load_models, run_gates
+    from schemas import thresholds as thresholds_schema
+
+    gate_params = load_section(params_file, "gate", GateParams)
+    thresholds = thresholds_schema.validate(read_json(thresholds_file), thresholds_file)
+    cache = Path(gate_cache)
+    models = load_models(gate_params, models_dir, verifier_dir, reward_dir, cache)
+    gates = build_gates(thresholds, GateContext(train, documents, models, cache))
+
+    def regate(rows: pa.Table) -> tuple[list[bool], list[list[str]]]:
+        gated = run_gates(rows, gates, "full")
+        return gated.column("gate_keep").to_pylist(), gated.column("gate_reasons").to_pylist()
+
+    return regate
 
 
 if __name__ == "__main__":  # pragma: no cover

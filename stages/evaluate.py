@@ -30,6 +30,7 @@ class EvaluateParams(StageParams):
     bertscore_layers: int = Field(ge=1)  # encoder layer BERTScore matches on (the embedder role's model)
     bertscore_batch_size: int = Field(ge=1)
     factual_min_facts: int = Field(ge=1)  # facts a reference must state (all found in its passage) to be checked
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto: CUDA, else MPS, else CPU
     dtype: str = "float32"  # decoding weights (the adapter merged first): float32 | bfloat16 | float16 | auto
     # (bfloat16 where the CPU computes it natively)
 
@@ -133,7 +134,10 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
     missing = [c for c in TEST_COLUMNS if c not in test.column_names]
     if missing:
         raise InputError("test", f"missing column(s) {', '.join(missing)}", field=missing[0])
-    model, tokenizer, seq2seq = lora.load_student(student_ref, params.threads)
+    from refinery.core.device import device_of, resolve_device
+
+    model, tokenizer, seq2seq = lora.load_student(student_ref, params.threads,
+                                                  resolve_device(params.device, "evaluate.device"))
     adapter_id = None
     if adapter_dir is not None:
         from peft import PeftModel
@@ -159,6 +163,7 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
 
     dtype = resolve_dtype(params.dtype)
     model = model.to(getattr(torch, dtype))
+    device = device_of(model)
     log(f"evaluate {name}: {len(rows)} test rows, {'adapter ' + adapter_dir if adapter_dir else 'untuned student'}, "
         f"{dtype}")
     preds = lora.generate(model, tokenizer, prompts, seq2seq=seq2seq, max_new_tokens=params.max_new_tokens,
@@ -169,6 +174,7 @@ def evaluate_core(test: pa.Table, documents: dict[str, str], params: EvaluatePar
     table = score_rows(test, preds, passages, name=name, bert_f1=bert.f1, min_facts=params.factual_min_facts)
     extra = {"student": student_id, "adapter": adapter_dir, "adapter_sha256": adapter_id,
              "max_new_tokens": params.max_new_tokens, "window_chars": train_params.window_chars, "dtype": dtype,
+             "device": device,
              "params_hash": params_hash(params)}
     return EvalResult(table, summarise(table, name=name, model_id=f"{student_id}+{adapter_id or 'none'}",
                                        bert_info=bert.info, extra=extra))

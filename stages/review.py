@@ -34,8 +34,17 @@ def _tables(paths: tuple[str, ...]) -> dict[str, pa.Table]:
             raise InputError(str(p), "file not found (did the upstream stage run?)")
         for f in sorted(p.rglob("*.parquet")) if p.is_dir() else [p]:
             if "row_id" in pq.read_schema(f).names:
-                out[f.as_posix()] = read_parquet(f)
+                out[_relative(f)] = read_parquet(f)
     return out
+
+
+def _relative(path: Path) -> str:
+    """Name a file by its path relative to the working directory (the project root), so exports carry no absolute
+    path; a file outside it keeps its absolute path."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
 
 
 @click.command("review")

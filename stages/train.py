@@ -101,7 +101,11 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
 
     require_columns(dataset, DATASET_COLUMNS, name)
     weights = dataset_weights(dataset, name)
-    model, tokenizer, seq2seq = lora.load_student(student_ref, params.threads)
+    from refinery.core.device import device_of, resolve_device
+
+    model, tokenizer, seq2seq = lora.load_student(student_ref, params.threads,
+                                                  resolve_device(params.device, "train.device"))
+    device = device_of(model)
     train_ex = build_examples(dataset, documents, tokenizer, seq2seq=seq2seq, params=params, where=name)
     if params.val_rows is not None and val.num_rows > params.val_rows:
         keep = np.sort(np.random.default_rng(0).permutation(val.num_rows)[:params.val_rows])
@@ -131,6 +135,7 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
         "val_rows": val.num_rows,
         "seed": params.seed,
         "dtype": compute_dtype(params.dtype),
+        "device": device,
         "examples_seen": res.examples_seen,
         "steps": res.steps,
         "effective_batch": params.batch_size * params.grad_accum,
@@ -158,7 +163,8 @@ def train_core(dataset: pa.Table, val: pa.Table, documents: dict[str, str], para
     return TrainOutcome(metrics, {"curve": res.curve, "val_curve": res.val_curve, "best_step": res.best_step})
 
 
-def environment(params: TrainParams, student_id: str, inputs: dict[str, str], code_version: str) -> dict[str, Any]:
+def environment(params: TrainParams, student_id: str, inputs: dict[str, str], code_version: str,
+                device: str) -> dict[str, Any]:
     """Describe what a run depended on: package versions, hardware, seeds, config hash, git commit."""
     import importlib.metadata as md
 
@@ -175,11 +181,9 @@ def environment(params: TrainParams, student_id: str, inputs: dict[str, str], co
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
             versions[dist] = None
-    from refinery.training.lora import DEVICE
-
-    # the device the student was trained on (not merely one that is present: a GPU sits unused today)
+    # the device the student was trained on (where its parameters were), not merely one that is present
     hardware = {"machine": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(), "device": DEVICE,
+                "torch_threads": torch.get_num_threads(), "device": device,
                 "cuda_present": torch.cuda.is_available()}
     return {"versions": versions, "hardware": hardware, "seeds": {"train": params.seed},
             "config_hash": params_hash(params), "params": params.model_dump(mode="json"), "git_commit": commit,
@@ -258,7 +262,7 @@ def cli(params_file: str, dataset_file: str, name: str, seed: int | None, val_fi
         result = train_core(dataset, val, documents, params, ref, folder, name=name, progress=progress,
                             log=lambda s: click.echo(s, err=True))
         result.metrics["student"] = student_id
-        env = environment(params, student_id, inputs, version)
+        env = environment(params, student_id, inputs, version, result.metrics["device"])
         (folder / ENVIRONMENT_FILE).write_text(json.dumps(env, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (folder / LOG_FILE).write_text(json.dumps({"metrics": result.metrics, **result.log}, indent=2,
                                                   sort_keys=True) + "\n", encoding="utf-8")

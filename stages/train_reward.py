@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from refinery.planted import corruptions as corr
+from refinery.core.device import resolve_device
 from refinery.core.errors import InputError, RefineryError
 from refinery.core.params import StageParams, load_section, params_hash, read_key
 from refinery.core.text import stable_id
@@ -46,6 +47,7 @@ class TrainRewardParams(StageParams):
     max_length: int = Field(ge=32, le=512)  # tokens per (question, answer)
     trainable_layers: int = Field(default=6, ge=0, le=24)  # top encoder layers fine-tuned; the rest frozen
     threads: int = Field(ge=1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # training; auto: CUDA, MPS, else CPU
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ def train_reward_core(train: pa.Table, val: pa.Table, params: TrainRewardParams,
         raise RefineryError("inject.unseen_families leaves the reward head no preference pair to train on")
     train_metrics = train_reward(seen, base_path, out_dir, epochs=params.epochs, lr=params.lr,
                                  batch_size=params.batch_size, seed=params.seed, max_length=params.max_length,
-                                 threads=params.threads, trainable_layers=params.trainable_layers, log=log)
+                                 threads=params.threads, trainable_layers=params.trainable_layers,
+                                 device=resolve_device(params.device, "train_reward.device"), log=log)
     model = load_reward(out_dir, batch_size=64, max_length=params.max_length, threads=params.threads)
     metrics = {
         "pairs": pairs.num_rows, "train_pairs": seen.num_rows, "unseen_kinds": list(unseen_kinds),

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from refinery.planted import corruptions as corr
+from refinery.core.device import resolve_device
 from refinery.core.errors import RefineryError
 from refinery.core.params import StageParams, load_section, params_hash, read_key
 from refinery.models.verifier_pairs import COUNTERFACTUAL_KINDS, PAIRS_ARROW, build_pairs
@@ -44,6 +45,7 @@ class TrainVerifierParams(StageParams):
     combiner_per_kind: bool = False  # one regression per corruption kind too; the score is the minimum over them
     combiner_boosted: bool = False  # gradient-boosted trees over the same features instead of regressions
     threads: int = Field(ge=1)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # training; auto: CUDA, MPS, else CPU
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ def train_verifier_core(train: pa.Table, val: pa.Table, documents: pa.Table, par
     val_pairs = build_pairs(val, documents, seed=params.seed + 1, negatives_per_positive=len(corr.FACTUAL_KINDS),
                             counterfactual=False, sentence_positives=False, where="val")
     knobs = dict(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, seed=params.seed,
-                 max_length=params.max_length, threads=params.threads, trainable_layers=params.trainable_layers)
+                 max_length=params.max_length, threads=params.threads, trainable_layers=params.trainable_layers,
+                 device=resolve_device(params.device, "train_verifier.device"))
     snli_metrics = None
     init = None
     if snli is not None and snli.num_rows:

@@ -101,7 +101,7 @@ def params(arms: dict | None = None, **over) -> AssembleParams:
     arms = arms or {"human": {"human": True}, "contaminated": {"sources": ["contaminated"], "dedup": False},
                     "curated": curated}
     base = {"seed": 1, "weights": {"human": 1.0, "accepted": 0.5, "recovered": 0.5, "contaminated": 1.0},
-            "dedup": {"max_jaccard": 0.55, "num_perm": 64, "shingle": 5}, "max_passage_chars": 200, "arms": arms}
+            "dedup": {"max_jaccard": 0.55, "num_perm": 64, "shingle": 5}, "arms": arms}
     return AssembleParams.model_validate({**base, **over})
 
 
@@ -310,3 +310,35 @@ def test_the_sft_export_holds_the_prompt_training_builds():
     for rec, row in zip(result.sft["human"], result.tables["human"].to_pylist()):
         assert rec["messages"] == messages_for(row, passages, 60, with_answer=True)
         assert len(rec["messages"][1]["content"]) < len(passages[row["doc_id"]]) + 100
+
+
+def test_the_dpo_export_holds_the_prompt_training_builds_for_the_pairs_parent_row():
+    # given pairs whose parents are human train rows, on documents longer than the training window
+    from refinery.training.lora import messages_for
+
+    train = human_rows(["a"] * 3)
+    docs = documents()
+    passages = dict(zip(docs.column("doc_id").to_pylist(), docs.column("text").to_pylist()))
+    result = assemble(train, train, synthetic_rows(["a"]), None, docs, pairs(train), params(), window_chars=60)
+    # then each DPO prompt is the parent's training prompt (its evidence window), without the answer
+    for rec, parent in zip(result.dpo, train.to_pylist()):
+        assert rec["prompt"] == messages_for(parent, passages, 60, with_answer=False)
+
+
+def test_cli_writes_a_dataset_card_and_llamafactory_info_naming_every_file(tmp_path, in_tmp):
+    import yaml
+
+    test_cli_writes_datasets_exports_and_metrics(tmp_path, in_tmp)
+    out = tmp_path / "out"
+    text = (out / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    configs = {c["config_name"]: [f["path"] for f in c["data_files"]] for c in header["configs"]}
+    assert configs == {"human": ["human.sft.jsonl"], "contaminated": ["contaminated.sft.jsonl"],
+                       "curated": ["curated.sft.jsonl"], "dpo": ["dpo.jsonl"]}
+    assert header["size_categories"] == ["n<1K"] and header["license"] == "other"
+    info = json.loads((out / "dataset_info.json").read_text())
+    for name, entry in info.items():
+        assert (out / entry["file_name"]).is_file(), name
+    assert info["refinery_dpo"]["ranking"] is True
+    first = json.loads((out / "dpo.sharegpt.jsonl").read_text().splitlines()[0])
+    assert first["chosen"]["role"] == "assistant" and first["messages"][0]["role"] == "system"

@@ -84,10 +84,39 @@ def test_exports_are_label_studio_tasks_and_argilla_records_that_match_their_con
     assert len(tasks) == math.ceil(0.2 * 10) and all(t["data"]["row_id"].startswith("syn_") for t in tasks)
     # every $variable of the labeling config is in each task's data
     variables = set(re.findall(r"\$(\w+)", LABEL_STUDIO_CONFIG))
-    assert variables == {"question", "answer", "evidence"} and all(variables <= set(t["data"]) for t in tasks)
+    assert variables == {"question", "answer", "evidence", "gate_reasons"} and \
+        all(variables <= set(t["data"]) for t in tasks)
+    # the gates' verdict is pre-filled as a prediction of the verdict choice
+    for t in tasks:
+        [pred] = t["predictions"]
+        [choice] = pred["result"]
+        assert (choice["from_name"], choice["to_name"], choice["type"]) == ("verdict", "answer", "choices")
+        assert choice["value"]["choices"][0] in ("accept", "reject") and 'name="verdict"' in LABEL_STUDIO_CONFIG
     records = argilla_records(data)
-    names = {f["name"] for f in ARGILLA_SETTINGS["fields"]} | {m["name"] for m in ARGILLA_SETTINGS["metadata"]}
-    assert all(names <= set(r) and r["id"] for r in records)
+    assert all(set(r["fields"]) == {f["name"] for f in ARGILLA_SETTINGS["fields"]} and
+               set(r["metadata"]) == {m["name"] for m in ARGILLA_SETTINGS["metadata"]} and r["id"] for r in records)
+    assert all(r["suggestions"]["verdict"]["agent"] == "refinery-gates" for r in records)
+
+
+def test_argilla_settings_and_records_load_in_the_argilla_sdk_without_a_server(tmp_path, monkeypatch):
+    rg = pytest.importorskip("argilla", reason="the argilla SDK is a dev dependency (make install)")
+    from unittest import mock
+
+    from argilla.client import Argilla
+
+    # the SDK's objects ask for a default client; a stand-in keeps it off the network (nothing is sent)
+    monkeypatch.setattr(Argilla, "_default_client", mock.MagicMock(), raising=False)
+    path = tmp_path / "argilla_settings.json"
+    path.write_text(json.dumps(ARGILLA_SETTINGS))
+    settings = rg.Settings.from_json(path)
+    assert [q.name for q in settings.questions] == ["verdict", "corrected_answer"]
+    assert settings.questions["verdict"].labels == ["accept", "reject", "fix"]
+    assert [f.name for f in settings.fields] == ["question", "answer", "evidence"]
+    tables, seeds = _synthetic(20, 10)
+    data = build_review(tables, None, seeds, SampleSpec(seed=3, other_share=0.0))
+    for r in argilla_records(data):
+        record = rg.Record.from_dict(r)
+        assert record.id == r["id"] and record.suggestions["verdict"].value in ("accept", "reject")
 
 
 def _params(tmp_path: Path) -> Path:

@@ -200,19 +200,38 @@ def label_studio_tasks(data: dict) -> list[dict]:
                      "gate_reasons": ", ".join(r.get("gate_reasons") or [])},
             "meta": {"origin": r.get("origin"), "rare": r["rare"], "datasets": r["datasets"],
                      "gates": {g: v.get("score") for g, v in r["gates"].items()}},
+            "predictions": [gate_prediction(r)],
         })
     return tasks
 
 
+def gate_prediction(row: dict) -> dict:
+    """The gates' verdict on a row as a Label Studio prediction of the ``verdict`` choice (pre-filled for reviewers).
+
+    ``accept`` when every gate that ran kept the row, else ``reject``; the score is the share of gates that kept it.
+    """
+    verdicts = [v.get("keep") for v in row["gates"].values() if v.get("keep") is not None]
+    kept = sum(bool(k) for k in verdicts)
+    choice = "accept" if verdicts and kept == len(verdicts) else "reject"
+    return {"model_version": "refinery-gates", "score": round(kept / len(verdicts), 4) if verdicts else None,
+            "result": [{"from_name": "verdict", "to_name": "answer", "type": "choices",
+                        "value": {"choices": [choice]}}]}
+
+
 def argilla_records(data: dict) -> list[dict]:
-    """The review sample as Argilla records (``dataset.records.log(records)``; fields + metadata by name)."""
+    """The review sample as Argilla 2.x records (``rg.Record.from_dict`` shape; log them into a dataset created
+    from :data:`ARGILLA_SETTINGS`), the gates' verdict offered as the ``verdict`` suggestion."""
     out = []
     for task in label_studio_tasks(data):
-        d = task["data"]
-        out.append({"id": d["row_id"], "question": d["question"], "answer": d["answer"], "evidence": d["evidence"],
-                    "intent": d["intent"] or "", "strategy": d["strategy"] or "", "status": d["status"] or "",
-                    "gate_reasons": d["gate_reasons"], "origin": task["meta"]["origin"] or "",
-                    "rare": bool(task["meta"]["rare"])})
+        d, pred = task["data"], task["predictions"][0]
+        out.append({"id": d["row_id"],
+                    "fields": {"question": d["question"], "answer": d["answer"], "evidence": d["evidence"] or "-"},
+                    "metadata": {"intent": d["intent"] or "", "strategy": d["strategy"] or "",
+                                 "status": d["status"] or "", "gate_reasons": d["gate_reasons"] or "none",
+                                 "origin": task["meta"]["origin"] or "", "rare": str(bool(task["meta"]["rare"])).lower()},
+                    "suggestions": {"verdict": {"value": pred["result"][0]["value"]["choices"][0],
+                                                "score": pred["score"], "agent": pred["model_version"]}},
+                    "responses": {}, "vectors": {}, "status": "pending"})
     return out
 
 
@@ -222,6 +241,8 @@ LABEL_STUDIO_CONFIG = """<View>
   <Text name="answer" value="$answer"/>
   <Header value="Evidence"/>
   <Text name="evidence" value="$evidence"/>
+  <Header value="Gates (their verdict is pre-filled as a prediction)"/>
+  <Text name="gate_reasons" value="$gate_reasons"/>
   <Choices name="verdict" toName="answer" choice="single" showInline="true" required="true">
     <Choice value="accept"/>
     <Choice value="reject"/>
@@ -231,12 +252,34 @@ LABEL_STUDIO_CONFIG = """<View>
 </View>
 """
 
+def _argilla_property(name: str, settings: dict, *, required: bool | None = None, kind: str | None = None) -> dict:
+    out = {"name": name, "title": name, "description": None, "settings": settings}
+    if required is not None:
+        out["required"] = required
+    if kind is not None:
+        out["type"] = kind
+    return out
+
+
+# Argilla 2.x serialised dataset settings (what ``rg.Settings.to_json`` writes and ``rg.Settings.from_json`` reads)
 ARGILLA_SETTINGS = {
-    "fields": [{"name": "question", "type": "text"}, {"name": "answer", "type": "text"},
-               {"name": "evidence", "type": "text"}],
-    "questions": [{"name": "verdict", "type": "label_selection", "labels": ["accept", "reject", "fix"]},
-                  {"name": "corrected_answer", "type": "text", "required": False}],
-    "metadata": [{"name": n, "type": "terms"} for n in ("intent", "strategy", "status", "gate_reasons", "origin")],
+    "guidelines": "Is this synthetic QA row correct and supported by the evidence? accept, reject, or fix it (then "
+                  "write the corrected answer). The gates' verdict is offered as a suggestion.",
+    "fields": [_argilla_property(n, {"type": "text", "use_markdown": False}, required=n != "evidence", kind="text")
+               for n in ("question", "answer", "evidence")],
+    "questions": [
+        _argilla_property("verdict", {"type": "label_selection", "visible_options": 3,
+                                      "options": [{"text": v, "value": v} for v in ("accept", "reject", "fix")]},
+                          required=True, kind="label_selection"),
+        _argilla_property("corrected_answer", {"type": "text", "use_markdown": False}, required=False, kind="text"),
+    ],
+    "vectors": [],
+    "metadata": [{**_argilla_property(n, {"type": "terms", "values": None, "visible_for_annotators": True}),
+                  "visible_for_annotators": True}
+                 for n in ("intent", "strategy", "status", "gate_reasons", "origin", "rare")],
+    "allow_extra_metadata": False,
+    "distribution": {"strategy": "overlap", "min_submitted": 1},
+    "mapping": None,
 }
 
 

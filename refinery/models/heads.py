@@ -117,6 +117,7 @@ class TrainConfig:
     threads: int
     trainable_layers: int = 6
     warmup_fraction: float = 0.1
+    device: str = "cpu"  # a torch device string (refinery.core.device.resolve_device)
 
 
 def make_optimizer(model: Any, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
@@ -172,6 +173,7 @@ def train_head(cfg: TrainConfig, base_path: str | Path, out_dir: str | Path, *, 
     torch = _torch()
     seed_everything(cfg.seed, cfg.threads)
     model, tokenizer = init_model or load_base(base_path, trainable_layers=cfg.trainable_layers)
+    model = model.to(cfg.device)
     steps = cfg.epochs * math.ceil(len(lengths) / cfg.batch_size)
     opt, sched = make_optimizer(model, cfg, steps)
     rng = np.random.default_rng(cfg.seed)
@@ -193,8 +195,11 @@ def train_head(cfg: TrainConfig, base_path: str | Path, out_dir: str | Path, *, 
         epoch_losses.append(float(np.mean(losses)))
         log(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {epoch_losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
     model.eval()
-    save_model(model, tokenizer, out_dir, label=label)
+    from refinery.core.device import device_of
+
+    device = device_of(model)
+    save_model(model.to("cpu"), tokenizer, out_dir, label=label)
     k = max(1, len(step_losses) // 10)
-    return {"steps": steps, "loss_per_epoch": [round(x, 5) for x in epoch_losses],
+    return {"device": device, "steps": steps, "loss_per_epoch": [round(x, 5) for x in epoch_losses],
             "loss_first_10pct": round(float(np.mean(step_losses[:k])), 5),
             "loss_last_10pct": round(float(np.mean(step_losses[-k:])), 5)}

@@ -51,8 +51,8 @@ class RewardModel:
         with torch.inference_mode():
             for s in range(0, len(order), self.batch_size):
                 idx = order[s:s + self.batch_size]
-                enc = self._encode([questions[i] for i in idx], [answers[i] for i in idx])
-                out[idx] = self.model(**enc).logits[:, 0].double().numpy()
+                enc = self._encode([questions[i] for i in idx], [answers[i] for i in idx]).to(self.model.device)
+                out[idx] = self.model(**enc).logits[:, 0].double().cpu().numpy()
         return out
 
     def score(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
@@ -89,7 +89,7 @@ def load_reward(path_or_id: str | Path, *, batch_size: int = 32, max_length: int
 
 def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *, epochs: int, lr: float,
                  batch_size: int, seed: int, max_length: int, threads: int, trainable_layers: int = 6,
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                 device: str = "cpu", log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Fine-tune a one-logit MiniLM reward head on preference pairs with the Bradley-Terry loss.
 
     Loss: ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))`` (Bradley & Terry 1952; as in
@@ -100,10 +100,11 @@ def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *,
         base_path: the encoder folder (all-MiniLM-L6-v2).
         out_dir: where the HF model and tokenizer are saved.
         epochs, lr, batch_size, seed, max_length, threads, trainable_layers: training knobs.
+        device: the torch device it trains on (``refinery.core.device.resolve_device``).
         log: progress callback.
 
     Returns:
-        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss.
+        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss, the device used.
     """
     import torch
 
@@ -117,11 +118,11 @@ def train_reward(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *,
     def batch_loss(model: Any, tokenizer: Any, idx: list[int]) -> Any:
         q = [prompts[i] for i in idx]
         enc = tokenizer(q + q, [chosen[i] for i in idx] + [rejected[i] for i in idx], truncation="longest_first",
-                        max_length=max_length, padding=True, return_tensors="pt")
+                        max_length=max_length, padding=True, return_tensors="pt").to(model.device)
         r = model(**enc).logits[:, 0]
         return -torch.nn.functional.logsigmoid(r[:len(idx)] - r[len(idx):]).mean()
 
-    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers)
+    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers, device=device)
     run = train_head(cfg, base_path, out_dir, lengths=[len(p) + max(len(c), len(r))
                                                        for p, c, r in zip(prompts, chosen, rejected)],
                      batch_loss=batch_loss, name="reward", label="reward", log=log)

@@ -86,8 +86,9 @@ class CrossEncoderVerifier:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 enc = self.tokenizer([passages[i] for i in idx], [claims[i] for i in idx], truncation="only_first",
-                                     max_length=self.max_length, padding=True, return_tensors="pt")
-                logits = self.model(**enc).logits.float()
+                                     max_length=self.max_length, padding=True,
+                                     return_tensors="pt").to(self.model.device)
+                logits = self.model(**enc).logits.float().cpu()
                 if self.mode == "single":
                     probs = torch.sigmoid(logits[:, 0])
                 else:
@@ -195,7 +196,8 @@ def check_pairs(pairs: pa.Table, where: str = "verifier pairs") -> None:
 
 def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, *, epochs: int, lr: float,
                    batch_size: int, seed: int, max_length: int, threads: int, trainable_layers: int = 6,
-                   init_model: Any = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                   init_model: Any = None, device: str = "cpu",
+                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Fine-tune a one-logit cross-encoder on (passage, claim, label) pairs and save it with its tokenizer.
 
     The loss is binary cross-entropy with the positive class weighted by negatives/positives, so the
@@ -207,10 +209,11 @@ def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, 
         out_dir: where to save the HF model and tokenizer (created).
         epochs, lr, batch_size, seed, max_length, threads, trainable_layers: training knobs.
         init_model: a (model, tokenizer) to continue from instead of loading ``base_path`` (SNLI pre-training).
+        device: the torch device it trains on (``refinery.core.device.resolve_device``).
         log: progress callback.
 
     Returns:
-        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss.
+        Training metrics: pairs, steps, loss per epoch, first/last-10%-of-steps mean loss, the device used.
     """
     import torch
 
@@ -223,10 +226,10 @@ def train_verifier(pairs: pa.Table, base_path: str | Path, out_dir: str | Path, 
 
     def batch_loss(model: Any, tokenizer: Any, idx: list[int]) -> Any:
         enc = tokenizer([passages[i] for i in idx], [claims[i] for i in idx], truncation="only_first",
-                        max_length=max_length, padding=True, return_tensors="pt")
-        return loss_fn(model(**enc).logits[:, 0], torch.from_numpy(labels[idx]))
+                        max_length=max_length, padding=True, return_tensors="pt").to(model.device)
+        return loss_fn.to(model.device)(model(**enc).logits[:, 0], torch.from_numpy(labels[idx]).to(model.device))
 
-    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers)
+    cfg = TrainConfig(epochs, lr, batch_size, seed, max_length, threads, trainable_layers, device=device)
     run = train_head(cfg, base_path, out_dir, lengths=[len(p) + len(c) for p, c in zip(passages, claims)],
                      batch_loss=batch_loss, name="verifier", label="supported", init_model=init_model, log=log)
     return {"pairs": len(labels), "positives": int(n_pos), "negatives": int(len(labels) - n_pos), **run}

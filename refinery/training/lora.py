@@ -101,11 +101,11 @@ def encode(tokenizer: Any, prompt: str, answer: str, *, seq2seq: bool, max_lengt
 
 
 # --------------------------------------------------------------------------------------------- models
-DEVICE = "cpu"  # where the student is loaded, trained and decoded (environment.json records it)
+def load_student(ref: str, threads: int, device: str = "cpu") -> tuple[Any, Any, bool]:
+    """Load a causal or seq2seq student (local folder or HF id in the local cache) in fp32 on ``device``.
 
-
-def load_student(ref: str, threads: int) -> tuple[Any, Any, bool]:
-    """Load a causal or seq2seq student (local folder or HF id in the local cache) in fp32 on CPU.
+    ``device`` is a torch device string (:func:`refinery.core.device.resolve_device` of ``train.device`` or
+    ``evaluate.device``); batches follow the model to it.
 
     Returns:
         (model, tokenizer, seq2seq).
@@ -122,7 +122,7 @@ def load_student(ref: str, threads: int) -> tuple[Any, Any, bool]:
         seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(ref)
-        model = cls.from_pretrained(ref, dtype=torch.float32).to(DEVICE)
+        model = cls.from_pretrained(ref, dtype=torch.float32).to(device)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelResolutionError(f"student '{ref}': cannot load it as a causal or seq2seq LM ({first[:160]})") \
@@ -193,6 +193,7 @@ def _token_loss(model: Any, batch: dict[str, Any], seq2seq: bool) -> tuple[Any, 
     """Return (sum of answer-token cross-entropies, answer tokens) for a padded batch."""
     import torch
 
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     labels = batch["labels"]
     if seq2seq:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
@@ -304,7 +305,8 @@ def train_lora(model: Any, tokenizer: Any, *, seq2seq: bool, train: Sequence[Exa
 
     if cfg.compute_dtype not in ("float32", "bfloat16"):
         raise RefineryError(f"train: compute dtype must be float32 or bfloat16, got {cfg.compute_dtype!r}")
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.compute_dtype == "bfloat16" else contextlib.nullcontext()
+    ctx = torch.autocast(model.device.type, dtype=torch.bfloat16) if cfg.compute_dtype == "bfloat16" \
+        else contextlib.nullcontext()
     with ctx:
         return _train_lora(model, tokenizer, seq2seq=seq2seq, train=train, weights=weights, val=val, cfg=cfg,
                            out_dir=out_dir, probe=probe, progress=progress, log=log)
@@ -457,7 +459,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, seq2seq: boo
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                add_special_tokens=special)
+                                add_special_tokens=special).to(model.device)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
                 if not seq2seq:

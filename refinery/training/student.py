@@ -31,6 +31,7 @@ class TrainParams(StageParams):
     max_answer_tokens: int = Field(ge=1)  # reference answers are cut to this many tokens
     window_chars: int = Field(ge=0)  # passage = this many characters around the evidence; 0: whole document
     threads: int = Field(ge=1)  # torch CPU threads
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")  # auto: CUDA, else MPS, else CPU
     dtype: str = "float32"  # forward passes: float32 | bfloat16 (CPU autocast; weights and LoRA stay float32) |
     # auto (bfloat16 where the CPU computes it natively)
     probe_rows: int = Field(default=32, ge=1)  # training rows whose loss is measured before and after training

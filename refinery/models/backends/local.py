@@ -97,7 +97,7 @@ class TransformersBackend:
         dtype: 'float32' | 'float16' | 'bfloat16'.
         max_length: cap on prompt + completion tokens; prompts are left-truncated to fit.
             None takes the model's max_position_embeddings (at most 8192).
-        device: torch device string; None picks 'cpu'.
+        device: auto | cpu | cuda[:n] | mps (:func:`refinery.core.device.resolve_device`); None picks 'cpu'.
     """
 
     def __init__(
@@ -125,7 +125,9 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.threads = threads
         self.dtype = dtype
-        self.device = torch.device(device or "cpu")
+        from refinery.core.device import resolve_device
+
+        self.device = torch.device(resolve_device(device or "cpu", f"{path_or_id}: device"))
         is_local = os.path.isdir(self.model_id)
         try:
             config = AutoConfig.from_pretrained(self.model_id)
