@@ -601,8 +601,8 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
         if result.decisions is not None:
             outputs.parquet(result.decisions, out / "review_decisions.parquet", DECISIONS_ARROW)
         outputs.json(result.metrics, metrics_file)
-    arms = ", ".join(f"{k} {m['rows']} ({m['synthetic']} synthetic)" for k, m in result.metrics.items()
-                     if isinstance(m, dict))
+    arms = ", ".join(f"{k} {result.metrics[k]['rows']} ({result.metrics[k]['synthetic']} synthetic)"
+                     for k in result.tables)
     review = result.metrics.get("review_decisions")
     said = (f"; review decisions: {review['decisions']} ({review['removed']} removed, {review['replaced']} replaced, "
             f"{review['replacement_rejected']} corrections refused by the gates, {review['not_found']} not found)"

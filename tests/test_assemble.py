@@ -239,7 +239,9 @@ def test_cli_writes_datasets_exports_and_metrics(tmp_path, in_tmp):
         f"  {k}: {json.dumps(v)}" for k, v in params().model_dump().items()) + "\n"
     p.write_text(text)
     # when the command runs
-    res = CliRunner().invoke(cli, ["--params", str(p), *args, "--out", "out", "--metrics", "m.json"])
+    (tmp_path / "decisions.json").write_text("[]\n")
+    res = CliRunner().invoke(cli, ["--params", str(p), *args, "--decisions", str(tmp_path / "decisions.json"),
+                                   "--out", "out", "--metrics", "m.json"])
     # then the three datasets, their chat exports and the DPO file exist
     assert res.exit_code == 0, res.output
     for kind in ("human", "contaminated", "curated"):
