@@ -114,3 +114,36 @@ def minilm_dir() -> Path:
     except ModelResolutionError as e:
         pytest.skip(f"no embedding model to test on: {e}")
     return folder
+
+
+# Screenshots the browser tests take land here (gitignored build/ by default; CI can collect the folder).
+SCREENSHOTS = Path(os.environ.get("REFINERY_SCREENSHOTS", ROOT / "build" / "screenshots"))
+
+
+@pytest.fixture
+def chromium():
+    """A headless Chromium driven by playwright (the system browser, no download); skips where either is missing.
+
+    Yields ``(browser, shoot)``: ``shoot(page, name)`` saves a full-page screenshot under ``SCREENSHOTS`` and
+    prints its path, so it shows in the test output.
+    """
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no headless Chromium (apt-get install -y chromium, or make test-tools)")
+
+    def shoot(page, name: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        print(f"screenshot: {path}")
+        return path
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            yield browser, shoot
+        finally:
+            browser.close()

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from refinery.core.offline import offline_data_docs
 from schemas.datasets import SYNTHETIC_PROVENANCE
 
 CHECK_COLUMNS = ("is_synthetic", "is_duplicate", "cross_split_duplicate", "test_question_leak", "test_document_leak",
@@ -351,6 +352,7 @@ def run_suites(frames: dict[str, pa.Table], suites: dict[str, Path], parameters:
             outcomes.append(Outcome(kind, spec["meta"]["check"], bool(r.success), observed, bound, limit, shown))
     if docs_dir is not None:
         reproducible_docs(Path(docs_dir), run_time())
+        offline_data_docs(Path(docs_dir))
     return outcomes
 
 
