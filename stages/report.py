@@ -12,7 +12,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from refinery.core.params import StageParams, load_section
-from refinery.report.plots import write_plots
+from refinery.report.plots import PLOT_DATA, write_plot_data, write_plots
 from refinery.report.render import STATIC_NUMBERS, Values, lookup, render
 from refinery.report.stats import (MODELS, audit_decision, dataset_stats, experiment_summary, gap_analysis,
                                    gate_families, pick_samples, recovery_p_value, recovery_verdict, verdict)
@@ -132,7 +132,8 @@ def report_core(docs: dict[str, Any], datasets: dict[str, pa.Table], preds: dict
 @click.option("--trace", "trace_file", required=True,
               help="Writes where each number and quote of the report comes from here (JSON).")
 @click.option("--plots", "plots_dir", required=True,
-              help="Writes the report's figures, report_{f1,arms,metrics,gap,gate_overlap,recovery}.png, here.")
+              help="Writes the report's figures, report_{f1,arms,metrics,gap,gate_overlap,recovery}.png, and the "
+                   "numbers of four of them, report_{arms,f1,gap,recovery}.csv (DVC plots), here.")
 def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: str, adapters_dir: str,
         audit_dir: str, gated_dir: str, out_file: str, summary_file: str, trace_file: str, plots_dir: str) -> None:
     """Write reports/report.md and its plots from the metrics files; missing stages are reported as not run."""
@@ -180,6 +181,8 @@ def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: 
         plot_paths = {k: outputs.path(Path(plots_dir) / f"report_{k}.png")
                       for k in ("f1", "arms", "metrics", "gap", "gate_overlap", "recovery")}
         write_plots(docs, result.summary, metrics_dir, plot_paths, runs)
+        write_plot_data(docs, result.summary, metrics_dir,
+                        {k: outputs.path(Path(plots_dir) / f"report_{k}.csv") for k in PLOT_DATA}, runs)
     missing = [n for n in names if f"{metrics_dir}/{n}.json" not in docs]
     click.echo(f"report: {out_file} ({len(result.trace['numbers'])} numbers traced"
                + (f"; not run: {', '.join(missing)}" if missing else "") + ")", err=True)

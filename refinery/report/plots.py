@@ -121,3 +121,40 @@ def write_plots(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str,
         _save(plt, fig, paths["recovery"])
     else:
         _not_run(paths["recovery"], "recovery")
+
+
+PLOT_DATA = ("arms", "f1", "gap", "recovery")  # report_<name>.csv: the figures' numbers, declared as DVC plots
+
+
+def write_plot_data(docs: dict[str, Any], summary: dict[str, Any], metrics_dir: str, paths: dict[str, Path],
+                    runs: dict[str, str] | None = None) -> None:
+    """Write the numbers behind the arms, F1, gap and recovery figures as CSVs (DVC plots; header only if not run).
+
+    dvc.yaml declares each as a bar plot, so ``dvc plots show`` / ``refinery plots`` draw them with Vega and
+    ``dvc plots diff`` compares them across revisions, beside the PNGs.
+    """
+    import csv
+
+    runs = runs or {m: m for m in MODELS}
+    arms = ((summary.get("experiment") or {}).get("arms")) or {}
+    evals = {m: docs.get(f"{metrics_dir}/eval/{r}.json") for m, r in runs.items()}
+    gap = (summary.get("gap") or {}).get("metrics") or {}
+    rec = docs.get(f"{metrics_dir}/recover.json")
+    label = dict(METRICS)
+    tables = {
+        "arms": (["arm", "mean_f1", "sd", "seeds"],
+                 [[LABEL.get(a, a), arms[a]["mean"], arms[a]["sd"], len(arms[a]["f1_per_seed"])] for a in arms]),
+        "f1": (["model", "f1"], [[LABEL.get(m, m), evals[m]["f1"]] for m in runs
+                                 if evals[m] and evals[m].get("f1") is not None]),
+        "gap": (["effect", "value"], [[f"{label.get(k, k)}: {what}", gap[k][what]] for k, _ in METRICS if k in gap
+                                      for what in ("lost", "recovered")]),
+        "recovery": (["mode", "recovery_rate"],
+                     [[f"{m}: {method}", lookup(rec, f"{key}.recovery_rate") or 0.0]
+                      for m, a, b in recovery_modes(rec) for method, key in (("adaptive", a), ("naive", b))]),
+    }
+    for name in PLOT_DATA:
+        header, rows = tables[name]
+        with open(paths[name], "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f, lineterminator="\n")
+            out.writerow(header)
+            out.writerows(rows)
