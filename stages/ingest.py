@@ -33,6 +33,10 @@ class IngestParams(StageParams):
     format: Literal["refinery", "qa_table", "cosmosqa", "squad", "hf"]
     max_field_chars: int = Field(gt=0)
     hf_split: str = "train"
+    # format hf: the dataset id (or a local dataset folder) read with datasets.load_dataset, and the revision (a
+    # commit or tag) to pin it to. The DAG's dependency for hf is this params value (`params: ingest`), not a path.
+    hf_dataset: str | None = None
+    hf_revision: str | None = None
     cosmosqa_drop_none_of_the_above: bool = True
     unknown_columns: Literal["error", "ignore"] = "error"
 
@@ -189,7 +193,9 @@ def cli(input_path: str, out_dir: str, metrics_file: str, params_file: str) -> N
     from refinery.core.provenance import code_version
 
     params = load_section(params_file, "ingest", IngestParams)
-    source = adapters.read_source(params.format, input_path, hf_split=params.hf_split,
+    if params.format == "hf" and params.hf_dataset is not None:
+        input_path = f"hf:{params.hf_dataset}"  # --input (a tracked path) is not read for hf
+    source = adapters.read_source(params.format, input_path, hf_split=params.hf_split, hf_revision=params.hf_revision,
                                   drop_none_of_the_above=params.cosmosqa_drop_none_of_the_above,
                                   unknown_columns=params.unknown_columns)
     result = ingest(source, params, code_version(sys.modules[__name__]))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from refinery.cli import main
 from tests.conftest import COSMOSQA, TINY_DOCS, TINY_QA, needs_cosmosqa, params_for, write_jsonl
@@ -456,3 +458,70 @@ def test_a_symlink_loop_is_reported_as_a_loop_not_as_missing(in_tmp, tmp_path, c
     line = one_error_line(capsys)
     assert "qa.jsonl" in line and "symlink loop" in line and "not found" not in line
     assert_no_output(in_tmp)
+
+
+def _hf_folder(tmp: Path) -> Path:
+    """A local dataset folder that datasets.load_dataset reads offline like a hub id (QA-table columns)."""
+    folder = tmp / "hf_ds"
+    folder.mkdir()
+    rows = [{"context": "The Eiffel Tower was finished in 1889. It is in Paris.", "question": q, "answer": a}
+            for q, a in (("When was the tower finished?", "1889"), ("Where is the tower?", "Paris"))]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_hf_format_reads_ingest_hf_dataset_not_the_input_path(in_tmp):
+    pytest.importorskip("datasets", reason="datasets not installed (dev extra)")
+    folder = _hf_folder(in_tmp)
+    # given format hf naming the dataset in params, and --input a path that holds no seed
+    assert run_ingest(in_tmp, in_tmp / "unused", fmt="hf", hf_dataset=str(folder)) == 0
+    qa = pq.read_table(in_tmp / "out" / "qa.parquet").to_pylist()
+    assert sorted(r["answer"] for r in qa) == ["1889", "Paris"]
+
+
+def test_hf_format_offline_says_it_needs_the_network(in_tmp, capsys, monkeypatch):
+    pytest.importorskip("datasets", reason="datasets not installed (dev extra)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert run_ingest(in_tmp, in_tmp / "unused", fmt="hf", hf_dataset="refinery-tests/no-such-dataset") == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: hf:refinery-tests/no-such-dataset: format 'hf' needs network access"), line
+    assert "(HF_HUB_OFFLINE is set)" in line
+    assert_no_output(in_tmp)
+
+
+def test_hf_ingest_runs_under_dvc_repro(tmp_path):
+    """The DAG's ingest stage with format hf: DVC depends on the params value and the stage reads the dataset."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    pytest.importorskip("datasets", reason="datasets not installed (dev extra)")
+    folder = _hf_folder(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"].update(format="hf", hf_dataset=str(folder), input="data/00_seed")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["ingest"]
+    stage["deps"] = [d for d in stage["deps"] if not str(d).startswith("fingerprints/")]
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": stage}}))
+    (project / "data/00_seed").mkdir(parents=True)
+    (project / "data/00_seed/README.md").write_text("no seed here: format hf reads ingest.hf_dataset\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro", "ingest"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert pq.read_table(project / "data/01_seed/qa.parquet").num_rows == 2
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["ingest"]
+    assert lock["params"]["params.yaml"]["ingest"]["hf_dataset"] == str(folder)
+    # pinning another revision changes the params value, and that alone makes the stage stale
+    params["ingest"]["hf_revision"] = "v2"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "ingest"], cwd=project, env=env,
+                            capture_output=True, text=True).stdout
+    assert "changed deps" in status and "modified:           ingest" in status, status

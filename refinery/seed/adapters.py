@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -359,21 +360,30 @@ def squad_source(doc: Any, path: str) -> SeedSource:
     return src
 
 
-def read_hf(dataset_id: str, split: str, unknown_columns: str = "error") -> SeedSource:
-    """Read a Hugging Face ``datasets`` id (needs the ``datasets`` package and network access).
+def read_hf(dataset_id: str, split: str, unknown_columns: str = "error", revision: str | None = None) -> SeedSource:
+    """Read a Hugging Face ``datasets`` id, or a local dataset folder (needs the ``datasets`` package).
 
-    SQuAD-like columns (``context, question, answers``) or QA-table columns (``context, question, answer``).
+    An id not in the local cache needs network access to the hub: offline (``HF_HUB_OFFLINE=1``, or no route)
+    that is said in one line. SQuAD-like columns (``context, question, answers``) or QA-table columns
+    (``context, question, answer``).
     """
+    where = f"hf:{dataset_id}" + (f"@{revision}" if revision else "")
     try:
         import datasets  # noqa: F401  (optional dependency)
     except ImportError:
-        raise InputError(f"hf:{dataset_id}", "format 'hf' needs the `datasets` package (pip install datasets) "
-                                             "and network access to the Hugging Face hub") from None
+        raise InputError(where, "format 'hf' needs the `datasets` package (pip install datasets) "
+                                "and network access to the Hugging Face hub") from None
     try:
-        ds = datasets.load_dataset(dataset_id, split=split)
+        ds = datasets.load_dataset(dataset_id, split=split, revision=revision)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; report in one line, never swallow
-        raise InputError(f"hf:{dataset_id}", f"cannot load split '{split}' ({type(e).__name__}: "
-                                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        text = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") \
+            or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0", "false", "False")
+        if offline or any(w in text for w in ("Connection", "offline", "Couldn't reach", "resolve", "Network")):
+            raise InputError(where, "format 'hf' needs network access to the Hugging Face hub for a dataset "
+                                    "that is not in the local cache" + (" (HF_HUB_OFFLINE is set)" if offline else "")
+                                    + f": {text}") from None
+        raise InputError(where, f"cannot load split '{split}' ({text})") from None
     rows = ds.to_list()
     if rows and "answers" in rows[0]:
         squad = {"data": [{"title": r.get("title"), "paragraphs": [{"context": r["context"], "qas": [
@@ -381,12 +391,12 @@ def read_hf(dataset_id: str, split: str, unknown_columns: str = "error") -> Seed
              "answers": [{"text": t, "answer_start": s} for t, s in
                          zip(r["answers"].get("text", []), r["answers"].get("answer_start", []))]}]}]}
             for r in rows]}
-        return squad_source(squad, f"hf:{dataset_id}")
-    return qa_table_source(Records(f"hf:{dataset_id}", tuple(rows[0]) if rows else (), rows), unknown_columns)
+        return squad_source(squad, where)
+    return qa_table_source(Records(where, tuple(rows[0]) if rows else (), rows), unknown_columns)
 
 
 def read_source(fmt: str, path: str, *, hf_split: str = "train", drop_none_of_the_above: bool = True,
-                unknown_columns: str = "error") -> SeedSource:
+                unknown_columns: str = "error", hf_revision: str | None = None) -> SeedSource:
     """Dispatch to the adapter for ``fmt``.
 
     Args:
@@ -396,7 +406,7 @@ def read_source(fmt: str, path: str, *, hf_split: str = "train", drop_none_of_th
         InputError: unknown format, or any problem the adapter finds, naming file, row and field.
     """
     if fmt == "hf":
-        return read_hf(path.removeprefix("hf:"), hf_split, unknown_columns)
+        return read_hf(path.removeprefix("hf:"), hf_split, unknown_columns, hf_revision)
     p = Path(path)
     if fmt == "refinery":
         return read_refinery(p, unknown_columns)
