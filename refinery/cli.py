@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("refinery.inspect.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
     "trace": ("refinery.inspect.trace:cli", "Show a row's lineage back to its seed rows and document span, and where it ended."),
     "doctor": ("refinery.inspect.doctor:cli", "Check installed packages and that every role's model resolves."),
+    "docs": ("refinery.inspect.docs:cli", "A static docs site: DAG, stages, contracts, expectations, metrics, samples."),
     "plots": ("refinery.inspect.plots:cli", "Every DVC plot as one HTML page that renders offline (Vega inlined)."),
     "check": ("refinery.inspect.check:cli", "Check every params section, model role and the seed input before dvc repro."),
 }

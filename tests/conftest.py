@@ -134,10 +134,10 @@ def chromium():
     if exe is None:
         pytest.skip("no headless Chromium (apt-get install -y chromium, or make test-tools)")
 
-    def shoot(page, name: str) -> Path:
+    def shoot(page, name: str, full_page: bool = True) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
-        page.screenshot(path=str(path), full_page=True)
+        page.screenshot(path=str(path), full_page=full_page)
         print(f"screenshot: {path}")
         return path
 
