@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +18,6 @@ from refinery.inspect.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, Samp
 from stages.review import cli
 from tests.test_trace import DOC_TEXT, build_lineage
 
-CHROMIUM = Path("/usr/bin/chromium")
 REVIEW_ROWS = ("data/04_gated/accepted.parquet", "data/04_gated/rejected.parquet",
                "data/05_recovered/recovered.parquet", "data/06_datasets/curated.parquet")
 
@@ -161,56 +159,45 @@ def test_embedded_data_cannot_close_the_script_tag():
     assert html.count("</script>") == 2  # the page's own two script elements only
 
 
-def _browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-    if not CHROMIUM.exists() and not shutil.which("chromium"):
-        pytest.skip("no Chromium at /usr/bin/chromium (apt-get install -y chromium)")
-    return sync_api
-
-
-def test_review_page_in_headless_chromium_filters_rows_and_highlights_the_evidence(tmp_path):
-    sync_api = _browser()
+def test_review_page_in_headless_chromium_filters_rows_and_highlights_the_evidence(tmp_path, chromium):
+    browser, shoot = chromium
     out = _write_page(tmp_path)
     requests: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
-                                    args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto((out / "index.html").as_uri())
-            # given the page, all four rows are shown
-            assert page.text_content("#count") == "4 of 4 rows"
-            # when filtered on a rejection reason
-            page.select_option("#f-reason", "faithfulness_unsupported")
-            # then only the rejected row is shown, with its failing gate and its evidence span highlighted
-            cards = page.locator("article.row")
-            assert page.text_content("#count") == "1 of 4 rows" and cards.count() == 1
-            card = cards.first
-            assert card.get_attribute("data-row-id") == "syn_00000000000000aa"
-            assert card.locator("mark").text_content() == "Refunds are issued within 30 days."
-            assert card.locator("tr[data-gate=faithfulness] td.drop").text_content() == "drop"
-            assert "0.12" in card.locator("tr[data-gate=faithfulness]").text_content()
-            # when filtered on status recovered instead: the lineage reaches the seed row
-            page.select_option("#f-reason", "")
-            page.select_option("#f-status", "recovered")
-            assert page.text_content("#count") == "1 of 4 rows"
-            lineage = page.locator("article.row ol.lineage").text_content()
-            assert "syn_00000000000000aa" in lineage and "qa_0000000000000001" in lineage
-            # the strategy and intent filters combine
-            page.select_option("#f-status", "")
-            page.select_option("#f-strategy", "new_question")
-            page.select_option("#f-intent", "legal_request")
-            assert page.locator("article.row").get_attribute("data-row-id") == "syn_00000000000000bb"
-            # exporting the shown rows downloads Label Studio tasks
-            with page.expect_download() as dl:
-                page.click("#export")
-            tasks = json.loads(Path(dl.value.path()).read_text())
-            assert [t["data"]["row_id"] for t in tasks] == ["syn_00000000000000bb"]
-            assert tasks[0]["data"]["evidence"] == DOC_TEXT[35:67]
-            assert errors == []
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((out / "index.html").as_uri())
+    # given the page, all four rows are shown
+    assert page.text_content("#count") == "4 of 4 rows"
+    shoot(page, "review_page")
+    # when filtered on a rejection reason
+    page.select_option("#f-reason", "faithfulness_unsupported")
+    # then only the rejected row is shown, with its failing gate and its evidence span highlighted
+    cards = page.locator("article.row")
+    assert page.text_content("#count") == "1 of 4 rows" and cards.count() == 1
+    card = cards.first
+    assert card.get_attribute("data-row-id") == "syn_00000000000000aa"
+    assert card.locator("mark").text_content() == "Refunds are issued within 30 days."
+    assert card.locator("tr[data-gate=faithfulness] td.drop").text_content() == "drop"
+    assert "0.12" in card.locator("tr[data-gate=faithfulness]").text_content()
+    shoot(page, "review_page_filtered")
+    # when filtered on status recovered instead: the lineage reaches the seed row
+    page.select_option("#f-reason", "")
+    page.select_option("#f-status", "recovered")
+    assert page.text_content("#count") == "1 of 4 rows"
+    lineage = page.locator("article.row ol.lineage").text_content()
+    assert "syn_00000000000000aa" in lineage and "qa_0000000000000001" in lineage
+    # the strategy and intent filters combine
+    page.select_option("#f-status", "")
+    page.select_option("#f-strategy", "new_question")
+    page.select_option("#f-intent", "legal_request")
+    assert page.locator("article.row").get_attribute("data-row-id") == "syn_00000000000000bb"
+    # exporting the shown rows downloads Label Studio tasks
+    with page.expect_download() as dl:
+        page.click("#export")
+    tasks = json.loads(Path(dl.value.path()).read_text())
+    assert [t["data"]["row_id"] for t in tasks] == ["syn_00000000000000bb"]
+    assert tasks[0]["data"]["evidence"] == DOC_TEXT[35:67]
+    assert errors == []
     assert all(u.startswith(("file:", "blob:", "data:")) for u in requests), requests  # offline
