@@ -4,7 +4,7 @@ Usage: python bench/bench_trl_sft.py [--rows 64] [--val-rows 24] [--steps 12] [-
 Needs `pip install trl` (not a refinery dependency) and a `dvc repro` that wrote the arm's dataset, the split and
 models/base.
 
-Both trainers get the same tokenised examples (``stages.train.build_examples``: the shared chat prompt, the loss
+Both trainers get the same tokenised examples (as the train stage builds them: the shared chat prompt, the loss
 on the answer tokens only, via TRL's ``completion_mask``), the same LoRA (train params: r, alpha, dropout, target
 modules, top layers), AdamW with the same peak rate, linear warm-up and decay, batch size, clipping and seed, and
 ``max_steps``. refinery draws rows by their sampling weight and groups them by length; TRL shuffles (``group_by_length``
@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     from refinery.core.params import load_section
     from refinery.training import lora
     from refinery.training.student import TrainParams, read_documents, student_path
-    from stages.train import build_examples
 
     try:
         import trl
@@ -66,8 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         return lora.load_student(ref, params.threads)
 
     model0, tok, seq2seq = fresh()
-    train_ex = build_examples(rows, documents, tok, seq2seq=seq2seq, params=params, where=args.arm)
-    val_ex = build_examples(val, documents, tok, seq2seq=seq2seq, params=params, where="val")
+
+    def build_examples(table):  # as the train stage builds them: the shared chat prompt, the answer's tokens
+        return [lora.encode(tok, lora.prompt_text(tok, lora.messages_for(r, documents, params.window_chars,
+                                                                          with_answer=True), seq2seq),
+                            r["answer"], seq2seq=seq2seq, max_length=params.max_length,
+                            max_answer_tokens=params.max_answer_tokens) for r in table.to_pylist()]
+
+    train_ex = build_examples(rows)
+    val_ex = build_examples(val)
     n_layers = lora.num_layers(model0)
     del model0
     weights = [float(w) for w in rows.column("weight").to_pylist()]

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-verifier": ("stages.train_verifier:cli", "Train the embedded faithfulness verifier (MiniLM head)."),
     "train-reward": ("stages.train_reward:cli", "Train the embedded reward model and export DPO pairs."),
     "gate": ("stages.gate:cli", "Run every quality gate on generated rows and planted errors."),
+    "audit-judge": ("stages.audit_judge:cli", "Score a sample of accepted and rejected rows with the audit judge; agreement with the gates."),
     "recover": ("stages.recover:cli", "Diagnose rejected rows, recover them with targeted actions, re-gate; naive baseline."),
     "assemble": ("stages.assemble:cli", "Assemble one dataset per arm (assemble.arms) with SFT and DPO exports."),
     "raft": ("stages.raft:cli", "Export an arm's rows with gold passages and distractors (RAFT-style)."),

@@ -47,6 +47,23 @@ def _relative(path: Path) -> str:
         return path.resolve().as_posix()
 
 
+def attach_judge_audit(data: dict, audit: pa.Table) -> dict[str, int]:
+    """Give each reviewed row the audit judge's verdict (P(yes), keep, agrees with the gates) where it was sampled.
+
+    Returns:
+        ``{"rows": audited rows on the page, "disagree": those where judge and gates disagree}``.
+    """
+    by_id = {r["row_id"]: r for r in audit.select(["row_id", "judge_p_yes", "judge_keep", "agree"]).to_pylist()}
+    counts = {"rows": 0, "disagree": 0}
+    for row in data["rows"]:
+        a = by_id.get(row["row_id"])
+        if a is not None:
+            row["judge"] = {"p_yes": a["judge_p_yes"], "keep": a["judge_keep"], "agree": a["agree"]}
+            counts["rows"] += 1
+            counts["disagree"] += a["agree"] is False
+    return counts
+
+
 @click.command("review")
 @click.option("--rows", "rows", multiple=True, required=True,
               help="Rows to review, in precedence order (gated, recovered, datasets): Parquet files or folders of "
@@ -63,7 +80,10 @@ def _relative(path: Path) -> str:
                    "review sample here.")
 @click.option("--metrics", "metrics_file", required=True,
               help="Writes the row, sample and rare-intent counts here (JSON).")
-def cli(rows, documents, seeds, params_file, out_dir, metrics_file) -> None:
+@click.option("--judge-audit", "judge_audit", default=None,
+              help="The audit_judge stage's judge_audit.parquet: each sampled row shows the judge's verdict, and the "
+                   "page filters the rows where it disagrees with the gates.")
+def cli(rows, documents, seeds, params_file, out_dir, metrics_file, judge_audit) -> None:
     """Write OUT/index.html (offline, self-contained) and the review sample for Label Studio and Argilla."""
     p = load_section(params_file, "review", ReviewParams)
     spec = SampleSpec(seed=p.seed, rare_max_share=p.rare_max_share, rare_share=p.rare_share,
@@ -72,6 +92,7 @@ def cli(rows, documents, seeds, params_file, out_dir, metrics_file) -> None:
     seed_tables = [t for t in _tables(seeds).values()]
     seed_table = pa.concat_tables(seed_tables, promote_options="default") if seed_tables else None
     data = build_review(tables, read_parquet(documents), seed_table, spec)
+    judged = attach_judge_audit(data, read_parquet(judge_audit)) if judge_audit else None
     tasks = label_studio_tasks(data)
     with atomic_outputs() as out:
         folder = out.folder(out_dir)
@@ -84,5 +105,6 @@ def cli(rows, documents, seeds, params_file, out_dir, metrics_file) -> None:
         (folder / "argilla_settings.json").write_text(json.dumps(ARGILLA_SETTINGS, indent=2) + "\n",
                                                       encoding="utf-8")
         out.json({"rows": len(data["rows"]), "sampled": len(data["sample"]["row_ids"]),
-                  "rare_intents": data["rare"], "per_class": data["sample"]["per_class"]}, metrics_file)
+                  "rare_intents": data["rare"], "per_class": data["sample"]["per_class"],
+                  **({"judge_audit": judged} if judged is not None else {})}, metrics_file)
     click.echo(f"review: {len(data['rows'])} rows, {len(tasks)} sampled for human review -> {out_dir}/index.html")

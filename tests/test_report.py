@@ -74,6 +74,15 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
         arm = lambda rec: {"per_mode": {"faithfulness": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}},
                            "overall": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}}  # noqa: E731
         (folder / "metrics/recover.json").write_text(json.dumps({"budget": 20, "adaptive": arm(9), "naive": arm(2)}))
+        from stages.audit_judge import agreement
+
+        judged = agreement([True] * 6 + [False] * 4, [True] * 5 + [False] + [True] + [False] * 3)
+        (folder / "metrics/audit_judge.json").write_text(json.dumps({
+            "judge": "embedded:smollm2-135m-instruct@abc", "same_model_as_teacher": True,
+            "prompt_template": "audit_judge@0123456789ab", "threshold": 0.5, "sampled": {"accepted": 6, "rejected": 4},
+            "unjudgeable": 0, "judge_keep_rate": {"accepted": 0.8333, "rejected": 0.25}, "overall": judged,
+            "families": {"heuristic": judged, "model": agreement([True] * 3, [True] * 3)},
+            "gates": {"faithfulness": judged}}))
     for m in models:
         table = predictions(m)
         pq.write_table(table, folder / f"eval/{run_of(m)}.parquet")

@@ -124,14 +124,24 @@ def _params(tmp_path: Path) -> Path:
     return path
 
 
-def _write_page(tmp_path: Path) -> Path:
+def _write_page(tmp_path: Path, judge: bool = False) -> Path:
     build_lineage(tmp_path)
     out = tmp_path / "reports" / "review"
+    extra = []
+    if judge:  # the audit judge sampled the rejected row and would have kept it: a disagreement
+        from schemas import judge_audit
+
+        audit = pa.Table.from_pylist([{"row_id": "syn_00000000000000aa", "status": "rejected", "gate_keep": False,
+                                       "gate_reasons": ["faithfulness_unsupported"], "heuristic_keep": True,
+                                       "model_keep": False, "judge_p_yes": 0.81, "judge_keep": True, "agree": False,
+                                       "judge": "j", "prompt_template": "audit_judge@x"}], schema=judge_audit.ARROW)
+        pq.write_table(audit, tmp_path / "judge_audit.parquet")
+        extra = ["--judge-audit", str(tmp_path / "judge_audit.parquet")]
     cli.main(["--rows", str(tmp_path / "data/04_gated"), "--rows", str(tmp_path / "data/05_recovered"),
               "--rows", str(tmp_path / "data/06_datasets"), "--documents",
               str(tmp_path / "data/01_seed/documents.parquet"), "--seeds", str(tmp_path / "data/02_split"),
               "--params", str(_params(tmp_path)), "--out", str(out), "--metrics",
-              str(tmp_path / "metrics/review.json")], standalone_mode=False)
+              str(tmp_path / "metrics/review.json"), *extra], standalone_mode=False)
     return out
 
 
@@ -161,7 +171,8 @@ def test_embedded_data_cannot_close_the_script_tag():
 
 def test_review_page_in_headless_chromium_filters_rows_and_highlights_the_evidence(tmp_path, chromium):
     browser, shoot = chromium
-    out = _write_page(tmp_path)
+    out = _write_page(tmp_path, judge=True)
+    assert json.loads((tmp_path / "metrics/review.json").read_text())["judge_audit"] == {"rows": 1, "disagree": 1}
     requests: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
@@ -199,5 +210,11 @@ def test_review_page_in_headless_chromium_filters_rows_and_highlights_the_eviden
     tasks = json.loads(Path(dl.value.path()).read_text())
     assert [t["data"]["row_id"] for t in tasks] == ["syn_00000000000000bb"]
     assert tasks[0]["data"]["evidence"] == DOC_TEXT[35:67]
+    # the rows where the audit judge disagrees with the gates: the rejected row it would have kept
+    page.select_option("#f-strategy", "")
+    page.select_option("#f-intent", "")
+    page.check("#f-judge")
+    assert page.text_content("#count") == "1 of 4 rows"
+    assert "audit judge P(yes) 0.810 · disagrees" in page.locator("article.row").inner_text()
     assert errors == []
     assert all(u.startswith(("file:", "blob:", "data:")) for u in requests), requests  # offline

@@ -22,6 +22,7 @@ SECTIONS: dict[str, str] = {
     "train_verifier": "stages.train_verifier:TrainVerifierParams",
     "train_reward": "stages.train_reward:TrainRewardParams",
     "gate": "refinery.gates.run:GateParams",
+    "audit_judge": "stages.audit_judge:AuditJudgeParams",
     "engine": "refinery.engine.params:EngineParams",
     "recover": "stages.recover:RecoverParams",
     "assemble": "stages.assemble:AssembleParams",

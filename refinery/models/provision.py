@@ -8,7 +8,7 @@ from pydantic import Discriminator, Field, Tag
 
 from refinery.core.params import StageParams
 
-ROLES = ("teacher", "judge", "student", "embedder")
+ROLES = ("teacher", "judge", "student", "embedder", "audit_judge")
 
 
 class EndpointSpec(StageParams):
@@ -67,6 +67,9 @@ class ProvisionParams(StageParams):
     judge: RoleSpec
     student: RoleSpec
     embedder: RoleSpec
+    # scores the judge-audit sample (stages/audit_judge.py); params.yaml names it, this default keeps older params
+    # files (without the role) valid
+    audit_judge: RoleSpec = "embedded:smollm2-135m-instruct"
 
 
 def raw_spec(value: str | EndpointSpec | ServeSpec) -> Any:

@@ -257,6 +257,34 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
                 [[f"`{x}`"] + [v.num(g, f"overlap.jaccard.{x}.{y}", "f3") for y in gates] for x in gates]))
         w(f"\n![gate overlap]({plots_rel}/report_gate_overlap.png)\n")
 
+    w("## Judge audit of the gates\n")
+    ja = M("audit_judge")
+    if v.get(ja, "overall.rows") is None:
+        w(f"Judge audit: {NOT_RUN}.\n")
+    else:
+        weak = ", the same model as the teacher: a weak audit" if v.get(ja, "same_model_as_teacher") else ""
+        w(f"The audit judge (`{v.num(ja, 'judge', 'str')}`{weak}) scored a seeded sample of "
+          f"{v.num(ja, 'sampled.accepted', 'int')} accepted and {v.num(ja, 'sampled.rejected', 'int')} rejected "
+          f"rows with a strict rubric (`{v.num(ja, 'prompt_template', 'str')}`; it keeps a row at P(yes) ≥ "
+          f"{v.num(ja, 'threshold', 'f3')}). It kept {v.num(ja, 'judge_keep_rate.accepted', 'pct1')} of the accepted "
+          f"and {v.num(ja, 'judge_keep_rate.rejected', 'pct1')} of the rejected rows. Agreement with the gates, "
+          f"where both gave a verdict (kappa: Cohen's, chance-corrected; – where undefined):\n")
+        groups = [("overall", "all gates")] + [(f"families.{f}", f"{f} gates") for f in ("heuristic", "model")] + \
+            [(f"gates.{x}", f"`{x}`") for x in sorted(v.get(ja, "gates") or {})]
+
+        def cell(key: str, fmt: str) -> str:
+            return v.num(ja, key, fmt) if v.get(ja, key) is not None else "–"
+
+        w(table(["gates", "rows", "both keep", "gates keep, judge rejects", "gates reject, judge keeps", "both reject",
+                 "agreement", "kappa"],
+                [[label, cell(f"{k}.rows", "int")]
+                 + [cell(f"{k}.confusion.{c}", "int") for c in ("gates_keep_judge_keep", "gates_keep_judge_reject",
+                                                                 "gates_reject_judge_keep",
+                                                                 "gates_reject_judge_reject")]
+                 + [cell(f"{k}.agreement", "pct1"), cell(f"{k}.kappa", "f3")] for k, label in groups]))
+        w("\nEach sampled row with both verdicts: `data/04_audit/judge_audit.parquet`; the review page marks the rows "
+          "where the judge disagrees with the gates.\n")
+
     gi = M("gate_injection")
     cg = "cascade_and_gates"
     if v.get(gi, f"{cg}.cascade.families") is not None:
