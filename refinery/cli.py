@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-verifier": ("stages.train_verifier:cli", "Train the embedded faithfulness verifier (MiniLM head)."),
     "train-reward": ("stages.train_reward:cli", "Train the embedded reward model and export DPO pairs."),
     "gate": ("stages.gate:cli", "Run every quality gate on generated rows and planted errors."),
-    "audit-judge": ("stages.audit_judge:cli", "Score a sample of accepted and rejected rows with the audit judge; agreement with the gates."),
+    "audit-judge": ("stages.audit_judge:cli",
+                    "Score a sample of accepted and rejected rows with the audit judge; agreement with the gates."),
     "recover": ("stages.recover:cli", "Diagnose rejected rows, recover them with targeted actions, re-gate; naive baseline."),
     "assemble": ("stages.assemble:cli", "Assemble one dataset per arm (assemble.arms) with SFT and DPO exports."),
     "raft": ("stages.raft:cli", "Export an arm's rows with gold passages and distractors (RAFT-style)."),
@@ -35,8 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("refinery.inspect.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
     "trace": ("refinery.inspect.trace:cli", "Show a row's lineage back to its seed rows and document span, and where it ended."),
     "doctor": ("refinery.inspect.doctor:cli", "Check installed packages and that every role's model resolves."),
-    "docs": ("refinery.inspect.docs:cli", "A static docs site: DAG, stages, contracts, expectations, metrics, samples."),
-    "plots": ("refinery.inspect.plots:cli", "Every DVC plot as one HTML page that renders offline (Vega inlined)."),
+    "docs": ("refinery.inspect.docs:cli",
+             "A static docs site: DAG, stages, contracts, expectations, metrics, samples."),
+    "plots": ("refinery.inspect.plots:cli",
+              "Every DVC plot as one HTML page that renders offline (Vega inlined)."),
     "check": ("refinery.inspect.check:cli", "Check every params section, model role and the seed input before dvc repro."),
 }
 

@@ -86,7 +86,8 @@ SERVE_KEYS: dict[str, tuple[type, float, Any]] = {
     "parallel": (int, 1, 2), "threads": (int, 1, 1), "n_ctx": (int, 16, 2048), "port": (int, 0, 0),
     "startup_timeout_s": (float, 0.001, 120.0),
 }
-SERVED_ROLES = ("teacher", "judge", "audit_judge")  # the student is fine-tuned and the embedder embeds: both run in-process
+# the roles that may name a served model; the student is fine-tuned and the embedder embeds: both run in-process
+SERVED_ROLES = ("teacher", "judge", "audit_judge")
 
 
 def _numbers(role: str, value: dict, keys: dict[str, tuple], what: str) -> list[tuple[str, Any]]:
