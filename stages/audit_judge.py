@@ -87,7 +87,22 @@ def agreement(gates_keep: Sequence[bool | None], judge_keep: Sequence[bool | Non
         pg, pj = sum(g for g, _ in pairs) / n, sum(j for _, j in pairs) / n
         pe = pg * pj + (1 - pg) * (1 - pj)
         kappa = round((po - pe) / (1 - pe), 4) if pe < 1 else None
-    return {"rows": n, "confusion": table, "agreement": round(po, 4) if po is not None else None, "kappa": kappa}
+    return {"rows": n, "confusion": table, "agreement": round(po, 4) if po is not None else None,
+            "kappa": None if kappa is None else kappa + 0.0}  # + 0.0: no "-0.0"
+
+
+def ranking_auc(gates_keep: Sequence[bool | None], p_yes: Sequence[float | None]) -> float | None:
+    """How well the judge's P(yes) ranks the rows the gates kept above those they rejected (ROC AUC; 0.5 = chance).
+
+    Threshold-free: a judge whose probabilities are all low (uncalibrated) can still order rows as the gates do.
+    None where one side has no row.
+    """
+    pairs = [(g, p) for g, p in zip(gates_keep, p_yes) if g is not None and p is not None]
+    if len({g for g, _ in pairs}) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return round(float(roc_auc_score([g for g, _ in pairs], [p for _, p in pairs])), 4)
 
 
 def judge_rows(backend: Any, template: Any, rows: pa.Table, documents: dict[str, str], window_chars: int,
@@ -144,8 +159,13 @@ def audit(rows: pa.Table, p_yes: Sequence[float | None], *, threshold: float, ju
                "sampled": {s: status.count(s) for s in ("accepted", "rejected")},
                "unjudgeable": sum(p is None for p in p_yes),
                "judge_keep_rate": rate,
-               "overall": agreement(gate_keep, judge_keep),
-               "families": {f: agreement(fam[f], judge_keep) for f in FAMILIES},
+               "judge_p_yes_mean": {s: (round(float(np.mean([p for p, st in zip(p_yes, status) if st == s
+                                                             and p is not None])), 4)
+                                        if any(st == s and p is not None for p, st in zip(p_yes, status)) else None)
+                                    for s in ("accepted", "rejected")},
+               "overall": {**agreement(gate_keep, judge_keep), "auc": ranking_auc(gate_keep, p_yes)},
+               "families": {f: {**agreement(fam[f], judge_keep), "auc": ranking_auc(fam[f], p_yes)}
+                            for f in FAMILIES},
                "gates": per_gate}
     return table, metrics
 

@@ -9,7 +9,7 @@ import pytest
 
 from refinery.gates.registry import GATES
 from schemas import judge_audit as audit_schema
-from stages.audit_judge import agreement, audit, family_keep, judge_rows, sample
+from stages.audit_judge import agreement, audit, family_keep, judge_rows, ranking_auc, sample
 
 DOC = "Refunds are issued within 30 days. Start one in Settings > Billing."
 
@@ -87,3 +87,10 @@ def test_audit_table_keeps_both_verdicts_and_families_with_cascade_gaps():
     assert m["overall"]["confusion"]["gates_keep_judge_reject"] == 1
     assert set(m["gates"]) == {"faithfulness", "reward"}  # only gates that rejected a sampled row
     assert m["judge_keep_rate"] == {"accepted": 0.5, "rejected": 0.0}
+
+
+def test_ranking_auc_is_threshold_free():
+    # every P(yes) is below 0.5 (the judge rejects all), yet it ranks the kept rows first: AUC 1
+    assert ranking_auc([True, True, False, False], [0.3, 0.2, 0.1, 0.05]) == 1.0
+    assert ranking_auc([True, False, None], [0.1, 0.3, 0.9]) == 0.0
+    assert ranking_auc([True, True], [0.1, 0.2]) is None

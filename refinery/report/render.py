@@ -267,8 +267,11 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
           f"{v.num(ja, 'sampled.accepted', 'int')} accepted and {v.num(ja, 'sampled.rejected', 'int')} rejected "
           f"rows with a strict rubric (`{v.num(ja, 'prompt_template', 'str')}`; it keeps a row at P(yes) ≥ "
           f"{v.num(ja, 'threshold', 'f3')}). It kept {v.num(ja, 'judge_keep_rate.accepted', 'pct1')} of the accepted "
-          f"and {v.num(ja, 'judge_keep_rate.rejected', 'pct1')} of the rejected rows. Agreement with the gates, "
-          f"where both gave a verdict (kappa: Cohen's, chance-corrected; – where undefined):\n")
+          f"and {v.num(ja, 'judge_keep_rate.rejected', 'pct1')} of the rejected rows (mean P(yes) "
+          f"{v.num(ja, 'judge_p_yes_mean.accepted', 'f3')} on accepted, {v.num(ja, 'judge_p_yes_mean.rejected', 'f3')} "
+          f"on rejected rows). Agreement with the gates, where both gave a verdict (kappa: Cohen's, chance-corrected; "
+          f"AUC: how well P(yes) ranks the rows the gates kept above those they rejected, whatever the threshold; "
+          f"a half is chance; – where undefined):\n")
         groups = [("overall", "all gates")] + [(f"families.{f}", f"{f} gates") for f in ("heuristic", "model")] + \
             [(f"gates.{x}", f"`{x}`") for x in sorted(v.get(ja, "gates") or {})]
 
@@ -276,12 +279,13 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
             return v.num(ja, key, fmt) if v.get(ja, key) is not None else "–"
 
         w(table(["gates", "rows", "both keep", "gates keep, judge rejects", "gates reject, judge keeps", "both reject",
-                 "agreement", "kappa"],
+                 "agreement", "kappa", "AUC"],
                 [[label, cell(f"{k}.rows", "int")]
                  + [cell(f"{k}.confusion.{c}", "int") for c in ("gates_keep_judge_keep", "gates_keep_judge_reject",
                                                                  "gates_reject_judge_keep",
                                                                  "gates_reject_judge_reject")]
-                 + [cell(f"{k}.agreement", "pct1"), cell(f"{k}.kappa", "f3")] for k, label in groups]))
+                 + [cell(f"{k}.agreement", "pct1"), cell(f"{k}.kappa", "f3"), cell(f"{k}.auc", "f3")]
+                 for k, label in groups]))
         w("\nEach sampled row with both verdicts: `data/04_audit/judge_audit.parquet`; the review page marks the rows "
           "where the judge disagrees with the gates.\n")
 
