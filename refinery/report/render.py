@@ -265,7 +265,7 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
         weak = ", the same model as the teacher: a weak audit" if v.get(ja, "same_model_as_teacher") else ""
         w(f"The audit judge (`{v.num(ja, 'judge', 'str')}`{weak}) scored a seeded sample of "
           f"{v.num(ja, 'sampled.accepted', 'int')} accepted and {v.num(ja, 'sampled.rejected', 'int')} rejected "
-          f"rows with a strict rubric (`{v.num(ja, 'prompt_template', 'str')}`; it keeps a row at P(yes) ≥ "
+          f"rows ({v.num(ja, 'unjudgeable', 'int')} without a question or answer to judge) with a strict rubric (`{v.num(ja, 'prompt_template', 'str')}`; it keeps a row at P(yes) ≥ "
           f"{v.num(ja, 'threshold', 'f3')}). It kept {v.num(ja, 'judge_keep_rate.accepted', 'pct1')} of the accepted "
           f"and {v.num(ja, 'judge_keep_rate.rejected', 'pct1')} of the rejected rows (mean P(yes) "
           f"{v.num(ja, 'judge_p_yes_mean.accepted', 'f3')} on accepted, {v.num(ja, 'judge_p_yes_mean.rejected', 'f3')} "
