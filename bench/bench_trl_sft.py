@@ -7,9 +7,10 @@ models/base.
 Both trainers get the same tokenised examples (as the train stage builds them: the shared chat prompt, the loss
 on the answer tokens only, via TRL's ``completion_mask``), the same LoRA (train params: r, alpha, dropout, target
 modules, top layers), AdamW with the same peak rate, linear warm-up and decay, batch size, clipping and seed, and
-``max_steps``. refinery draws rows by their sampling weight and groups them by length; TRL shuffles (``group_by_length``
-is set so padding is comparable). Runs alternate (ours, TRL, ours, TRL, ...) in one process and print:
-- seconds per optimizer step of each (the ratio within this run is the figure; the 2 cores must be otherwise idle);
+``max_steps``. refinery draws rows by their sampling weight and groups them by length; TRL samples with ``train_sampling_strategy="group_by_length"`` (it
+is asked for, so padding is comparable). Runs alternate (ours, TRL, ours, TRL, ...) in one process and print:
+- seconds per optimizer step of each (the ratio within this run is the figure; the 2 cores must be otherwise idle),
+  TRL with SFTConfig's default gradient checkpointing and without it;
 - whether two runs with the same seed give the same per-step loss curve (loss-based reproducibility);
 - the answer-token loss of the trained adapter on ``--val-rows`` human val rows, measured the same way for both.
 Prints figures; asserts nothing.
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         vl = lora.eval_loss(model, val_ex, pad_id=tok.pad_token_id, seq2seq=seq2seq, batch_size=params.batch_size)
         return wall / args.steps, [c["loss"] for c in res.curve], vl
 
-    def run_trl() -> tuple[float, list[float], float]:
+    def run_trl(checkpointing: bool) -> tuple[float, list[float], float]:
         model, tok, _ = fresh()
         data = Dataset.from_list([{"input_ids": e.input_ids,
                                    "completion_mask": [0 if x == lora.IGNORE else 1 for x in e.labels]}
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                                 warmup_steps=params.warmup_steps, weight_decay=0.0, max_grad_norm=1.0, seed=seed,
                                 data_seed=seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                                 dataloader_num_workers=0, completion_only_loss=True, max_length=None,
-                                group_by_length=True, disable_tqdm=True, bf16=False, fp16=False)
+                                train_sampling_strategy="group_by_length", disable_tqdm=True, bf16=False, fp16=False,
+                                gradient_checkpointing=checkpointing)
             torch.manual_seed(seed)  # the LoRA A matrices are drawn when SFTTrainer wraps the model
             trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
                                      peft_config=peft_config(), callbacks=[Keep()])
@@ -130,15 +132,19 @@ def main(argv: list[str] | None = None) -> None:
         vl = lora.eval_loss(trained, val_ex, pad_id=tok.pad_token_id, seq2seq=seq2seq, batch_size=params.batch_size)
         return wall / args.steps, losses, vl
 
-    results: dict[str, list[tuple[float, list[float], float]]] = {"refinery": [], "trl": []}
+    variants = (("refinery", run_ours), ("trl", lambda: run_trl(True)),  # SFTConfig's default: checkpointing on
+                ("trl-no-ckpt", lambda: run_trl(False)))
+    results: dict[str, list[tuple[float, list[float], float]]] = {name: [] for name, _ in variants}
     for i in range(args.repeats):
-        for name, fn in (("refinery", run_ours), ("trl", run_trl)):
+        for name, fn in variants:
             r = fn()
             results[name].append(r)
-            print(f"run {i + 1} {name:8s}: {r[0]:.2f} s/step, losses {r[1]}, val loss after {r[2]:.4f}", flush=True)
+            print(f"run {i + 1} {name:11s}: {r[0]:.2f} s/step, losses {r[1]}, val loss after {r[2]:.4f}", flush=True)
     ours = np.mean([r[0] for r in results["refinery"]])
-    theirs = np.mean([r[0] for r in results["trl"]])
-    print(f"\nseconds per step: refinery {ours:.2f}, TRL {theirs:.2f} (TRL / refinery = {theirs / ours:.2f})")
+    print()
+    for name in results:
+        theirs = np.mean([r[0] for r in results[name]])
+        print(f"seconds per step: {name} {theirs:.2f} ({name} / refinery = {theirs / ours:.2f})")
     for name, runs in results.items():
         same = all(r[1] == runs[0][1] for r in runs[1:])
         print(f"{name}: loss curves of {len(runs)} same-seed runs identical: {same}; "
