@@ -218,7 +218,9 @@ def _artifact(root: Path, path: Path, by_columns: dict[tuple[str, ...], Contract
     if contract is not None:
         contract.files.append(rel)
     sample = meta.read_row_group(0).slice(0, SAMPLE_ROWS).to_pylist() if meta.num_row_groups else []
-    shown = [n for n in names if n not in ("prompt_template", "code_version")][:8]
+    first = [n for n in ("row_id", "question", "answer", "title", "text", "intent", "source", "status", "reason",
+                         "gate_reasons", "doc_id") if n in names]
+    shown = (first + [n for n in names if n not in first and n not in ("prompt_template", "code_version")])[:8]
     rows = [[_cell(r.get(n)) for n in shown]
             + ([f"<code>refinery trace {html.escape(str(r['row_id']))}</code>"] if "row_id" in names else [])
             for r in sample]
