@@ -161,6 +161,7 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     assert summary["verdicts"]["h5"] == "supported"  # 9 vs 2: one-sided exact p = 67 / 2048
     assert summary["h5_p"] == pytest.approx(67 / 2048, abs=1e-4)
     assert "decision **accept**, 0 failed checks" in md
+    assert "Human review decisions" not in md  # no assemble metrics here: the line is left out, not "not run"
     # and the first section answers the seed questions from the arms, saying the noise floor is unmeasured
     first = md.split("## The seed questions")[1].split("\n## ")[0]
     assert "Does teacher contamination cost accuracy" in first and "Noise floor: **unmeasured**" in first
@@ -237,3 +238,14 @@ def test_audit_decision_rejects_a_failed_check_or_an_arm_without_an_audit():
                                                                            "arms_validated": 1}
     assert audit_decision({"human": {"failed_checks": ["dup_rate"]}}, ["human"])["decision"] == "reject"
     assert audit_decision({"human": {"failed_checks": []}}, ["human", "curated"])["decision"] == "reject"
+
+
+def test_report_says_what_the_review_decisions_did(tmp_path, monkeypatch):
+    write_metrics(tmp_path)
+    (tmp_path / "metrics/assemble.json").write_text(json.dumps({"review_decisions": {
+        "decisions": 4, "kept": 1, "removed": 1, "replaced": 1, "replacement_rejected": 1, "not_found": 0}}))
+    md, trace = run_cli(tmp_path, monkeypatch)
+    assert check(tmp_path, md, trace) == []
+    assert ("Human review decisions read back (`reviews/decisions.json`): 4; kept 1, removed from every arm 1, "
+            "replaced by the reviewer's answer after every gate passed it 1, correction refused by a gate 1, row not "
+            "found 0") in md

@@ -219,6 +219,14 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
         w(f"\nData validation (`refinery validate`, one audit file per arm): decision "
           f"**{v.num(S, 'validation.decision', 'str')}**, {v.num(S, 'validation.failed_checks', 'int')} failed checks "
           f"over {v.num(S, 'validation.arms_validated', 'int')} arms.")
+    rd = "review_decisions"
+    if v.get(M("assemble"), rd) is not None:
+        a = M("assemble")
+        w(f"\nHuman review decisions read back (`reviews/decisions.json`): {v.num(a, f'{rd}.decisions', 'int')}; "
+          f"kept {v.num(a, f'{rd}.kept', 'int')}, removed from every arm {v.num(a, f'{rd}.removed', 'int')}, "
+          f"replaced by the reviewer's answer after every gate passed it {v.num(a, f'{rd}.replaced', 'int')}, "
+          f"correction refused by a gate {v.num(a, f'{rd}.replacement_rejected', 'int')}, row not found "
+          f"{v.num(a, f'{rd}.not_found', 'int')} (`data/06_datasets/review_decisions.parquet`).")
     split = M("split")
     w(f"\nEvaluation data: the human val split ({v.num(split, 'rows.val', 'int')} rows, LoRA model selection) and "
       f"the human test split ({v.num(split, 'rows.test', 'int')} rows, every score below), disjoint by document "
