@@ -55,18 +55,19 @@ def stage(name: str, root: str | Path = ".", *, needed_for: str = "") -> dict[st
     return stages[name]
 
 
-def _paths(body: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+def paths(body: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """Return the paths a stage body lists under ``keys`` (e.g. ``("outs", "metrics")``), as written."""
     return [next(iter(o)) if isinstance(o, dict) else str(o) for key in keys for o in body.get(key) or []]
 
 
 def outs(name: str, root: str | Path = ".", *, needed_for: str = "") -> list[str]:
     """Return the paths a stage declares under ``outs`` (``${...}`` templates left as written)."""
-    return _paths(stage(name, root, needed_for=needed_for), ("outs",))
+    return paths(stage(name, root, needed_for=needed_for), ("outs",))
 
 
 def written(name: str, root: str | Path = ".", *, needed_for: str = "") -> list[str]:
     """Return every path a stage writes: its ``outs``, ``metrics`` and ``plots``."""
-    return _paths(stage(name, root, needed_for=needed_for), ("outs", "metrics", "plots"))
+    return paths(stage(name, root, needed_for=needed_for), ("outs", "metrics", "plots"))
 
 
 def command(name: str, root: str | Path = ".", *, needed_for: str = "") -> list[str]:

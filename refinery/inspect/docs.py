@@ -110,10 +110,10 @@ def _related(written: str, read: str, params: dict[str, Any]) -> bool:
 
 def edges(stages: dict[str, dict[str, Any]], params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """``(from, to, [paths])``: stage ``to`` reads what stage ``from`` writes (outs, metrics, plots)."""
-    writes = {n: dag._paths(b, ("outs", "metrics", "plots")) for n, b in stages.items()}
+    writes = {n: dag.paths(b, ("outs", "metrics", "plots")) for n, b in stages.items()}
     found = []
     for to, body in stages.items():
-        deps = dag._paths(body, ("deps",))
+        deps = dag.paths(body, ("deps",))
         for frm, outs in writes.items():
             if frm == to:
                 continue
@@ -333,14 +333,14 @@ def build_site(out: Path, root: Path = Path("."), *, plots: bool = True) -> Path
     stage_html, artifact_html, seen = [], [], set()
     for name, body in stages.items():
         metrics = []
-        for m in dag._paths(body, ("metrics",)):
+        for m in dag.paths(body, ("metrics",)):
             for f in sorted(root.glob(_norm(m, params))):
                 if f.is_file() and f.suffix == ".json":
                     flat = _flat(json.loads(f.read_text(encoding="utf-8")))
                     metrics.append(f"<h4>{html.escape(f.relative_to(root).as_posix())}</h4>"
                                    + _table(["metric", "value"], [[html.escape(k), _cell(v)] for k, v in flat[:40]])
                                    + (f'<p class="muted">… and {len(flat) - 40} more</p>' if len(flat) > 40 else ""))
-        files = _files(root, dag._paths(body, ("outs",)), params)
+        files = _files(root, dag.paths(body, ("outs",)), params)
         for f in files:
             rel = f.relative_to(root).as_posix()
             if rel not in seen:
@@ -357,13 +357,13 @@ def build_site(out: Path, root: Path = Path("."), *, plots: bool = True) -> Path
             + _table(["", ""], [
                 ["after", " ".join(f'<a href="#stage-{s}">{s}</a>' for s in ins) or "—"],
                 ["before", " ".join(f'<a href="#stage-{s}">{s}</a>' for s in outs_to) or "—"],
-                ["deps", "<br>".join(html.escape(d) for d in dag._paths(body, ("deps",)))],
+                ["deps", "<br>".join(html.escape(d) for d in dag.paths(body, ("deps",)))],
                 ["params", html.escape(", ".join(params)) or "—"],
                 ["outs", "<br>".join((f'<a href="#{_slug(f.relative_to(root).as_posix())}">'
                                       f'{html.escape(f.relative_to(root).as_posix())}</a>') for f in files)
-                 or "<br>".join(html.escape(o) for o in dag._paths(body, ("outs",)))
+                 or "<br>".join(html.escape(o) for o in dag.paths(body, ("outs",)))
                  + (' <span class="muted">(not in the workspace: dvc pull or dvc repro)</span>'
-                    if dag._paths(body, ("outs",)) else "")],
+                    if dag.paths(body, ("outs",)) else "")],
             ], "kv")
             + "".join(metrics) + "</section>")
 
