@@ -173,8 +173,10 @@ def audit(rows: pa.Table, p_yes: Sequence[float | None], *, threshold: float, ju
 @click.command("audit-judge")
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               help="Params file; this stage reads its audit_judge section.")
-@click.option("--gated", "gated_dir", required=True, help="The gate stage's folder (accepted.parquet, rejected.parquet).")
-@click.option("--documents", "documents_file", required=True, help="The ingest stage's documents file (documents.parquet): the passages shown to the judge.")
+@click.option("--gated", "gated_dir", required=True,
+              help="The gate stage's folder (accepted.parquet, rejected.parquet).")
+@click.option("--documents", "documents_file", required=True,
+              help="The ingest stage's documents file (documents.parquet): the passages shown to the judge.")
 @click.option("--models", "models_dir", required=True, help="The provision stage's folder (role audit_judge).")
 @click.option("--out", "out_dir", required=True, help="Writes judge_audit.parquet into this folder.")
 @click.option("--metrics", "metrics_file", required=True,

@@ -125,7 +125,8 @@ def chromium():
     """A headless Chromium driven by playwright (the system browser, no download); skips where either is missing.
 
     Yields ``(browser, shoot)``: ``shoot(page, name)`` saves a full-page screenshot under ``SCREENSHOTS`` and
-    prints its path, so it shows in the test output.
+    prints its path, so it shows in the test output. :func:`watched_page` opens a page that records its requests
+    and script errors.
     """
     import shutil
 
@@ -147,3 +148,18 @@ def chromium():
             yield browser, shoot
         finally:
             browser.close()
+
+
+def watched_page(browser, width: int = 1280, height: int = 900):
+    """A new page of ``browser`` and the lists its requests (URLs) and uncaught script errors are appended to."""
+    requests: list[str] = []
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return page, requests, errors
+
+
+def offline(requests: list[str]) -> list[str]:
+    """The requests that left the machine (anything but file:, data: and blob: URLs): [] for an offline page."""
+    return [u for u in requests if not u.startswith(("file:", "data:", "blob:"))]

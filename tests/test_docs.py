@@ -15,7 +15,7 @@ from refinery.core.errors import RefineryError
 from refinery.inspect.docs import build_site, contracts, edges, load_params
 from refinery.core import dag
 from schemas import documents as documents_schema
-from tests.conftest import ROOT, TINY_DOCS
+from tests.conftest import ROOT, TINY_DOCS, offline, watched_page
 
 FAILED = "curated: synthetic_share 0.27 > max 0.10 (schemas/expectations/curated.json)"
 
@@ -66,11 +66,7 @@ def test_docs_site_in_headless_chromium(project, chromium, tmp_path):
     browser, shoot = chromium
     index = build_site(tmp_path / "site", project, plots=False)
     n_stages = len(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    requests: list[str] = []
-    errors: list[str] = []
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, requests, errors = watched_page(browser, 1400, 1000)
     page.goto(index.as_uri())
     # the DAG draws one box per stage of dvc.yaml, with curves between them
     assert page.locator("svg.dag g.node").count() == n_stages
@@ -98,8 +94,7 @@ def test_docs_site_in_headless_chromium(project, chromium, tmp_path):
     # the review page is copied in and linked; nothing is fetched from the network
     page.click("nav a:has-text('Review page')")
     assert page.url.endswith("/review/index.html") and "review page" in page.inner_text("body")
-    assert errors == []
-    assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
+    assert errors == [] and offline(requests) == []
 
 
 def test_docs_of_this_project_draw_its_plots_offline(tmp_path, chromium):
@@ -107,10 +102,8 @@ def test_docs_of_this_project_draw_its_plots_offline(tmp_path, chromium):
     index = build_site(tmp_path / "site", ROOT, plots=True)
     plots = tmp_path / "site/plots/index.html"
     assert plots.is_file() and '<a href="plots/index.html">Plots</a>' in index.read_text()
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    requests: list[str] = []
-    page.on("request", lambda r: requests.append(r.url))
+    page, requests, _ = watched_page(browser, 1400, 1000)
     page.goto(plots.as_uri())
     page.wait_for_function("document.querySelectorAll('.vega-embed svg.marks').length >= 4", timeout=30_000)
     shoot(page, "docs_site_plots", full_page=False)
-    assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
+    assert offline(requests) == []

@@ -10,6 +10,7 @@ import pytest
 
 from refinery.core.errors import RefineryError
 from refinery.inspect.plots import render_plots
+from tests.conftest import offline, watched_page
 
 DVC_YAML = """\
 stages:
@@ -45,19 +46,14 @@ def test_plots_page_has_no_cdn_and_draws_every_plot_offline(project, chromium):
     html = page_file.read_text()
     # then Vega is inlined, not loaded from a CDN
     assert "cdn.jsdelivr.net" not in html and "window.vegaEmbed" in html
-    requests: list[str] = []
-    errors: list[str] = []
-    page = browser.new_page(viewport={"width": 1100, "height": 800})
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page, requests, errors = watched_page(browser, 1100, 800)
     page.goto(page_file.as_uri())
     # and Chromium draws both charts (Vega renders each into an SVG), with the bars' labels, and nothing fetched
     page.wait_for_function("document.querySelectorAll('.vega-embed svg.marks').length == 2", timeout=20_000)
     text = page.inner_text("body")
     assert "C: curated" in text and "Base (untuned)" in text
     shoot(page, "dvc_plots")
-    assert errors == []
-    assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
+    assert errors == [] and offline(requests) == []
 
 
 def test_a_project_that_declares_no_plot_is_one_line_that_says_what_to_run(project):

@@ -16,6 +16,7 @@ from refinery.core.errors import InputError
 from refinery.inspect.review import (ARGILLA_SETTINGS, LABEL_STUDIO_CONFIG, SampleSpec, argilla_records, build_review,
                              label_studio_tasks, render_html, review_sample)
 from stages.review import cli
+from tests.conftest import offline, watched_page
 from tests.test_trace import DOC_TEXT, build_lineage
 
 REVIEW_ROWS = ("data/04_gated/accepted.parquet", "data/04_gated/rejected.parquet",
@@ -173,11 +174,7 @@ def test_review_page_in_headless_chromium_filters_rows_and_highlights_the_eviden
     browser, shoot = chromium
     out = _write_page(tmp_path, judge=True)
     assert json.loads((tmp_path / "metrics/review.json").read_text())["judge_audit"] == {"rows": 1, "disagree": 1}
-    requests: list[str] = []
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("request", lambda r: requests.append(r.url))
+    page, requests, errors = watched_page(browser)
     page.goto((out / "index.html").as_uri())
     # given the page, all four rows are shown
     assert page.text_content("#count") == "4 of 4 rows"
@@ -216,5 +213,4 @@ def test_review_page_in_headless_chromium_filters_rows_and_highlights_the_eviden
     page.check("#f-judge")
     assert page.text_content("#count") == "1 of 4 rows"
     assert "audit judge P(yes) 0.810 · disagrees" in page.locator("article.row").inner_text()
-    assert errors == []
-    assert all(u.startswith(("file:", "blob:", "data:")) for u in requests), requests  # offline
+    assert errors == [] and offline(requests) == []
