@@ -207,8 +207,9 @@ def _slug(path: str) -> str:
     return "artifact-" + re.sub(r"[^A-Za-z0-9]+", "-", path).strip("-")
 
 
-def _artifact(root: Path, path: Path, by_columns: dict[tuple[str, ...], ContractDoc]) -> tuple[str, str | None]:
-    """One artifact's section (contract link, rows, sample rows with trace commands); and its contract name."""
+def _artifact(root: Path, path: Path, by_columns: dict[tuple[str, ...], ContractDoc]) -> str:
+    """One artifact's section: its contract (the one whose columns it has, which records the file), its row count
+    and sample rows with their trace commands."""
     import pyarrow.parquet as pq
 
     rel = path.relative_to(root).as_posix()
@@ -231,7 +232,7 @@ def _artifact(root: Path, path: Path, by_columns: dict[tuple[str, ...], Contract
     if rows:
         out.append(_table(shown + (["trace"] if "row_id" in names else []), rows, "sample"))
     out.append("</section>")
-    return "\n".join(out), contract.name if contract else None
+    return "\n".join(out)
 
 
 def _lookup(record: dict[str, Any], check: str) -> Any:
@@ -345,7 +346,7 @@ def build_site(out: Path, root: Path = Path("."), *, plots: bool = True) -> Path
             rel = f.relative_to(root).as_posix()
             if rel not in seen:
                 seen.add(rel)
-                artifact_html.append(_artifact(root, f, by_columns)[0])
+                artifact_html.append(_artifact(root, f, by_columns))
         cmd = body.get("cmd", "")
         params = [p if isinstance(p, str) else ", ".join(map(str, p)) for p in body.get("params") or []]
         ins = [frm for frm, to, _ in links if to == name]
