@@ -13,7 +13,7 @@ from refinery.gates.base import GateContext
 from refinery.engine.base import engine_of
 from refinery.gates.run import (GateParams, GateRecipe, GateRequest, build_gates, calibrate, compare_modes,
                                 gate_tables, judged_rows, load_models, model_factory, reason_counts, run_gates,
-                                run_gates_by_kind)
+                                run_gates_by_kind, strategy_pass_rates)
 from refinery.planted.corruptions import unseen_kinds
 from schemas.gated import GATES
 
@@ -99,7 +99,8 @@ def cli(params_file, synthetic_file, injected_file, train_file, val_file, docume
     metrics = {**reason_counts(gated), "thresholds": thresholds_schema.review_copy(thresholds), "mode": params.mode,
                "rows_judged": judged, "rows_not_judged": {g: gated.num_rows - n for g, n in judged.items()},
                # which gates reject the same generated rows needs every verdict: full mode only
-               "overlap": gate_overlap(gated, list(GATES)) if params.mode == "full" else None}
+               "overlap": gate_overlap(gated, list(GATES)) if params.mode == "full" else None,
+               "per_strategy": strategy_pass_rates(gated)}
     injection = {"cascade_and_gates": evaluate_injection(planted, list(GATES), unseen),
                  "overlap": gate_overlap(planted, list(GATES)),
                  "faithfulness_modes": modes}

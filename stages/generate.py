@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ class GenerateParams(StageParams):
     dtype: TeacherDtype = "auto"  # weights of an in-process teacher
     skip_stale: bool = True  # do not generate from documents superseded by newer ones
     window_sentences: int = Field(gt=0)  # sentences per passage window for new_question
+    evol_rounds: int = Field(default=1, ge=1)  # Evol-Instruct rounds: round r rewrites round r-1's parsed evol rows
     max_failure_share: float = Field(ge=0, le=1)  # exit non-zero when more calls than this fail or don't parse
 
     @model_validator(mode="after")
@@ -70,9 +73,47 @@ def _windows(text: str, size: int) -> list[tuple[int, int]]:
     return [(spans[i][0], spans[min(i + size, len(spans)) - 1][1]) for i in range(0, max(len(spans) - size + 1, 1))]
 
 
+_FACT = re.compile(r"\d|(?<=\S )[A-Z][\w&'-]+")  # a number, or a capitalised word after the first: a name
+ANSWER_SPAN_WORDS = (6, 60)  # an answer_first sentence's words, at least and at most
+
+
+def answer_spans(text: str, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Return a document's sentences that can be an answer_first answer, those no seed evidence touches first.
+
+    A candidate is a declarative sentence (it ends with '.') of 6-60 words stating a fact: it holds a number or a
+    name (a capitalised word after its first), or has 10 words or more (a claim).
+    """
+    found = []
+    for start, end in sentence_spans(text):
+        sentence = text[start:end]
+        words = len(sentence.split())
+        if not (ANSWER_SPAN_WORDS[0] <= words <= ANSWER_SPAN_WORDS[1] and sentence.endswith(".")):
+            continue
+        if _FACT.search(sentence) or words >= 10:
+            found.append((start, end))
+    fresh = [s for s in found if not any(s[0] < e and b < s[1] for b, e in covered)]
+    return fresh + [s for s in found if s not in fresh]
+
+
+def round_counts(counts: dict[str, int], rounds: int) -> list[dict[str, int]]:
+    """Split each evol strategy's calls over ``rounds`` rounds (earlier rounds take the remainder); round 1 also
+    holds every other strategy's calls."""
+    out = [dict(counts)] + [{} for _ in range(rounds - 1)]
+    for name in strat.EVOL_STRATEGIES:
+        n = counts.get(name, 0)
+        if rounds > 1 and n:
+            share = strat.allocate(n, {f"{r:04d}": 1.0 for r in range(rounds)})
+            for r in range(rounds):
+                out[r][name] = share[f"{r:04d}"]
+    return out
+
+
 def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], params: GenerateParams,
          teacher_id: str) -> tuple[list[Planned], dict[str, Any]]:
-    """Decide every teacher call: strategies by budget, parents, passages, few-shot examples, seeds.
+    """Decide every call of round 1: strategies by budget, parents, passages, few-shot examples, seeds.
+
+    With ``evol_rounds`` > 1, round 1 holds its share of the evol calls; :func:`plan_round` plans the others
+    from the rows round 1 returns (``metrics['calls_per_round']``).
 
     Args:
         train: human train rows (split contract).
@@ -105,11 +146,16 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     missing = [s for s, n in counts.items() if n and s not in templates]
     if missing:
         raise RefineryError(f"generate: no prompt template for strategy {missing[0]}")
+    per_round = round_counts(counts, params.evol_rounds)
     planned: list[Planned] = []
     shots = ShotPool(rows)  # drawn from once per call
     windows: dict[str, list[tuple[int, int]]] = {}  # per document, computed once
+    covered: dict[str, list[tuple[int, int]]] = {}  # per document, the seed's evidence spans
+    for r in rows:
+        covered.setdefault(r["doc_id"], []).append((r["evidence_start"], r["evidence_end"]))
+    used_spans: set[tuple[str, int, int]] = set()  # answer_first sentences already taken
     for name in strat.GENERATION_STRATEGIES:
-        n = counts.get(name, 0)
+        n = per_round[0].get(name, 0)
         if not n:
             continue
         s, tpl = strat.STRATEGIES[name], templates[name]
@@ -125,6 +171,8 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                     doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
                 fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
                 span = fresh[int(rng.integers(len(fresh)))]
+            elif s.passage == "span":
+                span = _answer_span(doc, covered.get(doc["doc_id"], []), used_spans, rng) or span
             shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
             values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
                       "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]]}
@@ -137,8 +185,66 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     metrics = {"budget": params.budget, "seed_rows": len(rows), "eligible_seed_rows": len(eligible),
                "skipped_stale_rows": len(rows) - len(eligible), "ratio": round(ratio, 4),
                "mix": {k: round(v, 4) for k, v in mix.items()}, "mix_source": "param" if params.strategy_mix else
-               "budget_ratio", "calls_planned": dict(sorted(counts.items()))}
+               "budget_ratio", "calls_planned": dict(sorted(counts.items())), "evol_rounds": params.evol_rounds,
+               "calls_per_round": [dict(sorted((k, v) for k, v in c.items() if v)) for c in per_round]}
     return planned, metrics
+
+
+def _answer_span(doc: dict[str, Any], covered: list[tuple[int, int]], used: set[tuple[str, int, int]],
+                 rng: np.random.Generator) -> tuple[int, int] | None:
+    """Draw an answer_first sentence of ``doc``: one no seed evidence touches and not yet taken, if any is left."""
+    spans = answer_spans(doc["text"], covered)
+    if not spans:
+        return None
+    fresh = [sp for sp in spans if (doc["doc_id"], *sp) not in used and not any(sp[0] < e and b < sp[1]
+                                                                                 for b, e in covered)]
+    pool = fresh or [sp for sp in spans if (doc["doc_id"], *sp) not in used] or spans
+    span = pool[int(rng.integers(len(pool)))]
+    used.add((doc["doc_id"], *span))
+    return span
+
+
+def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, templates: dict[str, Template],
+               params: GenerateParams, teacher_id: str, round_no: int) -> tuple[list[Planned], int]:
+    """Plan Evol-Instruct round ``round_no`` (2, 3, ...): each call rewrites a parsed evol row of the round before.
+
+    The new row keeps its seed row's document and evidence span; its ``parent_ids`` are the seed row (first, as for
+    every generated row) and the row it rewrites. When the round before parsed no evol row, the calls start from
+    seed rows as in round 1 (counted: the second value returned).
+
+    Returns:
+        The planned calls, and how many of them fell back to seed rows.
+    """
+    rows = [r for r in previous.to_pylist() if r["strategy"] in strat.EVOL_STRATEGIES and r["error"] is None
+            and r["parse_error"] is None and r["question"] and r["answer"]]
+    seed_rows = {r["row_id"]: r for r in train.to_pylist()}
+    shots = ShotPool(list(seed_rows.values()))
+    planned: list[Planned] = []
+    fallback = 0
+    for name in strat.EVOL_STRATEGIES:
+        n = counts.get(name, 0)
+        if not n:
+            continue
+        s, tpl = strat.STRATEGIES[name], templates[name]
+        rng = np.random.default_rng(call_seed(params.seed, name, "round", round_no))
+        pool = rows or [r for r in seed_rows.values()]
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        for k in range(n):
+            parent, sample_index = order[k % len(order)], k // len(order)
+            root = parent["parent_ids"][0] if rows else None
+            fallback += root is None
+            lineage = (root,) if root is not None else ()
+            span = (parent["evidence_start"], parent["evidence_end"])
+            shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
+            values = {"question": parent["question"], "answer": parent["answer"], "title": "",
+                      "evidence": parent["evidence"], "passage": parent["evidence"]}
+            prompt = tpl.render(values, shot_values(shot_rows))
+            request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 seed=call_seed(params.seed, parent["row_id"], name, sample_index, "round", round_no))
+            key = cache_key(teacher_id, tpl.ref, request, sample_index)
+            planned.append(Planned(Job(request, key), name, parent, span, sample_index, tpl.ref, lineage))
+    return planned, fallback
 
 
 @click.command("generate")
@@ -182,12 +288,27 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     planned, plan_metrics = plan(train, documents, templates, params, teacher_id)
     # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process
     with engine_of(params_file) as engine:
-        table, stats, seconds = generation.execute(
-            planned, backend, cache_file, documents, batch_size=params.batch_size, origin="synthetic",
-            teacher_id=teacher_id, phash=params_hash(params),
-            code_version=code_version(sys.modules[__name__]), desc="generate", quiet=quiet,
-            engine=engine if engine.name != "local" else None)
+        if engine.name == "local":  # one in-process teacher for every round
+            backend = functools.cache(backend)
+        run = {"batch_size": params.batch_size, "origin": "synthetic", "teacher_id": teacher_id,
+               "phash": params_hash(params), "code_version": code_version(sys.modules[__name__]), "quiet": quiet,
+               "engine": engine if engine.name != "local" else None}
+        table, stats, seconds = generation.execute(planned, backend, cache_file, documents, desc="generate", **run)
+        tables, fallbacks = [table], []
+        for round_no, counts in enumerate(plan_metrics["calls_per_round"][1:], start=2):
+            more, fallback = plan_round(tables[-1], counts, train, templates, params, teacher_id, round_no)
+            got, more_stats, more_seconds = generation.execute(more, backend, cache_file, documents,
+                                                               desc=f"generate-round{round_no}", **run)
+            tables.append(got)
+            fallbacks.append(fallback)
+            stats, seconds = stats.merged(more_stats), seconds + more_seconds
+        table = pa.concat_tables(tables)
     metrics = {**plan_metrics, **outcome_metrics(table)}
+    if params.evol_rounds > 1:
+        metrics["per_round"] = [{**outcome_metrics(t), "seed_parent_fallbacks": f}
+                                for t, f in zip(tables, [0, *fallbacks])]
+        for m in metrics["per_round"]:
+            m.pop("per_strategy"), m.pop("call_errors_by_reason")
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, synthetic_schema.ARROW)
         outputs.json(metrics, metrics_file)

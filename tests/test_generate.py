@@ -150,6 +150,59 @@ def test_rows_carry_provenance_and_evidence_and_keep_failures(tables):
     assert "latency_s" not in table.column_names  # wall-clock stays out of DVC-tracked tables
 
 
+def test_answer_first_takes_its_answer_verbatim_from_a_sentence_no_seed_evidence_uses(tables):
+    documents, train = tables
+    planned, _ = plan(train, documents, templates(), params(budget=6, strategy_mix={"answer_first": 1.0}), "fake@1")
+    results = [GenResult(" What do I need to know about this?", "stop", 10, 8, 0.1)] * len(planned)
+    rows = to_rows(planned, results, documents, origin="synthetic", teacher_id="fake@1", phash="p",
+                   code_version="c").to_pylist()
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    seed_spans = {(r["doc_id"], r["evidence_start"], r["evidence_end"]) for r in train.to_pylist()}
+    for r, p in zip(rows, planned):
+        assert r["strategy"] == "answer_first" and r["question"] == "What do I need to know about this?"
+        assert r["answer"] == r["evidence"] == texts[r["doc_id"]][r["evidence_start"]:r["evidence_end"]]
+        assert r["answer"] in p.job.request.prompt and r["parent_ids"] == [p.parent["row_id"]]
+    fresh = [r for r in rows if (r["doc_id"], r["evidence_start"], r["evidence_end"]) not in seed_spans]
+    assert fresh, "answer_first prefers sentences that no seed row uses as evidence"
+
+
+def test_answer_spans_are_fact_sentences_uncovered_first():
+    from stages.generate import answer_spans
+
+    text = ("Hi. Exports larger than 2 GB are delivered in several parts. Refunds take 5 business days to arrive. "
+            "What now?")
+    spans = answer_spans(text, covered=[(4, 60)])
+    assert [text[a:b] for a, b in spans] == ["Refunds take 5 business days to arrive.",
+                                             "Exports larger than 2 GB are delivered in several parts."]
+
+
+def test_evol_rounds_rewrite_the_previous_rounds_rows_and_link_them(tables):
+    from stages.generate import plan_round
+
+    documents, train = tables
+    p = params(budget=6, strategy_mix={"evol_depth": 0.5, "evol_denoise": 0.5}, evol_rounds=2)
+    planned, metrics = plan(train, documents, templates(), p, "fake@1")
+    assert metrics["calls_per_round"] == [{"evol_denoise": 2, "evol_depth": 2}, {"evol_denoise": 1, "evol_depth": 1}]
+    assert len(planned) == 4
+    first = to_rows(planned, [GenResult(" Harder question?\nAnswer: A harder answer.", "stop", 1, 1, 0.1)] * 4,
+                    documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    more, fallback = plan_round(first, metrics["calls_per_round"][1], train, templates(), p, "fake@1", 2)
+    assert fallback == 0 and {m.strategy for m in more} == {"evol_depth", "evol_denoise"}
+    second = to_rows(more, [GenResult(" Cleaner question?\nAnswer: A clean answer.", "stop", 1, 1, 0.1)] * 2,
+                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c").to_pylist()
+    by_id = {r["row_id"]: r for r in first.to_pylist()}
+    for r in second:
+        seed_id, parent_id = r["parent_ids"]
+        parent = by_id[parent_id]
+        assert parent["parent_ids"] == [seed_id]  # [seed row, the row this round rewrote]
+        assert (r["doc_id"], r["evidence_start"], r["evidence_end"]) == \
+            (parent["doc_id"], parent["evidence_start"], parent["evidence_end"])
+    # a round with nothing parsed before it starts again from seed rows, and says how often
+    failed = to_rows(planned, [GenResult("no answer line", "stop", 1, 1, 0.1)] * 4, documents, origin="synthetic",
+                     teacher_id="fake@1", phash="p", code_version="c")
+    assert plan_round(failed, metrics["calls_per_round"][1], train, templates(), p, "fake@1", 2)[1] == 2
+
+
 def test_failure_counters_use_one_vocabulary_overall_and_per_strategy(tables):
     from refinery.generation.calls import outcome_metrics
 

@@ -127,7 +127,7 @@ SPECS: tuple[GateSpec, ...] = (
         reasons={"rules_transport_error": MALFORMED, "rules_parse_error": MALFORMED, "rules_empty": MALFORMED,
                  "rules_truncated": TRUNCATED, "rules_refusal": REFUSAL, "rules_meta_talk": MALFORMED,
                  "rules_too_short": LENGTH, "rules_too_long": LENGTH, "rules_language": MALFORMED,
-                 "rules_answer_repeats_question": LENGTH},
+                 "rules_answer_repeats_question": LENGTH, "rules_answer_not_in_source": UNGROUNDED},
         needs_model=False, cascade=10, family="heuristic"),
     GateSpec(
         "dedup", gate="refinery.gates.dedup:DedupGate", params="refinery.gates.dedup:DedupParams", section="dedup",

@@ -81,7 +81,9 @@ ENGLISH_STOPWORDS = (
 
 REASONS = ("rules_transport_error", "rules_parse_error", "rules_empty", "rules_truncated", "rules_refusal",
            "rules_meta_talk", "rules_too_short", "rules_too_long", "rules_language",
-           "rules_answer_repeats_question")
+           "rules_answer_repeats_question", "rules_answer_not_in_source")
+# Strategies whose answer must be a verbatim part of the row's source passage (gold-context answers).
+VERBATIM_STRATEGIES = ("answer_first",)
 
 
 def _count(arr: pa.StringArray, pattern: str) -> np.ndarray:
@@ -111,6 +113,18 @@ def _unbalanced(arr: pa.StringArray) -> np.ndarray:
     return bad
 
 
+def _not_verbatim(rows: pa.Table, answers: pa.StringArray) -> np.ndarray:
+    """True where a row of a :data:`VERBATIM_STRATEGIES` strategy has an answer its evidence does not hold exactly."""
+    bad = np.zeros(rows.num_rows, bool)
+    if "strategy" not in rows.column_names or "evidence" not in rows.column_names:
+        return bad
+    which = pc.is_in(rows.column("strategy"), value_set=pa.array(VERBATIM_STRATEGIES, pa.string()))
+    for i in np.flatnonzero(pc.fill_null(which, False).to_numpy(zero_copy_only=False)):
+        answer, evidence = answers[i].as_py(), rows.column("evidence")[i].as_py()
+        bad[i] = bool(answer) and (not evidence or answer.strip() not in evidence)
+    return bad
+
+
 class RulesParams(StageParams):
     """Bounds of the rules gate: ``gate.rules`` (experiment brief: 10-200 words of question + answer)."""
 
@@ -126,8 +140,10 @@ class RulesGate(BaseGate):
     Codes, in priority order: ``rules_transport_error`` (the teacher call failed), ``rules_parse_error``
     (the output did not parse), ``rules_empty``, ``rules_truncated``, ``rules_refusal``, ``rules_meta_talk``,
     ``rules_too_short`` / ``rules_too_long`` (words of question + answer, and of the answer alone),
-    ``rules_language``, ``rules_answer_repeats_question``. Score: the number of rules the row fails
-    (0 when kept).
+    ``rules_language``, ``rules_answer_repeats_question``, ``rules_answer_not_in_source`` (a row of an
+    answer-first strategy whose answer is not an exact substring of its evidence passage, the span of the source
+    document it was taken from: a later rewrite, a recovery action or a reviewer's fix changed it). Score: the
+    number of rules the row fails (0 when kept).
 
     Sources: word-count bounds and the English stop-word test follow the Gopher quality filters (Rae et al.
     2021, "Scaling Language Models", appendix A.1.1; datatrove ``GopherQualityFilter``: ``gopher_short_doc``,
@@ -230,6 +246,7 @@ class RulesGate(BaseGate):
         q_tok, a_tok = word_tokens(q_keys), word_tokens(a_keys)
         fails["rules_language"] = self._not_english(q, a, q_tok, a_tok, n)
         fails["rules_answer_repeats_question"] = self._repeats(q_keys, a_keys, q_tok, a_tok, n)
+        fails["rules_answer_not_in_source"] = _not_verbatim(rows, a)
         return fails
 
     def _not_english(self, q: pa.StringArray, a: pa.StringArray, q_tok: Tokens, a_tok: Tokens,

@@ -185,6 +185,31 @@ def reason_counts(gated: pa.Table) -> dict[str, Any]:
             "rejected_by_gate": per_gate, "reasons_all": dict(sorted(every.items()))}
 
 
+def strategy_pass_rates(gated: pa.Table) -> dict[str, Any]:
+    """Per generation strategy: rows, rows kept by every gate, and the faithfulness gate's pass rate.
+
+    ``parsed`` counts rows the teacher call returned and the parser read; ``faithfulness_pass_rate`` is over the
+    rows that gate judged (every row in full mode); ``kept_share`` over all rows. Strategies whose answer must be
+    verbatim source text (answer-first) also report ``contained``: their parsed rows that passed that check.
+    """
+    from refinery.gates.rules import VERBATIM_STRATEGIES
+
+    cols = gated.select(["strategy", "gate_keep", "faithfulness_keep", "gate_reasons"]).to_pylist()
+    out: dict[str, Any] = {}
+    for name in sorted({r["strategy"] for r in cols if r["strategy"]}):
+        sub = [r for r in cols if r["strategy"] == name]
+        parsed = [r for r in sub if not {"rules_parse_error", "rules_transport_error"} & set(r["gate_reasons"])]
+        judged = [r["faithfulness_keep"] for r in sub if r["faithfulness_keep"] is not None]
+        kept = sum(r["gate_keep"] for r in sub)
+        out[name] = {"rows": len(sub), "parsed": len(parsed), "kept": kept,
+                     "kept_share": round(kept / len(sub), 4),
+                     "faithfulness_judged": len(judged),
+                     "faithfulness_pass_rate": round(sum(judged) / len(judged), 4) if judged else None}
+        if name in VERBATIM_STRATEGIES:
+            out[name]["contained"] = sum("rules_answer_not_in_source" not in r["gate_reasons"] for r in parsed)
+    return out
+
+
 @dataclass
 class Models:
     """Everything the model gates need, loaded once per stage."""

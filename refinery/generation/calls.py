@@ -34,6 +34,7 @@ class Planned:
     span: tuple[int, int]
     sample_index: int
     template_ref: str
+    lineage: tuple[str, ...] = ()  # parent_ids before the parent's own row_id (an Evol round's seed row)
 
 
 def call_seed(base: int, *parts: Any) -> int:
@@ -56,7 +57,8 @@ def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Tabl
             if parse_error is None and s.output == "answer":
                 question = p.parent["question"]
             elif parse_error is None and s.output == "question":
-                answer = p.parent["answer"]
+                answer = (texts[p.parent["doc_id"]][p.span[0]:p.span[1]] if s.answer_from == "span"
+                          else p.parent["answer"])
         req = p.job.request
         setting = (req.max_new_tokens, type(req.temperature), req.temperature, type(req.top_p), req.top_p, req.stop)
         gp = gen_params.get(setting)
@@ -64,7 +66,8 @@ def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Tabl
             gp = gen_params[setting] = json.dumps({"max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
                                                    "top_p": req.top_p, "stop": list(req.stop)}, sort_keys=True)
         for name, value in (
-            ("row_id", stable_id(prefix, p.job.key)), ("origin", origin), ("parent_ids", [p.parent["row_id"]]),
+            ("row_id", stable_id(prefix, p.job.key)), ("origin", origin),
+            ("parent_ids", [*p.lineage, p.parent["row_id"]]),
             ("doc_id", p.parent["doc_id"]), ("evidence_start", p.span[0]), ("evidence_end", p.span[1]),
             ("strategy", p.strategy), ("teacher", teacher_id), ("prompt_template", p.template_ref),
             ("gen_params", gp), ("attempt", 0), ("recovery_action", None), ("params_hash", phash),

@@ -14,8 +14,11 @@ class Strategy:
     """How one strategy asks the teacher and reads its answer.
 
     output: what the completion holds: 'answer', 'question', or 'qa' (a question, then a line
-    starting with ``Answer:``). passage: 'evidence' (the parent's evidence span) or 'window' (another
-    window of sentences from the parent's document). token_budget: the max_new_tokens key used.
+    starting with ``Answer:``). passage: 'evidence' (the parent's evidence span), 'window' (another
+    window of sentences from the parent's document) or 'span' (one sentence of the parent's document that
+    states a fact, chosen as the answer). token_budget: the max_new_tokens key used. answer_from: where a
+    'question' strategy's answer comes from: 'parent' (the parent row's answer) or 'span' (the passage span
+    itself, verbatim: the answer is in the source text by construction, and the rules gate checks it stays so).
     """
 
     name: str
@@ -23,6 +26,7 @@ class Strategy:
     passage: str
     token_budget: str
     stop: tuple[str, ...]
+    answer_from: str = "parent"
 
 
 _QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
@@ -33,21 +37,29 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("new_question", "qa", "window", "qa", _QA_STOP),
     Strategy("evol_depth", "qa", "evidence", "qa", _QA_STOP),
     Strategy("evol_breadth", "qa", "evidence", "qa", _QA_STOP),
+    # Evol-Instruct's third direction: the same facts, cleaner phrasing, no AI-isms
+    Strategy("evol_denoise", "qa", "evidence", "qa", _QA_STOP),
+    # verifiable from gold context: the answer is a sentence of the document; the teacher writes its question
+    Strategy("answer_first", "question", "span", "question", ("\n",), answer_from="span"),
     # zero-shot prompts: small teachers often open with a newline, so stop only at a blank line or a new field
     Strategy("contaminate_answer", "answer", "evidence", "answer", _LINE_STOP),
     Strategy("contaminate_paraphrase", "answer", "evidence", "answer", _LINE_STOP),
 )}
-GENERATION_STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "evol_depth", "evol_breadth")
+GENERATION_STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "answer_first", "evol_depth",
+                         "evol_breadth", "evol_denoise")
+EVOL_STRATEGIES = ("evol_depth", "evol_breadth", "evol_denoise")  # rewrite a row; generate.evol_rounds repeats them
 
 # Budget-aware mix (generation brief, docs/sources.md): with few calls per seed row, spend them on new answers and
 # paraphrases of existing questions (cheap, close to the seed); with many, on new questions and Evol-Instruct rewrites
 # (more coverage). Rows: (largest budget/seed ratio the row applies to, mix).
+# Answer-first rows (an answer taken verbatim from a document sentence no seed row uses as evidence) join as soon as
+# there are calls beyond one per seed row: they reach passages the seed does not, with answers checkable by containment.
 MIX_BY_RATIO: tuple[tuple[float, dict[str, float]], ...] = (
     (1.0, {"answer_augmentation": 0.6, "question_rephrasing": 0.3, "new_question": 0.1}),
-    (3.0, {"answer_augmentation": 0.35, "question_rephrasing": 0.25, "new_question": 0.25, "evol_depth": 0.1,
-           "evol_breadth": 0.05}),
-    (math.inf, {"answer_augmentation": 0.15, "question_rephrasing": 0.15, "new_question": 0.45, "evol_depth": 0.15,
-                "evol_breadth": 0.1}),
+    (3.0, {"answer_augmentation": 0.3, "question_rephrasing": 0.2, "new_question": 0.2, "answer_first": 0.1,
+           "evol_depth": 0.1, "evol_breadth": 0.05, "evol_denoise": 0.05}),
+    (math.inf, {"answer_augmentation": 0.1, "question_rephrasing": 0.1, "new_question": 0.35, "answer_first": 0.15,
+                "evol_depth": 0.15, "evol_breadth": 0.1, "evol_denoise": 0.05}),
 )
 
 
@@ -72,7 +84,8 @@ def allocate(budget: int, mix: dict[str, float]) -> dict[str, int]:
 
 
 _ANSWER_MARK = re.compile(r"(?:^|\n)[ \t]*answer[ \t]*:", re.IGNORECASE)
-_LEADING_MARK = re.compile(r"^\s*(?:answer|rewritten|question|harder question|new question)\s*:\s*", re.IGNORECASE)
+_LEADING_MARK = re.compile(r"^\s*(?:answer|rewritten|question|harder question|new question|clean question)\s*:\s*",
+                           re.IGNORECASE)
 _ANY_MARK = re.compile(r"\b(?:passage|question|answer|rewritten)\s*:", re.IGNORECASE)
 
 

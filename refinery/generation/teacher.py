@@ -118,6 +118,14 @@ class RunStats:
     latencies: list[float] = field(default_factory=list)
     retries: dict[str, int] = field(default_factory=dict)  # e.g. {'malformed_response': 3} from the backend
 
+    def merged(self, other: RunStats) -> RunStats:
+        """Return the counts of this run and ``other`` together."""
+        retries = dict(self.retries)
+        for k, v in other.retries.items():
+            retries[k] = retries.get(k, 0) + v
+        return RunStats(self.calls + other.calls, self.cache_hits + other.cache_hits, self.errors + other.errors,
+                        self.latencies + other.latencies, retries)
+
     def summary(self) -> dict[str, Any]:
         """Return the run's counts and latency percentiles (seconds) as plain JSON values."""
         lat = sorted(self.latencies)

@@ -244,6 +244,19 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
         w(table(["reason", "rows (first reason)", "rows (any reason)"],
                 [[f"`{r}`", v.num(g, f"dropped_{r}", "int") if v.get(g, f"dropped_{r}") is not None else "–",
                   v.num(g, f"reasons_all.{r}", "int")] for r in reasons]))
+        strategies = sorted(v.get(g, "per_strategy") or {})
+        if strategies:
+            w("\nPer generation strategy (faithfulness pass rate: of the rows that gate judged; answer-first rows "
+              "take their answer verbatim from a document sentence, and `rules_answer_not_in_source` checks it "
+              "stayed so):\n")
+            ps = "per_strategy"
+            w(table(["strategy", "rows", "parsed", "passed every gate", "pass rate", "faithfulness pass rate",
+                     "answer in source"],
+                    [[f"`{x}`", v.num(g, f"{ps}.{x}.rows", "int"), v.num(g, f"{ps}.{x}.parsed", "int"),
+                      v.num(g, f"{ps}.{x}.kept", "int"), v.num(g, f"{ps}.{x}.kept_share", "pct1"),
+                      v.num(g, f"{ps}.{x}.faithfulness_pass_rate", "pct1"),
+                      v.num(g, f"{ps}.{x}.contained", "int") if v.get(g, f"{ps}.{x}.contained") is not None
+                      else "–"] for x in strategies]))
         w("")
 
     w("## Gate overlap\n")
