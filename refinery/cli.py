@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "provision": ("stages.provision:cli", "Resolve teacher, judge, student and embedder models into models/base."),
     "ingest": ("stages.ingest:cli", "Read seed documents and QA pairs into Parquet with stable ids."),
     "split": ("stages.split:cli", "Split seed QA into train/val/test by document group, without leakage."),
+    "coverage": ("stages.coverage:cli", "Audit the seed's coverage of topics, intents and passages before generating."),
     "generate": ("stages.generate:cli", "Generate synthetic QA rows from the human train split with the teacher."),
     "contaminate": ("stages.contaminate:cli", "Build the AI-contaminated comparison set from the human train split."),
     "profile": ("refinery.core.profiles:cli", "Apply a named params profile (ci, cosmosqa) onto params.yaml."),

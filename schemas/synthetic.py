@@ -7,8 +7,8 @@ import pyarrow as pa
 from schemas.base import Contract
 from schemas.provenance import PROVENANCE_FIELDS, provenance_checks
 
-STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "evol_depth", "evol_breadth",
-              "contaminate_answer", "contaminate_paraphrase")
+STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "answer_first", "evol_depth",
+              "evol_breadth", "evol_denoise", "contaminate_answer", "contaminate_paraphrase")
 
 GENERATION_FIELDS = [
     pa.field("question", pa.string(), nullable=True),  # null when the output did not parse

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import numpy as np
@@ -25,6 +26,7 @@ from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_te
 from refinery.generation.few_shot import ShotPool, sample_shots, shot_values
 from refinery.generation.teacher import Job, cache_key
 from refinery.core.text import sentence_spans
+from refinery.seed.coverage import priority_order
 from schemas import synthetic as synthetic_schema
 
 
@@ -52,6 +54,7 @@ class GenerateParams(StageParams):
     skip_stale: bool = True  # do not generate from documents superseded by newer ones
     window_sentences: int = Field(gt=0)  # sentences per passage window for new_question
     evol_rounds: int = Field(default=1, ge=1)  # Evol-Instruct rounds: round r rewrites round r-1's parsed evol rows
+    allocation: Literal["plain", "coverage"] = "plain"  # coverage: parents least-covered cluster first (coverage stage)
     max_failure_share: float = Field(ge=0, le=1)  # exit non-zero when more calls than this fail or don't parse
 
     @model_validator(mode="after")
@@ -109,11 +112,17 @@ def round_counts(counts: dict[str, int], rounds: int) -> list[dict[str, int]]:
 
 
 def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], params: GenerateParams,
-         teacher_id: str) -> tuple[list[Planned], dict[str, Any]]:
+         teacher_id: str, cluster_of: dict[str, int] | None = None) -> tuple[list[Planned], dict[str, Any]]:
     """Decide every call of round 1: strategies by budget, parents, passages, few-shot examples, seeds.
 
     With ``evol_rounds`` > 1, round 1 holds its share of the evol calls; :func:`plan_round` plans the others
     from the rows round 1 returns (``metrics['calls_per_round']``).
+
+    ``allocation: plain`` draws each strategy's parents in a seeded random order. ``allocation: coverage`` (needs
+    ``cluster_of``, seed row_id -> cluster, from the coverage stage) orders them least-covered first
+    (:func:`refinery.seed.coverage.priority_order`: one row of each cluster in turn, smallest cluster first, the
+    rarest intent first within one), and a new_question call takes a passage window no seed evidence touches
+    whenever its document has one. The budget-ratio strategy mix is the same under both.
 
     Args:
         train: human train rows (split contract).
@@ -139,6 +148,8 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     eligible = [r for r in rows if not (params.skip_stale and docs[r["doc_id"]]["stale"])]
     if not eligible:
         raise RefineryError("generate: every train row comes from a stale document (set generate.skip_stale: false)")
+    if params.allocation == "coverage" and cluster_of is None:
+        raise RefineryError("generate: generate.allocation is coverage but no coverage audit was given (--coverage)")
     ratio, mix = strat.choose_mix(params.budget, len(eligible))
     if params.strategy_mix is not None:
         mix = dict(params.strategy_mix)
@@ -160,7 +171,10 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
             continue
         s, tpl = strat.STRATEGIES[name], templates[name]
         rng = np.random.default_rng(call_seed(params.seed, name))
-        order = [eligible[i] for i in rng.permutation(len(eligible))]
+        if params.allocation == "coverage":
+            order = priority_order(eligible, cluster_of or {}, rng)
+        else:
+            order = [eligible[i] for i in rng.permutation(len(eligible))]
         for k in range(n):
             parent, sample_index = order[k % len(order)], k // len(order)
             doc = docs[parent["doc_id"]]
@@ -170,6 +184,9 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                 if doc_windows is None:
                     doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
                 fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
+                if params.allocation == "coverage":
+                    seen = covered.get(doc["doc_id"], [])
+                    fresh = [w for w in fresh if not any(w[0] < e and b < w[1] for b, e in seen)] or fresh
                 span = fresh[int(rng.integers(len(fresh)))]
             elif s.passage == "span":
                 span = _answer_span(doc, covered.get(doc["doc_id"], []), used_spans, rng) or span
@@ -186,7 +203,11 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                "skipped_stale_rows": len(rows) - len(eligible), "ratio": round(ratio, 4),
                "mix": {k: round(v, 4) for k, v in mix.items()}, "mix_source": "param" if params.strategy_mix else
                "budget_ratio", "calls_planned": dict(sorted(counts.items())), "evol_rounds": params.evol_rounds,
-               "calls_per_round": [dict(sorted((k, v) for k, v in c.items() if v)) for c in per_round]}
+               "calls_per_round": [dict(sorted((k, v) for k, v in c.items() if v)) for c in per_round],
+               "allocation": params.allocation}
+    if cluster_of is not None:
+        per_cluster = Counter(cluster_of.get(p.parent["row_id"], -1) for p in planned)
+        metrics["calls_per_seed_cluster"] = {str(k): v for k, v in sorted(per_cluster.items())}
     return planned, metrics
 
 
@@ -269,9 +290,12 @@ def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, temp
 @click.option("--metrics", "metrics_file", required=True,
               help="Writes the generation plan and its outcome counts (rows, parsed, failures, tokens) here "
                    "(JSON).")
+@click.option("--coverage", "coverage_dir", default=None,
+              help="The coverage stage's folder (rows.parquet: each seed row's cluster); read when "
+                   "generate.allocation is coverage.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_file, out_file, metrics_file,
-        quiet) -> None:
+        coverage_dir, quiet) -> None:
     """Generate synthetic QA rows from the human train split with the teacher."""
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
@@ -285,7 +309,17 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
     # an absolute models path: a Ray worker builds the same teacher from wherever it runs
     teacher_id, backend = teacher_backend(str(Path(models_dir).resolve()), params.batch_size, params.threads,
                                           params.dtype)
-    planned, plan_metrics = plan(train, documents, templates, params, teacher_id)
+    cluster_of = None
+    if params.allocation == "coverage":
+        from schemas import coverage as coverage_schema
+
+        if coverage_dir is None:
+            raise RefineryError("generate: generate.allocation is coverage: pass the coverage stage's folder "
+                                "(--coverage data/02_coverage)")
+        rows_file = str(Path(coverage_dir) / "rows.parquet")
+        audit_rows = coverage_schema.ROWS.validate(read_parquet(rows_file), rows_file)
+        cluster_of = dict(zip(audit_rows.column("row_id").to_pylist(), audit_rows.column("cluster").to_pylist()))
+    planned, plan_metrics = plan(train, documents, templates, params, teacher_id, cluster_of)
     # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process
     with engine_of(params_file) as engine:
         if engine.name == "local":  # one in-process teacher for every round

@@ -311,9 +311,12 @@ def plot_diversity(records: list[dict[str, Any]], path: Path) -> None:
 @click.option("--metrics", "metrics_file", required=True,
               help="Writes a few flat figures per dataset here (JSON): size, synthetic share, duplicates, leaks, "
                    "diversity.")
+@click.option("--coverage", "coverage_dir", default=None,
+              help="The coverage stage's folder (passages.parquet, centroids.parquet): each dataset's synthetic rows "
+                   "are counted against the seed's uncovered passages and clusters (gaps closed / still open).")
 @click.option("--warn-only", is_flag=True, help="Report failed checks but exit 0 (exploration only).")
 def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_file, models_dir, cache_dir, suites_dir,
-        audit_dir, docs_dir, plots_dir, metrics_file, warn_only) -> None:
+        audit_dir, docs_dir, plots_dir, metrics_file, coverage_dir, warn_only) -> None:
     """Validate the assembled datasets; exit non-zero with one line per failed check."""
     import time
 
@@ -354,7 +357,11 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
         records = audit_records(kinds, checks.stats, thresholds, lines, files, {k: str(v) for k, v in suites.items()})
         for record in records:
             outputs.json(audit_log([record]), Path(audit_dir) / f"{record['dataset']}.json")
-        outputs.json(metrics_of(records), metrics_file)
+        metrics = metrics_of(records)
+        if coverage_dir is not None:
+            metrics["coverage_gaps"] = coverage_gaps(datasets, checks.contract_errors, coverage_dir,
+                                                     embed if params.diversity.embedder == "model" else None)
+        outputs.json(metrics, metrics_file)
         plot_diversity(records, outputs.path(Path(plots_dir) / "validate_diversity.png"))
     click.echo(table_text(records), err=True)
     failed = [line for k in kinds for line in lines.get(k, [])]
@@ -366,6 +373,27 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     if failed and not warn_only:
         raise ChecksFailed(summary)  # refinery's CLI prints it as the last 'error:' line and exits 1
     click.echo(summary, err=True)
+
+
+def coverage_gaps(datasets: dict[str, pa.Table], contract_errors: dict[str, str], coverage_dir: str,
+                  embed) -> dict[str, Any]:
+    """Per dataset: the seed's uncovered passages its synthetic rows closed, and the seed clusters they reach.
+
+    Reads the coverage stage's passages.parquet and centroids.parquet (:func:`refinery.seed.coverage.gaps_closed`);
+    datasets that failed their row contract are left out. ``embed``: the embedder role (the centroids live in its
+    space), or None to count passages only (``validate.diversity.embedder`` is not ``model``).
+    """
+    from refinery.core.io import read_parquet
+    from refinery.seed.coverage import gaps_closed, read_centroids
+    from schemas import coverage as coverage_schema
+
+    folder = Path(coverage_dir)
+    passages = coverage_schema.PASSAGES.validate(read_parquet(str(folder / "passages.parquet")),
+                                                 str(folder / "passages.parquet"))
+    centroids = read_centroids(coverage_schema.CENTROIDS.validate(read_parquet(str(folder / "centroids.parquet")),
+                                                                  str(folder / "centroids.parquet")))
+    return {k: gaps_closed(t, passages, centroids if embed is not None else None, embed)
+            for k, t in datasets.items() if k not in contract_errors}
 
 
 def make_embedder(params: DiversityParams, models_dir: str, cache_dir: str):

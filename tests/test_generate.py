@@ -166,6 +166,33 @@ def test_answer_first_takes_its_answer_verbatim_from_a_sentence_no_seed_evidence
     assert fresh, "answer_first prefers sentences that no seed row uses as evidence"
 
 
+def test_every_strategy_is_allowed_by_the_synthetic_contract_and_its_rows_validate(tables):
+    from schemas import synthetic as synthetic_schema
+
+    assert set(synthetic_schema.STRATEGIES) == set(strat.STRATEGIES)
+    documents, train = tables
+    mix = {name: 1.0 for name in strat.GENERATION_STRATEGIES}
+    planned, _ = plan(train, documents, templates(), params(budget=14, strategy_mix=mix), "fake@1")
+    results = [GenResult(" A question?\nAnswer: An answer.", "stop", 1, 1, 0.1)] * len(planned)
+    table = to_rows(planned, results, documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    synthetic_schema.CONTRACT.validate(table, "generated rows")
+    assert set(table.column("strategy").to_pylist()) == set(strat.GENERATION_STRATEGIES)
+
+
+def test_coverage_allocation_takes_parents_from_every_cluster_smallest_first(tables):
+    documents, train = tables
+    eligible = [r for r in train.to_pylist() if r["doc_id"] != "d1"]  # d1 is stale
+    small = eligible[0]["row_id"]
+    cluster_of = {r["row_id"]: 0 if r["row_id"] == small else 1 for r in eligible}
+    p = params(budget=2, strategy_mix={"answer_augmentation": 1.0}, allocation="coverage")
+    planned, metrics = plan(train, documents, templates(), p, "fake@1", cluster_of)
+    # two calls: the one-row cluster first, then the large one (a random order could give both to the large cluster)
+    assert [cluster_of[x.parent["row_id"]] for x in planned] == [0, 1]
+    assert metrics["allocation"] == "coverage" and metrics["calls_per_seed_cluster"] == {"0": 1, "1": 1}
+    with pytest.raises(RefineryError, match="no coverage audit"):
+        plan(train, documents, templates(), p, "fake@1")
+
+
 def test_answer_spans_are_fact_sentences_uncovered_first():
     from stages.generate import answer_spans
 

@@ -16,6 +16,7 @@ SECTIONS: dict[str, str] = {
     "provision": "stages.provision:ProvisionParams",
     "ingest": "stages.ingest:IngestParams",
     "split": "stages.split:SplitParams",
+    "coverage": "stages.coverage:CoverageParams",
     "generate": "stages.generate:GenerateParams",
     "contaminate": "stages.contaminate:ContaminateParams",
     "inject": "stages.inject:InjectParams",

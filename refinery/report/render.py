@@ -173,6 +173,35 @@ def seed_questions(v: Values, S: str, plots_rel: str, gi: str) -> None:
     w(f"![arms]({plots_rel}/report_arms.png)\n")
 
 
+def coverage_section(v: Values, cov: str, val: str) -> None:
+    """Seed coverage before generation (coverage stage) and the gaps each dataset's synthetic rows closed (validate)."""
+    w = v.write
+    w("## Seed coverage: before → after\n")
+    if v.get(cov, "seed_rows") is None:
+        w(f"Coverage audit: {NOT_RUN}.\n")
+        return
+    w(f"Before generation (`reports/coverage.md`): {v.num(cov, 'seed_rows', 'int')} seed train rows in "
+      f"{v.num(cov, 'clusters', 'int')} clusters (smallest holds {v.num(cov, 'smallest_cluster_share', 'pct1')} of "
+      f"the rows); rare intents (under {v.num(cov, 'rare_share', 'pct1')}): "
+      f"{', '.join(f'`{x}`' for x in v.get(cov, 'rare_intents') or []) or 'none'}; "
+      f"{v.num(cov, 'passages_uncovered', 'int')} of {v.num(cov, 'passages', 'int')} passage windows of the train "
+      f"documents have no seed question (passage coverage {v.num(cov, 'passage_coverage', 'pct1')}).\n")
+    arms = sorted(v.get(val, "coverage_gaps") or {})
+    if not arms:
+        w(f"Gaps closed per dataset: {NOT_RUN}.\n")
+        return
+    g = "coverage_gaps"
+    w(table(["dataset", "synthetic rows", "uncovered passages closed", "still open",
+             "passage coverage before → after", "seed clusters reached by synthetic rows"],
+            [[f"`{a}`", v.num(val, f"{g}.{a}.synthetic_rows", "int"), v.num(val, f"{g}.{a}.closed", "int"),
+              v.num(val, f"{g}.{a}.still_open", "int"),
+              f"{v.num(val, f'{g}.{a}.passage_coverage_before', 'pct1')} → "
+              f"{v.num(val, f'{g}.{a}.passage_coverage_after', 'pct1')}",
+              f"{v.num(val, f'{g}.{a}.clusters_reached_by_synthetic', 'int')} of {v.num(cov, 'clusters', 'int')}"
+              if v.get(val, f"{g}.{a}.clusters_reached_by_synthetic") is not None else "–"] for a in arms]))
+    w("")
+
+
 def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
            preds_files: dict[str, str], preds: dict[str, pa.Table], runs: dict[str, str] | None = None) -> str:
     """Render report.md from loaded metrics (``v.docs``) and the derived summary (``summary_file``).
@@ -231,6 +260,8 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
     w(f"\nEvaluation data: the human val split ({v.num(split, 'rows.val', 'int')} rows, LoRA model selection) and "
       f"the human test split ({v.num(split, 'rows.test', 'int')} rows, every score below), disjoint by document "
       f"from train (shared documents: {v.num(split, 'leakage.shared_documents', 'int')}).\n")
+
+    coverage_section(v, M("coverage"), M("validate"))
 
     w("## Filter effectiveness\n")
     g = M("gate")
