@@ -75,7 +75,8 @@ def bench_params(rows: int, gate_mode: str) -> dict[str, Any]:
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["generate"].update(budget=rows)
+    # every call from the mix (no rare-class calls beyond it), parents in seeded order (no coverage audit to read)
+    params["generate"].update(budget=rows, allocation="plain", rare_expansion=None)
     gate = params["gate"]
     gate["mode"] = gate_mode
     gate["faithfulness"].update(min_support=0.5, compare_modes=False)  # calibrated values of a real run stand here

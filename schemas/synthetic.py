@@ -8,7 +8,8 @@ from schemas.base import Contract
 from schemas.provenance import PROVENANCE_FIELDS, provenance_checks
 
 STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "answer_first", "evol_depth",
-              "evol_breadth", "evol_denoise", "contaminate_answer", "contaminate_paraphrase")
+              "evol_breadth", "evol_denoise", "critique_revise", "rare_intent", "contaminate_answer",
+              "contaminate_paraphrase")
 
 GENERATION_FIELDS = [
     pa.field("question", pa.string(), nullable=True),  # null when the output did not parse

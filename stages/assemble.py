@@ -212,6 +212,9 @@ def _parsed(table: pa.Table) -> pa.Table:
     return table.filter(ok)
 
 
+TARGETED_STRATEGIES = ("rare_intent",)  # strategies that write rows of a chosen rare class
+
+
 def _top_up(labels: list, human_labels: list, target: int, order: np.ndarray, taken: np.ndarray,
             chosen: list[int], cap: int) -> tuple[dict[str, int], dict[str, int]]:
     """Add pool rows of each label with fewer than ``target`` rows (rarest first) until it reaches ``target``.
@@ -270,8 +273,14 @@ def select_synthetic(pool: pa.Table, human: pa.Table, arm: ArmRecipe, seed: int,
     order = np.random.default_rng(seed).permutation(pool.num_rows)
     taken = np.zeros(pool.num_rows, bool)
     chosen: list[int] = []
+    # rows generated for a rare intent on purpose (generate.rare_expansion) top it up before rows that only inherited
+    # the intent from their seed row
+    targeted = np.asarray([s in TARGETED_STRATEGIES for s in pool.column("strategy").to_pylist()], bool) \
+        if "strategy" in pool.column_names else np.zeros(pool.num_rows, bool)
+    intent_order = np.concatenate([order[targeted[order]], order[~targeted[order]]])
     topped, short = _top_up(pool.column("intent").to_pylist(), human.column("intent").to_pylist(),
-                            arm.rare_intent_min, order, taken, chosen, cap)
+                            arm.rare_intent_min, intent_order, taken, chosen, cap)
+    targeted_topped = dict(sorted(Counter(pool.column("intent")[i].as_py() for i in chosen if targeted[i]).items()))
     cat_topped, cat_short = {}, {}
     if categories is not None:
         cat = lambda t: [categories.get(d) for d in t.column("doc_id").to_pylist()]  # noqa: E731
@@ -282,7 +291,8 @@ def select_synthetic(pool: pa.Table, human: pa.Table, arm: ArmRecipe, seed: int,
         if not taken[i]:
             chosen.append(int(i))
             taken[i] = True
-    return np.asarray(chosen, np.int64), {"cap": cap, "topped_up": topped, "rare_intents_short": short,
+    return np.asarray(chosen, np.int64), {"cap": cap, "topped_up": topped, "topped_up_targeted": targeted_topped,
+                                          "rare_intents_short": short,
                                           "topped_up_categories": cat_topped, "rare_categories_short": cat_short,
                                           "dropped_cap": int(pool.num_rows - len(chosen))}
 

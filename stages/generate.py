@@ -24,7 +24,7 @@ from refinery.generation.prompts import Template
 from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
                                  teacher_backend)
 from refinery.generation.few_shot import ShotPool, sample_shots, shot_values
-from refinery.generation.teacher import Job, cache_key
+from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 from refinery.core.text import sentence_spans
 from refinery.seed.coverage import priority_order
 from schemas import synthetic as synthetic_schema
@@ -36,6 +36,16 @@ class TokenBudget(StageParams):
     answer: int = Field(gt=0)
     question: int = Field(gt=0)
     qa: int = Field(gt=0)
+
+
+class RareExpansion(StageParams):
+    """Targeted rare-class expansion (refinery/generation/rare.py)."""
+
+    min_rows: int = Field(ge=0)  # a class with fewer seed train rows is rare (= assemble.arms' rare_intent_min)
+    factor: float = Field(ge=0)  # calls per row a rare class lacks (~5x: the gates keep a share)
+    tones: list[str] = Field(min_length=1)  # tone variations, one per call in turn
+    definitions: dict[str, str] = {}  # intent -> one-sentence definition shown in the prompt
+    negatives: int = Field(default=3, ge=0)  # questions of other classes shown as "not this intent"
 
 
 class GenerateParams(StageParams):
@@ -55,15 +65,16 @@ class GenerateParams(StageParams):
     window_sentences: int = Field(gt=0)  # sentences per passage window for new_question
     evol_rounds: int = Field(default=1, ge=1)  # Evol-Instruct rounds: round r rewrites round r-1's parsed evol rows
     allocation: Literal["plain", "coverage"] = "plain"  # coverage: parents least-covered cluster first (coverage stage)
+    rare_expansion: RareExpansion | None = None  # extra calls for rare intents, beyond the budget; None: off
     max_failure_share: float = Field(ge=0, le=1)  # exit non-zero when more calls than this fail or don't parse
 
     @model_validator(mode="after")
     def _check_mix(self) -> GenerateParams:
         if self.strategy_mix is not None:
-            unknown = set(self.strategy_mix) - set(strat.GENERATION_STRATEGIES)
+            unknown = set(self.strategy_mix) - set(strat.MIX_STRATEGIES)
             if unknown:
                 raise ValueError(f"unknown strategy {sorted(unknown)[0]} (known: "
-                                 f"{', '.join(strat.GENERATION_STRATEGIES)})")
+                                 f"{', '.join(strat.MIX_STRATEGIES)})")
             if any(v < 0 for v in self.strategy_mix.values()) or sum(self.strategy_mix.values()) <= 0:
                 raise ValueError("strategy_mix shares must be >= 0 with a positive sum")
         return self
@@ -165,7 +176,7 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     for r in rows:
         covered.setdefault(r["doc_id"], []).append((r["evidence_start"], r["evidence_end"]))
     used_spans: set[tuple[str, int, int]] = set()  # answer_first sentences already taken
-    for name in strat.GENERATION_STRATEGIES:
+    for name in strat.MIX_STRATEGIES:
         n = per_round[0].get(name, 0)
         if not n:
             continue
@@ -205,6 +216,8 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                "budget_ratio", "calls_planned": dict(sorted(counts.items())), "evol_rounds": params.evol_rounds,
                "calls_per_round": [dict(sorted((k, v) for k, v in c.items() if v)) for c in per_round],
                "allocation": params.allocation}
+    rare, metrics["rare_expansion"] = plan_rare(eligible, docs, templates, params, teacher_id)
+    planned += rare
     if cluster_of is not None:
         per_cluster = Counter(cluster_of.get(p.parent["row_id"], -1) for p in planned)
         metrics["calls_per_seed_cluster"] = {str(k): v for k, v in sorted(per_cluster.items())}
@@ -223,6 +236,62 @@ def _answer_span(doc: dict[str, Any], covered: list[tuple[int, int]], used: set[
     span = pool[int(rng.integers(len(pool)))]
     used.add((doc["doc_id"], *span))
     return span
+
+
+def _around(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    """The sentences overlapping ``span`` with one more sentence before and after (within the document)."""
+    spans = sentence_spans(text)
+    hit = [i for i, (s, e) in enumerate(spans) if s < span[1] and span[0] < e]
+    if not hit:
+        return span
+    lo, hi = max(hit[0] - 1, 0), min(hit[-1] + 1, len(spans) - 1)
+    return min(spans[lo][0], span[0]), max(spans[hi][1], span[1])
+
+
+def plan_rare(eligible: list[dict[str, Any]], docs: dict[str, dict[str, Any]], templates: dict[str, Template],
+              params: GenerateParams, teacher_id: str) -> tuple[list[Planned], dict[str, Any] | None]:
+    """Plan the rare-class expansion: ``factor`` x the rows each rare class lacks, with the rare_intent prompt.
+
+    Each call takes a seed row of the class as parent (cycled in a seeded order); the passage is its evidence with
+    a sentence either side; the examples are other rows of the class (``shots``), the negatives questions of other
+    classes, the tone the next of ``tones``. Returns the calls and their metrics (None when off).
+    """
+    from refinery.generation.rare import class_of, rare_classes
+
+    rx = params.rare_expansion
+    if rx is None:
+        return [], None
+    classes = rare_classes(eligible, rx.min_rows, rx.factor)
+    if any(info["calls"] for info in classes.values()) and "rare_intent" not in templates:
+        raise RefineryError("generate: no prompt template for strategy rare_intent")
+    use_intent = any(r.get("intent") for r in eligible)
+    s = strat.STRATEGIES["rare_intent"]
+    planned: list[Planned] = []
+    for c, info in classes.items():
+        tpl = templates["rare_intent"]
+        members = [r for r in eligible if class_of(r, use_intent) == c]
+        others = [r for r in eligible if class_of(r, use_intent) != c]
+        rng = np.random.default_rng(call_seed(params.seed, "rare_intent", c))
+        order = [members[i] for i in rng.permutation(len(members))]
+        for k in range(info["calls"]):
+            parent, sample_index = order[k % len(order)], k // len(order)
+            doc = docs[parent["doc_id"]]
+            span = _around(doc["text"], (parent["evidence_start"], parent["evidence_end"]))
+            pool = [m for m in members if m["row_id"] != parent["row_id"]]
+            shots = [pool[i] for i in rng.permutation(len(pool))[:params.shots]]
+            negatives = [others[i]["question"] for i in rng.permutation(len(others))[:rx.negatives]]
+            values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
+                      "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]], "intent": c,
+                      "definition": rx.definitions.get(c, ""), "tone": rx.tones[k % len(rx.tones)],
+                      "negatives": "\n".join(f"- {q}" for q in negatives) or "(none)"}
+            prompt = tpl.render(values, shot_values(shots))
+            request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 seed=call_seed(params.seed, parent["row_id"], "rare_intent", sample_index, k))
+            key = cache_key(teacher_id, tpl.ref, request, sample_index)
+            planned.append(Planned(Job(request, key), "rare_intent", parent, span, sample_index, tpl.ref))
+    return planned, {"min_rows": rx.min_rows, "factor": rx.factor, "class_source": "intent" if use_intent
+                     else "question_wh_word", "classes": classes, "calls": len(planned)}
 
 
 def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, templates: dict[str, Template],
@@ -268,6 +337,90 @@ def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, temp
     return planned, fallback
 
 
+def critique_revise(table: pa.Table, train: pa.Table, templates: dict[str, Template], critic: Template,
+                    reviser: Template, constitution: Any, params: GenerateParams, teacher_id: str,
+                    run_calls: Any, execute: Any) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """Critique each critique_revise draft against the constitution, revise those that break a rule.
+
+    Args:
+        table: every generated row; the critique_revise rows are the drafts.
+        train: the seed rows (the drafts' parents).
+        templates, critic, reviser, constitution: the templates and the loaded constitution.
+        params, teacher_id: as for generation (sampling, cache keys).
+        run_calls: jobs -> results through the teacher cache (the critique calls).
+        execute: planned calls -> synthetic rows through the teacher cache (the revisions).
+
+    Returns:
+        The rows with each draft replaced by its outcome (a revision; the draft when no rule is broken; the draft
+        failing closed with ``critique_unparseable`` / ``critique_failed``), the chains table, and metrics.
+    """
+    from refinery.generation.critique import CHAINS, parse_critique
+
+    is_cr = np.asarray([s == "critique_revise" for s in table.column("strategy").to_pylist()], bool)
+    drafts = table.filter(pa.array(is_cr)).to_pylist()
+    if not drafts:
+        return table, CHAINS.empty_table(), {"chains": 0}
+    seeds = {r["row_id"]: r for r in train.to_pylist()}
+    ok = [d for d in drafts if d["error"] is None and d["parse_error"] is None and d["answer"]]
+    jobs = []
+    for d in ok:
+        prompt = critic.render({"constitution": constitution.text, "passage": d["evidence"],
+                                "question": d["question"], "answer": d["answer"]})
+        request = GenRequest(prompt=prompt, max_new_tokens=8, temperature=0.0, top_p=1.0, stop=("\n",),
+                             seed=call_seed(params.seed, d["row_id"], "critique"))
+        jobs.append(Job(request, cache_key(teacher_id, critic.ref, request, 0)))
+    critiques = dict(zip((d["row_id"] for d in ok), run_calls(jobs, "generate-critique")))
+    verdicts = {k: (parse_critique(r.text, len(constitution.rules)) if r.ok else None) for k, r in critiques.items()}
+    revise = []
+    s = strat.STRATEGIES["critique_revise"]
+    for d in ok:
+        rule = verdicts[d["row_id"]]
+        if rule:
+            prompt = reviser.render({"rule": constitution.rule(rule), "passage": d["evidence"],
+                                     "question": d["question"], "answer": d["answer"]})
+            request = GenRequest(prompt=prompt, max_new_tokens=params.max_new_tokens.answer,
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 seed=call_seed(params.seed, d["row_id"], "revise"))
+            parent = seeds[d["parent_ids"][0]]
+            revise.append(Planned(Job(request, cache_key(teacher_id, reviser.ref, request, d["sample_index"])),
+                                  "critique_revise", parent, (d["evidence_start"], d["evidence_end"]),
+                                  d["sample_index"], reviser.ref))
+    revised = execute(revise, "generate-revise").to_pylist() if revise else []
+    by_draft = dict(zip((p.job.key for p in revise), revised))
+    revise_key = {d["row_id"]: p.job.key for d, p in zip([d for d in ok if verdicts[d["row_id"]]], revise)}
+    final, chains = [], []
+    for d in drafts:
+        rule = verdicts.get(d["row_id"])
+        critique = critiques.get(d["row_id"])
+        row, revision = d, None
+        if d["row_id"] not in critiques:
+            outcome = "draft_unparsed"
+        elif not critique.ok:
+            outcome, row = "critique_failed", {**d, "parse_error": "critique_failed"}
+        elif rule is None:
+            outcome, row = "critique_unparseable", {**d, "parse_error": "critique_unparseable"}
+        elif rule == 0:
+            outcome = "no_rule_broken"
+        else:
+            row = by_draft[revise_key[d["row_id"]]]
+            revision = row["answer"]
+            outcome = "revised" if row["error"] is None and row["parse_error"] is None else "revise_failed"
+        final.append(row)
+        chains.append({"row_id": row["row_id"], "draft_row_id": d["row_id"], "parent_id": d["parent_ids"][0],
+                       "draft": d["answer"], "critique": critique.text if critique is not None else None,
+                       "rule": rule, "rule_text": constitution.rule(rule) if rule else None, "revision": revision,
+                       "outcome": outcome, "constitution": constitution.ref, "critique_template": critic.ref,
+                       "revise_template": reviser.ref})
+    out = pa.concat_tables([table.filter(pa.array(~is_cr)),
+                            pa.Table.from_pylist(final, schema=table.schema)])
+    outcomes = Counter(c["outcome"] for c in chains)
+    metrics = {"chains": len(chains), "constitution": constitution.ref, "outcomes": dict(sorted(outcomes.items())),
+               "rules_named": {str(k): v for k, v in sorted(Counter(c["rule"] for c in chains
+                                                                    if c["rule"] is not None).items())},
+               "teacher_calls": {"draft": len(drafts), "critique": len(jobs), "revise": len(revise)}}
+    return out, pa.Table.from_pylist(chains, schema=CHAINS), metrics
+
+
 @click.command("generate")
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               help="Params file; this stage reads its generate and engine sections.")
@@ -293,9 +446,12 @@ def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, temp
 @click.option("--coverage", "coverage_dir", default=None,
               help="The coverage stage's folder (rows.parquet: each seed row's cluster); read when "
                    "generate.allocation is coverage.")
+@click.option("--critiques", "critiques_file", default=None,
+              help="Writes the critique_revise chains here (Parquet): one row per draft, its critique, the rule it "
+                   "names and the revision. Needed when the mix holds critique_revise calls.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_file, out_file, metrics_file,
-        coverage_dir, quiet) -> None:
+        coverage_dir, critiques_file, quiet) -> None:
     """Generate synthetic QA rows from the human train split with the teacher."""
     from refinery.core.io import atomic_outputs, read_parquet
     from refinery.core.provenance import code_version
@@ -320,6 +476,17 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
         audit_rows = coverage_schema.ROWS.validate(read_parquet(rows_file), rows_file)
         cluster_of = dict(zip(audit_rows.column("row_id").to_pylist(), audit_rows.column("cluster").to_pylist()))
     planned, plan_metrics = plan(train, documents, templates, params, teacher_id, cluster_of)
+    chains_needed = plan_metrics["calls_planned"].get("critique_revise", 0) > 0
+    if chains_needed:
+        from refinery.generation.critique import load_constitution
+        from refinery.generation.prompts import load_template
+
+        if critiques_file is None:
+            raise RefineryError("generate: the strategy mix holds critique_revise calls: pass --critiques FILE "
+                                "(where each draft, critique and revision is kept)")
+        critic, reviser = load_template(Path(prompts_dir) / "critique.txt"), load_template(Path(prompts_dir) /
+                                                                                         "revise.txt")
+        constitution = load_constitution(Path(prompts_dir) / "constitution.txt")
     # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process
     with engine_of(params_file) as engine:
         if engine.name == "local":  # one in-process teacher for every round
@@ -337,7 +504,28 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
             fallbacks.append(fallback)
             stats, seconds = stats.merged(more_stats), seconds + more_seconds
         table = pa.concat_tables(tables)
-    metrics = {**plan_metrics, **outcome_metrics(table)}
+        chains, cr_metrics = None, None
+        if chains_needed:
+            def run_calls(jobs: list[Job], desc: str) -> list:
+                nonlocal stats
+                cache = GenerationCache(cache_file)
+                try:
+                    results, more = run_jobs(jobs, backend, cache, batch_size=params.batch_size, desc=desc,
+                                             quiet=quiet, engine=run["engine"])
+                finally:
+                    cache.close()
+                stats = stats.merged(more)
+                return results
+
+            def execute_rows(more: list[Planned], desc: str) -> pa.Table:
+                nonlocal stats
+                got, more_stats, _ = generation.execute(more, backend, cache_file, documents, desc=desc, **run)
+                stats = stats.merged(more_stats)
+                return got
+
+            table, chains, cr_metrics = critique_revise(table, train, templates, critic, reviser, constitution,
+                                                        params, teacher_id, run_calls, execute_rows)
+    metrics = {**plan_metrics, **outcome_metrics(table), "critique_revise": cr_metrics}
     if params.evol_rounds > 1:
         metrics["per_round"] = [{**outcome_metrics(t), "seed_parent_fallbacks": f}
                                 for t, f in zip(tables, [0, *fallbacks])]
@@ -345,6 +533,10 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
             m.pop("per_strategy"), m.pop("call_errors_by_reason")
     with atomic_outputs() as outputs:
         outputs.parquet(table, out_file, synthetic_schema.ARROW)
+        if critiques_file is not None:
+            from refinery.generation.critique import CHAINS
+
+            outputs.parquet(chains if chains is not None else CHAINS.empty_table(), critiques_file, CHAINS)
         outputs.json(metrics, metrics_file)
     click.echo(f"generate: {metrics['rows']} rows ({metrics['parsed']} parsed, failure share "
                f"{metrics['failure_share']:.1%}); {stats.calls} model calls, {stats.cache_hits} cached; "

@@ -136,6 +136,21 @@ def test_rare_intents_are_topped_up_first_when_the_cap_binds():
     assert result.metrics["curated"]["cap"] == 2
 
 
+def test_rows_generated_for_a_rare_intent_top_it_up_before_rows_that_inherited_it():
+    # given 1 'rare' human row; synthetic: 6 rare rows that inherited the intent, 2 written for it (rare_intent)
+    train = human_rows(["common"] * 8 + ["rare"])
+    accepted = synthetic_rows(["common"] * 4 + ["rare"] * 8)
+    strategy = ["new_question"] * 10 + ["rare_intent"] * 2
+    accepted = accepted.set_column(accepted.schema.get_field_index("strategy"), "strategy",
+                                   pa.array(strategy, pa.string()))
+    result = run(train, accepted, max_synthetic_share=0.5, rare_intent_min=3)
+    syn = [r for r in result.tables["curated"].to_pylist() if r["source"] != "human" and r["intent"] == "rare"]
+    # then the two targeted rows are the top-up (target 3 = 1 human + 2), and the metrics say so
+    assert result.metrics["curated"]["topped_up"] == {"rare": 2}
+    assert result.metrics["curated"]["topped_up_targeted"] == {"rare": 2}
+    assert sum(r["strategy"] == "rare_intent" for r in syn) == 2
+
+
 def test_rare_intent_short_of_synthetic_rows_is_reported():
     result = run(human_rows(["common"] * 8 + ["rare"]), synthetic_rows(["common"] * 4))
     assert result.metrics["curated"]["rare_intents_short"] == {"rare": 2}

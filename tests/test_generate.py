@@ -171,8 +171,11 @@ def test_every_strategy_is_allowed_by_the_synthetic_contract_and_its_rows_valida
 
     assert set(synthetic_schema.STRATEGIES) == set(strat.STRATEGIES)
     documents, train = tables
-    mix = {name: 1.0 for name in strat.GENERATION_STRATEGIES}
-    planned, _ = plan(train, documents, templates(), params(budget=14, strategy_mix=mix), "fake@1")
+    from stages.generate import RareExpansion
+
+    mix = {name: 1.0 for name in strat.MIX_STRATEGIES}
+    rx = RareExpansion(min_rows=99, factor=0.5, tones=["plain"])
+    planned, _ = plan(train, documents, templates(), params(budget=14, strategy_mix=mix, rare_expansion=rx), "fake@1")
     results = [GenResult(" A question?\nAnswer: An answer.", "stop", 1, 1, 0.1)] * len(planned)
     table = to_rows(planned, results, documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
     synthetic_schema.CONTRACT.validate(table, "generated rows")
@@ -191,6 +194,98 @@ def test_coverage_allocation_takes_parents_from_every_cluster_smallest_first(tab
     assert metrics["allocation"] == "coverage" and metrics["calls_per_seed_cluster"] == {"0": 1, "1": 1}
     with pytest.raises(RefineryError, match="no coverage audit"):
         plan(train, documents, templates(), p, "fake@1")
+
+
+def test_rare_expansion_spends_factor_times_the_lacking_rows_with_an_intent_aware_prompt(tables):
+    from collections import Counter
+
+    from stages.generate import RareExpansion
+
+    documents, train = tables
+    eligible = [r for r in train.to_pylist() if r["doc_id"] != "d1"]  # d1 is stale
+    counts = Counter(r["intent"] for r in eligible)
+    rx = RareExpansion(min_rows=max(counts.values()), factor=2, tones=["terse", "chatty"],
+                       definitions={i: f"The {i} intent." for i in counts})
+    planned, metrics = plan(train, documents, templates(), params(budget=0, rare_expansion=rx), "fake@1")
+    want = {i: 2 * (rx.min_rows - n) for i, n in counts.items() if n < rx.min_rows}
+    assert want and Counter(p.parent["intent"] for p in planned) == want
+    assert metrics["rare_expansion"]["class_source"] == "intent"
+    assert {c: v["calls"] for c, v in metrics["rare_expansion"]["classes"].items()} == want
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    for p in planned:
+        prompt = p.job.request.prompt
+        intent = p.parent["intent"]
+        assert p.strategy == "rare_intent" and f'intent "{intent}"' in prompt and f"The {intent} intent." in prompt
+        assert "Tone of the question: terse" in prompt or "Tone of the question: chatty" in prompt
+        passage = texts[p.parent["doc_id"]][p.span[0]:p.span[1]]
+        assert p.parent["evidence"] in passage and f"Passage: {passage}\nQuestion:" in prompt
+    rows = to_rows(planned, [GenResult(" A rare question?\nAnswer: A rare answer.", "stop", 1, 1, 0.1)] * len(planned),
+                   documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c").to_pylist()
+    assert all(r["intent"] == p.parent["intent"] and r["strategy"] == "rare_intent" for r, p in zip(rows, planned))
+
+
+def test_rare_classes_fall_back_to_question_types_without_intents():
+    from refinery.generation.rare import coarse_type, rare_classes
+
+    assert [coarse_type(q) for q in ("Why did she leave?", "In which year?", "Whose car is it?", "Is it?")] == \
+        ["wh_why", "wh_which", "wh_who", "wh_other"]
+    rows = [{"intent": None, "question": q} for q in ["Why now?"] * 3 + ["Who is he?"]]
+    assert rare_classes(rows, min_rows=3, factor=5) == {"wh_who": {"seed_rows": 1, "lacking": 2, "calls": 10}}
+
+
+def test_critique_revise_revises_drafts_that_break_a_rule_and_fails_closed_on_an_unparseable_critique(tables):
+    from refinery.generation.critique import load_constitution
+    from stages.generate import critique_revise
+
+    documents, train = tables
+    p = params(budget=3, strategy_mix={"critique_revise": 1.0})
+    planned, _ = plan(train, documents, templates(), p, "fake@1")
+    drafts = to_rows(planned, [GenResult(f" Draft answer number {i}.", "stop", 1, 1, 0.1) for i in range(3)],
+                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    constitution = load_constitution(PROMPTS / "constitution.txt")
+    critic, reviser = load_template(PROMPTS / "critique.txt"), load_template(PROMPTS / "revise.txt")
+    verdicts = {"Draft answer number 0.": "3", "Draft answer number 1.": "0", "Draft answer number 2.": "it is fine"}
+
+    def run_calls(jobs, desc):
+        assert all(constitution.text in j.request.prompt for j in jobs)
+        return [GenResult(next(v for k, v in verdicts.items() if f"Answer: {k}" in j.request.prompt), "stop", 1, 1, 0.1)
+                for j in jobs]
+
+    def execute(more, desc):
+        assert [m.template_ref for m in more] == [reviser.ref] and constitution.rule(3) in more[0].job.request.prompt
+        return to_rows(more, [GenResult(" A revised answer in two sentences. It follows the rule.", "stop", 1, 1, 0.1)],
+                       documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+
+    out, chains, metrics = critique_revise(drafts, train, templates(), critic, reviser, constitution, p, "fake@1",
+                                           run_calls, execute)
+    by_outcome = {c["outcome"]: c for c in chains.to_pylist()}
+    assert set(by_outcome) == {"revised", "no_rule_broken", "critique_unparseable"}
+    rows = {r["row_id"]: r for r in out.to_pylist()}
+    revised = rows[by_outcome["revised"]["row_id"]]
+    assert revised["answer"] == "A revised answer in two sentences. It follows the rule."
+    assert revised["prompt_template"] == reviser.ref and by_outcome["revised"]["rule"] == 3
+    assert by_outcome["revised"]["draft"] == "Draft answer number 0." and revised["parent_ids"] == \
+        [by_outcome["revised"]["parent_id"]]
+    assert rows[by_outcome["no_rule_broken"]["row_id"]]["answer"] == "Draft answer number 1."
+    assert rows[by_outcome["critique_unparseable"]["row_id"]]["parse_error"] == "critique_unparseable"
+    assert out.num_rows == 3 and metrics["teacher_calls"] == {"draft": 3, "critique": 3, "revise": 1}
+    assert metrics["constitution"] == constitution.ref
+
+
+@pytest.mark.parametrize("text, rule", [("3", 3), (" Rule 2.", 2), ("0 - none", 0), ("The answer breaks rule 3", None),
+                                        ("9", None), ("", None), ("yes", None)])
+def test_critique_is_parsed_strictly(text, rule):
+    from refinery.generation.critique import parse_critique
+
+    assert parse_critique(text, 7) == rule
+
+
+def test_a_constitution_out_of_order_is_a_clear_error(tmp_path):
+    from refinery.generation.critique import load_constitution
+
+    (tmp_path / "c.txt").write_text("1. Be right.\n3. Be kind.\n")
+    with pytest.raises(RefineryError, match="line 2: expected rule 2"):
+        load_constitution(tmp_path / "c.txt")
 
 
 def test_answer_spans_are_fact_sentences_uncovered_first():
@@ -332,7 +427,8 @@ def _endpoint_project(tmp: Path, url: str) -> Path:
     (tmp / "m" / "config.json").write_text("{}")
     params = params_for(tmp, provision={"teacher": {"endpoint": url, "model": "tiny"}, "judge": "./m",
                                         "student": "./m", "embedder": "./m"},
-                        generate={"budget": 6, "batch_size": 3, "max_failure_share": 0.5})
+                        generate={"budget": 6, "batch_size": 3, "max_failure_share": 0.5, "allocation": "plain",
+                                  "rare_expansion": None})
     assert main(["provision", "--params", str(params), "--out", "base", "--metrics", "mp.json"]) == 0
     documents, qa = seed_tables(tmp)
     result = split(documents, qa, SplitParams(seed=1, fractions={"train": 1.0, "val": 0.0, "test": 0.0}))

@@ -74,9 +74,12 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
         arm = lambda rec: {"per_mode": {"faithfulness": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}},
                            "overall": {"attempted": 10, "recovered": rec, "recovery_rate": rec / 10}}  # noqa: E731
         (folder / "metrics/recover.json").write_text(json.dumps({"budget": 20, "adaptive": arm(9), "naive": arm(2)}))
+        (folder / "metrics/assemble.json").write_text(json.dumps({
+            "curated": {"topped_up": {"escalation": 3}, "topped_up_targeted": {"escalation": 2}}}))
         (folder / "metrics/coverage.json").write_text(json.dumps({
             "seed_rows": 3, "clusters": 2, "smallest_cluster_share": 0.3333, "rare_share": 0.05,
-            "rare_intents": ["escalation"], "passages": 12, "passages_uncovered": 7, "passage_coverage": 0.4167}))
+            "rare_intents": ["escalation"], "intents": {"escalation": 1}, "passages": 12, "passages_uncovered": 7,
+            "passage_coverage": 0.4167}))
         (folder / "metrics/validate.json").write_text(json.dumps({"failed_checks": 0, "coverage_gaps": {"curated": {
             "synthetic_rows": 5, "closed": 3, "still_open": 4, "passage_coverage_before": 0.4167,
             "passage_coverage_after": 0.6667, "clusters_reached_by_synthetic": 2}}}))
@@ -168,6 +171,7 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     assert summary["h5_p"] == pytest.approx(67 / 2048, abs=1e-4)
     assert "decision **accept**, 0 failed checks" in md
     assert "| `curated` | 5 | 3 | 4 | 41.7% → 66.7% | 2 of 2 |" in md  # seed coverage before -> after
+    assert "| `escalation` | 1 | 3 (2) |" in md  # a rare intent: seed rows, topped up (of them targeted)
     assert "Human review decisions" not in md  # no assemble metrics here: the line is left out, not "not run"
     # and the first section answers the seed questions from the arms, saying the noise floor is unmeasured
     first = md.split("## The seed questions")[1].split("\n## ")[0]

@@ -106,8 +106,9 @@ def old_to_rows(planned, results, documents, *, origin, teacher_id, phash, code_
             question, answer, parse_error = strat.parse_output(s, r.text)
             if parse_error is None and s.output == "answer":
                 question = p.parent["question"]
-            elif parse_error is None and s.output == "question":
-                answer = p.parent["answer"]
+            elif parse_error is None and s.output == "question":  # answer_first: the span is the answer
+                answer = texts[p.parent["doc_id"]][p.span[0]:p.span[1]] if s.answer_from == "span" \
+                    else p.parent["answer"]
         req = p.job.request
         out.append({
             "row_id": stable_id("syn" if origin == "synthetic" else origin[:3], p.job.key), "origin": origin,

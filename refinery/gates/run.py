@@ -189,8 +189,9 @@ def strategy_pass_rates(gated: pa.Table) -> dict[str, Any]:
     """Per generation strategy: rows, rows kept by every gate, and the faithfulness gate's pass rate.
 
     ``parsed`` counts rows the teacher call returned and the parser read; ``faithfulness_pass_rate`` is over the
-    rows that gate judged (every row in full mode); ``kept_share`` over all rows. Strategies whose answer must be
-    verbatim source text (answer-first) also report ``contained``: their parsed rows that passed that check.
+    parsed rows that gate judged (every parsed row in full mode); ``kept_share`` over all rows. Strategies whose
+    answer must be verbatim source text (answer-first) also report ``contained``: their parsed rows that passed
+    that check.
     """
     from refinery.gates.rules import VERBATIM_STRATEGIES
 
@@ -199,7 +200,7 @@ def strategy_pass_rates(gated: pa.Table) -> dict[str, Any]:
     for name in sorted({r["strategy"] for r in cols if r["strategy"]}):
         sub = [r for r in cols if r["strategy"] == name]
         parsed = [r for r in sub if not {"rules_parse_error", "rules_transport_error"} & set(r["gate_reasons"])]
-        judged = [r["faithfulness_keep"] for r in sub if r["faithfulness_keep"] is not None]
+        judged = [r["faithfulness_keep"] for r in parsed if r["faithfulness_keep"] is not None]
         kept = sum(r["gate_keep"] for r in sub)
         out[name] = {"rows": len(sub), "parsed": len(parsed), "kept": kept,
                      "kept_share": round(kept / len(sub), 4),

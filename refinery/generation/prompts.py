@@ -11,7 +11,9 @@ from pathlib import Path
 from refinery.core.errors import RefineryError
 
 SHOT_MARKER = "### shot"
-PLACEHOLDERS = frozenset({"question", "answer", "evidence", "passage", "title", "shots"})
+PLACEHOLDERS = frozenset({"question", "answer", "evidence", "passage", "title", "shots",
+                          "intent", "definition", "tone", "negatives",  # rare_intent
+                          "constitution", "rule"})  # critique, revise
 
 
 @dataclass(frozen=True)

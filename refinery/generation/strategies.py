@@ -15,10 +15,11 @@ class Strategy:
 
     output: what the completion holds: 'answer', 'question', or 'qa' (a question, then a line
     starting with ``Answer:``). passage: 'evidence' (the parent's evidence span), 'window' (another
-    window of sentences from the parent's document) or 'span' (one sentence of the parent's document that
-    states a fact, chosen as the answer). token_budget: the max_new_tokens key used. answer_from: where a
-    'question' strategy's answer comes from: 'parent' (the parent row's answer) or 'span' (the passage span
-    itself, verbatim: the answer is in the source text by construction, and the rules gate checks it stays so).
+    window of sentences from the parent's document), 'span' (one sentence of the parent's document that
+    states a fact, chosen as the answer) or 'around' (the parent's evidence with the sentence before and
+    after). token_budget: the max_new_tokens key used. answer_from: where a 'question' strategy's answer
+    comes from: 'parent' (the parent row's answer) or 'span' (the passage span itself, verbatim: the answer
+    is in the source text by construction, and the rules gate checks it stays so).
     """
 
     name: str
@@ -41,25 +42,33 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("evol_denoise", "qa", "evidence", "qa", _QA_STOP),
     # verifiable from gold context: the answer is a sentence of the document; the teacher writes its question
     Strategy("answer_first", "question", "span", "question", ("\n",), answer_from="span"),
+    # targeted rare-class expansion (generate.rare_expansion): a new row of a rare intent, from the passage around
+    # the evidence of a seed row of that intent, with an intent-aware prompt
+    Strategy("rare_intent", "qa", "around", "qa", _QA_STOP),
+    # constitutional critique -> revise (refinery/generation/critique.py): a draft answer to the seed question (this
+    # strategy's template), a critique naming the rule it breaks, a revision (prompts/revise.txt) that follows it
+    Strategy("critique_revise", "answer", "evidence", "answer", ("\n",)),
     # zero-shot prompts: small teachers often open with a newline, so stop only at a blank line or a new field
     Strategy("contaminate_answer", "answer", "evidence", "answer", _LINE_STOP),
     Strategy("contaminate_paraphrase", "answer", "evidence", "answer", _LINE_STOP),
 )}
 GENERATION_STRATEGIES = ("answer_augmentation", "question_rephrasing", "new_question", "answer_first", "evol_depth",
-                         "evol_breadth", "evol_denoise")
+                         "evol_breadth", "evol_denoise", "critique_revise", "rare_intent")
+MIX_STRATEGIES = GENERATION_STRATEGIES[:-1]  # what generate.budget buys; rare_intent has its own calls
 EVOL_STRATEGIES = ("evol_depth", "evol_breadth", "evol_denoise")  # rewrite a row; generate.evol_rounds repeats them
 
 # Budget-aware mix (generation brief, docs/sources.md): with few calls per seed row, spend them on new answers and
 # paraphrases of existing questions (cheap, close to the seed); with many, on new questions and Evol-Instruct rewrites
 # (more coverage). Rows: (largest budget/seed ratio the row applies to, mix).
+# A critique_revise share counts chains: each costs up to three teacher calls (draft, critique, revision).
 # Answer-first rows (an answer taken verbatim from a document sentence no seed row uses as evidence) join as soon as
 # there are calls beyond one per seed row: they reach passages the seed does not, with answers checkable by containment.
 MIX_BY_RATIO: tuple[tuple[float, dict[str, float]], ...] = (
     (1.0, {"answer_augmentation": 0.6, "question_rephrasing": 0.3, "new_question": 0.1}),
-    (3.0, {"answer_augmentation": 0.3, "question_rephrasing": 0.2, "new_question": 0.2, "answer_first": 0.1,
-           "evol_depth": 0.1, "evol_breadth": 0.05, "evol_denoise": 0.05}),
-    (math.inf, {"answer_augmentation": 0.1, "question_rephrasing": 0.1, "new_question": 0.35, "answer_first": 0.15,
-                "evol_depth": 0.15, "evol_breadth": 0.1, "evol_denoise": 0.05}),
+    (3.0, {"answer_augmentation": 0.25, "question_rephrasing": 0.2, "new_question": 0.2, "answer_first": 0.1,
+           "evol_depth": 0.1, "evol_breadth": 0.05, "evol_denoise": 0.05, "critique_revise": 0.05}),
+    (math.inf, {"answer_augmentation": 0.05, "question_rephrasing": 0.1, "new_question": 0.35, "answer_first": 0.15,
+                "evol_depth": 0.15, "evol_breadth": 0.1, "evol_denoise": 0.05, "critique_revise": 0.05}),
 )
 
 

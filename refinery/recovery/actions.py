@@ -176,7 +176,9 @@ def plan_naive(row: dict[str, Any], seed_row: dict[str, Any] | None, attempt: in
     gp = json.loads(row["gen_params"]) if row.get("gen_params") else {}
     parent = seed_row or row
     values = {"question": parent.get("question") or "", "answer": parent.get("answer") or "",
-              "evidence": parent.get("evidence") or evidence, "passage": evidence, "title": ""}
+              "evidence": parent.get("evidence") or evidence, "passage": evidence, "title": "",
+              # rare_intent's template: the row's intent; no definition, tone or negative examples are recorded
+              "intent": row.get("intent") or "", "definition": "", "tone": "plain", "negatives": "(none)"}
     if strategy == "answer_augmentation":
         values["question"] = row.get("question") or values["question"]
     prompt = tpl.render(values, shot_values(shots))

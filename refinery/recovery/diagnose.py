@@ -19,7 +19,7 @@ from refinery.generation import strategies as strat
 from schemas.thresholds import Thresholds, review_copy
 
 QUESTION_STRATEGIES = ("question_rephrasing", "new_question", "answer_first", "evol_depth", "evol_breadth",
-                       "evol_denoise")
+                       "evol_denoise", "rare_intent")
 # A row with at least this share of its word 8-grams in the seed is a near copy of a seed row (not worth a call).
 NEAR_COPY_NGRAM = 0.5
 # Within low_quality, the dimension named when several failed, with the rule's confidence.

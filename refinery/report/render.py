@@ -173,7 +173,12 @@ def seed_questions(v: Values, S: str, plots_rel: str, gi: str) -> None:
     w(f"![arms]({plots_rel}/report_arms.png)\n")
 
 
-def coverage_section(v: Values, cov: str, val: str) -> None:
+def _count(v: Values, file: str, key: str) -> str:
+    """A traced count, or "none" where the metrics file has no entry (a class nothing was added to)."""
+    return v.num(file, key, "int") if v.get(file, key) is not None else "none"
+
+
+def coverage_section(v: Values, cov: str, val: str, asm: str) -> None:
     """Seed coverage before generation (coverage stage) and the gaps each dataset's synthetic rows closed (validate)."""
     w = v.write
     w("## Seed coverage: before → after\n")
@@ -186,6 +191,16 @@ def coverage_section(v: Values, cov: str, val: str) -> None:
       f"{', '.join(f'`{x}`' for x in v.get(cov, 'rare_intents') or []) or 'none'}; "
       f"{v.num(cov, 'passages_uncovered', 'int')} of {v.num(cov, 'passages', 'int')} passage windows of the train "
       f"documents have no seed question (passage coverage {v.num(cov, 'passage_coverage', 'pct1')}).\n")
+    rare = v.get(cov, "rare_intents") or []
+    topped = [a for a in ("curated", "no_recovery", "unfiltered") if v.get(asm, f"{a}.topped_up") is not None]
+    if rare and topped:
+        w("Rare intents: seed rows, and the synthetic rows each arm took to reach `rare_intent_min` (of them, rows "
+          "generated for the intent by `rare_intent`, `generate.rare_expansion`):\n")
+        w(table(["intent", "seed rows"] + [f"`{a}` topped up (targeted)" for a in topped],
+                [[f"`{x}`", v.num(cov, f"intents.{x}", "int")]
+                 + [f"{_count(v, asm, f'{a}.topped_up.{x}')} ({_count(v, asm, f'{a}.topped_up_targeted.{x}')})"
+                    for a in topped] for x in rare]))
+        w("")
     arms = sorted(v.get(val, "coverage_gaps") or {})
     if not arms:
         w(f"Gaps closed per dataset: {NOT_RUN}.\n")
@@ -261,7 +276,7 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
       f"the human test split ({v.num(split, 'rows.test', 'int')} rows, every score below), disjoint by document "
       f"from train (shared documents: {v.num(split, 'leakage.shared_documents', 'int')}).\n")
 
-    coverage_section(v, M("coverage"), M("validate"))
+    coverage_section(v, M("coverage"), M("validate"), M("assemble"))
 
     w("## Filter effectiveness\n")
     g = M("gate")
@@ -277,8 +292,8 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
                   v.num(g, f"reasons_all.{r}", "int")] for r in reasons]))
         strategies = sorted(v.get(g, "per_strategy") or {})
         if strategies:
-            w("\nPer generation strategy (faithfulness pass rate: of the rows that gate judged; answer-first rows "
-              "take their answer verbatim from a document sentence, and `rules_answer_not_in_source` checks it "
+            w("\nPer generation strategy (faithfulness pass rate: of the parsed rows that gate judged; answer-first "
+              "rows take their answer verbatim from a document sentence, and `rules_answer_not_in_source` checks it "
               "stayed so):\n")
             ps = "per_strategy"
             w(table(["strategy", "rows", "parsed", "passed every gate", "pass rate", "faithfulness pass rate",
