@@ -425,7 +425,8 @@ class Generate(Runner):
         p = _paths(work)
         cli.main(["generate", "--params", str(p["params"]), "--train", str(p["train"]), "--documents", str(p["documents"]),
                   "--models", str(p["models"]), "--prompts", str(ROOT / "prompts"), "--cache", str(p["cache"]),
-                  "--out", str(p["synthetic"]), "--metrics", str(p["metrics"] / "generate.json"), "--quiet"],
+                  "--out", str(p["synthetic"]), "--metrics", str(p["metrics"] / "generate.json"),
+                  "--critiques", str(p["synthetic"].with_name("critiques.parquet")), "--quiet"],
                  standalone_mode=False)
         log = json.loads((p["cache"].parent / "runs" / "generate.json").read_text(encoding="utf-8"))
         m = json.loads((p["metrics"] / "generate.json").read_text(encoding="utf-8"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from refinery.core.errors import RefineryError
 from refinery.core.params import StageParams, load_section, params_hash
 from refinery.generation.prompts import Template
 from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
-                                 teacher_backend)
+                                 teacher_backend, write_run_log)
 from refinery.generation.few_shot import ShotPool, sample_shots, shot_values
 from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 from refinery.core.text import sentence_spans
@@ -494,6 +495,7 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
         run = {"batch_size": params.batch_size, "origin": "synthetic", "teacher_id": teacher_id,
                "phash": params_hash(params), "code_version": code_version(sys.modules[__name__]), "quiet": quiet,
                "engine": engine if engine.name != "local" else None}
+        t0 = time.perf_counter()
         table, stats, seconds = generation.execute(planned, backend, cache_file, documents, desc="generate", **run)
         tables, fallbacks = [table], []
         for round_no, counts in enumerate(plan_metrics["calls_per_round"][1:], start=2):
@@ -525,6 +527,11 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
 
             table, chains, cr_metrics = critique_revise(table, train, templates, critic, reviser, constitution,
                                                         params, teacher_id, run_calls, execute_rows)
+        if len(tables) > 1 or chains_needed:  # the stage's run log covers every pass (each pass also logs its own)
+            seconds = time.perf_counter() - t0
+            write_run_log(Path(cache_file).parent / "runs" / "generate.json",
+                          {"stage": "generate", "teacher": teacher_id, "seconds": round(seconds, 2),
+                           "passes": 1 + len(fallbacks) + 2 * chains_needed, **stats.summary()})
     metrics = {**plan_metrics, **outcome_metrics(table), "critique_revise": cr_metrics}
     if params.evol_rounds > 1:
         metrics["per_round"] = [{**outcome_metrics(t), "seed_parent_fallbacks": f}

@@ -187,7 +187,10 @@ def test_kill_9_during_teacher_training_and_gate_stages_resumes_to_the_same_outp
     a = run_a
     recorded = stage_outs(a)
     cache = a / ".refinery" / "cache" / "teacher.sqlite"
-    generated = json.loads((a / "metrics" / "generate.json").read_text())["rows"]
+    gen = json.loads((a / "metrics" / "generate.json").read_text())
+    # every teacher call of the stage: one per row (the mix, each evol round), plus the critiques and revisions
+    chain_calls = gen["critique_revise"]["teacher_calls"] if gen.get("critique_revise") else {}
+    generated = gen["rows"] + chain_calls.get("critique", 0) + chain_calls.get("revise", 0)
     for f in cache.parent.glob("teacher.sqlite*"):
         f.unlink()  # a cold cache, so generate really calls the teacher
     cases = [
