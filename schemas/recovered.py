@@ -11,7 +11,7 @@ MODES = ("malformed", "truncated", "refusal", "threshold_marginal", "duplicate",
          "question_defect", "ungrounded", "low_quality", "unrecoverable")
 METHODS = ("adaptive", "naive")
 ACTIONS = ("strict_grounding", "reanswer_low_temp", "rewrite_helpfulness", "rewrite_length", "rewrite_fluency",
-           "diversify", "regenerate_question", "fix_format", "fix_length", "resample")
+           "diversify", "regenerate_question", "fix_format", "fix_length", "resample", "revise_by_rule")
 # Outcome of a rejected row under one method: recovered; failed (every attempt was rejected); laundered (planted
 # rows only: the gates recovered it with a candidate that still holds the planted error: an error let through,
 # measured with the injection's ground truth after the gates decided); not_attempted

@@ -51,6 +51,7 @@ def cli(params_file, rejected_file, accepted_file, injected_file, thresholds_fil
     from refinery.gates.base import GateContext
     from refinery.gates.run import GateParams, build_gates, load_models
     from refinery.generation import calls as generation
+    from refinery.generation.critique import load_constitution
     from refinery.generation.prompts import load_template
     from refinery.generation.strategies import GENERATION_STRATEGIES
     from refinery.recovery import actions, run
@@ -63,6 +64,8 @@ def cli(params_file, rejected_file, accepted_file, injected_file, thresholds_fil
     params = load_section(params_file, "recover", RecoverParams)
     gate_params = load_section(params_file, "gate", GateParams)
     check_params(params)
+    constitution = load_constitution(Path(prompts_dir) / "constitution.txt")  # the rules revise_by_rule states
+    run.check_constitution(params, constitution)
     rejected = gated_schema.CONTRACT.validate(read_parquet(rejected_file), rejected_file)
     accepted = gated_schema.CONTRACT.validate(read_parquet(accepted_file), accepted_file)
     planted = gated_schema.INJECTED_CONTRACT.validate(read_parquet(injected_file), injected_file)
@@ -84,7 +87,7 @@ def cli(params_file, rejected_file, accepted_file, injected_file, thresholds_fil
     result = run.recover(rejected, accepted, planted, train, documents, params=params, thresholds=thresholds,
                          gates=gates, gate_mode=gate_params.mode, templates=templates, teacher_id=teacher_id,
                          backend=backend, cache_file=cache_file, gate_cache=cache, phash=phash, code_version=version,
-                         quiet=quiet)
+                         quiet=quiet, constitution=constitution)
     result.write(out_dir, metrics_file, table_file)
     out, m = Path(out_dir), result.metrics
     a, n, st = m["adaptive"]["overall"], (m["naive"] or {}).get("overall"), result.teacher

@@ -13,6 +13,7 @@ from refinery.gates.base import Verdicts
 from refinery.gates.dedup import DedupGate
 from refinery.gates.faithfulness import FaithfulnessGate
 from refinery.gates.registry import BY_NAME, REASONS, UnknownReasonError
+from refinery.generation.critique import load_constitution
 from refinery.generation.prompts import load_template
 from refinery.generation.strategies import GENERATION_STRATEGIES
 from refinery.models.backends.fake import FakeBackend
@@ -21,7 +22,7 @@ from refinery.recovery.actions import ACTIONS, TEMPLATES, next_action
 from refinery.recovery.diagnose import Bounds, Diagnosis, diagnose, salvage_question
 from refinery.recovery.loop import priority
 from refinery.recovery.metrics import report_table
-from refinery.recovery.run import RecoverParams, check_params, recover
+from refinery.recovery.run import RecoverParams, check_constitution, check_params, recover
 from schemas import recovered as recovered_schema
 from schemas.gated import GATES, INJECTED_ARROW, SYNTHETIC_ARROW
 from schemas.injected import INJECTION_FIELDS
@@ -132,6 +133,9 @@ def responder(by_template: dict[str, str], default: str = "no idea <faithfulness
     return respond
 
 
+CONSTITUTION = load_constitution(ROOT / "prompts" / "constitution.txt")
+
+
 def run(tmp_path, rejected, backend, *, accepted=None, planted_rows=None, gates=None, **kw):
     """Recover through the stage's own wiring (teacher calls through a cache, re-gating with ``gates``)."""
     gates = gates or {g: Marker(g) for g in GATES}
@@ -139,7 +143,7 @@ def run(tmp_path, rejected, backend, *, accepted=None, planted_rows=None, gates=
     return recover(rejected, accepted, planted_rows if planted_rows is not None else no_planted(), TRAIN, DOCS,
                    params=params(**kw), thresholds=THRESHOLDS, gates=gates, gate_mode="full", templates=templates(),
                    teacher_id="fake@1", backend=backend, cache_file=tmp_path / "teacher.sqlite", gate_cache=None,
-                   phash="p", code_version="c")
+                   phash="p", code_version="c", constitution=CONSTITUTION)
 
 
 # ---- diagnosis: one reason code per failure mode ----
@@ -273,6 +277,47 @@ def test_a_truncated_row_gets_a_new_question_first():
 def test_a_chain_naming_an_unknown_mode_or_action_fails_at_stage_start(chains, message):
     with pytest.raises(RefineryError, match=message):
         check_params(params(chains=chains))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"chains": {"duplicate": ["revise_by_rule"]}},
+     "recover.chains.duplicate: revise_by_rule needs the rule this mode breaks"),
+    ({"revise_rules": {"sideways": 1}}, "recover.revise_rules.sideways: not a recoverable failure mode"),
+    ({"revise_rules": {"ungrounded": 0}}, "recover.revise_rules.ungrounded: rule numbers start at 1"),
+])
+def test_revise_by_rule_needs_a_rule_for_every_mode_whose_chain_names_it(kw, message):
+    with pytest.raises(RefineryError, match=message):
+        check_params(params(**kw))
+
+
+def test_a_revise_rule_beyond_the_constitution_fails_at_stage_start():
+    with pytest.raises(RefineryError, match=r"recover.revise_rules.low_quality: rule 9, but the constitution "
+                                            r"\(constitution@\w+\) has 7 rules"):
+        check_constitution(params(revise_rules={"low_quality": 9}), CONSTITUTION)
+
+
+def test_critique_revise_as_a_recovery_action_states_the_rule_the_gates_found_broken(tmp_path):
+    # the gates' diagnosis (ungrounded) is the critique: the revise call states constitution rule 1
+    rejected = gated([("How long do refunds take?", "Refunds take 3 months <faithfulness>")],
+                     [{"faithfulness": (0.1, "faithfulness_unsupported")}])
+    backend = FakeBackend(responder=responder({"revise": GOOD}))
+    out = run(tmp_path, rejected, backend, chains={"ungrounded": ["revise_by_rule", "strict_grounding"]},
+              naive_baseline=False)
+    r = recovered_schema.CONTRACT.validate(out.recovered, "recovered").to_pylist()[0]
+    assert (r["recovery_action"], r["diagnosis"], r["answer"]) == ("revise_by_rule", "ungrounded", GOOD)
+    assert r["gate_keep"] and r["parent_ids"] == [rejected.column("row_id")[0].as_py()]  # re-gated like any answer
+    revise = [c for c in backend.calls if c.prompt.startswith("Rewrite the answer so that it follows the rule.")]
+    assert len(revise) == 1
+    assert f"Rule: {CONSTITUTION.rule(1)}\n" in revise[0].prompt  # the rule, the draft and its passage
+    assert "Answer: Refunds take 3 months <faithfulness>\n" in revise[0].prompt
+    assert "Passage: Refunds are issued within 14 days.\n" in revise[0].prompt
+    assert out.metrics["revise_rules"]["rules"]["ungrounded"] == CONSTITUTION.rule(1)
+    # a revision the gates still reject is diagnosed again and the chain goes on (a fresh grounded answer)
+    backend = FakeBackend(responder=responder({"revise": "Still 3 months <faithfulness>", "recover_grounded": GOOD}))
+    out = run(tmp_path / "again", rejected, backend, chains={"ungrounded": ["revise_by_rule", "strict_grounding"]},
+              naive_baseline=False)
+    d = out.diagnosed.to_pylist()[0]
+    assert d["outcome"] == "recovered" and d["actions"] == ["revise_by_rule", "strict_grounding"]
 
 
 # ---- targeted regeneration, re-gated by every gate ----

@@ -32,7 +32,12 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "regenerate_question": ("recover_question", "qa"),
     "fix_format": ("recover_format", "qa"),  # a row with a usable question: only the answer (recover_grounded)
     "fix_length": ("recover_short", "answer"),
+    # critique -> revise: the gates' diagnosis is the critique; it names the constitution rule broken
+    # (recover.revise_rules, prompts/constitution.txt) and prompts/revise.txt rewrites the answer to follow it
+    "revise_by_rule": ("revise", "answer"),
 }
+# failure mode -> the number of the prompts/constitution.txt rule its rows break (recover.revise_rules replaces it)
+REVISE_RULES: dict[str, int] = {"ungrounded": 1, "low_quality": 2, "truncated": 3, "refusal": 6}
 OWN_TEMPERATURE = frozenset({"resample"})  # actions that sample at the row's recorded temperature
 TEMPLATES = tuple(sorted({t for t, _ in ACTIONS.values() if t is not None} | {"recover_diversify"}))
 # Per mode, the actions in the order they are tried; 'rewrite_weakest' is resolved from the diagnosis detail.
@@ -116,13 +121,14 @@ class CallSettings:
     naive_shots: int
 
 
-def _values(row: dict[str, Any], evidence: str) -> dict[str, str]:
+def _values(row: dict[str, Any], evidence: str, rule: str = "") -> dict[str, str]:
     return {"question": row.get("question") or "", "answer": row.get("answer") or "", "evidence": evidence,
-            "passage": evidence, "title": ""}
+            "passage": evidence, "title": "", "rule": rule}
 
 
 def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str, neighbours: list[dict[str, str]],
-                  templates: dict[str, Template], cs: CallSettings, teacher_id: str) -> tuple[str, Planned]:
+                  templates: dict[str, Template], cs: CallSettings, teacher_id: str,
+                  rule: str = "") -> tuple[str, Planned]:
     """Plan one targeted call for a rejected row (an answer-only action on a row without a question fixes format).
 
     Args:
@@ -134,10 +140,13 @@ def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str,
         templates: loaded templates by name.
         cs: call settings.
         teacher_id: model id + revision.
+        rule: the constitution rule the row breaks (``revise_by_rule``: the revise prompt states it).
 
     Returns:
         The action actually taken and the planned call.
     """
+    if action == "revise_by_rule" and not rule:
+        raise ValueError("revise_by_rule needs the constitution rule the row breaks")
     name, output = ACTIONS[action]
     if name is None:
         raise ValueError(f"{action} resamples the row's own prompt: plan it with plan_naive")
@@ -150,7 +159,7 @@ def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str,
         name, output = ("recover_diversify", "qa") if action == "diversify" else (ACTIONS["fix_format"][0], "qa")
         action = action if action == "diversify" else "fix_format"
         tpl = templates[name]
-    prompt = tpl.render(_values(row, evidence), [{**_values(n, evidence), **n} for n in neighbours])
+    prompt = tpl.render(_values(row, evidence, rule), [{**_values(n, evidence), **n} for n in neighbours])
     request = GenRequest(prompt=prompt, max_new_tokens=cs.max_new_tokens[output],
                          temperature=cs.temperatures[action], top_p=cs.top_p,
                          stop=_ANSWER_STOP if output == "answer" else _QA_STOP,

@@ -34,6 +34,7 @@ class RowState:
     last_reasons: list[str] = field(default_factory=list)
     error_survives: bool | None = None  # planted rows: the candidate the gates recovered still holds the error
     next: str | None = None
+    next_mode: str | None = None  # the failure mode whose chain chose ``next`` (the failed candidate's)
     cap: int = 0  # calls this row may use (0: not admitted yet)
 
 
@@ -124,7 +125,9 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
                 got.append(k)
                 reserved -= s.cap - s.attempts  # release what this row no longer needs
                 continue
-            s.next = next_action(rediagnose(cand), s.actions, s.diagnosis, chains) if rediagnose is not None else None
+            if rediagnose is not None:
+                again = rediagnose(cand)
+                s.next, s.next_mode = next_action(again, s.actions, s.diagnosis, chains), again.mode
         if trail is not None:
             trail.append(gated.append_column("counted", pa.array(counted, pa.bool_())))
         if got:

@@ -26,8 +26,9 @@ from refinery.generation.calls import Planned, TeacherDtype, call_seed
 from refinery.generation.few_shot import ShotPool, sample_shots
 from refinery.generation.prompts import Template
 from refinery.planted.truth import injected_error_present
-from refinery.recovery.actions import (ACTIONS, CHAINS, OWN_TEMPERATURE, CallSettings, next_action, plan_adaptive,
-                                       plan_naive)
+from refinery.generation.critique import Constitution
+from refinery.recovery.actions import (ACTIONS, CHAINS, OWN_TEMPERATURE, REVISE_RULES, CallSettings, next_action,
+                                       plan_adaptive, plan_naive)
 from refinery.recovery.diagnose import Bounds, Diagnosis, diagnose, salvage_question
 from refinery.recovery.loop import Regate, RowState, pool_of, priority, run_method, stamp
 from refinery.recovery.metrics import action_metrics, injection_metrics, method_metrics
@@ -49,6 +50,8 @@ class RecoverParams(StageParams):
     margins: dict[str, float]  # per gate with a margin in the registry: how close to its bound is threshold_marginal
     temperatures: dict[str, float]  # per adaptive action
     chains: dict[str, list[str]] = Field(default_factory=dict)  # per failure mode: actions in order (replaces built-in)
+    # per failure mode: the constitution rule its rows break (revise_by_rule states it); replaces the built-in map
+    revise_rules: dict[str, int] = Field(default_factory=dict)
     top_p: float = Field(gt=0, le=1)
     max_new_tokens: dict[str, int]  # per output kind: answer, qa
     naive_temperature: float = Field(ge=0)  # resampling temperature of rows that record none (planted rows)
@@ -127,9 +130,33 @@ def check_params(p: RecoverParams) -> None:
         if not chain or bad:
             raise RefineryError(f"recover.chains.{mode}: " + (f"unknown action {bad[0]}" if bad else "empty chain")
                                 + f" (actions: {', '.join(sorted([*ACTIONS, 'rewrite_weakest']))})")
+    for mode, number in p.revise_rules.items():
+        if mode not in CHAINS:
+            raise RefineryError(f"recover.revise_rules.{mode}: not a recoverable failure mode "
+                                f"(one of {', '.join(sorted(CHAINS))})")
+        if number < 1:
+            raise RefineryError(f"recover.revise_rules.{mode}: rule numbers start at 1")
+    rules = revise_rules(p)
+    for mode, chain in p.chains.items():
+        if "revise_by_rule" in chain and mode not in rules:
+            raise RefineryError(f"recover.chains.{mode}: revise_by_rule needs the rule this mode breaks "
+                                f"(recover.revise_rules.{mode})")
     for kind in ("answer", "qa"):
         if kind not in p.max_new_tokens:
             raise RefineryError(f"recover.max_new_tokens: no budget for output kind {kind}")
+
+
+def revise_rules(p: RecoverParams) -> dict[str, int]:
+    """Failure mode -> the constitution rule its rows break: the built-in map with recover.revise_rules over it."""
+    return {**REVISE_RULES, **p.revise_rules}
+
+
+def check_constitution(p: RecoverParams, constitution: Constitution) -> None:
+    """Fail with one line when a failure mode names a rule the constitution does not have."""
+    for mode, number in sorted(revise_rules(p).items()):
+        if number > len(constitution.rules):
+            raise RefineryError(f"recover.revise_rules.{mode}: rule {number}, but the constitution "
+                                f"({constitution.ref}) has {len(constitution.rules)} rules")
 
 
 def _settings(p: RecoverParams) -> CallSettings:
@@ -141,16 +168,19 @@ def _settings(p: RecoverParams) -> CallSettings:
 def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, bounds: Bounds,
              docs: dict[str, dict[str, Any]], train_rows: list[dict[str, Any]], templates: dict[str, Template],
              teacher_id: str, execute: Callable[[list[Planned], list[str]], pa.Table], regate: Regate,
-             pool: pa.Table, injected: bool, trail: dict[str, list[pa.Table]] | None = None
+             pool: pa.Table, injected: bool, trail: dict[str, list[pa.Table]] | None = None,
+             constitution: Constitution | None = None
              ) -> tuple[list[RowState], list[RowState], pa.Table | None, pa.Table | None]:
     """Diagnose rows, then run the adaptive method and (when on) the naive baseline on the same rows and budget.
 
-    With ``trail`` (method -> list), every gated candidate of each method is appended to its list.
+    With ``trail`` (method -> list), every gated candidate of each method is appended to its list. The
+    ``constitution`` states the rule a ``revise_by_rule`` call asks the teacher to follow.
 
     Returns:
         Adaptive and naive states (in ``rows`` order) and each method's recovered rows (or None).
     """
     cs = _settings(params)
+    rules = revise_rules(params)
     diags = [diagnose(r, bounds, docs, params.min_confidence) for r in rows]
     order = priority(diags, interleave=params.order == "round_robin").tolist()
     ordered = [rows[i] for i in order]
@@ -187,7 +217,12 @@ def run_both(rows: list[dict[str, Any]], *, budget: int, params: RecoverParams, 
         if not (row.get("question") or "").strip():  # a malformed row may still hold a usable question
             question = salvage_question(row, by_id.get((row.get("parent_ids") or [None])[0]))
             row = {**row, "question": question} if question else row
-        return plan_adaptive(row, action, attempt, evidence(row), neighbours(row), templates, cs, teacher_id)
+        rule = ""
+        if action == "revise_by_rule":  # the rule of the mode whose chain chose it: the gates' critique
+            if constitution is None:
+                raise RefineryError("recover: revise_by_rule needs the constitution (prompts/constitution.txt)")
+            rule = constitution.rule(rules[(s.next_mode if s.next else None) or s.diagnosis.mode])
+        return plan_adaptive(row, action, attempt, evidence(row), neighbours(row), templates, cs, teacher_id, rule)
 
     def plan_resample(row: dict[str, Any], s: RowState, attempt: int) -> tuple[str, Planned]:
         return "resample", original(row, attempt, None, "resample")
@@ -270,7 +305,8 @@ def _attempts(trails: dict[str, dict[str, list[pa.Table]]], diagnoses: dict[str,
 
 def recover_rows(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa.Table, documents: pa.Table,
                  *, params: RecoverParams, bounds: Bounds, templates: dict[str, Template], teacher_id: str,
-                 execute: Callable[[list[Planned], list[str]], pa.Table], regate: Regate) -> Recovery:
+                 execute: Callable[[list[Planned], list[str]], pa.Table], regate: Regate,
+                 constitution: Constitution | None = None) -> Recovery:
     """Diagnose every rejected row and recover what the budget allows, adaptively and naively.
 
     Args:
@@ -285,18 +321,21 @@ def recover_rows(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, trai
         teacher_id: model id + revision.
         execute: planned calls + actions -> stamped candidate rows (synthetic contract, origin=recovered).
         regate: candidates, pool -> candidates with every gate's columns.
+        constitution: the rules ``revise_by_rule`` asks the teacher to follow (prompts/constitution.txt).
 
     Returns:
         Recovered (adaptive) and baseline (naive) rows, unrecoverable and diagnosed rows, diagnosed planted
         rows, and metrics.
     """
     check_params(params)
+    if constitution is not None:
+        check_constitution(params, constitution)
     docs = {d["doc_id"]: d for d in documents.to_pylist()}
     train_rows = train.to_pylist()
     rows = rejected.to_pylist()
     pool = pool_of(accepted)
     common = dict(params=params, bounds=bounds, docs=docs, train_rows=train_rows, templates=templates,
-                  teacher_id=teacher_id, execute=execute, regate=regate)
+                  teacher_id=teacher_id, execute=execute, regate=regate, constitution=constitution)
     trails: dict[str, dict[str, list[pa.Table]]] = {"generated": {}, "planted": {}}
     a, n, got_a, got_n = run_both(rows, budget=params.budget, pool=pool, injected=False,
                                   trail=trails["generated"], **common)
@@ -431,7 +470,8 @@ class Regater:
 def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa.Table, documents: pa.Table, *,
             params: RecoverParams, thresholds: Thresholds, gates: Mapping[str, Gate], gate_mode: str,
             templates: dict[str, Template], teacher_id: str, backend: Any, cache_file: str | Path,
-            gate_cache: Path | None, phash: str, code_version: str, quiet: bool = True) -> Recovery:
+            gate_cache: Path | None, phash: str, code_version: str, quiet: bool = True,
+            constitution: Constitution | None = None) -> Recovery:
     """Recover rejected rows with the stage's wiring: teacher calls through the cache, re-gating with ``gates``.
 
     Args:
@@ -449,6 +489,7 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
         phash: recover params hash stamped on candidates.
         code_version: stamped on candidates.
         quiet: no progress bar.
+        constitution: as :func:`recover_rows`.
 
     Returns:
         The recovery; its metrics hold a review copy of the thresholds, ``teacher`` the call counts.
@@ -461,7 +502,10 @@ def recover(rejected: pa.Table, accepted: pa.Table, planted: pa.Table, train: pa
     regate = Regater(gates, thresholds["dedup"], gate_cache, gate_mode)
     result = recover_rows(rejected, accepted, planted, train, documents, params=params,
                           bounds=Bounds.from_thresholds(thresholds, params.margins), templates=templates,
-                          teacher_id=teacher_id, execute=execute, regate=regate)
+                          teacher_id=teacher_id, execute=execute, regate=regate, constitution=constitution)
     result.metrics["thresholds"] = review_copy(thresholds)
+    if constitution is not None:  # the critique each failure mode stands for in revise_by_rule calls
+        result.metrics["revise_rules"] = {"constitution": constitution.ref, "rules": {
+            mode: constitution.rule(n) for mode, n in sorted(revise_rules(params).items())}}
     result.teacher = dict(execute.stats)
     return result
