@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("stages.split:cli", "Split seed QA into train/val/test by document group, without leakage."),
     "coverage": ("stages.coverage:cli", "Audit the seed's coverage of topics, intents and passages before generating."),
     "generate": ("stages.generate:cli", "Generate synthetic QA rows from the human train split with the teacher."),
+    "verifiable": ("stages.verifiable:cli",
+                   "Generate math and code rows from the verifiable seed; keep those execution agrees with."),
     "contaminate": ("stages.contaminate:cli", "Build the AI-contaminated comparison set from the human train split."),
     "profile": ("refinery.core.profiles:cli", "Apply a named params profile (ci, cosmosqa) onto params.yaml."),
     "inject": ("stages.inject:cli", "Plant known errors with ground-truth labels in held-out seed rows."),

@@ -83,6 +83,12 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
         (folder / "metrics/validate.json").write_text(json.dumps({"failed_checks": 0, "coverage_gaps": {"curated": {
             "synthetic_rows": 5, "closed": 3, "still_open": 4, "passage_coverage_before": 0.4167,
             "passage_coverage_after": 0.6667, "clusters_reached_by_synthetic": 2}}}))
+        (folder / "metrics/verifiable.json").write_text(json.dumps({
+            "isolation": "audit_hook", "seed_items": {"math": 24, "code": 12}, "seed_self_check": "passed",
+            "math": {"calls": 24, "parsed": 14, "kept": 2, "pass_rate_parsed": 0.1429,
+                     "reasons": {"verifiable_wrong_answer": 12}, "parse_errors": {"parse_missing_answer": 10}},
+            "code": {"calls": 12, "parsed": 9, "kept": 0, "pass_rate_parsed": 0.0,
+                     "reasons": {"verifiable_error": 9}, "parse_errors": {"parse_missing_function": 3}}}))
         from stages.audit_judge import agreement
 
         judged = agreement([True] * 6 + [False] * 4, [True] * 5 + [False] + [True] + [False] * 3)
@@ -171,6 +177,8 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     assert summary["h5_p"] == pytest.approx(67 / 2048, abs=1e-4)
     assert "decision **accept**, 0 failed checks" in md
     assert "| `curated` | 5 | 3 | 4 | 41.7% → 66.7% | 2 of 2 |" in md  # seed coverage before -> after
+    assert "| math | 24 | 14 | 2 | 14.3% | `parse_missing_answer` 10, `verifiable_wrong_answer` 12 |" in md
+    assert "| code | 12 | 9 | 0 | 0.0% | `parse_missing_function` 3, `verifiable_error` 9 |" in md
     assert "| `escalation` | 1 | 3 (2) |" in md  # a rare intent: seed rows, topped up (of them targeted)
     assert "Human review decisions" not in md  # no assemble metrics here: the line is left out, not "not run"
     # and the first section answers the seed questions from the arms, saying the noise floor is unmeasured

@@ -13,7 +13,8 @@ from refinery.core.errors import RefineryError
 SHOT_MARKER = "### shot"
 PLACEHOLDERS = frozenset({"question", "answer", "evidence", "passage", "title", "shots",
                           "intent", "definition", "tone", "negatives",  # rare_intent
-                          "constitution", "rule"})  # critique, revise
+                          "constitution", "rule",  # critique, revise
+                          "expression", "tests", "entry_point"})  # verifiable math and code
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ SECTIONS: dict[str, str] = {
     "train_reward": "stages.train_reward:TrainRewardParams",
     "gate": "refinery.gates.run:GateParams",
     "audit_judge": "stages.audit_judge:AuditJudgeParams",
+    "verifiable": "stages.verifiable:VerifiableParams",
     "engine": "refinery.engine.params:EngineParams",
     "recover": "stages.recover:RecoverParams",
     "assemble": "stages.assemble:AssembleParams",

@@ -217,6 +217,36 @@ def coverage_section(v: Values, cov: str, val: str, asm: str) -> None:
     w("")
 
 
+def _verifiable_key(reason: str) -> str:
+    return "reasons" if reason.startswith("verifiable_") else "parse_errors"
+
+
+def verifiable_section(v: Values, ver: str) -> None:
+    """Math and code rows checked by execution (verifiable stage): counts, pass rates, reasons per kind."""
+    w = v.write
+    w("## Verifiable data: math and code checked by running them\n")
+    if v.get(ver, "math.calls") is None:
+        w(f"Verifiable stage: {NOT_RUN}.\n")
+        return
+    w(f"From `data/00_seed_verifiable/` ({v.num(ver, 'seed_items.math', 'int')} word problems, "
+      f"{v.num(ver, 'seed_items.code', 'int')} Python tasks; every seed item passes its own check) the teacher wrote "
+      f"new problems with the expression that computes them, and solutions with an assert of their own. A row is "
+      f"kept only when the sandbox (isolation: `{v.num(ver, 'isolation', 'str')}`) agrees: the expression gives the "
+      f"stated answer, the function passes its own and the seed's asserts.\n")
+    rows = []
+    for kind in ("math", "code"):
+        reasons = {**(v.get(ver, f"{kind}.parse_errors") or {}), **(v.get(ver, f"{kind}.reasons") or {})}
+        rows.append([kind, v.num(ver, f"{kind}.calls", "int"), v.num(ver, f"{kind}.parsed", "int"),
+                     v.num(ver, f"{kind}.kept", "int"),
+                     v.num(ver, f"{kind}.pass_rate_parsed", "pct1")
+                     if v.get(ver, f"{kind}.pass_rate_parsed") is not None else "–",
+                     ", ".join(f"`{r}` {v.num(ver, f'{kind}.{_verifiable_key(r)}.{r}', 'int')}"
+                               for r in sorted(reasons)) or "none"])
+    w(table(["kind", "teacher calls", "parsed", "kept (execution agrees)", "pass rate of parsed", "rejected by"],
+            rows))
+    w("")
+
+
 def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
            preds_files: dict[str, str], preds: dict[str, pa.Table], runs: dict[str, str] | None = None) -> str:
     """Render report.md from loaded metrics (``v.docs``) and the derived summary (``summary_file``).
@@ -277,6 +307,7 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
       f"from train (shared documents: {v.num(split, 'leakage.shared_documents', 'int')}).\n")
 
     coverage_section(v, M("coverage"), M("validate"), M("assemble"))
+    verifiable_section(v, M("verifiable"))
 
     w("## Filter effectiveness\n")
     g = M("gate")
