@@ -17,10 +17,8 @@ for the network. ``isolation()`` says which a run had.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -29,11 +27,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 _MARK = "\x00refinery-sandbox-result\x00"
-_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+_NETNS_FLAGS = 0x10000000 | 0x40000000  # CLONE_NEWUSER | CLONE_NEWNET
 
 # The child: read the task from stdin, install the hook, run the code, print one marked JSON line.
 _RUNNER = r'''
-import json, os, sys
+import json, os, resource, sys
+_cfg = json.loads(sys.stdin.readline())  # the limits, set here (a fresh single-threaded process) before any code
+for _name, _value in _cfg["rlimits"].items():
+    resource.setrlimit(getattr(resource, _name), (_value, _value))
+if _cfg["netns"]:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).unshare(%(flags)d)
+    del ctypes
 _root = os.path.realpath(os.getcwd())
 _task = json.loads(sys.stdin.read())
 _mark, _dumps, _write, _flush = %(mark)r, json.dumps, sys.__stdout__.write, sys.__stdout__.flush
@@ -83,6 +88,8 @@ _write(_mark + _dumps(_out) + "\n")
 _flush()
 '''
 
+_FILL = {"mark": _MARK, "flags": _NETNS_FLAGS}
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -109,44 +116,19 @@ class RunResult:
     error: str | None
 
 
-def _unshare_network() -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 _ISOLATION: dict[str, bool] = {}
 
 
 def isolation() -> str:
     """``namespace+audit_hook`` where unprivileged network namespaces work on this machine, else ``audit_hook``."""
     if "netns" not in _ISOLATION:
+        probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None, use_errno=True).unshare({_NETNS_FLAGS}) != 0)"
         try:
-            r = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], preexec_fn=_netns_or_fail,
-                               capture_output=True, timeout=30)
+            r = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, timeout=30)
             _ISOLATION["netns"] = r.returncode == 0
         except (subprocess.SubprocessError, OSError):
             _ISOLATION["netns"] = False
     return "namespace+audit_hook" if _ISOLATION["netns"] else "audit_hook"
-
-
-def _netns_or_fail() -> None:
-    if not _unshare_network():
-        raise OSError("unshare")
-
-
-def _limits(limits: Limits, netns: bool):
-    def apply() -> None:  # in the child, between fork and exec
-        mb = 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * mb, limits.file_mb * mb))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if netns:
-            _unshare_network()
-    return apply
 
 
 def run_python(code: str, mode: Literal["eval", "exec"], limits: Limits = Limits()) -> RunResult:
@@ -162,12 +144,17 @@ def run_python(code: str, mode: Literal["eval", "exec"], limits: Limits = Limits
     """
     netns = isolation() == "namespace+audit_hook"
     with tempfile.TemporaryDirectory(prefix="refinery-sandbox-") as tmp:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _RUNNER % {"mark": _MARK}], cwd=tmp,
+        # no preexec_fn (unsafe with threads: the gate runs sandboxes from a thread pool): the child sets its own
+        # limits and namespace before it reads the code
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _RUNNER % _FILL], cwd=tmp,
                                 env={"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp}, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_limits(limits, netns))
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        mb = 1024 * 1024
+        cfg = {"netns": netns, "rlimits": {"RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_mb * mb,
+                                           "RLIMIT_FSIZE": limits.file_mb * mb, "RLIMIT_CORE": 0}}
+        task = json.dumps(cfg) + "\n" + json.dumps({"mode": mode, "code": code})
         try:
-            out, err = proc.communicate(json.dumps({"mode": mode, "code": code}).encode(), timeout=limits.timeout_s)
+            out, err = proc.communicate(task.encode(), timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return RunResult("timeout", None, "Timeout", f"killed after {limits.timeout_s:g} s")
