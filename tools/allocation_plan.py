@@ -5,7 +5,7 @@ coverage` first) and prints, per allocation: calls per seed cluster, the smalles
 passage windows some call is grounded in, and the calls on rare-intent parents. What the gates then keep is the
 validate stage's `coverage_gaps` (metrics/validate.json), for the allocation params.yaml names.
 
-    python bench/bench_allocation.py [--params params.yaml]
+    python tools/allocation_plan.py [--params params.yaml]
 """
 
 from __future__ import annotations
