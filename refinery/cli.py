@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit-judge": ("stages.audit_judge:cli",
                     "Score a sample of accepted and rejected rows with the audit judge; agreement with the gates."),
     "recover": ("stages.recover:cli", "Diagnose rejected rows, recover them with targeted actions, re-gate; naive baseline."),
+    "dpo": ("stages.dpo:cli",
+            "Write realistic DPO rejected answers per category with the teacher; keep the checked ones."),
     "assemble": ("stages.assemble:cli", "Assemble one dataset per arm (assemble.arms) with SFT and DPO exports."),
     "raft": ("stages.raft:cli", "Export an arm's rows with gold passages and distractors (RAFT-style)."),
     "validate": ("stages.validate:cli", "Validate the assembled datasets; exit non-zero with one line per failed check."),

@@ -378,7 +378,8 @@ def dpo_records(pairs: pa.Table, passages: dict[str, str], window_chars: int, pa
     """Return DPO records in the conversational preference shape (TRL): prompt messages, chosen, rejected.
 
     The prompt is built as training builds it (:func:`refinery.training.lora.messages_for`): the passage window
-    around the evidence of the pair's parent seed row (``parent_id`` in ``parents``), else the document's head.
+    around the evidence of the pair's parent row (``parent_id`` in ``parents``: seed or accepted rows), else the
+    document's head.
     """
     from refinery.training.lora import messages_for
 
@@ -395,7 +396,7 @@ def dpo_records(pairs: pa.Table, passages: dict[str, str], window_chars: int, pa
         out.append({"prompt": messages_for(row, passages, window_chars, with_answer=False),
                     "chosen": [{"role": "assistant", "content": p["chosen"].strip()}],
                     "rejected": [{"role": "assistant", "content": p["rejected"].strip()}],
-                    "category": p["category"], "pair_id": p["pair_id"]})
+                    "category": p["category"], "category_source": p["category_source"], "pair_id": p["pair_id"]})
     return out
 
 
@@ -503,7 +504,10 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
         }
     check_documents(tables, passages)
     sft = SftRecords(tables, passages, window_chars)
-    dpo = dpo_records(pairs, passages, window_chars, train)
+    span_cols = ["row_id", "evidence", "evidence_start", "evidence_end"]
+    spans = train.select(span_cols)
+    parents = pa.concat_tables([spans, accepted.select(span_cols).cast(spans.schema)])
+    dpo = dpo_records(pairs, passages, window_chars, parents)  # chosen rows: human train, or accepted (dpo.sources)
     metrics["dpo_pairs"] = len(dpo)
     if review is not None:
         metrics["review_decisions"] = review

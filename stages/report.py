@@ -147,7 +147,8 @@ def cli(params_file: str, metrics_dir: str, predictions_dir: str, datasets_dir: 
     arms = list(load_arms(params_file))
     seeds = list(read_key(params_file, "train.seeds") or [read_key(params_file, "train.seed")])
     runs = {BASE: BASE, **{a: run_name(a, seeds[0]) for a in arms}}
-    names = ["split", "coverage", "assemble", "validate", "gate", "gate_injection", "audit_judge", "recover", "verifiable"] + \
+    names = ["split", "coverage", "assemble", "validate", "gate", "gate_injection", "audit_judge", "recover",
+             "verifiable", "dpo"] + \
         [f"{kind}/{run_name(a, s)}" for kind in ("train", "eval") for a in arms for s in seeds] + ["eval/base"]
     docs = {f"{metrics_dir}/{n}.json": read_json(f"{metrics_dir}/{n}.json") for n in names
             if Path(f"{metrics_dir}/{n}.json").is_file()}

@@ -102,7 +102,8 @@ def build_preference_pairs(rows: pa.Table, *, seed: int, pairs_per_row: int, pha
                     out.append({"pair_id": stable_id("pref", r["row_id"], kind, c.text), "prompt": r["question"],
                                 "chosen": r["answer"], "rejected": c.text, "category": CATEGORY_OF_KIND[kind],
                                 "corruption": kind, "detail": c.detail, "parent_id": r["row_id"],
-                                "doc_id": r["doc_id"], "params_hash": phash, "code_version": code_version})
+                                "doc_id": r["doc_id"], "category_source": "templated",
+                                "params_hash": phash, "code_version": code_version})
                     made += 1
                     break
     return pa.Table.from_pylist(out, schema=pairs_schema.ARROW)

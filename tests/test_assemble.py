@@ -85,8 +85,8 @@ def synthetic_rows(intents: list[str], seed: int = 100, origin: str = "synthetic
 def pairs(train: pa.Table) -> pa.Table:
     rows = [{"pair_id": stable_id("pref", r["row_id"]), "prompt": r["question"], "chosen": r["answer"],
              "rejected": "I am not sure.", "category": "vagueness", "corruption": "vague", "detail": "d",
-             "parent_id": r["row_id"], "doc_id": r["doc_id"], "params_hash": "p", "code_version": "c"}
-            for r in train.to_pylist()[:3]]
+             "parent_id": r["row_id"], "doc_id": r["doc_id"], "category_source": "templated", "params_hash": "p",
+             "code_version": "c"} for r in train.to_pylist()[:3]]
     return table(pairs_schema.ARROW, rows)
 
 

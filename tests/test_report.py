@@ -89,6 +89,15 @@ def write_metrics(folder: Path, *, with_gate: bool = True, models=MODELS) -> dic
                      "reasons": {"verifiable_wrong_answer": 12}, "parse_errors": {"parse_missing_answer": 10}},
             "code": {"calls": 12, "parsed": 9, "kept": 0, "pass_rate_parsed": 0.0,
                      "reasons": {"verifiable_error": 9}, "parse_errors": {"parse_missing_function": 3}}}))
+        m = {"pairs": 3, "accuracy": 0.6667, "mean_margin": 0.25}
+        (folder / "metrics/dpo.json").write_text(json.dumps({
+            "pairs": 30, "pairs_by_source": {"teacher": 18, "templated": 12},
+            "categories": {"safety": {"check": "pii", "calls": 40, "parsed": 36, "failed_check_share": 0.5,
+                                      "pairs": {"teacher": 18, "templated": 0}},
+                           "tone": {"check": "reward", "calls": 10, "parsed": 0, "failed_check_share": None,
+                                    "pairs": {"teacher": 0, "templated": 12}}},
+            "reward_margin": {"templated": {"tone": {"pairs": 12, "accuracy": 1.0, "mean_margin": 0.9}},
+                              "teacher_candidates": {"safety": m}, "teacher_pairs": {"safety": m}}}))
         from stages.audit_judge import agreement
 
         judged = agreement([True] * 6 + [False] * 4, [True] * 5 + [False] + [True] + [False] * 3)
@@ -179,6 +188,8 @@ def test_report_fills_every_section_from_metrics_files(tmp_path, monkeypatch):
     assert "| `curated` | 5 | 3 | 4 | 41.7% → 66.7% | 2 of 2 |" in md  # seed coverage before -> after
     assert "| math | 24 | 14 | 2 | 14.3% | `parse_missing_answer` 10, `verifiable_wrong_answer` 12 |" in md
     assert "| code | 12 | 9 | 0 | 0.0% | `parse_missing_function` 3, `verifiable_error` 9 |" in md
+    assert "| `safety` | `pii` | 40 | 36 | 50.0% | 18 | 0 | – | 0.667 (0.250, n=3) | 0.667 (0.250, n=3) |" in md
+    assert "| `tone` | `reward` | 10 | 0 | – | 0 | 12 | 1.000 (0.900, n=12) | – | – |" in md
     assert "| `escalation` | 1 | 3 (2) |" in md  # a rare intent: seed rows, topped up (of them targeted)
     assert "Human review decisions" not in md  # no assemble metrics here: the line is left out, not "not run"
     # and the first section answers the seed questions from the arms, saying the noise floor is unmeasured

@@ -14,7 +14,8 @@ SHOT_MARKER = "### shot"
 PLACEHOLDERS = frozenset({"question", "answer", "evidence", "passage", "title", "shots",
                           "intent", "definition", "tone", "negatives",  # rare_intent
                           "constitution", "rule",  # critique, revise
-                          "expression", "tests", "entry_point"})  # verifiable math and code
+                          "expression", "tests", "entry_point",  # verifiable math and code
+                          "instruction", "example_question", "example_answer", "example_rejected"})  # dpo
 
 
 @dataclass(frozen=True)

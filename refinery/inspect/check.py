@@ -27,6 +27,7 @@ SECTIONS: dict[str, str] = {
     "verifiable": "stages.verifiable:VerifiableParams",
     "engine": "refinery.engine.params:EngineParams",
     "recover": "stages.recover:RecoverParams",
+    "dpo": "stages.dpo:DpoParams",
     "assemble": "stages.assemble:AssembleParams",
     "validate": "stages.validate:ValidateParams",
     "train": "stages.train:TrainParams",

@@ -611,9 +611,10 @@ def missing_direct_answer(text: str, *, passage: str | None = None, other_texts:
     return Corruption(" ".join(sents[1:]), True, kind, "dropped the first sentence")
 
 
-_ESCALATION = re.compile(r"\b(contact|reach out|escalat\w*|lawyer|counsel|open a (?:ticket|case)|account manager|"
-                         r"support (?:team|agent|ticket)|(?:ask|tell|email) (?:your|the) (?:admin|owner|it team)|"
-                         r"\w+@\w[\w.-]*)", re.IGNORECASE)
+ESCALATION = re.compile(  # a sentence that hands the user off (support, legal, an admin)
+    r"\b(contact|reach out|escalat\w*|lawyer|counsel|open a (?:ticket|case)|account manager|"
+    r"support (?:team|agent|ticket)|(?:ask|tell|email) (?:your|the) (?:admin|owner|it team)|"
+    r"\w+@\w[\w.-]*)", re.IGNORECASE)
 
 
 def missing_escalation(text: str, *, passage: str | None = None, other_texts: Sequence[str] | None = None,
@@ -631,7 +632,7 @@ def missing_escalation(text: str, *, passage: str | None = None, other_texts: Se
     """
     kind = "missing_escalation"
     sents = sentences(text)
-    keep = [s for s in sents if not _ESCALATION.search(s)]
+    keep = [s for s in sents if not ESCALATION.search(s)]
     if len(keep) == len(sents) or not keep:
         return _not_applied(kind, text, "no escalation sentence" if len(keep) == len(sents) else "only escalation")
     return Corruption(" ".join(keep), True, kind, f"dropped {len(sents) - len(keep)} escalation sentence(s)")

@@ -247,6 +247,46 @@ def verifiable_section(v: Values, ver: str) -> None:
     w("")
 
 
+DPO_CATEGORIES = ("factuality", "constraint_following", "safety", "tone", "missing_escalation")
+
+
+def dpo_section(v: Values, dpo: str) -> None:
+    """DPO pairs (dpo stage): teacher rewrites per category, the share that failed their check, the reward margins."""
+    w = v.write
+    w("## DPO pairs: realistic rejected answers\n")
+    if v.get(dpo, "pairs") is None:
+        w(f"DPO stage: {NOT_RUN}.\n")
+        return
+    w(f"The teacher rewrote chosen answers with a category instruction (`params.yaml: dpo.categories`); a rewrite "
+      f"became a rejected answer only where it stayed on topic and fluent and failed the check of its category. "
+      f"{v.num(dpo, 'pairs', 'int')} pairs: {v.num(dpo, 'pairs_by_source.teacher', 'int')} teacher-written, "
+      f"{v.num(dpo, 'pairs_by_source.templated', 'int')} templated rule edits as the fallback "
+      f"(`data/05_dpo/pairs.parquet`; every rewrite and why it was not kept: `data/05_dpo/candidates.parquet`). "
+      f"Reward head pairwise accuracy (mean margin): on the templated edits it trained on, on every usable rewrite "
+      f"before its category check, and on the rewrites kept.\n")
+    cats = [c for c in DPO_CATEGORIES if v.get(dpo, f"categories.{c}") is not None]
+    r = "reward_margin"
+
+    def margin(kind: str, c: str) -> str:
+        if v.get(dpo, f"{r}.{kind}.{c}") is None:
+            return "–"
+        return (f"{v.num(dpo, f'{r}.{kind}.{c}.accuracy', 'f3')} ({v.num(dpo, f'{r}.{kind}.{c}.mean_margin', 'f3')}, "
+                f"n={v.num(dpo, f'{r}.{kind}.{c}.pairs', 'int')})")
+
+    rows = []
+    for c in cats:
+        k = f"categories.{c}"
+        rows.append([f"`{c}`", f"`{v.num(dpo, f'{k}.check', 'str')}`", v.num(dpo, f"{k}.calls", "int"),
+                     v.num(dpo, f"{k}.parsed", "int"),
+                     v.num(dpo, f"{k}.failed_check_share", "pct1")
+                     if v.get(dpo, f"{k}.failed_check_share") is not None else "–",
+                     v.num(dpo, f"{k}.pairs.teacher", "int"), v.num(dpo, f"{k}.pairs.templated", "int"),
+                     margin("templated", c), margin("teacher_candidates", c), margin("teacher_pairs", c)])
+    w(table(["category", "check", "teacher calls", "parsed", "failed their check", "teacher pairs",
+             "templated fallback", "reward: templated", "reward: rewrites", "reward: kept rewrites"], rows))
+    w("")
+
+
 def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
            preds_files: dict[str, str], preds: dict[str, pa.Table], runs: dict[str, str] | None = None) -> str:
     """Render report.md from loaded metrics (``v.docs``) and the derived summary (``summary_file``).
@@ -308,6 +348,7 @@ def render(v: Values, *, summary_file: str, metrics_dir: str, plots_rel: str,
 
     coverage_section(v, M("coverage"), M("validate"), M("assemble"))
     verifiable_section(v, M("verifiable"))
+    dpo_section(v, M("dpo"))
 
     w("## Filter effectiveness\n")
     g = M("gate")

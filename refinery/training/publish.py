@@ -106,4 +106,5 @@ def llamafactory_info(arms: Sequence[str], *, dpo: bool) -> dict[str, Any]:
 def dpo_sharegpt(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Return the DPO records in LLaMA-Factory's sharegpt ranking shape: the chosen and rejected turn as one message."""
     return [{"messages": r["prompt"], "chosen": r["chosen"][0], "rejected": r["rejected"][0],
-             "category": r["category"], "pair_id": r["pair_id"]} for r in records]
+             "category": r["category"], "category_source": r.get("category_source"), "pair_id": r["pair_id"]}
+            for r in records]
