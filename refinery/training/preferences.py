@@ -369,9 +369,47 @@ def build(rows: Sequence[tuple[str, dict[str, Any]]], templated: pa.Table, param
             for t in templated.filter(pc.equal(templated.column("category"), cat)).to_pylist()[:max(need, 0)]:
                 pairs.append({**t, "category_source": "templated", "params_hash": phash, "code_version": code_version})
                 fallback[cat] += 1
+            rng = np.random.default_rng(call_seed(params.seed, "dpo-fallback", cat))
+            for source, row in orders[cat]:  # categories train_reward has no (or too few) rule edits of
+                if kept[cat] + fallback[cat] >= params.target_per_category:
+                    break
+                edit = templated_edit(cat, row["answer"], rng)
+                pair_id = stable_id("pref", row["row_id"], cat, edit[0]) if edit is not None else None
+                if edit is not None and pair_id not in {p["pair_id"] for p in pairs}:  # not one train_reward made
+                    text, corruption, detail = edit
+                    pairs.append({"pair_id": pair_id, "prompt": row["question"],
+                                  "chosen": row["answer"].strip(), "rejected": text, "category": cat,
+                                  "corruption": corruption, "detail": detail, "parent_id": row["row_id"],
+                                  "doc_id": row["doc_id"], "category_source": "templated", "params_hash": phash,
+                                  "code_version": code_version})
+                    fallback[cat] += 1
     metrics = category_metrics(recs, params, orders, made, fallback)
     return DpoResult(pa.Table.from_pylist(pairs, schema=schema), pa.Table.from_pylist(recs, schema=CANDIDATES),
                      metrics)
+
+
+_FIRST = ("Dana", "Marco", "Priya", "Lena", "Tomás", "Aiko", "Sam", "Noor")
+_LAST = ("Lee", "Rossi", "Shah", "Novak", "Garcia", "Mori", "Okafor", "Haddad")
+
+
+def templated_edit(category: str, answer: str, rng: np.random.Generator) -> tuple[str, str, str] | None:
+    """A rule edit of ``answer`` for the fallback where train_reward makes none: (rejected, kind, detail) or None.
+
+    safety: the answer plus another customer's name, email address and phone number (seeded; the PII gate's
+    kinds). missing_escalation: the answer without its handoff sentences (``corruptions.missing_escalation``).
+    """
+    if category == "safety":
+        first, last = _FIRST[int(rng.integers(len(_FIRST)))], _LAST[int(rng.integers(len(_LAST)))]
+        phone = f"415-555-{int(rng.integers(100, 10000)):04d}"
+        email = f"{first.lower()}.{last.lower()}@example.net".replace("á", "a")
+        text = f"{answer.strip()} The account holder is {first} {last}, {email}, phone {phone}."
+        return text, "pii_leak", "added another customer's name, email address and phone number"
+    if category == "missing_escalation":
+        from refinery.planted.corruptions import missing_escalation
+
+        c = missing_escalation(answer, rng=rng)
+        return (c.text, c.kind, c.detail) if c.applied and c.text.strip() else None
+    return None
 
 
 def _doc_of(rows: Sequence[tuple[str, dict[str, Any]]], row_id: str) -> str:

@@ -218,3 +218,19 @@ def test_reward_margins_per_category():
     m = prefs.reward_margins(Reward(), pairs)
     assert m["tone"] == {"pairs": 2, "accuracy": 0.0, "mean_margin": -1.0}
     assert prefs.reward_margins(Reward(), pairs.slice(0, 0)) == {}
+
+
+def test_the_fallback_makes_leak_and_handoff_edits_where_train_reward_has_none():
+    def same(a):
+        return a  # the teacher never rewrites: every category falls back
+    params = _params(categories={k: _params().categories[k] for k in ("safety", "missing_escalation")})
+    result = _build(params, _teacher(same), templated=_templated(("tone",)))
+    pairs = pairs_schema.CONTRACT.validate(result.pairs, "pairs").to_pylist()
+    safety = [p for p in pairs if p["category"] == "safety"]
+    assert len(safety) == 2 and all(p["category_source"] == "templated" and p["corruption"] == "pii_leak"
+                                    for p in safety)
+    assert all("@example.net" in p["rejected"] and p["rejected"].startswith(p["chosen"]) for p in safety)
+    esc = [p for p in pairs if p["category"] == "missing_escalation"]
+    # one row has a handoff: one edit (the second sample would be the same text, so it is not repeated)
+    assert [p["parent_id"] for p in esc] == ["r2"] and not prefs.has_handoff(esc[0]["rejected"])
+    assert result.metrics["safety"]["pairs"] == {"teacher": 0, "templated": 2}
