@@ -354,20 +354,23 @@ def build(rows: Sequence[tuple[str, dict[str, Any]]], templated: pa.Table, param
         for rec in judge(calls, results, checks, teacher_id=teacher_id, template_ref=template.ref):
             kept[rec["category"]] += rec["kept"]
             recs.append(rec)
+    doc_of = {r["row_id"]: r["doc_id"] for _, r in rows}
     pairs = []
     for rec in recs:
         if rec["kept"]:
             pairs.append({"pair_id": stable_id("pref", rec["candidate_id"], rec["rejected"]), "prompt": rec["prompt"],
                           "chosen": rec["chosen"], "rejected": rec["rejected"], "category": rec["category"],
                           "corruption": f"teacher:{rec['category']}", "detail": rec["check_detail"] or "",
-                          "parent_id": rec["parent_id"], "doc_id": _doc_of(rows, rec["parent_id"]),
+                          "parent_id": rec["parent_id"], "doc_id": doc_of[rec["parent_id"]],
                           "category_source": "teacher", "params_hash": phash, "code_version": code_version})
     fallback = Counter[str]()
+    seen = {p["pair_id"] for p in pairs}
     if params.fallback_templated:
         for cat in params.categories:
             need = params.target_per_category - kept[cat]
             for t in templated.filter(pc.equal(templated.column("category"), cat)).to_pylist()[:max(need, 0)]:
                 pairs.append({**t, "category_source": "templated", "params_hash": phash, "code_version": code_version})
+                seen.add(t["pair_id"])
                 fallback[cat] += 1
             rng = np.random.default_rng(call_seed(params.seed, "dpo-fallback", cat))
             for source, row in orders[cat]:  # categories train_reward has no (or too few) rule edits of
@@ -375,13 +378,14 @@ def build(rows: Sequence[tuple[str, dict[str, Any]]], templated: pa.Table, param
                     break
                 edit = templated_edit(cat, row["answer"], rng)
                 pair_id = stable_id("pref", row["row_id"], cat, edit[0]) if edit is not None else None
-                if edit is not None and pair_id not in {p["pair_id"] for p in pairs}:  # not one train_reward made
+                if edit is not None and pair_id not in seen:  # not one train_reward made
                     text, corruption, detail = edit
                     pairs.append({"pair_id": pair_id, "prompt": row["question"],
                                   "chosen": row["answer"].strip(), "rejected": text, "category": cat,
                                   "corruption": corruption, "detail": detail, "parent_id": row["row_id"],
                                   "doc_id": row["doc_id"], "category_source": "templated", "params_hash": phash,
                                   "code_version": code_version})
+                    seen.add(pair_id)
                     fallback[cat] += 1
     metrics = category_metrics(recs, params, orders, made, fallback)
     return DpoResult(pa.Table.from_pylist(pairs, schema=schema), pa.Table.from_pylist(recs, schema=CANDIDATES),
@@ -410,10 +414,6 @@ def templated_edit(category: str, answer: str, rng: np.random.Generator) -> tupl
         c = missing_escalation(answer, rng=rng)
         return (c.text, c.kind, c.detail) if c.applied and c.text.strip() else None
     return None
-
-
-def _doc_of(rows: Sequence[tuple[str, dict[str, Any]]], row_id: str) -> str:
-    return next(r["doc_id"] for _, r in rows if r["row_id"] == row_id)
 
 
 def category_metrics(recs: Sequence[dict[str, Any]], params: DpoParams, orders: dict[str, list],
