@@ -130,7 +130,7 @@ def build_inputs(rows: int, out: Path, seed: int = 0) -> dict[str, int]:
         values = {"pair_id": "pref_" + _hex("pair", seed, row["row_id"])[:16], "prompt": row["question"],
                   "chosen": row["answer"], "rejected": rejected, "category": PAIR_CATEGORIES[i % len(PAIR_CATEGORIES)],
                   "corruption": "entity_swap", "detail": "bench", "parent_id": row["row_id"], "doc_id": row["doc_id"],
-                  "params_hash": "bench", "code_version": "bench"}
+                  "category_source": "templated", "params_hash": "bench", "code_version": "bench"}
         for k in pairs:
             pairs[k].append(values[k])
     pq.write_table(pa.table(con, schema=synthetic_schema.ARROW), out / "contaminated.parquet")
