@@ -87,6 +87,7 @@ class CategorySpec(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
     instruction: str = Field(min_length=1)
     example: Example
+    max_calls: int | None = Field(default=None, ge=0)  # this category's call cap; null: max_calls_per_category
 
 
 class DpoParams(StageParams):
@@ -148,13 +149,19 @@ def has_handoff(text: str) -> bool:
 
 
 def eligible(category: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chosen rows a category can rewrite: missing_escalation needs a handoff in the chosen answer and more
-    than it; every other category takes every row with an answer."""
+    """The chosen rows a category can rewrite: missing_escalation needs a handoff in the chosen answer (the teacher
+    rewrites even a one-sentence handoff; the templated fallback only cuts rows with another sentence); every other
+    category takes every row with an answer."""
     out = [r for r in rows if (r.get("answer") or "").strip() and (r.get("question") or "").strip()]
     if category == "missing_escalation":
-        out = [r for r in out if has_handoff(r["answer"])
-               and any(not has_handoff(s) for s in sentences(r["answer"]))]
+        out = [r for r in out if has_handoff(r["answer"])]
     return out
+
+
+def call_cap(params: DpoParams, category: str) -> int:
+    """The teacher calls ``category`` may spend over all rounds (its own max_calls, else the common cap)."""
+    own = params.categories[category].max_calls
+    return params.max_calls_per_category if own is None else own
 
 
 def parse_rejected(text: str) -> str | None:
@@ -344,7 +351,7 @@ def build(rows: Sequence[tuple[str, dict[str, Any]]], templated: pa.Table, param
         calls: list[Call] = []
         for cat, spec in params.categories.items():
             missing = params.target_per_category - kept[cat]
-            room = params.max_calls_per_category - made[cat]
+            room = call_cap(params, cat) - made[cat]
             n = min(room, int(math.ceil(missing * params.oversample))) if missing > 0 and orders[cat] else 0
             calls += plan_calls(cat, spec, orders[cat], made[cat], n, round_no, template, params, teacher_id)
             made[cat] += n

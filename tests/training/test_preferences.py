@@ -115,10 +115,13 @@ def test_constraint_is_one_the_chosen_answer_keeps_and_counting_finds_it_broken(
     assert many.broken_by(" ".join(["word"] * 21)) == "21 words > 20"
 
 
-def test_escalation_rewrites_start_only_from_answers_with_a_handoff_and_more():
+def test_escalation_rewrites_start_only_from_answers_with_a_handoff():
     assert [r["row_id"] for r in prefs.eligible("missing_escalation", ROWS)] == ["r2"]
-    only = [{**ROWS[0], "answer": "Contact support@example.com."}]
-    assert prefs.eligible("missing_escalation", only) == []  # nothing would be left without the handoff
+    only = [{**ROWS[0], "row_id": "r9", "answer": "Contact support@example.com."}]
+    # the teacher may rewrite a one-sentence handoff (into an answer that offers none) ...
+    assert [r["row_id"] for r in prefs.eligible("missing_escalation", only)] == ["r9"]
+    # ... but the templated fallback cannot: cutting the handoff would leave nothing
+    assert prefs.templated_edit("missing_escalation", only[0]["answer"], np.random.default_rng(0)) is None
     assert len(prefs.eligible("tone", ROWS)) == 3
 
 
@@ -208,6 +211,17 @@ def test_rounds_stop_at_the_call_budget_and_reruns_plan_the_same_calls():
     keys.clear()
     _build(params, run_calls, gates=gates)
     assert [k for ks in keys for k in ks] == first  # seeded: the same calls, so a rerun is all cache hits
+
+
+def test_a_category_may_have_its_own_call_cap():
+    gates = _gates()
+    gates["reward"] = Gate("reward", "never-present")
+    cats = _params().categories
+    params = _params(categories={"tone": cats["tone"].model_copy(update={"max_calls": 5}), "factuality":
+                                 cats["factuality"]}, max_calls_per_category=2, rounds=5, fallback_templated=False)
+    result = _build(params, _teacher(), gates=gates)
+    assert result.metrics["tone"]["calls"] == 5 and result.metrics["factuality"]["calls"] <= 2
+    assert prefs.call_cap(params, "tone") == 5 and prefs.call_cap(params, "factuality") == 2
 
 
 def test_reward_margins_per_category():
