@@ -38,16 +38,18 @@ $(LLAMACPP_STAMP): $(STAMP)
 
 install-llamacpp: $(LLAMACPP_STAMP)
 
-## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first);
+## Run the whole pipeline on the embedded demo seed (PROFILE=ci or PROFILE=cosmosqa applies profiles/<name>.yaml first;
+## STAGE=<stage> runs only that stage and what it needs, e.g. `make repro PROFILE=collapse STAGE=collapse`);
 ## the code fingerprints first (fingerprints/<stage>.json, committed: commit them with the code that changed them),
 ## `refinery check` (params, models, seed input: before DVC removes any output), then dvc repro, with
 ## the wall time of each stage printed at the end (.refinery/stage_times.json).
 PROFILE ?=
+STAGE ?=
 repro: install
 	@if [ -n "$(PROFILE)" ]; then refinery profile apply $(PROFILE); fi
 	dvc repro --single-item fingerprint
 	refinery check
-	python tools/timed_repro.py
+	python tools/timed_repro.py $(STAGE)
 
 ## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included), with llama.cpp
 ## built first so the `serve: llama.cpp` tests run against real servers (they skip, saying why, where it is absent).

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("stages.validate:cli", "Validate the assembled datasets; exit non-zero with one line per failed check."),
     "train": ("stages.train:cli", "Fine-tune the student with LoRA on one dataset; keep the best val-loss adapter."),
     "evaluate": ("stages.evaluate:cli", "Score one model (adapter or untuned base) on the human test split."),
+    "collapse": ("stages.collapse:cli",
+                 "Replace vs accumulate: generations of students trained on their predecessor's answers."),
     "report": ("stages.report:cli", "Write reports/report.md and its plots from the metrics files."),
     "review": ("stages.review:cli", "Write the static review page and the human-review sample export."),
     "diff": ("refinery.inspect.diff:cli", "Row-level diff of every dataset between two revisions (table, Markdown, JSON)."),
