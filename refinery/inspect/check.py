@@ -32,6 +32,7 @@ SECTIONS: dict[str, str] = {
     "validate": "stages.validate:ValidateParams",
     "train": "stages.train:TrainParams",
     "evaluate": "stages.evaluate:EvaluateParams",
+    "collapse": "stages.collapse:CollapseParams",
     "report": "stages.report:ReportParams",
     "review": "stages.review:ReviewParams",
     "raft": "stages.raft:RaftParams",
