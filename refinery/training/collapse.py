@@ -8,8 +8,8 @@ Each generation fine-tunes the untuned student afresh (a new LoRA adapter) with 
 answers the human test split. Shumailov et al. 2024 ("AI models collapse when trained on recursively generated
 data", Nature 631) show rare knowledge vanishing under replacement; Gerstgrasser et al. 2024 ("Is Model Collapse
 Inevitable?", arXiv 2404.01413) show accumulation avoiding it. Per generation this module measures, on the human
-test split: token F1, factual accuracy on the verifiable items, answer diversity (distinct-2, embedding spread) and
-the share of rare-intent and rare-cluster test items answered right.
+test split: token F1, factual accuracy on the verifiable items, answer diversity (distinct-2, embedding spread),
+and on the rare-intent and rare-cluster test items their F1 and the share answered right (F1 >= ``correct_f1``).
 """
 
 from __future__ import annotations
@@ -120,20 +120,25 @@ def measure(rows: Sequence[dict[str, Any]], embed: Embed) -> dict[str, Any]:
 
     preds = [r["prediction"] for r in rows]
     verifiable = [r["factual_correct"] for r in rows if r["factual_verifiable"]]
-    rare_i = [r["correct"] for r in rows if r["rare_intent"]]
-    rare_c = [r["correct"] for r in rows if r["rare_cluster"]]
+    rare_i = [r for r in rows if r["rare_intent"]]
+    rare_c = [r for r in rows if r["rare_cluster"]]
     vecs = np.asarray(embed([p or " " for p in preds]), dtype=np.float64)
 
     def share(xs: list) -> float | None:
         return round(sum(bool(x) for x in xs) / len(xs), 4) if xs else None
+
+    def f1(xs: list[dict[str, Any]]) -> float | None:
+        return round(float(np.mean([r["f1"] for r in xs])), 4) if xs else None
 
     return {"test_rows": len(rows), "f1": round(float(np.mean([r["f1"] for r in rows])), 4) if rows else None,
             "correct_share": share([r["correct"] for r in rows]),
             "factual_items": len(verifiable), "factual_accuracy": share(verifiable),
             "distinct_2": round(distinct_n(preds, 2), 4), "embedding_spread": round(spread(vecs), 4),
             "empty_answers": sum(1 for p in preds if not p.strip()),
-            "rare_intent_items": len(rare_i), "rare_intent_correct_share": share(rare_i),
-            "rare_cluster_items": len(rare_c), "rare_cluster_correct_share": share(rare_c)}
+            "rare_intent_items": len(rare_i), "rare_intent_f1": f1(rare_i),
+            "rare_intent_correct_share": share([r["correct"] for r in rare_i]),
+            "rare_cluster_items": len(rare_c), "rare_cluster_f1": f1(rare_c),
+            "rare_cluster_correct_share": share([r["correct"] for r in rare_c])}
 
 
 def compare(answers: pa.Table, a: str, b: str, *, n: int, ci: float, seed: int) -> dict[str, Any]:
@@ -167,9 +172,9 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Any, note: str | None = 
         plt.close(fig)
         return
     panels = [("f1", "token F1"), ("factual_accuracy", "factual accuracy (verifiable items)"),
-              ("distinct_2", "distinct-2 of answers"), ("rare_intent_correct_share", "rare-intent items right"),
+              ("distinct_2", "distinct-2 of answers"), ("rare_intent_f1", "token F1 on rare-intent items"),
               ("embedding_spread", "embedding spread of answers"),
-              ("rare_cluster_correct_share", "rare-cluster items right")]
+              ("rare_cluster_f1", "token F1 on rare-cluster items")]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), dpi=100)
     for ax, (key, title) in zip(axes.flat, panels):
         for arm, points in curves.items():

@@ -78,6 +78,7 @@ def test_measure_and_compare_count_what_they_say():
     assert m["f1"] == 0.65 and m["correct_share"] == 0.75
     assert m["factual_items"] == 2 and m["factual_accuracy"] == 1.0
     assert m["rare_intent_items"] == 2 and m["rare_intent_correct_share"] == 0.5
+    assert m["rare_intent_f1"] == 0.5 and m["rare_cluster_f1"] == 0.8
     assert m["rare_cluster_correct_share"] == 1.0 and m["empty_answers"] == 0
     r = _rows("replace-g1", [0.0, 0.0, 1.0, 0.0], [True, True, False, False])
     table = pa.Table.from_pylist(a + r, schema=schema.ANSWERS_ARROW)
