@@ -177,6 +177,7 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     for r in rows:
         covered.setdefault(r["doc_id"], []).append((r["evidence_start"], r["evidence_end"]))
     used_spans: set[tuple[str, int, int]] = set()  # answer_first sentences already taken
+    targeted: dict[str, list[tuple[int, int]]] = {}  # coverage: per document, the windows earlier calls were given
     for name in strat.MIX_STRATEGIES:
         n = per_round[0].get(name, 0)
         if not n:
@@ -196,10 +197,14 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                 if doc_windows is None:
                     doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
                 fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
-                if params.allocation == "coverage":
-                    seen = covered.get(doc["doc_id"], [])
-                    fresh = [w for w in fresh if not any(w[0] < e and b < w[1] for b, e in seen)] or fresh
+                if params.allocation == "coverage":  # passages no seed row covers, and of them those no earlier
+                    seen = covered.get(doc["doc_id"], [])  # call was given (the budget spreads over the gaps)
+                    gaps = [w for w in fresh if not any(w[0] < e and b < w[1] for b, e in seen)]
+                    untaken = [w for w in gaps if w not in targeted.get(doc["doc_id"], [])]
+                    fresh = untaken or gaps or fresh
                 span = fresh[int(rng.integers(len(fresh)))]
+                if params.allocation == "coverage":
+                    targeted.setdefault(doc["doc_id"], []).append(span)
             elif s.passage == "span":
                 span = _answer_span(doc, covered.get(doc["doc_id"], []), used_spans, rng) or span
             shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []

@@ -196,6 +196,29 @@ def test_coverage_allocation_takes_parents_from_every_cluster_smallest_first(tab
         plan(train, documents, templates(), p, "fake@1")
 
 
+def test_coverage_allocation_spreads_new_questions_over_the_passages_no_seed_row_covers(tables):
+    import pyarrow.compute as pc
+
+    from stages.generate import _windows
+
+    documents, train = tables
+    # d2 gets four more sentences no seed row quotes: five one-sentence passages uncovered, five calls on d2
+    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+    texts["d2"] += " Extra fact one is here. Extra fact two is here. Extra fact three is here. Extra fact four."
+    documents = documents.set_column(documents.column_names.index("text"), "text",
+                                     pa.array([texts[d] for d in documents.column("doc_id").to_pylist()]))
+    train = train.filter(pc.equal(train.column("doc_id"), "d2"))
+    seed = [(r["evidence_start"], r["evidence_end"]) for r in train.to_pylist()]
+    gaps = [w for w in _windows(texts["d2"], 1) if not any(w[0] < e and b < w[1] for b, e in seed)]
+    p = params(budget=len(gaps), strategy_mix={"new_question": 1.0}, allocation="coverage", window_sentences=1)
+    planned, _ = plan(train, documents, templates(), p, "fake@1", {r: 0 for r in train.column("row_id").to_pylist()})
+    # every call gets a passage no seed row covers, and no passage twice while another is still untaken
+    assert len(gaps) == 5 and sorted(x.span for x in planned) == sorted(gaps)
+    p = params(budget=len(gaps) + 2, strategy_mix={"new_question": 1.0}, allocation="coverage", window_sentences=1)
+    planned, _ = plan(train, documents, templates(), p, "fake@1", {r: 0 for r in train.column("row_id").to_pylist()})
+    assert set(x.span for x in planned) == set(gaps)  # then the gaps again
+
+
 def test_rare_expansion_spends_factor_times_the_lacking_rows_with_an_intent_aware_prompt(tables):
     from collections import Counter
 
