@@ -88,6 +88,20 @@ def _windows(text: str, size: int) -> list[tuple[int, int]]:
     return [(spans[i][0], spans[min(i + size, len(spans)) - 1][1]) for i in range(0, max(len(spans) - size + 1, 1))]
 
 
+def uncovered_windows(eligible: list[dict[str, Any]], docs: dict[str, dict[str, Any]],
+                      covered: dict[str, list[tuple[int, int]]], targeted: dict[str, list[tuple[int, int]]],
+                      window_sentences: int, rng: np.random.Generator) -> list[tuple[str, tuple[int, int]]]:
+    """Coverage allocation: (doc_id, window) for every passage window of the eligible rows' documents, cut as the
+    coverage audit cuts them, that no seed evidence span and no earlier call touches, in a seeded order."""
+    from refinery.seed.coverage import overlapping, passage_windows
+
+    out = []
+    for d in sorted({r["doc_id"] for r in eligible}):
+        taken = covered.get(d, []) + targeted.get(d, [])
+        out += [(d, w) for w in passage_windows(docs[d]["text"], window_sentences) if not overlapping(w, taken)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
 _FACT = re.compile(r"\d|(?<=\S )[A-Z][\w&'-]+")  # a number, or a capitalised word after the first: a name
 ANSWER_SPAN_WORDS = (6, 60)  # an answer_first sentence's words, at least and at most
 
@@ -133,8 +147,10 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     ``allocation: plain`` draws each strategy's parents in a seeded random order. ``allocation: coverage`` (needs
     ``cluster_of``, seed row_id -> cluster, from the coverage stage) orders them least-covered first
     (:func:`refinery.seed.coverage.priority_order`: one row of each cluster in turn, smallest cluster first, the
-    rarest intent first within one), and a new_question call takes a passage window no seed evidence touches
-    whenever its document has one. The budget-ratio strategy mix is the same under both.
+    rarest intent first within one); a new_question call goes passage first: each call takes a passage window
+    (cut as the coverage audit cuts them) that no seed evidence and no earlier call touches, in a seeded order, with a
+    seed row of its document as the parent, until no such window is left; then the parents' order decides again.
+    The budget-ratio strategy mix is the same under both.
 
     Args:
         train: human train rows (split contract).
@@ -178,6 +194,7 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
         covered.setdefault(r["doc_id"], []).append((r["evidence_start"], r["evidence_end"]))
     used_spans: set[tuple[str, int, int]] = set()  # answer_first sentences already taken
     targeted: dict[str, list[tuple[int, int]]] = {}  # coverage: per document, the windows earlier calls were given
+    gap_calls: Counter[str] = Counter()  # coverage: calls given a passage no seed row covers, per strategy
     for name in strat.MIX_STRATEGIES:
         n = per_round[0].get(name, 0)
         if not n:
@@ -188,11 +205,28 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
             order = priority_order(eligible, cluster_of or {}, rng)
         else:
             order = [eligible[i] for i in rng.permutation(len(eligible))]
+        gaps = (uncovered_windows(eligible, docs, covered, targeted, params.window_sentences, rng)
+                if params.allocation == "coverage" and s.passage == "window" else [])
+        of_doc: dict[str, list[dict]] = {}
+        for r in order:
+            of_doc.setdefault(r["doc_id"], []).append(r)
+        uses: Counter[str] = Counter()
         for k in range(n):
-            parent, sample_index = order[k % len(order)], k // len(order)
+            gap = gaps[k] if k < len(gaps) else None  # coverage: passage first, then a seed row of its document
+            if gap is not None:
+                mates = of_doc[gap[0]]
+                parent = mates[uses[gap[0]] % len(mates)]
+                sample_index = uses[gap[0]] // len(mates)
+                uses[gap[0]] += 1
+            else:
+                parent, sample_index = order[k % len(order)], k // len(order)
             doc = docs[parent["doc_id"]]
             span = (parent["evidence_start"], parent["evidence_end"])
-            if s.passage == "window":
+            if gap is not None:
+                span = gap[1]
+                targeted.setdefault(doc["doc_id"], []).append(span)
+                gap_calls[name] += 1
+            elif s.passage == "window":
                 doc_windows = windows.get(doc["doc_id"])
                 if doc_windows is None:
                     doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
@@ -217,6 +251,7 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
             key = cache_key(teacher_id, tpl.ref, request, sample_index)
             planned.append(Planned(Job(request, key), name, parent, span, sample_index, tpl.ref))
     metrics = {"budget": params.budget, "seed_rows": len(rows), "eligible_seed_rows": len(eligible),
+               "uncovered_passage_calls": dict(sorted(gap_calls.items())),
                "skipped_stale_rows": len(rows) - len(eligible), "ratio": round(ratio, 4),
                "mix": {k: round(v, 4) for k, v in mix.items()}, "mix_source": "param" if params.strategy_mix else
                "budget_ratio", "calls_planned": dict(sorted(counts.items())), "evol_rounds": params.evol_rounds,

@@ -211,9 +211,11 @@ def test_coverage_allocation_spreads_new_questions_over_the_passages_no_seed_row
     seed = [(r["evidence_start"], r["evidence_end"]) for r in train.to_pylist()]
     gaps = [w for w in _windows(texts["d2"], 1) if not any(w[0] < e and b < w[1] for b, e in seed)]
     p = params(budget=len(gaps), strategy_mix={"new_question": 1.0}, allocation="coverage", window_sentences=1)
-    planned, _ = plan(train, documents, templates(), p, "fake@1", {r: 0 for r in train.column("row_id").to_pylist()})
+    planned, metrics = plan(train, documents, templates(), p, "fake@1",
+                            {r: 0 for r in train.column("row_id").to_pylist()})
     # every call gets a passage no seed row covers, and no passage twice while another is still untaken
     assert len(gaps) == 5 and sorted(x.span for x in planned) == sorted(gaps)
+    assert metrics["uncovered_passage_calls"] == {"new_question": 5}
     p = params(budget=len(gaps) + 2, strategy_mix={"new_question": 1.0}, allocation="coverage", window_sentences=1)
     planned, _ = plan(train, documents, templates(), p, "fake@1", {r: 0 for r in train.column("row_id").to_pylist()})
     assert set(x.span for x in planned) == set(gaps)  # then the gaps again
