@@ -232,7 +232,9 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                     doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
                 fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
                 if params.allocation == "coverage":  # passages no seed row covers, and of them those no earlier
-                    seen = covered.get(doc["doc_id"], [])  # call was given (the budget spreads over the gaps)
+                    # call was given. Reusing the name gaps is safe: this branch runs only once k is past the end
+                    # of the passage-first list, which holds every document's gaps, so never fewer than these
+                    seen = covered.get(doc["doc_id"], [])
                     gaps = [w for w in fresh if not any(w[0] < e and b < w[1] for b, e in seen)]
                     untaken = [w for w in gaps if w not in targeted.get(doc["doc_id"], [])]
                     fresh = untaken or gaps or fresh

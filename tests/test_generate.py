@@ -219,6 +219,10 @@ def test_coverage_allocation_spreads_new_questions_over_the_passages_no_seed_row
     p = params(budget=len(gaps) + 2, strategy_mix={"new_question": 1.0}, allocation="coverage", window_sentences=1)
     planned, _ = plan(train, documents, templates(), p, "fake@1", {r: 0 for r in train.column("row_id").to_pylist()})
     assert set(x.span for x in planned) == set(gaps)  # then the gaps again
+    p = params(budget=3 * len(gaps), strategy_mix={"new_question": 1.0}, allocation="coverage", window_sentences=1)
+    planned, metrics = plan(train, documents, templates(), p, "fake@1",
+                            {r: 0 for r in train.column("row_id").to_pylist()})
+    assert len(planned) == 15 and metrics["uncovered_passage_calls"] == {"new_question": 5}
 
 
 def test_rare_expansion_spends_factor_times_the_lacking_rows_with_an_intent_aware_prompt(tables):
