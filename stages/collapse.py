@@ -53,8 +53,8 @@ def collapse_core(train: pa.Table, val: pa.Table, test: pa.Table, documents: dic
     """
     from refinery.training import collapse as col
     from schemas import collapse as schema
-    from stages.evaluate import evaluate_core
-    from stages.train import train_core
+    from refinery.training.evaluation import evaluate_core
+    from refinery.training.finetune import train_core
 
     train_s = col.sample(train, params.train_rows, params.seed)
     test_s = col.sample(test, params.test_rows, params.seed + 1)
@@ -205,7 +205,7 @@ def cli(params_file: str, train_file: str, val_file: str, test_file: str, docume
         return
     from refinery.models.embed import Embedder
     from refinery.models.resolve import load_target
-    from stages.evaluate import EvaluateParams
+    from refinery.training.evaluation import EvaluateParams
 
     train_params = load_section(params_file, "train", TrainParams)
     eval_params = load_section(params_file, "evaluate", EvaluateParams)

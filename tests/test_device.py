@@ -43,7 +43,7 @@ def test_the_recorded_device_is_where_the_parameters_are():
 def test_params_accept_only_known_devices():
     from pydantic import ValidationError
 
-    from stages.evaluate import EvaluateParams
+    from refinery.training.evaluation import EvaluateParams
 
     base = {"max_new_tokens": 8, "batch_size": 2, "threads": 1, "bertscore_layers": 2, "bertscore_batch_size": 2,
             "factual_min_facts": 1}

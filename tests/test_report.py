@@ -27,7 +27,7 @@ ANSWERS = {"base": ["No idea.", "Somewhere.", "Daily.", "Word."],
 
 
 def predictions(model: str) -> pa.Table:
-    from stages.evaluate import score_rows
+    from refinery.training.evaluation import score_rows
 
     test = pa.table({"row_id": [r[0] for r in ROWS], "qa_id": [r[0] for r in ROWS], "doc_id": ["d"] * len(ROWS),
                      "question": [r[1] for r in ROWS], "answer": [r[2] for r in ROWS]})
@@ -35,7 +35,7 @@ def predictions(model: str) -> pa.Table:
 
 
 def eval_metrics(model: str, table: pa.Table) -> dict:
-    from stages.evaluate import summarise
+    from refinery.training.evaluation import summarise
 
     return summarise(table, name=model, model_id=f"local:student+{model}", bert_info={"model": "local:minilm@abc",
                                                                                        "num_layers": 6}, extra={})
