@@ -233,6 +233,51 @@ def test_the_local_engine_with_one_unit_per_gate_is_the_engineless_gate_run():
     assert_same_rows(plain, engine)
 
 
+class CountingEngine(LocalEngine):
+    """A local engine that records each pass: per job, its gates and whether it is a cascade."""
+
+    def __init__(self, block_rows):
+        super().__init__(block_rows, quiet=True)
+        self.passes = []
+
+    def judge(self, jobs, gates, recipe=None):
+        self.passes.append([(job.names, job.cascade) for job in jobs])
+        return super().judge(jobs, gates, recipe)
+
+
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_a_cascade_is_one_engine_pass_per_run_of_row_by_row_gates_and_equals_gate_by_gate(block_rows):
+    # given generated rows in cascade mode and planted rows in full mode
+    from refinery.gates.registry import CASCADE
+    from refinery.gates.run import GateRequest, compares_rows, gate_tables
+
+    recipe, gates, synthetic, planted = recipe_and_gates()
+    engine = CountingEngine(block_rows)
+    # when both are gated
+    gated, _ = gate_tables([GateRequest(synthetic, "cascade"), GateRequest(planted, "full", by="injection_kind")],
+                           gates, engine=engine, recipe=recipe)
+    # then the engine ran two passes: the planted rows with the gates before dedup, then every gate after it
+    cut = [i for i, n in enumerate(CASCADE) if compares_rows(n)]
+    assert cut == [1]
+    assert [names for names, _ in engine.passes[0]][1:] == [CASCADE[:1]]
+    assert engine.passes[1] == [(CASCADE[2:], True)]
+    assert len(engine.passes) == 2
+    # and with one unit per gate (block_rows None) the verdicts are those of gates applied one after another
+    if block_rows is None:
+        _, fresh, _, _ = recipe_and_gates()
+        standing = np.arange(synthetic.num_rows)
+        for name in CASCADE:
+            v = fresh[name].apply(synthetic.take(pa.array(standing)))
+            keep = gated.column(f"{name}_keep").to_pylist()
+            score = gated.column(f"{name}_score").to_pylist()
+            assert [keep[i] for i in standing] == v.keep, name
+            assert [score[i] for i in standing] == v.score, name
+            assert all(keep[i] is None for i in set(range(synthetic.num_rows)) - set(standing.tolist())), name
+            standing = standing[np.asarray(v.keep, bool)]
+        assert gated.column("gate_keep").to_pylist() == [i in set(standing.tolist())
+                                                        for i in range(synthetic.num_rows)]
+
+
 def test_units_change_model_scores_in_their_last_bits_so_both_engines_must_share_them():
     # given call-size-sensitive doubles (as padded batches are)
     from refinery.gates.run import run_gates

@@ -3,7 +3,9 @@
 A *unit* is what makes the two engines agree to the last bit: a model's score for a row depends on the other rows
 in its call (length-sorted, padded batches), so both engines call every gate once per unit, on the same rows in
 the same order, and nothing else. Units are consecutive runs of at most ``block_rows`` rows, within each value of
-a grouping column where there is one (planted rows are judged one injection kind at a time).
+a grouping column where there is one (planted rows are judged one injection kind at a time). In a cascade job a
+unit's gates run in order, each on the unit's rows that every earlier gate kept (:func:`judge_unit`), so one pass
+of the engine (one pool of workers, models loaded once per worker) runs a whole run of cascade gates.
 """
 
 from __future__ import annotations
@@ -26,11 +28,17 @@ class GateJob:
         rows: the rows to judge.
         names: the gates to apply (each judges rows independently: no gate that compares rows with each other).
         by: a column whose values split the rows into separate calls (``injection_kind``), or None.
+        cascade: apply the names in order, each only to the rows of its unit that every earlier name kept.
     """
 
     rows: pa.Table
     names: tuple[str, ...]
     by: str | None = None
+    cascade: bool = False
+
+
+# One gate's verdicts on the rows of a job it judged: their positions in the job's rows (ascending) and verdicts.
+Judged = tuple[np.ndarray, Verdicts]
 
 
 class GateRecipe(Protocol):
@@ -52,8 +60,8 @@ class Engine(Protocol):
     block_rows: int | None
 
     def judge(self, jobs: Sequence[GateJob], gates: dict[str, Gate], recipe: GateRecipe | None = None
-              ) -> list[dict[str, Verdicts]]:
-        """Return, per job, every named gate's verdicts on every row of the job (row order)."""
+              ) -> list[dict[str, Judged]]:
+        """Return, per job, every named gate's verdicts on the rows it judged (every row, outside a cascade)."""
         ...
 
     def map_blocks(self, fn: Any, table: pa.Table, *args: Any) -> list[Any]:
@@ -117,6 +125,64 @@ def scatter(n: int, parts: Sequence[tuple[np.ndarray, Verdicts]]) -> Verdicts:
     if not seen.all():
         raise ValueError(f"{int((~seen).sum())} rows were judged in no unit")
     return Verdicts(keep, score, reason)
+
+
+def judge_unit(rows: pa.Table, names: Sequence[str], gate_of: Any, cascade: bool) -> pa.Table:
+    """Apply gates to one unit's rows; return their verdict columns, null where a gate did not judge a row.
+
+    Args:
+        rows: the unit's rows.
+        names: the gates, in order.
+        gate_of: name -> the built gate.
+        cascade: each gate judges only the rows every earlier gate kept (otherwise every gate every row).
+    """
+    n = rows.num_rows
+    standing = np.arange(n, dtype=np.int64)
+    cols: dict[str, pa.Array] = {}
+    for name in names:
+        v = gate_of(name).apply(take(rows, standing)) if len(standing) else Verdicts([], [], [])
+        keep: list[bool | None] = [None] * n
+        score: list[float | None] = [None] * n
+        reason: list[str | None] = [None] * n
+        for j, i in enumerate(standing.tolist()):
+            keep[i], score[i], reason[i] = v.keep[j], v.score[j], v.reason[j]
+        cols.update({f"{name}_keep": pa.array(keep, pa.bool_()), f"{name}_score": pa.array(score, pa.float64()),
+                     f"{name}_reason": pa.array(reason, pa.string())})
+        if cascade:
+            standing = standing[np.asarray(v.keep, bool)] if len(standing) else standing
+    return pa.table(cols)
+
+
+def gather(n: int, parts: Sequence[tuple[np.ndarray, pa.Table]], names: Sequence[str], cascade: bool
+           ) -> dict[str, Judged]:
+    """Put each unit's verdict columns (:func:`judge_unit`) back at the job's row positions, gate by gate.
+
+    Args:
+        n: the job's row count.
+        parts: per unit, its rows' positions in the job and its verdict columns.
+        names: the job's gates.
+        cascade: the job is a cascade (a gate judged only some rows); otherwise every row must be judged once.
+
+    Raises:
+        ValueError: outside a cascade, the units do not cover each of the n rows exactly once.
+    """
+    out: dict[str, Judged] = {}
+    for name in names:
+        pieces = []
+        for idx, table in parts:
+            mine = np.asarray([k is not None for k in table.column(f"{name}_keep").to_pylist()], bool)
+            pieces.append((idx[mine], verdicts_of(table.filter(pa.array(mine, pa.bool_())), name)))
+        if not cascade:
+            out[name] = (np.arange(n, dtype=np.int64), scatter(n, pieces))
+            continue
+        idx = np.concatenate([i for i, _ in pieces]) if pieces else np.zeros(0, np.int64)
+        keep = [k for _, v in pieces for k in v.keep]
+        score = [x for _, v in pieces for x in v.score]
+        reason = [r for _, v in pieces for r in v.reason]
+        o = np.argsort(idx, kind="stable").tolist()
+        out[name] = (idx[o].astype(np.int64), Verdicts([keep[i] for i in o], [score[i] for i in o],
+                                                       [reason[i] for i in o]))
+    return out
 
 
 def verdict_table(v: Verdicts, name: str) -> pa.Table:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from refinery.engine.base import GateJob, GateRecipe, scatter, take, units
-from refinery.gates.base import Gate, Verdicts
+from refinery.engine.base import GateJob, GateRecipe, Judged, gather, judge_unit, take, units
+from refinery.gates.base import Gate
 
 
 class LocalEngine:
@@ -26,23 +26,20 @@ class LocalEngine:
         self.block_rows, self.quiet = block_rows, quiet
 
     def judge(self, jobs: Sequence[GateJob], gates: dict[str, Gate], recipe: GateRecipe | None = None
-              ) -> list[dict[str, Verdicts]]:
+              ) -> list[dict[str, Judged]]:
         from refinery.core.progress import progress
 
         plans = [units(job.rows, self.block_rows, job.by) for job in jobs]
-        total = sum(job.rows.num_rows * len(job.names) for job in jobs)
-        bar = progress(total, "gate", "verdict", enabled=not self.quiet and total > 0, file=sys.stderr)
+        total = sum(job.rows.num_rows for job in jobs)
+        bar = progress(total, "gate", "row", enabled=not self.quiet and total > 0, file=sys.stderr)
         out = []
         try:
             for job, plan in zip(jobs, plans):
-                per: dict[str, Verdicts] = {}
-                for name in job.names:
-                    parts = []
-                    for idx in plan:
-                        parts.append((idx, gates[name].apply(take(job.rows, idx))))
-                        bar.update(len(idx))
-                    per[name] = scatter(job.rows.num_rows, parts)
-                out.append(per)
+                parts = []
+                for idx in plan:
+                    parts.append((idx, judge_unit(take(job.rows, idx), job.names, gates.__getitem__, job.cascade)))
+                    bar.update(len(idx))
+                out.append(gather(job.rows.num_rows, parts, job.names, job.cascade))
         finally:
             bar.close()
         return out

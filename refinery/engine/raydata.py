@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from refinery.core.errors import RefineryError
-from refinery.engine.base import GateJob, GateRecipe, scatter, take, units, verdict_table, verdicts_of
-from refinery.gates.base import Gate, Verdicts
+from refinery.engine.base import GateJob, GateRecipe, Judged, gather, judge_unit, take, units
+from refinery.gates.base import Gate
 
 # what workers must see as the driver does (offline model loading, tokenizer threads, the shared datasets)
 _ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME", "REFINERY_SHARED")
@@ -77,24 +77,22 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-def _judge_units(batch: pa.Table, names_by_job: Sequence[Sequence[str]], gate_of: Callable[[str], Gate]) -> pa.Table:
-    """Apply each unit's gates to its rows; return (unit, verdicts as IPC) per unit."""
+def _judge_units(batch: pa.Table, jobs: Sequence[tuple[tuple[str, ...], bool]], gate_of: Callable[[str], Gate]
+                 ) -> pa.Table:
+    """Judge each unit of the batch with its job's gates (names, cascade); return (unit, verdicts as IPC) per unit."""
     out = []
     for data, job in zip(batch.column("rows").to_pylist(), batch.column("job").to_pylist()):
-        rows = from_ipc(data)
-        cols: dict[str, pa.Array] = {}
-        for name in names_by_job[job]:
-            cols.update(gate_of(name).apply(rows).to_columns(name))
-        out.append(to_ipc(pa.table(cols)))
+        names, cascade = jobs[job]
+        out.append(to_ipc(judge_unit(from_ipc(data), names, gate_of, cascade)))
     return pa.table({"unit": batch.column("unit"), "result": pa.array(out, pa.large_binary())})
 
 
 class _GateWorker:
     """A Ray Data actor: builds the gates (and loads their models) once, then judges every unit it is given."""
 
-    def __init__(self, recipe: GateRecipe, names_by_job: Sequence[Sequence[str]], code: str):
+    def __init__(self, recipe: GateRecipe, jobs: Sequence[tuple[tuple[str, ...], bool]], code: str):
         check_code(code)
-        self.recipe, self.names_by_job = recipe, names_by_job
+        self.recipe, self.jobs = recipe, jobs
         self.models: Any = None
         self.gates: dict[str, Gate] = {}
 
@@ -106,10 +104,11 @@ class _GateWorker:
         return self.gates[name]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _judge_units(batch, self.names_by_job, self._gate)
+        return _judge_units(batch, self.jobs, self._gate)
 
 
-def _judge_task(batch: pa.Table, recipe: GateRecipe, names_by_job: Sequence[Sequence[str]], code: str) -> pa.Table:
+def _judge_task(batch: pa.Table, recipe: GateRecipe, jobs: Sequence[tuple[tuple[str, ...], bool]], code: str
+                ) -> pa.Table:
     """A Ray Data task for gates without a model (cheap to build per block)."""
     check_code(code)
     built: dict[str, Gate] = {}
@@ -119,7 +118,7 @@ def _judge_task(batch: pa.Table, recipe: GateRecipe, names_by_job: Sequence[Sequ
             built.update(recipe.build([name]))
         return built[name]
 
-    return _judge_units(batch, names_by_job, gate_of)
+    return _judge_units(batch, jobs, gate_of)
 
 
 def _map_task(batch: pa.Table, fn: Callable[..., pa.Table], args: tuple, code: str) -> pa.Table:
@@ -276,8 +275,9 @@ class RayEngine:
         return {"compute": strategy, "num_cpus": self.params.cpus_per_worker}
 
     def judge(self, jobs: Sequence[GateJob], gates: dict[str, Gate], recipe: GateRecipe | None = None
-              ) -> list[dict[str, Verdicts]]:
-        """Judge every job's rows unit by unit on the cluster (see :class:`refinery.engine.base.Engine`)."""
+              ) -> list[dict[str, Judged]]:
+        """Judge every job's rows unit by unit on the cluster (see :class:`refinery.engine.base.Engine`): one
+        Ray Data pass for all jobs, so one pool of workers that load their models once."""
         if recipe is None:
             raise RefineryError("the ray engine needs a gate recipe to build the gates on its workers")
         plan: list[tuple[int, np.ndarray]] = []
@@ -286,24 +286,20 @@ class RayEngine:
             for idx in units(job.rows, self.block_rows, job.by):
                 tables.append(self._unit_table(len(plan), j, take(job.rows, idx)))
                 plan.append((j, idx))
-        names_by_job = [tuple(job.names) for job in jobs]
+        specs = [(tuple(job.names), job.cascade) for job in jobs]
         results: dict[int, pa.Table] = {}
         if plan:
-            stateful = recipe.needs_model([n for names in names_by_job for n in names])
-            args = dict(fn_constructor_args=(recipe, names_by_job, code_digest())) if stateful else \
-                dict(fn_args=(recipe, names_by_job, code_digest()))
+            stateful = recipe.needs_model([n for names, _ in specs for n in names])
+            args = dict(fn_constructor_args=(recipe, specs, code_digest())) if stateful else \
+                dict(fn_args=(recipe, specs, code_digest()))
             udf = _GateWorker if stateful else _judge_task
             for unit, data in self._run(tables, "gate (ray)", [len(i) for _, i in plan], fn=udf, **args,
                                         **self._compute(stateful, len(plan))):
                 results[unit] = from_ipc(data)
         if len(results) != len(plan):
             raise RefineryError(f"ray engine: {len(plan) - len(results)} of {len(plan)} gate units never came back")
-        out = []
-        for j, job in enumerate(jobs):
-            mine = [(u, idx) for u, (jj, idx) in enumerate(plan) if jj == j]
-            out.append({name: scatter(job.rows.num_rows, [(idx, verdicts_of(results[u], name)) for u, idx in mine])
-                        for name in job.names})
-        return out
+        return [gather(job.rows.num_rows, [(idx, results[u]) for u, (jj, idx) in enumerate(plan) if jj == j],
+                       job.names, job.cascade) for j, job in enumerate(jobs)]
 
     def map_blocks(self, fn: Callable[..., pa.Table], table: pa.Table, *args: Any) -> list[pa.Table]:
         """Return ``[fn(block, *args) for block in blocks]`` computed in Ray tasks, in block order."""

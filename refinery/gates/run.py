@@ -86,7 +86,12 @@ def run_gates(rows: pa.Table, gates: dict[str, Gate], mode: str = "full", *, eng
 
 def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: Engine | None = None,
                 recipe: GateRecipe | None = None) -> list[pa.Table]:
-    """Gate several tables: every full-mode request in one pass of the engine, cascade ones gate by gate.
+    """Gate several tables in as few passes of the engine as the cascade allows.
+
+    The cascade order is cut into runs of gates that judge rows one by one, split by the gates that compare rows
+    (dedup, judged whole here). Each run is one engine pass over every cascade request's rows still standing
+    (a cascade job: within a unit each gate judges the rows every earlier gate kept); the full-mode requests
+    (every parallel gate on every row) join the first pass. Each pass is one pool of workers on the Ray engine.
 
     Returns:
         One gated table per request (see :func:`run_gates`).
@@ -107,32 +112,56 @@ def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: 
         return scatter(rows.num_rows, [(idx, gates[name].apply(take(rows, idx))) for idx in units(rows, None, by)])
 
     parallel = tuple(n for n in GATES if not compares_rows(n))
-    full = [r for r in requests if r.mode == "full"]
-    judged = iter(engine.judge([GateJob(r.rows, parallel, r.by) for r in full], gates, recipe) if full else [])
-    out = []
-    for r in requests:
-        n = r.rows.num_rows
-        if r.mode == "full":
-            verdicts = next(judged)
-            every = np.arange(n)
-            results = {name: (every, verdicts[name] if name in verdicts else whole(name, r.rows, r.by))
-                       for name in GATES}
-            out.append(_assemble(r.rows, results, GATES))
+    full = [i for i, r in enumerate(requests) if r.mode == "full"]
+    cascading = [i for i, r in enumerate(requests) if r.mode == "cascade"]
+    results: dict[int, dict[str, tuple[np.ndarray, Verdicts]]] = {i: {} for i in range(len(requests))}
+    standing = {i: np.ones(requests[i].rows.num_rows, bool) for i in cascading}
+    pending_full = bool(full)
+    for run in _runs(CASCADE) if cascading else [()]:
+        if len(run) == 1 and compares_rows(run[0]):
+            for i in cascading:
+                idx = np.flatnonzero(standing[i])
+                v = whole(run[0], take(requests[i].rows, idx), None) if len(idx) else Verdicts([], [], [])
+                results[i][run[0]] = (idx, v)
+                standing[i][idx] &= np.asarray(v.keep, bool)
             continue
-        keep_all = np.ones(n, bool)
-        results = {}
-        for name in CASCADE:
-            idx = np.flatnonzero(keep_all)
-            sub = take(r.rows, idx)
-            if not len(idx):
-                v = Verdicts([], [], [])
-            elif compares_rows(name):
-                v = whole(name, sub, None)
-            else:
-                v = engine.judge([GateJob(sub, (name,))], gates, recipe)[0][name]
-            results[name] = (idx, v)
-            keep_all[idx] &= np.asarray(v.keep, bool)
-        out.append(_assemble(r.rows, results, CASCADE))
+        jobs, owners = [], []
+        if pending_full:
+            jobs += [GateJob(requests[i].rows, parallel, requests[i].by) for i in full]
+            owners += [(i, None) for i in full]
+            pending_full = False
+        for i in cascading if run else []:
+            idx = np.flatnonzero(standing[i])
+            jobs.append(GateJob(take(requests[i].rows, idx), run, cascade=True))
+            owners.append((i, idx))
+        for (i, idx), judged in zip(owners, engine.judge(jobs, gates, recipe) if jobs else []):
+            for name, (local, v) in judged.items():
+                at = local if idx is None else idx[local]
+                results[i][name] = (at, v)
+                if idx is not None:
+                    standing[i][at] &= np.asarray(v.keep, bool)
+    out = []
+    for i, r in enumerate(requests):
+        if r.mode == "full":
+            every = np.arange(r.rows.num_rows)
+            res = {name: results[i][name] if name in results[i] else (every, whole(name, r.rows, r.by))
+                   for name in GATES}
+            out.append(_assemble(r.rows, res, GATES))
+        else:
+            out.append(_assemble(r.rows, results[i], CASCADE))
+    return out
+
+
+def _runs(order: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Cut a gate order into runs of gates that judge rows one by one, each gate that compares rows on its own."""
+    out: list[tuple[str, ...]] = []
+    for name in order:
+        if compares_rows(name):
+            out.append((name,))
+        elif out and not compares_rows(out[-1][0]):
+            out[-1] += (name,)
+        else:
+            out.append((name,))
     return out
 
 
