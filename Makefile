@@ -51,9 +51,10 @@ repro: install
 	refinery check
 	python tools/timed_repro.py $(STAGE)
 
-## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included), with llama.cpp
-## built first so the `serve: llama.cpp` tests run against real servers (they skip, saying why, where it is absent).
-test: install install-llamacpp test-tools
+## Run the test suite (CI runs exactly this: every test, the slow and end-to-end ones included). llama.cpp is not
+## built here: compiling it would push a fresh-machine CI run past 45 minutes; the `serve: llama.cpp` tests run
+## against real servers where `make install-llamacpp` was run, and skip, saying why, elsewhere.
+test: install test-tools
 	python -m pytest
 
 ## The inner loop: every test but the slow ones (a real model or server) and the end-to-end dvc repro runs.

@@ -17,8 +17,11 @@ DIR's own code (``PYTHONPATH=DIR``): rebuild DIR after changing the code, or cop
 
 Prints both wall times, their ratio (target: Ray within 1.3x of local) and whether every output file is equal
 byte for byte (accepted, rejected, injected Parquet and thresholds.json; the metrics files too). With
+``--reference dvc`` only the Ray run is made, and its outputs are compared with the project's own gate outputs
+(``data/04_gated``, ``metrics/gate*.json``, made by ``dvc repro`` with the local engine; no ratio then). With
 ``--check`` it exits 1 when any output differs, naming the first differing cell (tests/test_engine_ray.py runs
-it that way on the ci profile). Figures are printed, never asserted.
+it that way, ``--reference dvc``, on the ci project the end-to-end tests reproduce). Figures are printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -158,9 +161,11 @@ def first_difference(a: Path, b: Path) -> str | None:
 @click.option("--rows", type=int, default=None, help="Gate this many generated rows (default: the profile's own).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Ray workers (local cluster).")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Runs per engine; the fastest is printed.")
+@click.option("--reference", type=click.Choice(["local", "dvc"]), default="local", show_default=True,
+              help="What Ray's outputs are compared with: a local run here, or the project's own dvc outputs.")
 @click.option("--check", is_flag=True, help="Exit 1 when the two engines' outputs differ.")
 def main(project: Path | None, build_dir: Path | None, rows: int | None, workers: int, repeats: int,
-         check: bool) -> None:
+         reference: str, check: bool) -> None:
     if build_dir is not None:
         build(build_dir.resolve())
         project = project or build_dir
@@ -172,25 +177,35 @@ def main(project: Path | None, build_dir: Path | None, rows: int | None, workers
     synthetic = None
     if rows is not None:
         synthetic = enlarge(project / "data" / "03_generated" / "synthetic.parquet", work / "synthetic.parquet", rows)
-    times: dict[str, list[float]] = {"local": [], "ray": []}
+    if reference == "dvc" and rows is not None:
+        raise click.UsageError("--reference dvc compares with the project's own rows: leave out --rows")
+    kinds = ("local", "ray") if reference == "local" else ("ray",)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(repeats):
-        for kind in ("local", "ray"):  # alternated, so both see the same background load on average
+        for kind in kinds:  # alternated, so both see the same background load on average
             times[kind].append(time_gate(project, work / kind, kind, workers, synthetic))
             click.echo(f"run {r + 1}/{repeats} {kind}: {times[kind][-1]:.1f} s", err=True)
-    diffs = [d for f in OUTPUTS if (d := first_difference(work / "local" / "out" / f, work / "ray" / "out" / f))]
-    diffs += [d for f in ("gate.json", "gate_injection.json")
-              if (d := first_difference(work / "local" / f, work / "ray" / f))]
-    local, ray = min(times["local"]), min(times["ray"])
+    if reference == "local":
+        ref_out, ref_metrics = work / "local" / "out", {f: work / "local" / f for f in ("gate.json", "gate_injection.json")}
+    else:
+        ref_out, ref_metrics = project / "data" / "04_gated", {f: project / "metrics" / f
+                                                               for f in ("gate.json", "gate_injection.json")}
+    diffs = [d for f in OUTPUTS if (d := first_difference(ref_out / f, work / "ray" / "out" / f))]
+    diffs += [d for f, path in ref_metrics.items() if (d := first_difference(path, work / "ray" / f))]
+    local, ray = min(times.get("local") or [float("nan")]), min(times["ray"])
     import pyarrow.parquet as pq
 
     n = pq.read_metadata(synthetic or project / "data" / "03_generated" / "synthetic.parquet").num_rows
     planted = pq.read_metadata(project / "data" / "03_generated" / "injected.parquet").num_rows
     block_rows = yaml.safe_load((project / "params.yaml").read_text())["engine"]["block_rows"]
     click.echo(json.dumps({"generated_rows": n, "planted_rows": planted, "block_rows": block_rows,
-                           "ray_workers": workers, "local_s": round(local, 1), "ray_s": round(ray, 1),
-                           "ray_over_local": round(ray / local, 3), "outputs_equal": not diffs}))
+                           "ray_workers": workers, "local_s": round(local, 1) if local == local else None,
+                           "ray_s": round(ray, 1), "ray_over_local": round(ray / local, 3) if local == local else None,
+                           "reference": reference, "outputs_equal": not diffs}))
+    against = "the local run" if reference == "local" else "the project's dvc outputs"
     click.echo(f"gate stage: local {local:.1f} s, Ray ({workers} workers) {ray:.1f} s: ratio {ray / local:.2f} "
-               f"(target <= 1.3); outputs {'equal byte for byte' if not diffs else 'DIFFER: ' + diffs[0]}")
+               f"(target <= 1.3); outputs {'equal byte for byte' if not diffs else 'DIFFER: ' + diffs[0]} "
+               f"(against {against})")
     if check and diffs:
         sys.exit(1)
 

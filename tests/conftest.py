@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,21 @@ def smol_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2_fp32")
     resolve.convert_gguf(gguf, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ci_project(tmp_path_factory) -> Path:
+    """A fresh copy of the project with the ``ci`` profile after a full ``dvc repro`` (once per session; tests
+    that use it leave its outputs as the repro made them)."""
+    import time
+
+    from tests.ci_project import ci_clone, run
+
+    a = ci_clone(tmp_path_factory.mktemp("clone") / "a")
+    t0 = time.perf_counter()
+    run([sys.executable, "-m", "dvc", "repro"], a)
+    print(f"ci project: dvc repro {time.perf_counter() - t0:.0f} s")
+    return a
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,44 +13,16 @@ import pytest
 import yaml
 
 from refinery.generation.teacher import GenerationCache
+from tests.ci_project import ci_clone
+from tests.ci_project import run as _run
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 
 
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def fresh_clone(dest: Path) -> Path:
-    """Copy what git would clone (tracked + untracked, not ignored) into a new git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone"]):
-        _run(cmd, dest)
-    return dest
-
-
 def lock_outs(repo: Path) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
-
-
-def ci_clone(dest: Path) -> Path:
-    """A fresh clone with the tiny `ci` profile applied (as `make repro PROFILE=ci` does)."""
-    fresh_clone(dest)
-    _run([sys.executable, "-m", "refinery.cli", "profile", "apply", "ci"], dest)
-    return dest
 
 
 def stage_outs(repo: Path) -> dict[str, dict[str, str]]:
@@ -74,18 +45,8 @@ def leftovers(repo: Path) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def run_a(tmp_path_factory) -> Path:
-    """Clone A of the ci profile after a full `dvc repro`."""
-    a = ci_clone(tmp_path_factory.mktemp("clone") / "a")
-    t0 = time.perf_counter()
-    _run([sys.executable, "-m", "dvc", "repro"], a)
-    print(f"clone a: dvc repro {time.perf_counter() - t0:.0f} s")
-    return a
-
-
-def test_repro_on_two_fresh_clones_is_byte_identical_and_a_rerun_is_a_no_op(run_a, tmp_path):
-    a = run_a
+def test_repro_on_two_fresh_clones_is_byte_identical_and_a_rerun_is_a_no_op(ci_project, tmp_path):
+    a = ci_project
     # the demo went through provision -> ingest -> split
     split = json.loads((a / "metrics" / "split.json").read_text())
     ingest = json.loads((a / "metrics" / "ingest.json").read_text())
@@ -183,8 +144,8 @@ def _after(seconds: float):
     return ready
 
 
-def test_kill_9_during_teacher_training_and_gate_stages_resumes_to_the_same_outputs(run_a):
-    a = run_a
+def test_kill_9_during_teacher_training_and_gate_stages_resumes_to_the_same_outputs(ci_project):
+    a = ci_project
     recorded = stage_outs(a)
     cache = a / ".refinery" / "cache" / "teacher.sqlite"
     gen = json.loads((a / "metrics" / "generate.json").read_text())
