@@ -26,7 +26,8 @@ from refinery.engine.base import GateJob, GateRecipe, Judged, gather, judge_unit
 from refinery.gates.base import Gate
 
 # what workers must see as the driver does (offline model loading, tokenizer threads, the shared datasets)
-_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME", "REFINERY_SHARED")
+_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME", "REFINERY_SHARED",
+        "OMP_WAIT_POLICY")
 _INSTALL = "pip install -c constraints.txt 'ray[data]==2.60.0' (make install does)"
 
 
@@ -210,8 +211,10 @@ class RayEngine:
 
             # the driver's own code travels to the workers (a copy already on a worker's path comes first there,
             # so each worker checks it runs the driver's code: check_code)
+            # workers share their node's cores with each other (and, on a local cluster, with this process):
+            # idle OpenMP threads sleep instead of spinning (scores do not depend on it; the thread count does)
             env = {"py_modules": [str(Path(refinery.__file__).parent), str(Path(schemas.__file__).parent)],
-                   "env_vars": {k: os.environ[k] for k in _ENV if k in os.environ}}
+                   "env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **{k: os.environ[k] for k in _ENV if k in os.environ}}}
             if p.address not in (None, "local", "auto"):
                 _probe(p.address)
             try:

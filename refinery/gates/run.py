@@ -91,7 +91,8 @@ def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: 
     The cascade order is cut into runs of gates that judge rows one by one, split by the gates that compare rows
     (dedup, judged whole here). Each run is one engine pass over every cascade request's rows still standing
     (a cascade job: within a unit each gate judges the rows every earlier gate kept); the full-mode requests
-    (every parallel gate on every row) join the first pass. Each pass is one pool of workers on the Ray engine.
+    (every parallel gate on every row) join the last pass, the one with the model gates, so on the Ray engine
+    the models are loaded by one pool of workers and the passes before it are light tasks.
 
     Returns:
         One gated table per request (see :func:`run_gates`).
@@ -116,8 +117,9 @@ def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: 
     cascading = [i for i, r in enumerate(requests) if r.mode == "cascade"]
     results: dict[int, dict[str, tuple[np.ndarray, Verdicts]]] = {i: {} for i in range(len(requests))}
     standing = {i: np.ones(requests[i].rows.num_rows, bool) for i in cascading}
-    pending_full = bool(full)
-    for run in _runs(CASCADE) if cascading else [()]:
+    runs = _runs(CASCADE) if cascading else [()]
+    last = max(k for k, run in enumerate(runs) if not (len(run) == 1 and compares_rows(run[0])))
+    for k, run in enumerate(runs):
         if len(run) == 1 and compares_rows(run[0]):
             for i in cascading:
                 idx = np.flatnonzero(standing[i])
@@ -126,10 +128,9 @@ def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: 
                 standing[i][idx] &= np.asarray(v.keep, bool)
             continue
         jobs, owners = [], []
-        if pending_full:
+        if k == last:
             jobs += [GateJob(requests[i].rows, parallel, requests[i].by) for i in full]
             owners += [(i, None) for i in full]
-            pending_full = False
         for i in cascading if run else []:
             idx = np.flatnonzero(standing[i])
             jobs.append(GateJob(take(requests[i].rows, idx), run, cascade=True))
