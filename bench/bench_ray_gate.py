@@ -186,10 +186,11 @@ def main(project: Path | None, build_dir: Path | None, rows: int | None, workers
             times[kind].append(time_gate(project, work / kind, kind, workers, synthetic))
             click.echo(f"run {r + 1}/{repeats} {kind}: {times[kind][-1]:.1f} s", err=True)
     if reference == "local":
-        ref_out, ref_metrics = work / "local" / "out", {f: work / "local" / f for f in ("gate.json", "gate_injection.json")}
+        ref_out = work / "local" / "out"
+        ref_metrics = {f: work / "local" / f for f in ("gate.json", "gate_injection.json")}
     else:
-        ref_out, ref_metrics = project / "data" / "04_gated", {f: project / "metrics" / f
-                                                               for f in ("gate.json", "gate_injection.json")}
+        ref_out = project / "data" / "04_gated"
+        ref_metrics = {f: project / "metrics" / f for f in ("gate.json", "gate_injection.json")}
     diffs = [d for f in OUTPUTS if (d := first_difference(ref_out / f, work / "ray" / "out" / f))]
     diffs += [d for f, path in ref_metrics.items() if (d := first_difference(path, work / "ray" / f))]
     local, ray = min(times.get("local") or [float("nan")]), min(times["ray"])

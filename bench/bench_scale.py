@@ -4,7 +4,7 @@ Usage:
     python bench/bench_scale.py --rows 10000 100000            # the #22 scale benchmark (minutes)
     python bench/bench_scale.py --rows 2000 --model-sample 0   # smoke mode (tests/test_bench_scale.py)
     options: [--concurrency 256] [--latency-s 0] [--model-sample 200] [--gate-mode full|cascade]
-             [--recover-share 0.1] [--engine local|ray] [--seed 0] [--profile] [--keep DIR]
+             [--recover-share 0.1] [--seed 0] [--profile] [--keep DIR]
 
 For each size N it builds inputs at scale, deterministic by ``--seed`` (``bench/scale_data.py``: ~N/4 human train
 rows on ~N/40 documents, val and test splits on other documents, AI-contaminated rows and DPO pairs), starts a mock
@@ -33,6 +33,10 @@ size, the ratio of time and of RSS per stage, and the #22 targets (every non-mod
 100,000 rows, peak RSS < 6 GB). ``--profile`` writes a cProfile of each stage (``<keep>/<rows>/<stage>.prof``)
 and prints its top functions. Figures are printed, never asserted. The 2 cores are shared by the server, the
 stage and whatever else runs: take figures from a quiet machine, and compare ratios within one run.
+
+Every stage runs on the local engine: the gate and recover cores build stand-in model gates in this process,
+which Ray workers (they import refinery and schemas, not bench/) cannot build, so this benchmark has no Ray mode;
+``bench/bench_ray_gate.py [--rows N]`` compares the Ray engine with the local one on the real gate stage.
 """
 
 from __future__ import annotations
@@ -179,16 +183,6 @@ def print_profile(path: Path, top: int = 10) -> None:
     del width
 
 
-def check_engine(engine: str) -> None:
-    """Fail with one line when ``--engine ray`` names an engine this checkout does not have yet."""
-    if engine == "local":
-        return
-    import importlib.util
-
-    if importlib.util.find_spec("refinery.engine") is None:
-        raise SystemExit("bench_scale: --engine ray: this checkout has no refinery.engine (the Ray engine) yet")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000], help="generated rows per run")
@@ -202,8 +196,6 @@ def main() -> None:
     ap.add_argument("--gate-mode", choices=["full", "cascade"], default="full")
     ap.add_argument("--recover-share", type=float, default=0.1,
                     help="recovery budget per method: this share of rejected rows x recover.max_attempts calls")
-    ap.add_argument("--engine", choices=["local", "ray"], default="local",
-                    help="engine of the row-parallel stages (ray: needs refinery.engine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     ap.add_argument("--port", type=int, default=0,
                     help="the mock teacher's port (0: a free one); the teacher's id, and so every cache key and "
@@ -220,7 +212,6 @@ def main() -> None:
     if args.child:
         child(args.child, Path(args.workdir), json.loads(args.child_args))
         return
-    check_engine(args.engine)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the mock server (finally below)
@@ -236,7 +227,7 @@ def main() -> None:
     results: dict[int, dict[str, dict[str, Any]]] = {}
     rates: dict[str, Any] | None = None
     print(f"scale benchmark: rows {', '.join(f'{n:,}' for n in args.rows)}; mock teacher at {url} (mean latency "
-          f"{mean:g} s, concurrency {args.concurrency}); gate mode {args.gate_mode}; engine {args.engine}; "
+          f"{mean:g} s, concurrency {args.concurrency}); gate mode {args.gate_mode}; local engine; "
           f"{os.cpu_count()} CPUs, shared by the server and the stage")
     try:
         for rows in args.rows:

@@ -301,6 +301,41 @@ def test_critique_revise_revises_drafts_that_break_a_rule_and_fails_closed_on_an
     assert metrics["constitution"] == constitution.ref
 
 
+def test_a_failed_critique_call_fails_the_draft_closed_and_a_failed_revision_keeps_its_error(tables):
+    from refinery.generation.critique import load_constitution
+    from stages.generate import critique_revise
+
+    documents, train = tables
+    p = params(budget=2, strategy_mix={"critique_revise": 1.0})
+    planned, _ = plan(train, documents, templates(), p, "fake@1")
+    drafts = to_rows(planned, [GenResult(f" Draft answer number {i}.", "stop", 1, 1, 0.1) for i in range(2)],
+                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    constitution = load_constitution(PROMPTS / "constitution.txt")
+    critic, reviser = load_template(PROMPTS / "critique.txt"), load_template(PROMPTS / "revise.txt")
+
+    def run_calls(jobs, desc):  # draft 0's critique names rule 2; draft 1's critique call fails
+        return [GenResult("2", "stop", 1, 1, 0.1) if "Answer: Draft answer number 0." in j.request.prompt
+                else GenResult("", "error", 1, 0, 0.1, error="transport_timeout: read timed out") for j in jobs]
+
+    def execute(more, desc):  # the revision call fails too
+        return to_rows(more, [GenResult("", "error", 1, 0, 0.1, error="transport_timeout: read timed out")],
+                       documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+
+    out, chains, metrics = critique_revise(drafts, train, templates(), critic, reviser, constitution, p, "fake@1",
+                                           run_calls, execute)
+    by_outcome = {c["outcome"]: c for c in chains.to_pylist()}
+    assert set(by_outcome) == {"critique_failed", "revise_failed"}
+    rows = {r["row_id"]: r for r in out.to_pylist()}
+    # the draft whose critique failed is kept with that reason (never passed on unchecked)
+    failed = rows[by_outcome["critique_failed"]["row_id"]]
+    assert failed["parse_error"] == "critique_failed" and failed["answer"] == "Draft answer number 1."
+    # the revision that failed is the row (not the draft), with the call's error, so the gates reject it
+    revision = rows[by_outcome["revise_failed"]["row_id"]]
+    assert revision["error"] is not None and revision["error"].startswith("transport_timeout")
+    assert by_outcome["revise_failed"]["rule"] == 2 and by_outcome["revise_failed"]["revision"] is None
+    assert metrics["outcomes"] == {"critique_failed": 1, "revise_failed": 1}
+
+
 @pytest.mark.parametrize("text, rule", [("3", 3), (" Rule 2.", 2), ("0 - none", 0), ("The answer breaks rule 3", None),
                                         ("9", None), ("", None), ("yes", None)])
 def test_critique_is_parsed_strictly(text, rule):
