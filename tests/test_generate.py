@@ -262,17 +262,24 @@ def test_rare_classes_fall_back_to_question_types_without_intents():
     assert rare_classes(rows, min_rows=3, factor=5) == {"wh_who": {"seed_rows": 1, "lacking": 2, "calls": 10}}
 
 
-def test_critique_revise_revises_drafts_that_break_a_rule_and_fails_closed_on_an_unparseable_critique(tables):
+def critique_drafts(tables, n: int):
+    """n critique_revise drafts ("Draft answer number i."), the params, the constitution and both templates."""
     from refinery.generation.critique import load_constitution
+
+    documents, train = tables
+    p = params(budget=n, strategy_mix={"critique_revise": 1.0})
+    planned, _ = plan(train, documents, templates(), p, "fake@1")
+    drafts = to_rows(planned, [GenResult(f" Draft answer number {i}.", "stop", 1, 1, 0.1) for i in range(n)],
+                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
+    constitution = load_constitution(PROMPTS / "constitution.txt")
+    return drafts, p, constitution, load_template(PROMPTS / "critique.txt"), load_template(PROMPTS / "revise.txt")
+
+
+def test_critique_revise_revises_drafts_that_break_a_rule_and_fails_closed_on_an_unparseable_critique(tables):
     from stages.generate import critique_revise
 
     documents, train = tables
-    p = params(budget=3, strategy_mix={"critique_revise": 1.0})
-    planned, _ = plan(train, documents, templates(), p, "fake@1")
-    drafts = to_rows(planned, [GenResult(f" Draft answer number {i}.", "stop", 1, 1, 0.1) for i in range(3)],
-                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
-    constitution = load_constitution(PROMPTS / "constitution.txt")
-    critic, reviser = load_template(PROMPTS / "critique.txt"), load_template(PROMPTS / "revise.txt")
+    drafts, p, constitution, critic, reviser = critique_drafts(tables, 3)
     verdicts = {"Draft answer number 0.": "3", "Draft answer number 1.": "0", "Draft answer number 2.": "it is fine"}
 
     def run_calls(jobs, desc):
@@ -302,16 +309,10 @@ def test_critique_revise_revises_drafts_that_break_a_rule_and_fails_closed_on_an
 
 
 def test_a_failed_critique_call_fails_the_draft_closed_and_a_failed_revision_keeps_its_error(tables):
-    from refinery.generation.critique import load_constitution
     from stages.generate import critique_revise
 
     documents, train = tables
-    p = params(budget=2, strategy_mix={"critique_revise": 1.0})
-    planned, _ = plan(train, documents, templates(), p, "fake@1")
-    drafts = to_rows(planned, [GenResult(f" Draft answer number {i}.", "stop", 1, 1, 0.1) for i in range(2)],
-                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
-    constitution = load_constitution(PROMPTS / "constitution.txt")
-    critic, reviser = load_template(PROMPTS / "critique.txt"), load_template(PROMPTS / "revise.txt")
+    drafts, p, constitution, critic, reviser = critique_drafts(tables, 2)
 
     def run_calls(jobs, desc):  # draft 0's critique names rule 2; draft 1's critique call fails
         return [GenResult("2", "stop", 1, 1, 0.1) if "Answer: Draft answer number 0." in j.request.prompt
