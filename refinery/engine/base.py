@@ -185,13 +185,8 @@ def gather(n: int, parts: Sequence[tuple[np.ndarray, pa.Table]], names: Sequence
     return out
 
 
-def verdict_table(v: Verdicts, name: str) -> pa.Table:
-    """Return a gate's verdicts as a table (``<name>_keep/_score/_reason``), to ship between processes."""
-    return pa.table(v.to_columns(name))
-
-
 def verdicts_of(table: pa.Table, name: str) -> Verdicts:
-    """Read a gate's verdicts back from :func:`verdict_table`."""
+    """Read a gate's verdicts back from its ``<name>_keep/_score/_reason`` columns (:meth:`Verdicts.to_columns`)."""
     return Verdicts(table.column(f"{name}_keep").to_pylist(), table.column(f"{name}_score").to_pylist(),
                     table.column(f"{name}_reason").to_pylist())
 

@@ -118,7 +118,8 @@ def gate_tables(requests: list[GateRequest], gates: dict[str, Gate], *, engine: 
     results: dict[int, dict[str, tuple[np.ndarray, Verdicts]]] = {i: {} for i in range(len(requests))}
     standing = {i: np.ones(requests[i].rows.num_rows, bool) for i in cascading}
     runs = _runs(CASCADE) if cascading else [()]
-    last = max(k for k, run in enumerate(runs) if not (len(run) == 1 and compares_rows(run[0])))
+    # (no run of row-by-row gates at all: the full-mode requests are judged gate by gate below, whole)
+    last = max((k for k, run in enumerate(runs) if not (len(run) == 1 and compares_rows(run[0]))), default=-1)
     for k, run in enumerate(runs):
         if len(run) == 1 and compares_rows(run[0]):
             for i in cascading:
