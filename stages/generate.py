@@ -248,7 +248,7 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
                       "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]]}
             prompt = tpl.render(values, shot_values(shot_rows))
             request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
                                  seed=call_seed(params.seed, parent["row_id"], name, sample_index))
             key = cache_key(teacher_id, tpl.ref, request, sample_index)
             planned.append(Planned(Job(request, key), name, parent, span, sample_index, tpl.ref))
@@ -329,7 +329,7 @@ def plan_rare(eligible: list[dict[str, Any]], docs: dict[str, dict[str, Any]], t
                       "negatives": "\n".join(f"- {q}" for q in negatives) or "(none)"}
             prompt = tpl.render(values, shot_values(shots))
             request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
                                  seed=call_seed(params.seed, parent["row_id"], "rare_intent", sample_index, k))
             key = cache_key(teacher_id, tpl.ref, request, sample_index)
             planned.append(Planned(Job(request, key), "rare_intent", parent, span, sample_index, tpl.ref))
@@ -373,7 +373,7 @@ def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, temp
                       "evidence": parent["evidence"], "passage": parent["evidence"]}
             prompt = tpl.render(values, shot_values(shot_rows))
             request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
                                  seed=call_seed(params.seed, parent["row_id"], name, sample_index, "round", round_no))
             key = cache_key(teacher_id, tpl.ref, request, sample_index)
             planned.append(Planned(Job(request, key), name, parent, span, sample_index, tpl.ref, lineage))
@@ -422,7 +422,7 @@ def critique_revise(table: pa.Table, train: pa.Table, templates: dict[str, Templ
             prompt = reviser.render({"rule": constitution.rule(rule), "passage": d["evidence"],
                                      "question": d["question"], "answer": d["answer"]})
             request = GenRequest(prompt=prompt, max_new_tokens=params.max_new_tokens.answer,
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop,
+                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
                                  seed=call_seed(params.seed, d["row_id"], "revise"))
             parent = seeds[d["parent_ids"][0]]
             revise.append(Planned(Job(request, cache_key(teacher_id, reviser.ref, request, d["sample_index"])),

@@ -19,7 +19,9 @@ class Strategy:
     states a fact, chosen as the answer) or 'around' (the parent's evidence with the sentence before and
     after). token_budget: the max_new_tokens key used. answer_from: where a 'question' strategy's answer
     comes from: 'parent' (the parent row's answer) or 'span' (the passage span itself, verbatim: the answer
-    is in the source text by construction, and the rules gate checks it stays so).
+    is in the source text by construction, and the rules gate checks it stays so). require: a field marker the
+    completion must reach (``GenRequest.require``): a 'qa' completion must reach its ``Answer:`` line, since a
+    small teacher often ends its turn, or starts another example, right after the question.
     """
 
     name: str
@@ -28,23 +30,25 @@ class Strategy:
     token_budget: str
     stop: tuple[str, ...]
     answer_from: str = "parent"
+    require: str = ""
 
 
 _QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
+_QA_REQUIRE = "Answer:"
 _LINE_STOP = ("\n\n", "\nQuestion:", "\nAnswer:", "\nRewritten:")
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("answer_augmentation", "answer", "evidence", "answer", ("\n",)),
     Strategy("question_rephrasing", "question", "evidence", "question", ("\n",)),
-    Strategy("new_question", "qa", "window", "qa", _QA_STOP),
-    Strategy("evol_depth", "qa", "evidence", "qa", _QA_STOP),
-    Strategy("evol_breadth", "qa", "evidence", "qa", _QA_STOP),
+    Strategy("new_question", "qa", "window", "qa", _QA_STOP, require=_QA_REQUIRE),
+    Strategy("evol_depth", "qa", "evidence", "qa", _QA_STOP, require=_QA_REQUIRE),
+    Strategy("evol_breadth", "qa", "evidence", "qa", _QA_STOP, require=_QA_REQUIRE),
     # Evol-Instruct's third direction: the same facts, cleaner phrasing, no AI-isms
-    Strategy("evol_denoise", "qa", "evidence", "qa", _QA_STOP),
+    Strategy("evol_denoise", "qa", "evidence", "qa", _QA_STOP, require=_QA_REQUIRE),
     # verifiable from gold context: the answer is a sentence of the document; the teacher writes its question
     Strategy("answer_first", "question", "span", "question", ("\n",), answer_from="span"),
     # targeted rare-class expansion (generate.rare_expansion): a new row of a rare intent, from the passage around
     # the evidence of a seed row of that intent, with an intent-aware prompt
-    Strategy("rare_intent", "qa", "around", "qa", _QA_STOP),
+    Strategy("rare_intent", "qa", "around", "qa", _QA_STOP, require=_QA_REQUIRE),
     # constitutional critique -> revise (refinery/generation/critique.py): a draft answer to the seed question (this
     # strategy's template), a critique naming the rule it breaks, a revision (prompts/revise.txt) that follows it
     Strategy("critique_revise", "answer", "evidence", "answer", ("\n",)),
