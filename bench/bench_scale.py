@@ -3,8 +3,9 @@
 Usage:
     python bench/bench_scale.py --rows 10000 100000            # the #22 scale benchmark (minutes)
     python bench/bench_scale.py --rows 2000 --model-sample 0   # smoke mode (tests/test_bench_scale.py)
+    python bench/bench_scale.py --rows 10000 100000 --engine ray   # the same on the Ray engine (2 local workers)
     options: [--concurrency 256] [--latency-s 0] [--model-sample 200] [--gate-mode full|cascade]
-             [--recover-share 0.1] [--seed 0] [--profile] [--keep DIR]
+             [--recover-share 0.1] [--seed 0] [--engine local|ray] [--profile] [--keep DIR]
 
 For each size N it builds inputs at scale, deterministic by ``--seed`` (``bench/scale_data.py``: ~N/4 human train
 rows on ~N/40 documents, val and test splits on other documents, AI-contaminated rows and DPO pairs), starts a mock
@@ -34,9 +35,14 @@ size, the ratio of time and of RSS per stage, and the #22 targets (every non-mod
 and prints its top functions. Figures are printed, never asserted. The 2 cores are shared by the server, the
 stage and whatever else runs: take figures from a quiet machine, and compare ratios within one run.
 
-Every stage runs on the local engine: the gate and recover cores build stand-in model gates in this process,
-which Ray workers (they import refinery and schemas, not bench/) cannot build, so this benchmark has no Ray mode;
-``bench/bench_ray_gate.py [--rows N]`` compares the Ray engine with the local one on the real gate stage.
+``--engine ray`` sets ``engine.kind: ray`` (``engine.workers`` workers on a local cluster each stage starts, as
+``dvc repro`` does without an ``engine.address``): generate answers its teacher batches in Ray actors, the gate
+stage's row-by-row gates run as Ray Data units (the stand-ins built on the workers from :class:`StandInRecipe`,
+which Ray ships by value from this script, so the workers need not import bench/), validate runs its per-row
+checks in Ray tasks; recover, assemble and the model-gate sample stay in the stage's process (recover has no Ray
+path). On Ray, a stage's wall time holds the cluster's start, and its CPU seconds and RSS are the stage
+process's only, not its workers'. ``bench/bench_ray_gate.py [--rows N]`` compares the two engines on the real
+gate stage, with the real model gates.
 """
 
 from __future__ import annotations
@@ -74,8 +80,9 @@ NOISE = ("Unclosed client session", "client_session: <aiohttp", "Unclosed connec
 # the parent: inputs, server, one subprocess per stage, the tables
 # ------------------------------------------------------------------------------------------------------------------
 
-def bench_params(rows: int, gate_mode: str) -> dict[str, Any]:
-    """The project's params.yaml with the benchmark's settings: budget = rows, bounds set (no model calibrates)."""
+def bench_params(rows: int, gate_mode: str, engine: str = "local") -> dict[str, Any]:
+    """The project's params.yaml with the benchmark's settings: budget = rows, bounds set (no model calibrates),
+    the engine named."""
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -88,6 +95,7 @@ def bench_params(rows: int, gate_mode: str) -> dict[str, Any]:
     gate["perplexity"]["max_perplexity"] = 100.0
     params["recover"]["injected_budget"] = 0
     params["validate"]["diversity"]["embedder"] = "hashing"
+    params["engine"]["kind"] = engine
     return params
 
 
@@ -197,6 +205,8 @@ def main() -> None:
     ap.add_argument("--recover-share", type=float, default=0.1,
                     help="recovery budget per method: this share of rejected rows x recover.max_attempts calls")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    ap.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="engine.kind of the generate, gate and validate stages (ray: a local cluster per stage)")
     ap.add_argument("--port", type=int, default=0,
                     help="the mock teacher's port (0: a free one); the teacher's id, and so every cache key and "
                          "generated row_id, holds it: give an earlier run's to reuse its teacher cache with --reuse")
@@ -227,7 +237,7 @@ def main() -> None:
     results: dict[int, dict[str, dict[str, Any]]] = {}
     rates: dict[str, Any] | None = None
     print(f"scale benchmark: rows {', '.join(f'{n:,}' for n in args.rows)}; mock teacher at {url} (mean latency "
-          f"{mean:g} s, concurrency {args.concurrency}); gate mode {args.gate_mode}; local engine; "
+          f"{mean:g} s, concurrency {args.concurrency}); gate mode {args.gate_mode}; {args.engine} engine; "
           f"{os.cpu_count()} CPUs, shared by the server and the stage")
     try:
         for rows in args.rows:
@@ -245,8 +255,8 @@ def main() -> None:
                 counts = build_inputs(rows, work / "in", args.seed)
                 print(f"\n== {rows:,} generated rows: inputs built in {time.perf_counter() - t0:.1f} s "
                       f"({', '.join(f'{k} {v:,}' for k, v in counts.items())})")
-            (work / "params.yaml").write_text(yaml.safe_dump(bench_params(rows, args.gate_mode), sort_keys=False),
-                                              encoding="utf-8")
+            params = bench_params(rows, args.gate_mode, args.engine)
+            (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
             provision_teacher(url, args.concurrency, work / "models")
             print(HEAD)
             results[rows] = {}
@@ -378,6 +388,25 @@ class Timed:
             self.seconds += time.perf_counter() - t0
 
 
+def _stand_in_recipe():
+    """The class of :class:`StandInRecipe`, made on first use (it subclasses refinery's ``GateRecipe``)."""
+    from dataclasses import dataclass
+
+    from refinery.gates.registry import BY_NAME
+    from refinery.gates.run import GateRecipe
+
+    @dataclass(frozen=True)
+    class StandInRecipe(GateRecipe):
+        """The gate recipe of the Ray engine's workers: the real non-model gates, :class:`StandInGate` for the
+        model gates (as :func:`bench_gates` builds them in the stage's process)."""
+
+        def build(self, names: Any, models: Any = None) -> dict[str, Any]:
+            real = super().build([n for n in names if not BY_NAME[n].needs_model])
+            return {n: real[n] if n in real else StandInGate(n, self.thresholds[n]) for n in names}
+
+    return StandInRecipe
+
+
 def bench_gates(thresholds: dict[str, Any], ctx) -> dict[str, Timed]:
     """The gate stage's gates built from thresholds: the real non-model gates, stand-ins for the model gates."""
     from refinery.gates.registry import SPECS
@@ -450,6 +479,7 @@ class Gate(Runner):
 
         from refinery.core.io import atomic_outputs, read_parquet
         from refinery.core.params import load_section
+        from refinery.engine.base import engine_of
         from refinery.gates.base import GateContext
         from refinery.gates.registry import GATES, SPECS
         from refinery.gates.run import GateParams, calibrate, judged_rows, reason_counts, run_gates
@@ -469,7 +499,14 @@ class Gate(Runner):
         ctx = GateContext(train, documents, None, p["gate_cache"], calib=val)
         thresholds = thresholds_schema.validate(calibrate(params, ctx), "calibrated thresholds")
         gates = bench_gates(thresholds, ctx)
-        gated = gated_schema.CONTRACT.validate(run_gates(synthetic, gates, params.mode), "gated synthetic rows")
+        engine = engine_of(p["params"])
+        with engine:
+            if engine.name == "local":  # one call per gate in this process, as before engines existed
+                gated = run_gates(synthetic, gates, params.mode)
+            else:  # the row-by-row gates on the engine's workers, built there from the recipe
+                recipe = _stand_in_recipe()(thresholds, train, documents, None, str(p["gate_cache"]))
+                gated = run_gates(synthetic, gates, params.mode, engine=engine, recipe=recipe)
+        gated = gated_schema.CONTRACT.validate(gated, "gated synthetic rows")
         keep = gated.column("gate_keep")
         accepted, rejected = gated.filter(keep), gated.filter(pc.invert(keep))
         judged = judged_rows(gated)
@@ -489,12 +526,13 @@ class Gate(Runner):
             kept = kept & pc.fill_null(col, False).to_numpy(zero_copy_only=False)
         per_gate = {g: round(t.seconds, 2) for g, t in gates.items()}
         stand_in = sum(gates[g].seconds for g in model)
+        seconds = (", ".join(f"{g} {s}" for g, s in per_gate.items() if g not in model)
+                   + f" (model gates: stand-ins, {stand_in:.2f} s)") if engine.name == "local" else \
+            f"dedup {per_gate['dedup']} (the other gates ran on the Ray workers)"
         return {"rows": gated.num_rows, "accepted": accepted.num_rows, "rejected": rejected.num_rows,
                 "kept_by_non_model": int(kept.sum()), "seed_rows": train.num_rows, "gate_seconds": per_gate,
-                "stand_in_s": stand_in,
-                "note": f"{accepted.num_rows:,} accepted, {rejected.num_rows:,} rejected; seconds per gate "
-                        + ", ".join(f"{g} {s}" for g, s in per_gate.items() if g not in model)
-                        + f" (model gates: stand-ins, {stand_in:.2f} s)"}
+                "stand_in_s": stand_in, "engine": engine.name,
+                "note": f"{accepted.num_rows:,} accepted, {rejected.num_rows:,} rejected; seconds per gate {seconds}"}
 
 
 class GateModels(Runner):

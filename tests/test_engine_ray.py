@@ -18,17 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from refinery.core.errors import ParamsError
 from refinery.core.params import parse_section
-from refinery.engine.base import GateJob, scatter, units
+from refinery.engine.base import scatter, units
 from refinery.engine.local import LocalEngine
 from refinery.engine.params import EngineParams
 from refinery.gates.base import GateContext, Verdicts
-from schemas.gated import GATES
 from tests.conftest import ROOT
 
 SEED = ROOT / "tests" / "data" / "tiny_seed"
@@ -149,7 +147,6 @@ def doubles():
 def seed_and_rows(copies: int = 3):
     """The tiny seed (train, documents) and generated + planted rows built from it (kinds, near copies, PII)."""
     from refinery.core.text import stable_id
-    from schemas.gated import INJECTED_ARROW  # noqa: F401  (the planted contract is checked by the stage)
     from schemas.injected import ARROW as INJECTED, INJECTION_FIELDS
     from tests.gates.conftest import rows as synthetic_rows
 
@@ -424,7 +421,12 @@ def test_ray_block_maps_and_teacher_batches_keep_their_order(ray_cluster):
     with RayEngine(ray_params(address, 7), quiet=True) as engine:
         blocks = engine.map_blocks(_double_x, table)
         batches = [[GenRequest(prompt=f"p{i}-{j}", seed=j) for j in range(3)] for i in range(5)]
-        got = dict(engine.generate_batches(FakeBackend(), batches))
+        backend = FakeBackend()
+        got = dict(engine.generate_batches(backend, batches))
+        actors = engine._teacher_pool(backend)
+        again = dict(engine.generate_batches(backend, batches[:2]))  # a later pass of the same stage
+        assert engine._teacher_pool(backend) is actors  # reuses the actors (and the teacher each one built)
+    assert [[r.text for r in again[i]] for i in range(2)] == [[r.text for r in got[i]] for i in range(2)]
     assert pa.concat_tables(blocks).column("y").to_pylist() == [2 * x for x in range(50)]
     want = [FakeBackend().generate(b) for b in batches]
     assert sorted(got) == list(range(5))

@@ -1,14 +1,17 @@
-"""Run gate units, teacher batches and block maps on a Ray cluster with Ray Data (the ``ray`` engine).
+"""Run gate units, teacher batches and block maps on a Ray cluster (the ``ray`` engine).
 
-Every piece of work is one Ray Data row holding one unit (its rows as Arrow IPC bytes, so a worker sees exactly the
-driver's schema and values) in a block of its own; ``map_batches`` runs it in an actor pool where a model is
-needed (each actor builds its gates and loads their models once, on its first unit) and in tasks otherwise.
-Results stream back to the driver, which puts each unit's verdicts at its rows' positions, or, for teacher calls,
-commits each batch to the SQLite cache as it arrives.
+Gate units and block maps run on Ray Data: every piece of work is one Ray Data row holding one unit (its rows as
+Arrow IPC bytes, so a worker sees exactly the driver's schema and values) in a block of its own; ``map_batches``
+runs it in an actor pool where a model is needed (each actor builds its gates and loads their models once, on its
+first unit) and in tasks otherwise. Results stream back to the driver, which puts each unit's verdicts at its
+rows' positions. Teacher batches run on Ray actors that live as long as the engine (a stage that calls its
+teacher in several passes, such as generate's rounds and critique chains, builds its teacher once per worker);
+the driver commits each batch to the SQLite cache as it arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -141,23 +144,20 @@ def request_of(d: dict[str, Any]) -> Any:
 
 
 class _TeacherWorker:
-    """A Ray Data actor: builds the teacher backend once, then answers each batch of requests it is given."""
+    """A Ray actor: builds the teacher backend once (on its first batch), then answers each batch it is given."""
 
     def __init__(self, backend: Any, code: str):
         check_code(code)
         self.backend = backend
         self.model: Any = None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def answer(self, requests: list[str]) -> list[str]:
+        """Answer one batch: ``GenRequest.as_dict()`` JSON in, ``GenResult`` JSON out, in order."""
         if self.model is None:
             b = self.backend
             self.model = b() if callable(b) and not hasattr(b, "generate") else b
-        out = []
-        for data in batch.column("rows").to_pylist():
-            requests = [request_of(json.loads(r)) for r in from_ipc(data).column("request").to_pylist()]
-            results = self.model.generate(requests)
-            out.append(to_ipc(pa.table({"result": [json.dumps(asdict(r), ensure_ascii=False) for r in results]})))
-        return pa.table({"unit": batch.column("unit"), "result": pa.array(out, pa.large_binary())})
+        results = self.model.generate([request_of(json.loads(r)) for r in requests])
+        return [json.dumps(asdict(r), ensure_ascii=False) for r in results]
 
 
 def _probe(address: str, timeout_s: float = 10.0) -> None:
@@ -192,6 +192,7 @@ class RayEngine:
         self.block_rows = params.block_rows
         self._ray: Any = None
         self._started = False
+        self._teachers: tuple[Any, list[Any]] | None = None  # (the backend they were built from, their actors)
 
     # ---- cluster ----
 
@@ -236,9 +237,12 @@ class RayEngine:
 
     def close(self) -> None:
         """Leave the cluster (a local one started here stops)."""
+        if self._ray is not None and self._teachers is not None:
+            for actor in self._teachers[1]:
+                self._ray.kill(actor)
         if self._ray is not None and self._started:
             self._ray.shutdown()
-        self._ray, self._started = None, False
+        self._ray, self._started, self._teachers = None, False, None
 
     def __enter__(self) -> RayEngine:
         return self
@@ -314,24 +318,65 @@ class RayEngine:
                                  **self._compute(False, len(plan))))
         return [from_ipc(results[u]) for u in range(len(plan))]
 
+    def _teacher_pool(self, backend: Any) -> list[Any]:
+        """Return the teacher actors for ``backend``, started on first use and kept until :meth:`close`."""
+        if self._teachers is None or self._teachers[0] is not backend:
+            ray = self.connect()
+            if self._teachers is not None:
+                for actor in self._teachers[1]:
+                    ray.kill(actor)
+            cls = ray.remote(num_cpus=self.params.cpus_per_worker)(_TeacherWorker)
+            self._teachers = (backend, [cls.remote(backend, code_digest()) for _ in range(self.params.workers)])
+        return self._teachers[1]
+
     def generate_batches(self, backend: Any, batches: Sequence[Sequence[Any]]) -> Iterator[tuple[int, list[Any]]]:
         """Answer batches of teacher requests on the cluster; yield (batch index, results) as each batch finishes.
 
         Each batch is one call of the backend's ``generate`` in an actor that built the backend once, so a batch
-        is answered exactly as the local engine answers it; the caller commits results as they come, so a kill
-        loses at most the batches in flight (one per worker).
+        is answered exactly as the local engine answers it. The actors outlive the call: every pass of a stage
+        (generate's rounds, its critique chains) reuses them. Each actor holds at most two batches (one running,
+        one queued behind it); the caller commits results as they come, so a kill loses at most the batches in
+        flight (two per worker).
 
         Args:
-            backend: the backend, or a picklable function that builds it.
+            backend: the backend, or a picklable function that builds it (the same object on every call of a
+                stage: another one starts new actors).
             batches: GenRequests per batch.
         """
+        from collections import deque
+
+        from refinery.core.progress import progress
         from refinery.models.backends.base import GenResult
 
-        tables = [self._unit_table(u, 0, pa.table({"request": pa.array(
-            [json.dumps(r.as_dict(), sort_keys=True, ensure_ascii=False) for r in batch], pa.string())}))
-            for u, batch in enumerate(batches)]
-        if not tables:
+        if not batches:
             return
-        for unit, data in self._run(tables, "teacher (ray)", [len(b) for b in batches], fn=_TeacherWorker,
-                                    fn_constructor_args=(backend, code_digest()), **self._compute(True, len(tables))):
-            yield unit, [GenResult(**json.loads(r)) for r in from_ipc(data).column("result").to_pylist()]
+        ray = self.connect()
+        actors = self._teacher_pool(backend)
+        slots = deque(a for _ in range(2) for a in actors)
+        todo = deque(enumerate(batches))
+        pending: dict[Any, tuple[int, Any]] = {}
+        bar = progress(sum(len(b) for b in batches), "teacher (ray)", "row", enabled=not self.quiet, file=sys.stderr)
+        try:
+            while todo or pending:
+                while todo and slots:
+                    i, batch = todo.popleft()
+                    actor = slots.popleft()
+                    payload = [json.dumps(r.as_dict(), sort_keys=True, ensure_ascii=False) for r in batch]
+                    pending[actor.answer.remote(payload)] = (i, actor)
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                i, actor = pending.pop(ref)
+                slots.append(actor)
+                try:
+                    answered = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the worker's own error (a RayTaskError's cause), one line
+                    cause = getattr(e, "cause", None) or e
+                    raise RefineryError(f"ray engine: a teacher worker failed: "
+                                        f"{(str(cause).splitlines() or [type(cause).__name__])[0]}") from None
+                out = [GenResult(**json.loads(r)) for r in answered]
+                bar.update(len(out))
+                yield i, out
+        finally:
+            bar.close()
+            for ref in pending:  # a kill or an error: drop the batches still queued
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
