@@ -388,6 +388,11 @@ class Timed:
             self.seconds += time.perf_counter() - t0
 
 
+def _no_models() -> None:
+    """The stand-in recipe's model factory: its model gates load nothing."""
+    return None
+
+
 def _stand_in_recipe():
     """The class of :class:`StandInRecipe`, made on first use (it subclasses refinery's ``GateRecipe``)."""
     from dataclasses import dataclass
@@ -504,7 +509,7 @@ class Gate(Runner):
             if engine.name == "local":  # one call per gate in this process, as before engines existed
                 gated = run_gates(synthetic, gates, params.mode)
             else:  # the row-by-row gates on the engine's workers, built there from the recipe
-                recipe = _stand_in_recipe()(thresholds, train, documents, None, str(p["gate_cache"]))
+                recipe = _stand_in_recipe()(thresholds, train, documents, _no_models, str(p["gate_cache"]))
                 gated = run_gates(synthetic, gates, params.mode, engine=engine, recipe=recipe)
         gated = gated_schema.CONTRACT.validate(gated, "gated synthetic rows")
         keep = gated.column("gate_keep")
