@@ -16,6 +16,7 @@ from typing import Any, Literal
 import click
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from refinery.core.errors import InputError, RefineryError
@@ -81,24 +82,67 @@ class Checks:
     contract_errors: dict[str, str]
 
 
-def diversity_of(datasets: dict[str, pa.Table], seed: pa.Table, params: DiversityParams,
-                 embed) -> dict[str, dict[str, Any]]:
-    """Measure each dataset's diversity against the seed's k-means clusters (empty when ``embed`` is None)."""
-    from refinery.validation.diversity import kmeans_centroids, measure, sample_indices
+def seed_centroids(seed: pa.Table, params: DiversityParams, embed) -> np.ndarray | None:
+    """The seed's k-means centroids in ``embed``'s space, fitted on a seeded sample (None when ``embed`` is None)."""
+    from refinery.validation.diversity import kmeans_centroids, sample_indices
 
     if embed is None:
-        return {}
-    texts = lambda t: [f"{q} {a}" for q, a in zip(t.column("question").to_pylist(),  # noqa: E731
-                                                   t.column("answer").to_pylist())]
-    seed_texts = texts(seed)
-    idx = sample_indices(len(seed_texts), params.sample, params.seed)
-    centroids = kmeans_centroids(embed([seed_texts[i] for i in idx]), params.clusters, params.seed)
-    out = {}
-    for kind, t in datasets.items():
-        syn = np.asarray([s != "human" for s in t.column("source").to_pylist()], bool)
-        out[kind] = measure(texts(t), syn, centroids, embed, params.sample, params.seed,
-                            params.temperature).as_dict()
-    return out
+        return None
+    idx = sample_indices(seed.num_rows, params.sample, params.seed)
+    return kmeans_centroids(embed(_texts(seed, idx)), params.clusters, params.seed)
+
+
+def _texts(table: pa.Table, idx: np.ndarray) -> list[str]:
+    """``question answer`` of the rows at ``idx`` (only the sampled rows become Python strings)."""
+    rows = table.select(["question", "answer"]).take(pa.array(idx, pa.int64()))
+    return [f"{q} {a}" for q, a in zip(rows.column("question").to_pylist(), rows.column("answer").to_pylist())]
+
+
+def dataset_diversity(table: pa.Table, centroids: np.ndarray, params: DiversityParams, embed) -> dict[str, Any]:
+    """Measure one dataset's diversity against the seed's k-means clusters, on its seeded sample of rows."""
+    from refinery.validation.diversity import measure, sample_indices
+
+    idx = sample_indices(table.num_rows, params.sample, params.seed)
+    syn = np.asarray(pc.not_equal(table.column("source").take(pa.array(idx, pa.int64())), "human")
+                     .to_numpy(zero_copy_only=False), bool)
+    # the texts are the sample already: measure's own draw of min(rows, sample) of them takes them all
+    return measure(_texts(table, idx), syn, centroids, embed, params.sample, params.seed,
+                   params.temperature).as_dict()
+
+
+class Checker:
+    """Checks datasets one at a time against the same splits, seed clusters and duplicate gate.
+
+    Built once per run; :meth:`check` takes one dataset, so validate reads, checks and releases the arms one
+    after another: the held-out duplicate gate keeps the signatures it computed (rows shared by arms are signed
+    once), nothing else outlives a dataset.
+    """
+
+    def __init__(self, val: pa.Table, test: pa.Table, seed: pa.Table, documents: pa.Table, params: ValidateParams,
+                 embed=None, map_blocks=None):
+        from refinery.validation.expectations import NearDup, held_out_dedup
+
+        self.val, self.test, self.seed, self.params = val, test, seed, params
+        self.embed, self.map_blocks = embed, map_blocks
+        self.centroids = seed_centroids(seed, params.diversity, embed)
+        self.categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
+        nd = params.near_duplicate
+        self.near = NearDup(nd.max_jaccard, nd.num_perm, nd.shingle)
+        self.dedup = held_out_dedup(val, test, self.near)  # one for every dataset: shared rows are signed once
+
+    def check(self, kind: str, table: pa.Table):
+        """Return (the check table and statistics, None), or (None, the row-contract error) for one dataset."""
+        from refinery.validation.expectations import check_columns
+        from schemas import datasets as datasets_schema
+
+        try:
+            valid = datasets_schema.CONTRACT.validate(table, f"{kind} dataset")
+        except InputError as e:
+            return None, str(e)
+        diversity = dataset_diversity(valid, self.centroids, self.params.diversity, self.embed) \
+            if self.centroids is not None else None
+        return check_columns(valid, self.val, self.test, self.seed, self.categories, self.near, diversity,
+                             self.dedup, map_blocks=self.map_blocks), None
 
 
 def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, seed: pa.Table, documents: pa.Table,
@@ -117,25 +161,14 @@ def run_checks(datasets: dict[str, pa.Table], val: pa.Table, test: pa.Table, see
     Returns:
         Check tables, statistics and contract errors, per dataset.
     """
-    from refinery.validation.expectations import NearDup, check_columns, held_out_dedup
-    from schemas import datasets as datasets_schema
-
-    valid, errors = {}, {}
+    checker = Checker(val, test, seed, documents, params, embed, map_blocks)
+    frames, stats, errors = {}, {}, {}
     for kind, table in datasets.items():
-        try:
-            valid[kind] = datasets_schema.CONTRACT.validate(table, f"{kind} dataset")
-        except InputError as e:
-            errors[kind] = str(e)
-    diversity = diversity_of(valid, seed, params.diversity, embed)
-    categories = dict(zip(documents.column("doc_id").to_pylist(), documents.column("category").to_pylist()))
-    nd = params.near_duplicate
-    near = NearDup(nd.max_jaccard, nd.num_perm, nd.shingle)
-    dedup = held_out_dedup(val, test, near)  # one for every dataset: rows shared by datasets are signed once
-    frames, stats = {}, {}
-    for kind, table in valid.items():
-        checked = check_columns(table, val, test, seed, categories, near, diversity.get(kind), dedup,
-                                map_blocks=map_blocks)
-        frames[kind], stats[kind] = checked.frame, checked.stats
+        checked, error = checker.check(kind, table)
+        if error is not None:
+            errors[kind] = error
+        else:
+            frames[kind], stats[kind] = checked.frame, checked.stats
     return Checks(frames, stats, errors)
 
 
@@ -320,8 +353,8 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     """Validate the assembled datasets; exit non-zero with one line per failed check."""
     import time
 
-    from refinery.validation.expectations import run_suites
-    from refinery.core.io import atomic_outputs, read_parquet
+    from refinery.core.io import atomic_outputs, check_input, read_parquet
+    from refinery.validation.expectations import SuiteRunner
     from schemas import documents as documents_schema
     from schemas import split as split_schema
 
@@ -337,30 +370,45 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     for k, p in suites.items():
         if not p.is_file():
             raise RefineryError(f"{p}: expectation suite of the {k} arm not found (assemble.arms.{k}.suite)")
-    datasets = {k: read_parquet(f) for k, f in files.items()}
+    for f in files.values():
+        check_input(f)  # every arm's file is there before the first is checked
     train = split_schema.CONTRACT.validate(read_parquet(train_file), train_file)
     val = split_schema.CONTRACT.validate(read_parquet(val_file), val_file)
     test = split_schema.CONTRACT.validate(read_parquet(test_file), test_file)
     documents = documents_schema.CONTRACT.validate(read_parquet(documents_file), documents_file)
     embed = make_embedder(params.diversity, models_dir, cache_dir)
-    # engine ray: the per-row checks run on Ray tasks, block by block; the checks across rows stay here
-    with engine_of(params_file) as engine:
-        checks = run_checks(datasets, val, test, train, documents, params, embed,
-                            map_blocks=engine.map_blocks if engine.name != "local" else None)
     thresholds = {k: params.thresholds_for(k) for k in kinds}
-    with atomic_outputs() as outputs:
-        docs = outputs.folder(docs_dir)
-        outcomes = run_suites(checks.frames, {k: suites[k] for k in checks.frames},
-                              {k: thresholds[k].model_dump() for k in checks.frames}, docs_dir=docs,
-                              suite_names={k: str(suites[k]) for k in kinds})
-        lines = failure_lines(outcomes, checks.stats, checks.contract_errors)
-        records = audit_records(kinds, checks.stats, thresholds, lines, files, {k: str(v) for k, v in suites.items()})
+    gaps = GapCounter(coverage_dir, embed if params.diversity.embedder == "model" else None) \
+        if coverage_dir is not None else None
+    stats: dict[str, dict[str, Any]] = {}
+    contract_errors: dict[str, str] = {}
+    outcomes = []
+    closed: dict[str, Any] = {}
+    # one arm at a time: read, check, validate with its suite, release (memory follows the largest arm);
+    # engine ray: the per-row checks run on Ray tasks, block by block; the checks across rows stay here
+    with engine_of(params_file) as engine, atomic_outputs() as outputs:
+        checker = Checker(val, test, train, documents, params, embed,
+                          map_blocks=engine.map_blocks if engine.name != "local" else None)
+        runner = SuiteRunner(outputs.folder(docs_dir))
+        for k in kinds:
+            table = read_parquet(files[k])
+            checked, error = checker.check(k, table)
+            if error is not None:
+                contract_errors[k] = error
+                continue
+            stats[k] = checked.stats
+            outcomes += runner.run(k, checked.frame, suites[k], thresholds[k].model_dump(), str(suites[k]))
+            if gaps is not None:
+                closed[k] = gaps(table)
+            del table, checked
+        runner.finish()
+        lines = failure_lines(outcomes, stats, contract_errors)
+        records = audit_records(kinds, stats, thresholds, lines, files, {k: str(v) for k, v in suites.items()})
         for record in records:
             outputs.json(audit_log([record]), Path(audit_dir) / f"{record['dataset']}.json")
         metrics = metrics_of(records)
-        if coverage_dir is not None:
-            metrics["coverage_gaps"] = coverage_gaps(datasets, checks.contract_errors, coverage_dir,
-                                                     embed if params.diversity.embedder == "model" else None)
+        if gaps is not None:
+            metrics["coverage_gaps"] = closed
         outputs.json(metrics, metrics_file)
         plot_diversity(records, outputs.path(Path(plots_dir) / "validate_diversity.png"))
     click.echo(table_text(records), err=True)
@@ -375,25 +423,30 @@ def cli(params_file, datasets_dir, train_file, val_file, test_file, documents_fi
     click.echo(summary, err=True)
 
 
-def coverage_gaps(datasets: dict[str, pa.Table], contract_errors: dict[str, str], coverage_dir: str,
-                  embed) -> dict[str, Any]:
+class GapCounter:
     """Per dataset: the seed's uncovered passages its synthetic rows closed, and the seed clusters they reach.
 
-    Reads the coverage stage's passages.parquet and centroids.parquet (:func:`refinery.seed.coverage.gaps_closed`);
-    datasets that failed their row contract are left out. ``embed``: the embedder role (the centroids live in its
+    Reads the coverage stage's passages.parquet and centroids.parquet once (:func:`refinery.seed.coverage.
+    gaps_closed`); called with one dataset at a time. ``embed``: the embedder role (the centroids live in its
     space), or None to count passages only (``validate.diversity.embedder`` is not ``model``).
     """
-    from refinery.core.io import read_parquet
-    from refinery.seed.coverage import gaps_closed, read_centroids
-    from schemas import coverage as coverage_schema
 
-    folder = Path(coverage_dir)
-    passages = coverage_schema.PASSAGES.validate(read_parquet(str(folder / "passages.parquet")),
-                                                 str(folder / "passages.parquet"))
-    centroids = read_centroids(coverage_schema.CENTROIDS.validate(read_parquet(str(folder / "centroids.parquet")),
-                                                                  str(folder / "centroids.parquet")))
-    return {k: gaps_closed(t, passages, centroids if embed is not None else None, embed)
-            for k, t in datasets.items() if k not in contract_errors}
+    def __init__(self, coverage_dir: str, embed):
+        from refinery.core.io import read_parquet
+        from refinery.seed.coverage import read_centroids
+        from schemas import coverage as coverage_schema
+
+        folder = Path(coverage_dir)
+        self.passages = coverage_schema.PASSAGES.validate(read_parquet(str(folder / "passages.parquet")),
+                                                          str(folder / "passages.parquet"))
+        self.centroids = read_centroids(coverage_schema.CENTROIDS.validate(
+            read_parquet(str(folder / "centroids.parquet")), str(folder / "centroids.parquet")))
+        self.embed = embed
+
+    def __call__(self, table: pa.Table) -> dict[str, Any]:
+        from refinery.seed.coverage import gaps_closed
+
+        return gaps_closed(table, self.passages, self.centroids if self.embed is not None else None, self.embed)
 
 
 def make_embedder(params: DiversityParams, models_dir: str, cache_dir: str):

@@ -298,42 +298,72 @@ def run_suites(frames: dict[str, pa.Table], suites: dict[str, Path], parameters:
     Returns:
         One outcome per expectation, in suite order, datasets in ``frames`` order.
     """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    runner = SuiteRunner(docs_dir)
+    outcomes = [o for kind, frame in frames.items()
+                for o in runner.run(kind, frame, suites[kind], parameters[kind], (suite_names or {}).get(kind))]
+    runner.finish()
+    return outcomes
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    if docs_dir is not None:
-        context.add_data_docs_site(site_name="refinery", site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(docs_dir).resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
-    source = context.data_sources.add_pandas("refinery")
-    outcomes: list[Outcome] = []
-    for kind, frame in frames.items():
-        raw = load_suite(suites[kind])
+
+class SuiteRunner:
+    """One Great Expectations context that validates datasets one at a time and writes one Data Docs site.
+
+    :meth:`run` takes one dataset's check table, so a caller can read, check and release the datasets one
+    after another (validate's memory then follows the largest dataset, not their sum); :meth:`finish` makes the
+    site's pages reproducible once every dataset ran.
+    """
+
+    def __init__(self, docs_dir: Path | None = None):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self._gx = gx
+        self.docs_dir = docs_dir
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        if docs_dir is not None:
+            self.context.add_data_docs_site(site_name="refinery", site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(Path(docs_dir).resolve())},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+        self.source = self.context.data_sources.add_pandas("refinery")
+
+    def run(self, kind: str, frame: pa.Table, suite_file: Path, params: dict[str, Any],
+            shown: str | None = None) -> list[Outcome]:
+        """Validate one dataset's check table with its suite; return one outcome per expectation, in suite order.
+
+        Args:
+            kind: the dataset's name (one run per name).
+            frame: its check table (:func:`check_columns`).
+            suite_file: its suite JSON file.
+            params: the suite parameters (the thresholds).
+            shown: the suite path as shown in messages (default: ``suite_file``).
+        """
+        gx = self._gx
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        raw = load_suite(suite_file)
         # skip checks of columns nobody computed; on an empty dataset only table-level checks mean anything
         skipped = [e for e in raw["expectations"] if _all_null(frame, e["kwargs"].get("column"))
                    or (frame.num_rows == 0 and "column" in e["kwargs"])]
         raw = {**raw, "expectations": [e for e in raw["expectations"] if e not in skipped]}
-        shown = (suite_names or {}).get(kind, str(suites[kind]))
-        params = parameters[kind]
-        suite = context.suites.add(gx.ExpectationSuite(name=kind, expectations=raw["expectations"],
-                                                       meta=raw.get("meta", {})))
-        batch = source.add_dataframe_asset(kind).add_batch_definition_whole_dataframe("parquet rows")
-        vd = context.validation_definitions.add(gx.ValidationDefinition(name=kind, data=batch, suite=suite))
+        shown = shown or str(suite_file)
+        suite = self.context.suites.add(gx.ExpectationSuite(name=kind, expectations=raw["expectations"],
+                                                            meta=raw.get("meta", {})))
+        batch = self.source.add_dataframe_asset(kind).add_batch_definition_whole_dataframe("parquet rows")
+        vd = self.context.validation_definitions.add(gx.ValidationDefinition(name=kind, data=batch, suite=suite))
         actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["refinery"])] \
-            if docs_dir is not None else []
-        checkpoint = context.checkpoints.add(gx.Checkpoint(name=kind, validation_definitions=[vd], actions=actions,
-                                                           result_format={"result_format": "SUMMARY"}))
-        df = frame.to_pandas()
-        result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=params,
+            if self.docs_dir is not None else []
+        checkpoint = self.context.checkpoints.add(gx.Checkpoint(name=kind, validation_definitions=[vd],
+                                                                actions=actions,
+                                                                result_format={"result_format": "SUMMARY"}))
+        result = checkpoint.run(batch_parameters={"dataframe": frame.to_pandas()}, expectation_parameters=params,
                                 run_id=RunIdentifier(run_name="refinery-validate", run_time=run_time()))
         vr = next(iter(result.run_results.values()))
         by_check = {r.expectation_config.meta["check"]: r for r in vr.results}
+        outcomes = []
         for spec in raw["expectations"]:
             r = by_check[spec["meta"]["check"]]
             kw = spec["kwargs"]
@@ -350,10 +380,13 @@ def run_suites(frames: dict[str, pa.Table], suites: dict[str, Path], parameters:
             if isinstance(observed, np.generic):
                 observed = observed.item()
             outcomes.append(Outcome(kind, spec["meta"]["check"], bool(r.success), observed, bound, limit, shown))
-    if docs_dir is not None:
-        reproducible_docs(Path(docs_dir), run_time())
-        offline_data_docs(Path(docs_dir))
-    return outcomes
+        return outcomes
+
+    def finish(self) -> None:
+        """Make the Data Docs pages reproducible and offline (no-op without a docs folder)."""
+        if self.docs_dir is not None:
+            reproducible_docs(Path(self.docs_dir), run_time())
+            offline_data_docs(Path(self.docs_dir))
 
 
 _STAMP = re.compile(r"\b\d{8}T\d{6}\.\d{6}Z\b")  # GE's run, load and render times (and a logo URL's ?d=)
