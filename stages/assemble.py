@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,24 +314,32 @@ def cap_weights(table: pa.Table, max_share: float) -> tuple[pa.Table, float]:
     return table.set_column(i, table.schema.field("weight"), pa.array(w, pa.float64())), float(factor)
 
 
-def sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, where: str) -> list[dict]:
-    """Return one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.training.sft shape).
+def iter_sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, where: str,
+                     batch_rows: int = 4096) -> Iterator[dict]:
+    """Yield one chat record per row: ``{"messages": [...], "weight": w, "row_id": id}`` (refinery.training.sft shape).
 
     The messages are built by the same function training and evaluation use (:func:`refinery.training.lora.messages_for`,
     the passage cut to ``train.window_chars`` around the row's evidence), so an exported row is what the adapter
-    was trained on.
+    was trained on. Rows become Python objects ``batch_rows`` at a time, so a caller that writes each record as it
+    comes holds one batch, not the table's records.
     """
     from refinery.training.lora import messages_for
 
-    out = []
-    for i, row in enumerate(table.select(["row_id", "doc_id", "question", "answer", "weight", "evidence",
-                                          "evidence_start", "evidence_end"]).to_pylist()):
-        if row["doc_id"] not in passages:
-            raise InputError(where, f"document {row['doc_id']!r} not in the documents table", row=i + 1,
-                             field="doc_id")
-        out.append({"messages": messages_for(row, passages, window_chars, with_answer=True), "weight": row["weight"],
-                    "row_id": row["row_id"]})
-    return out
+    cols = ["row_id", "doc_id", "question", "answer", "weight", "evidence", "evidence_start", "evidence_end"]
+    i = 0
+    for batch in table.select(cols).to_batches(max_chunksize=batch_rows):
+        for row in batch.to_pylist():
+            i += 1
+            if row["doc_id"] not in passages:
+                raise InputError(where, f"document {row['doc_id']!r} not in the documents table", row=i,
+                                 field="doc_id")
+            yield {"messages": messages_for(row, passages, window_chars, with_answer=True), "weight": row["weight"],
+                   "row_id": row["row_id"]}
+
+
+def sft_records(table: pa.Table, passages: dict[str, str], window_chars: int, where: str) -> list[dict]:
+    """Every row's chat record (:func:`iter_sft_records`), as a list."""
+    return list(iter_sft_records(table, passages, window_chars, where))
 
 
 class SftRecords(Mapping):
@@ -351,6 +359,10 @@ class SftRecords(Mapping):
 
     def __getitem__(self, arm: str) -> list[dict[str, Any]]:
         return sft_records(self._tables[arm], self._passages, self._window, f"{arm} dataset")
+
+    def lines(self, arm: str) -> Iterator[str]:
+        """The arm's records as JSON lines, built one batch of rows at a time (what the stage writes)."""
+        return jsonl_lines(iter_sft_records(self._tables[arm], self._passages, self._window, f"{arm} dataset"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tables)
@@ -516,7 +528,12 @@ def assemble(train: pa.Table, contaminated: pa.Table, accepted: pa.Table, recove
 
 def jsonl(records: list[dict]) -> str:
     """Serialise records as UTF-8 JSON lines (stable key order as built)."""
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return "".join(jsonl_lines(records))
+
+
+def jsonl_lines(records: Iterable[dict]) -> Iterator[str]:
+    """Each record as one UTF-8 JSON line (stable key order as built), as it comes."""
+    return (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 @click.command("assemble")
@@ -602,7 +619,7 @@ def cli(params_file, train_file, contaminated_file, accepted_file, recovered_fil
             path = out / f"{kind}.parquet"
             table = datasets_schema.CONTRACT.validate(result.tables[kind], str(path))
             outputs.parquet(table, path, datasets_schema.ARROW)
-            outputs.text(jsonl(result.sft[kind]), out / f"{kind}.sft.jsonl")
+            outputs.lines(result.sft.lines(kind), out / f"{kind}.sft.jsonl")
         outputs.text(jsonl(result.dpo), out / "dpo.jsonl")
         outputs.text(jsonl(publish.dpo_sharegpt(result.dpo)), out / publish.DPO_SHAREGPT_FILE)
         arm_metrics = {arm: result.metrics[arm] for arm in result.tables}

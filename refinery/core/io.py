@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +265,12 @@ class Outputs:
         """Write a UTF-8 text file."""
         with self._naming(final) as tmp:
             tmp.write_text(content, encoding="utf-8")
+
+    def lines(self, lines: Iterable[str], final: str | Path) -> None:
+        """Write a UTF-8 text file from ``lines`` as they come (a large export is never one string in memory)."""
+        with self._naming(final) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line)
 
     @contextmanager
     def _naming(self, final: str | Path) -> Iterator[Path]:
