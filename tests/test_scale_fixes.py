@@ -353,3 +353,72 @@ def test_seed_bands_pair_new_rows_as_candidate_pairs_on_the_concatenation(seed):
     grown = SeedBands(seed_sigs, bands, rows).extended(more)
     assert np.array_equal(grown.pairs(new), expected(n_seed + n_more, sigs))
     assert np.array_equal(grown.pairs(new), SeedBands(sigs[:n_seed + n_more], bands, rows).pairs(new))
+
+
+def old_merge(keys, vecs, new_keys, new_vecs):
+    """VectorCache._merge before the sorted insert: concatenate everything, keep each key's first vector."""
+    all_keys = np.concatenate([keys, new_keys])
+    uniq, first = np.unique(all_keys, return_index=True)
+    return uniq, np.concatenate([vecs, new_vecs])[first]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vector_cache_merges_as_the_concatenation_did(seed):
+    from refinery.models.embed import VectorCache
+
+    # given keys drawn from a small space, so puts repeat keys already held and keys within one put
+    r = np.random.default_rng(seed)
+    cache = VectorCache(None, 3, np.float32)
+    keys, vecs = np.zeros(0, "S16"), np.zeros((0, 3), np.float32)
+    for _ in range(6):
+        n = int(r.integers(0, 40))
+        new_keys = np.array([bytes([int(x)]) * 16 for x in r.integers(0, 50, n)], "S16")
+        new_vecs = r.random((n, 3)).astype(np.float32)
+        # when both merge the same puts
+        cache._merge(new_keys, new_vecs)
+        keys, vecs = old_merge(keys, vecs, new_keys, new_vecs)
+        # then they hold the same keys, in order, with the same vectors
+        assert cache._keys.tolist() == keys.tolist()
+        assert np.array_equal(cache._vecs, vecs)
+
+
+def test_minhash_signatures_do_not_depend_on_the_rows_per_rensa_call(monkeypatch):
+    import refinery.gates.dedup as dedup
+
+    # given texts of varied lengths (empty, shorter than a shingle, long) in more rows than one call takes
+    r = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "é", "ß", "x"]
+    texts = pa.array(["", "ab"] + [" ".join(r.choice(words, int(r.integers(1, 60)))) for _ in range(300)])
+    # when signed 1,024 rows per call (the setting), 7 rows per call and all at once
+    sigs = []
+    for rows in (dedup._SIG_ROWS_PER_CALL, 7, 10_000):
+        monkeypatch.setattr(dedup, "_SIG_ROWS_PER_CALL", rows)
+        sigs.append(dedup.SignatureStore(None).compute(texts))
+    # then every signature is the same
+    assert np.array_equal(sigs[0], sigs[1]) and np.array_equal(sigs[0], sigs[2])
+
+
+def test_vector_cache_loads_its_shards_as_merging_them_one_by_one_did(tmp_path):
+    from refinery.models.embed import VectorCache
+
+    # given shards written by separate puts whose keys overlap (a key cached twice with different vectors)
+    r = np.random.default_rng(3)
+    for _ in range(5):
+        writer = VectorCache(tmp_path / "c", 3, np.float32)
+        new_keys = np.unique(np.array([bytes([int(x)]) * 16 for x in r.integers(0, 30, 12)], "S16"))
+        writer.put(new_keys, r.random((len(new_keys), 3)).astype(np.float32))
+    # when a fresh cache loads them, and the old way merges the shards one at a time in file order
+    loaded = VectorCache(tmp_path / "c", 3, np.float32)
+    assert len(loaded) > 0
+    import pyarrow.parquet as pq
+
+    from refinery.models.embed import _keys_from_arrow
+
+    keys, vecs = np.zeros(0, "S16"), np.zeros((0, 3), np.float32)
+    for shard in sorted((tmp_path / "c").glob("part-*.parquet")):
+        t = pq.read_table(shard)
+        shard_vecs = np.asarray(t.column("vec").to_pylist(), np.float32)
+        keys, vecs = old_merge(keys, vecs, _keys_from_arrow(t.column("key")), shard_vecs)
+    # then both hold the same keys and vectors
+    assert loaded._keys.tolist() == keys.tolist()
+    assert np.array_equal(loaded._vecs, vecs)

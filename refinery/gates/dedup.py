@@ -31,7 +31,7 @@ _U64 = np.uint64
 _SHINGLE_MUL = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                          0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x27D4EB2F165667C5, 0x85EBCA77C2B2AE63],
                         dtype=_U64)
-_SIG_ROWS_PER_CALL = 20_000  # rows per rensa call (bounds the Python lists it returns)
+_SIG_ROWS_PER_CALL = 1024  # rows per rensa call: bounds its transient arrays and the Python lists it returns
 
 REASONS = ("dedup_exact_seed", "dedup_exact", "dedup_near_seed", "dedup_near")
 

@@ -49,15 +49,20 @@ class VectorCache:
         self._loaded = True
         if self.folder is None or not self.folder.is_dir():
             return
+        keys, vecs = [], []
         for shard in sorted(self.folder.glob("part-*.parquet")):
             table = pq.read_table(shard)
-            keys = _keys_from_arrow(table.column("key"))
+            keys.append(_keys_from_arrow(table.column("key")))
             column = table.column("vec")
             dim = column.type.list_size
             flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else None
-            vecs = (flat.to_numpy(zero_copy_only=False).astype(self.dtype).reshape(-1, dim) if flat is not None
-                    else np.zeros((0, dim), self.dtype))
-            self._merge(keys, vecs)
+            vecs.append(flat.to_numpy(zero_copy_only=False).astype(self.dtype).reshape(-1, dim) if flat is not None
+                        else np.zeros((0, dim), self.dtype))
+            if len(vecs) > 1 and vecs[-1].shape[1] != vecs[0].shape[1]:
+                raise ValueError(f"{shard}: cached vectors have length {vecs[-1].shape[1]}, expected "
+                                 f"{vecs[0].shape[1]}")
+        if keys:  # one merge of every shard: a shard's key also in another keeps the first shard's vector
+            self._merge(np.concatenate(keys), np.concatenate(vecs))
 
     def _merge(self, keys: np.ndarray, vecs: np.ndarray) -> None:
         if self.dim is None:
@@ -65,9 +70,15 @@ class VectorCache:
         if vecs.shape[1] != self.dim:
             raise ValueError(f"{self.folder}: cached vectors have length {vecs.shape[1]}, expected {self.dim}")
         old = self._vecs if self._vecs is not None else np.zeros((0, self.dim), self.dtype)
-        all_keys = np.concatenate([self._keys, keys])
-        uniq, first = np.unique(all_keys, return_index=True)
-        self._keys, self._vecs = uniq, np.concatenate([old, vecs.astype(self.dtype)])[first]
+        keys, first = np.unique(keys, return_index=True)  # a key given twice: its first vector
+        vecs = vecs[first]
+        pos = np.searchsorted(self._keys, keys)
+        known = self._keys[np.minimum(pos, len(self._keys) - 1)] == keys if len(self._keys) else \
+            np.zeros(len(keys), bool)
+        keep = ~known  # a key already held keeps its vector
+        # one copy of the matrix with the new rows slotted in at their sorted places
+        self._keys = np.insert(self._keys, pos[keep], keys[keep])
+        self._vecs = np.insert(old, pos[keep], vecs[keep].astype(self.dtype), axis=0)
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Look keys up.
