@@ -398,8 +398,12 @@ def test_minhash_signatures_do_not_depend_on_the_rows_per_rensa_call(monkeypatch
     assert np.array_equal(sigs[0], sigs[1]) and np.array_equal(sigs[0], sigs[2])
 
 
-def test_vector_cache_loads_its_shards_as_merging_them_one_by_one_did(tmp_path):
+@pytest.mark.parametrize("batch", [1, 10, 65_536])
+def test_vector_cache_loads_its_shards_as_merging_them_one_by_one_did(tmp_path, monkeypatch, batch):
+    import refinery.models.embed as embed
     from refinery.models.embed import VectorCache
+
+    monkeypatch.setattr(embed, "_LOAD_BATCH", batch)  # merged shard by shard, a few at a time, all at once
 
     # given shards written by separate puts whose keys overlap (a key cached twice with different vectors)
     r = np.random.default_rng(3)

@@ -17,6 +17,7 @@ from refinery.core.errors import ModelResolutionError
 
 _KEY_BYTES = 16  # sha256 prefix used as the cache key (collisions: ~2**-64 at a billion entries)
 _ENCODE_CHUNK = 8192  # texts per encode call: vectors are written to the cache after each chunk
+_LOAD_BATCH = 65_536  # vectors read from shards before the first merge (later batches: what the cache holds)
 
 
 class VectorCache:
@@ -49,19 +50,27 @@ class VectorCache:
         self._loaded = True
         if self.folder is None or not self.folder.is_dir():
             return
-        keys, vecs = [], []
+        # shards are merged in file order (a key in several keeps the first shard's vector), a batch at a time:
+        # a batch grows to the size of what is held before it is merged, so the matrix is copied a few times in
+        # all, not once per shard, and a cache of many overlapping shards never sits in memory whole
+        keys: list[np.ndarray] = []
+        vecs: list[np.ndarray] = []
         for shard in sorted(self.folder.glob("part-*.parquet")):
             table = pq.read_table(shard)
-            keys.append(_keys_from_arrow(table.column("key")))
             column = table.column("vec")
             dim = column.type.list_size
             flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else None
+            keys.append(_keys_from_arrow(table.column("key")))
             vecs.append(flat.to_numpy(zero_copy_only=False).astype(self.dtype).reshape(-1, dim) if flat is not None
                         else np.zeros((0, dim), self.dtype))
-            if len(vecs) > 1 and vecs[-1].shape[1] != vecs[0].shape[1]:
-                raise ValueError(f"{shard}: cached vectors have length {vecs[-1].shape[1]}, expected "
-                                 f"{vecs[0].shape[1]}")
-        if keys:  # one merge of every shard: a shard's key also in another keeps the first shard's vector
+            if self.dim is not None and dim != self.dim:
+                raise ValueError(f"{self.folder}: cached vectors have length {dim}, expected {self.dim}")
+            if self.dim is None:
+                self.dim = dim
+            if sum(map(len, keys)) >= max(len(self._keys), _LOAD_BATCH):
+                self._merge(np.concatenate(keys), np.concatenate(vecs))
+                keys, vecs = [], []
+        if keys:
             self._merge(np.concatenate(keys), np.concatenate(vecs))
 
     def _merge(self, keys: np.ndarray, vecs: np.ndarray) -> None:
