@@ -33,22 +33,24 @@ class Strategy:
     require: str = ""
 
 
-_QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
-_QA_REQUIRE = "Answer:"
+QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")  # stops of a question-and-answer call
+# a question-and-answer call must reach its answer line: a small teacher often ends its turn, or starts
+# another example, right after the question (parse_missing_answer)
+QA_REQUIRE = "Answer:"
 _LINE_STOP = ("\n\n", "\nQuestion:", "\nAnswer:", "\nRewritten:")
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("answer_augmentation", "answer", "evidence", "answer", ("\n",)),
     Strategy("question_rephrasing", "question", "evidence", "question", ("\n",)),
-    Strategy("new_question", "qa", "window", "qa", _QA_STOP, require=_QA_REQUIRE),
-    Strategy("evol_depth", "qa", "evidence", "qa", _QA_STOP, require=_QA_REQUIRE),
-    Strategy("evol_breadth", "qa", "evidence", "qa", _QA_STOP, require=_QA_REQUIRE),
+    Strategy("new_question", "qa", "window", "qa", QA_STOP, require=QA_REQUIRE),
+    Strategy("evol_depth", "qa", "evidence", "qa", QA_STOP, require=QA_REQUIRE),
+    Strategy("evol_breadth", "qa", "evidence", "qa", QA_STOP, require=QA_REQUIRE),
     # Evol-Instruct's third direction: the same facts, cleaner phrasing, no AI-isms
-    Strategy("evol_denoise", "qa", "evidence", "qa", _QA_STOP, require=_QA_REQUIRE),
+    Strategy("evol_denoise", "qa", "evidence", "qa", QA_STOP, require=QA_REQUIRE),
     # verifiable from gold context: the answer is a sentence of the document; the teacher writes its question
     Strategy("answer_first", "question", "span", "question", ("\n",), answer_from="span"),
     # targeted rare-class expansion (generate.rare_expansion): a new row of a rare intent, from the passage around
     # the evidence of a seed row of that intent, with an intent-aware prompt
-    Strategy("rare_intent", "qa", "around", "qa", _QA_STOP, require=_QA_REQUIRE),
+    Strategy("rare_intent", "qa", "around", "qa", QA_STOP, require=QA_REQUIRE),
     # constitutional critique -> revise (refinery/generation/critique.py): a draft answer to the seed question (this
     # strategy's template), a critique naming the rule it breaks, a revision (prompts/revise.txt) that follows it
     Strategy("critique_revise", "answer", "evidence", "answer", ("\n",)),

@@ -65,10 +65,6 @@ CHAINS: dict[str, tuple[str, ...]] = {
 }
 _PARSE_AS = {"answer": "answer_augmentation", "qa": "evol_depth"}  # strategies whose parser reads each output kind
 _ANSWER_STOP = ("\n\n", "\nQuestion:", "\nAnswer:", "\nPassage:", "\nEvidence:")
-_QA_STOP = ("\n\n", "\nPassage:", "\nQuestion:", "###")
-# A question-and-answer call must reach its answer line: a small teacher often ends its turn, or starts another
-# example, right after the question (parse_missing_answer; docs/measurements.md, recovery chain order).
-_QA_REQUIRE = "Answer:"
 
 
 def next_action(diag: Diagnosis, tried: list[str], row: Diagnosis | None = None,
@@ -162,9 +158,9 @@ def plan_adaptive(row: dict[str, Any], action: str, attempt: int, evidence: str,
     prompt = tpl.render(_values(row, evidence, rule), [{**_values(n, evidence), **n} for n in neighbours])
     request = GenRequest(prompt=prompt, max_new_tokens=cs.max_new_tokens[output],
                          temperature=cs.temperatures[action], top_p=cs.top_p,
-                         stop=_ANSWER_STOP if output == "answer" else _QA_STOP,
+                         stop=_ANSWER_STOP if output == "answer" else strat.QA_STOP,
                          seed=call_seed(cs.seed, row["row_id"], action, attempt), require_text=True,
-                         require=_QA_REQUIRE if output == "qa" else "")
+                         require=strat.QA_REQUIRE if output == "qa" else "")
     key = cache_key(teacher_id, tpl.ref, request, attempt)
     parent = {"row_id": row["row_id"], "doc_id": row["doc_id"], "question": question, "answer": row.get("answer"),
               "intent": row.get("intent")}
