@@ -426,3 +426,55 @@ def test_vector_cache_loads_its_shards_as_merging_them_one_by_one_did(tmp_path, 
     # then both hold the same keys and vectors
     assert loaded._keys.tolist() == keys.tolist()
     assert np.array_equal(loaded._vecs, vecs)
+
+
+def _run_recovery_rounds(monkeypatch, lean: bool, rediagnose: bool):
+    """run_method over 40 rows with a fake teacher and gates; ``lean`` False: every candidate read whole, as before."""
+    from refinery.recovery import loop
+    from refinery.recovery.diagnose import Diagnosis
+    from refinery.recovery.loop import RowState, run_method
+
+    if not lean:
+        monkeypatch.setattr(loop, "_candidates", lambda gated, full: gated.to_pylist())
+    r = np.random.default_rng(11)
+    rows = [{"row_id": f"rej{i:03d}", "question": f"q{i}?", "answer": f"a{i}."} for i in range(40)]
+    states = [RowState(Diagnosis("low_quality", 0.9, "", bool(r.random() < 0.9))) for _ in rows]
+    keep_draw = r.random(400) < 0.35
+    calls = iter(range(400))
+
+    def plan(row, s, attempt):
+        return "resample", row["row_id"]
+
+    def execute(planned, actions):
+        n = len(planned)
+        return pa.table({"row_id": [f"c{next(calls):03d}" for _ in range(n)], "parent_ids": [[p] for p in planned],
+                         "question": [f"cq{p}?" for p in planned], "answer": [f"ca{p}." for p in planned],
+                         "prompt_tokens": pa.array(r.integers(5, 50, n), pa.int64()),
+                         "completion_tokens": pa.array(r.integers(5, 50, n), pa.int64()),
+                         "extra": ["x" * 30] * n})
+
+    def regate(cands, pool):
+        keep = [bool(keep_draw[int(x[1:])]) for x in cands.column("row_id").to_pylist()]
+        return cands.append_column("gate_keep", pa.array(keep)).append_column(
+            "gate_reasons", pa.array([[] if k else ["rules_short"] for k in keep], pa.list_(pa.string())))
+
+    again = (lambda cand: Diagnosis("truncated", 0.5, cand["extra"], True)) if rediagnose else None
+    trail: list[pa.Table] = []
+    got = run_method(rows, states, plan, execute, regate, pa.table({"row_id": ["p"], "question": ["pq?"],
+                                                                     "answer": ["pa."]}),
+                     budget=90, max_attempts=3, rediagnose=again, check_error=None, trail=trail)
+    return got, states, trail
+
+
+@pytest.mark.parametrize("rediagnose", [False, True])
+def test_recovery_rounds_read_only_what_they_need_and_keep_what_they_kept(monkeypatch, rediagnose):
+    # run_method reads whole candidates only to diagnose them again, and stacks recovered rows once per round
+    new, new_states, new_trail = _run_recovery_rounds(monkeypatch, lean=True, rediagnose=rediagnose)
+    old, old_states, old_trail = _run_recovery_rounds(monkeypatch, lean=False, rediagnose=rediagnose)
+    assert new.equals(old) and new.num_rows > 5
+    assert new.column("row_id").num_chunks == 1  # not one chunk per recovered row (Parquet wrote it row by row)
+    assert [(s.outcome, s.attempts, s.calls, s.tokens, s.last_reasons, (s.recovered or {}).get("row_id"), s.next)
+            for s in new_states] == \
+           [(s.outcome, s.attempts, s.calls, s.tokens, s.last_reasons, (s.recovered or {}).get("row_id"), s.next)
+            for s in old_states]
+    assert all(a.equals(b) for a, b in zip(new_trail, old_trail)) and len(new_trail) == len(old_trail) > 1

@@ -493,7 +493,8 @@ class DedupGate(BaseGate):
         new.max_jaccard, new.store, new.bands, new.rows_per_band = (self.max_jaccard, self.store, self.bands,
                                                                     self.rows_per_band)
         keys = exact_keys(more.column("question"), more.column("answer"))
-        new._seed_keys = pc.unique(pa.concat_arrays([as_strings(self._seed_keys), as_strings(keys)]))
+        # only ever a value set (``pc.is_in``), where a repeated key costs nothing: no pc.unique over the pool
+        new._seed_keys = pa.concat_arrays([as_strings(self._seed_keys), as_strings(keys)])
         texts = near_dup_texts(more.column("question"), more.column("answer"))
         texts = as_strings(texts.filter(pc.greater(pc.utf8_length(texts), 0)))
         new._seed_texts = pa.concat_arrays([as_strings(self._seed_texts), texts])

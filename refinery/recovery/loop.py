@@ -107,7 +107,8 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
         cands = execute(planned, [states[i].actions[-1] for i in todo])
         gated = _regate_groups(cands, pool, regate, [group_of(rows[i]) for i in todo] if group_of else None)
         counted, got = [], []
-        for k, (i, cand) in enumerate(zip(todo, gated.to_pylist())):
+        for k, (i, cand) in enumerate(zip(todo, _candidates(gated, full=rediagnose is not None
+                                                             or check_error is not None))):
             s = states[i]
             s.attempts += 1
             s.calls += 1
@@ -121,7 +122,6 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
                     s.error_survives = bool(check_error(rows[i], cand))
                     if s.error_survives:
                         s.outcome = "laundered"
-                recovered.append(gated.slice(k, 1))
                 got.append(k)
                 reserved -= s.cap - s.attempts  # release what this row no longer needs
                 continue
@@ -131,8 +131,19 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
         if trail is not None:
             trail.append(gated.append_column("counted", pa.array(counted, pa.bool_())))
         if got:
-            pool = pool_of(pool, gated.take(pa.array(got, pa.int64())))
-    return pa.concat_tables(recovered) if recovered else None
+            kept = gated.take(pa.array(got, pa.int64()))
+            recovered.append(kept)
+            pool = pool_of(pool, kept)
+    return pa.concat_tables(recovered).combine_chunks() if recovered else None
+
+
+_STEP_COLUMNS = ("row_id", "prompt_tokens", "completion_tokens", "gate_keep", "gate_reasons")
+
+
+def _candidates(gated: pa.Table, *, full: bool) -> list[dict[str, Any]]:
+    """Gated candidates as dicts: every column when a candidate is diagnosed again or checked for its planted
+    error, else only the columns a round's bookkeeping reads (``_STEP_COLUMNS``)."""
+    return gated.to_pylist() if full else gated.select(list(_STEP_COLUMNS)).to_pylist()
 
 
 def _regate_groups(cands: pa.Table, pool: pa.Table, regate: Regate, groups: list[str] | None) -> pa.Table:

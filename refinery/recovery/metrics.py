@@ -14,7 +14,7 @@ from schemas.recovered import MODES
 def action_metrics(attempts: pa.Table, method: str) -> dict[str, Any]:
     """Per action of one method on the rejected generated rows: calls, candidates recovered, top rejection reasons."""
     out: dict[str, Any] = {}
-    for r in attempts.to_pylist():
+    for r in attempts.select(["recovery_method", "row_set", "recovery_action", "counted", "gate_reasons"]).to_pylist():
         if r["recovery_method"] != method or r["row_set"] != "generated":
             continue
         a = out.setdefault(r["recovery_action"], {"calls": 0, "recovered": 0, "reasons": Counter()})
