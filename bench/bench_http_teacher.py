@@ -6,8 +6,10 @@ A mock OpenAI-compatible server runs in its own process on 127.0.0.1 with a logn
 (mean 0.40 s, p99 1.9 s; the same latency for the same prompt, so both clients meet the same server). For
 each concurrency it prints requests/s of the stage path (``refinery.generation.teacher.run_jobs`` over
 ``OpenAICompatBackend`` and the SQLite cache, as generate runs it), of a bare aiohttp client with a semaphore,
-the ideal ``concurrency / mean latency``, and the ratios. ``--kill`` also SIGKILLs a generation of
-``--requests`` rows halfway and counts the requests the rerun sent again. Prints figures; asserts nothing.
+the ideal ``concurrency / mean latency``, the schedule bound (a client with no overhead on the server's exact
+latencies: the ideal less the drain, the last requests ending one by one), and the ratios. ``--kill`` also
+SIGKILLs a generation of ``--requests`` rows halfway and counts the requests the rerun sent again. Prints
+figures; asserts nothing.
 Run it alone: other load on the 2 cores is noise.
 """
 
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import heapq
+import inspect
 import math
 import os
 import signal
@@ -38,15 +43,11 @@ MU, SIGMA = {mu}, {sigma}
 seen = Counter()
 {reply}
 
-def latency(prompt):
-    h = hashlib.sha256(prompt.encode()).digest()
-    u1, u2 = (int.from_bytes(h[:8], "big") + 1) / 2**64, int.from_bytes(h[8:16], "big") / 2**64
-    z = math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
-    return math.exp(MU + SIGMA * z) * {scale}
+{latency}
 
 async def answer(prompt, seed):
     seen[prompt] += 1
-    delay = latency(prompt)
+    delay = latency(prompt) * {scale}
     if delay > 0:
         await asyncio.sleep(delay)
     text = reply(prompt, seed)
@@ -73,6 +74,27 @@ app.router.add_post("/v1/completions", complete)
 app.router.add_get("/stats", stats)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, backlog=4096)
 '''
+def latency(prompt: str) -> float:
+    """The mock server's latency for ``prompt`` (seconds, before its scale): lognormal, drawn from the prompt's hash."""
+    h = hashlib.sha256(prompt.encode()).digest()
+    u1, u2 = (int.from_bytes(h[:8], "big") + 1) / 2**64, int.from_bytes(h[8:16], "big") / 2**64
+    z = math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+    return math.exp(MU + SIGMA * z)
+
+
+def schedule_rate(prompts: list[str], concurrency: int) -> float:
+    """Requests/s of a client with no overhead at all: each of ``concurrency`` slots sends the next prompt the
+    moment its last one ends, on the server's exact latencies. What no client can beat: the ideal
+    ``concurrency / mean latency`` leaves out the drain, the last requests finishing one by one."""
+    slots = [0.0] * concurrency
+    end = 0.0
+    for p in prompts:
+        t = heapq.heappop(slots) + latency(p)
+        end = max(end, t)
+        heapq.heappush(slots, t)
+    return len(prompts) / end
+
+
 # The default reply: a fixed question-and-answer (this benchmark measures the client, not parsing).
 FIXED_REPLY = '''
 def reply(prompt, seed):
@@ -95,7 +117,7 @@ def start_server(scale: float = 1.0, reply: str = FIXED_REPLY, port: int = 0) ->
         port: the port to listen on (0: a free one).
     """
     port = port or free_port()
-    code = SERVER.format(mu=MU, sigma=SIGMA, scale=scale, reply=reply)
+    code = SERVER.format(mu=MU, sigma=SIGMA, scale=scale, reply=reply, latency=inspect.getsource(latency))
     proc = subprocess.Popen([sys.executable, "-c", code, str(port)])
     for _ in range(200):
         try:
@@ -188,18 +210,21 @@ def main() -> None:
     mean = math.exp(MU + SIGMA ** 2 / 2)
     print(f"mock server: lognormal latency, mean {mean:.3f} s, p99 {math.exp(MU + 2.326 * SIGMA):.2f} s; "
           f"{args.requests} requests per run; 2 cores shared by server and client")
-    print(f"{'concurrency':>11} {'ideal':>8} {'stage':>8} {'bare':>8} {'stage/ideal':>11} {'stage/bare':>10} "
-          f"{'stage CPU ms/req':>16} {'bare CPU ms/req':>15}")
+    print(f"{'concurrency':>11} {'ideal':>8} {'schedule':>8} {'stage':>8} {'bare':>8} {'stage/ideal':>11} "
+          f"{'sched/ideal':>11} {'stage/sched':>11} {'stage/bare':>10} {'stage CPU ms/req':>16} "
+          f"{'bare CPU ms/req':>15}")
     server, url = start_server()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for c in args.concurrency:
                 ideal = c / mean
+                sched = schedule_rate([r.messages[0][1] for r in requests(args.requests, f"s{c}")], c)
                 sw, sc = stage_path(url, args.requests, c, f"s{c}", Path(tmp) / f"s{c}.sqlite")
                 bw, bc = bare_client(url, args.requests, c, f"s{c}")  # same prompts, same latencies
                 s_rate, b_rate = args.requests / sw, args.requests / bw
-                print(f"{c:>11} {ideal:>8.1f} {s_rate:>8.1f} {b_rate:>8.1f} {s_rate / ideal:>11.3f} "
-                      f"{s_rate / b_rate:>10.3f} {1000 * sc / args.requests:>16.3f} "
+                print(f"{c:>11} {ideal:>8.1f} {sched:>8.1f} {s_rate:>8.1f} {b_rate:>8.1f} {s_rate / ideal:>11.3f} "
+                      f"{sched / ideal:>11.3f} {s_rate / sched:>11.3f} {s_rate / b_rate:>10.3f} "
+                      f"{1000 * sc / args.requests:>16.3f} "
                       f"{1000 * bc / args.requests:>15.3f}")
             if args.kill:
                 kill_and_resume(url, args.requests, max(args.concurrency), Path(tmp))

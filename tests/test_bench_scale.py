@@ -69,3 +69,17 @@ def test_smoke_mode_runs_every_stage_on_the_ray_engine(tmp_path):
     assert gated == 500
     assert "the other gates ran on the Ray workers" in proc.stdout
     assert "byte-identical" in proc.stdout
+
+
+def test_the_http_benchmarks_schedule_bound_is_a_window_without_overhead():
+    from bench.bench_http_teacher import latency, schedule_rate
+
+    prompts = [f"t prompt {i:06d}" for i in range(300)]
+    lat = [latency(p) for p in prompts]
+    # one slot sends the prompts one after another; as many slots as prompts wait only for the slowest
+    assert schedule_rate(prompts, 1) == pytest.approx(300 / sum(lat))
+    assert schedule_rate(prompts, 300) == pytest.approx(300 / max(lat))
+    # in between, the drain keeps the bound below concurrency / mean latency, the more the wider the window
+    mean = sum(lat) / len(lat)
+    ratios = [schedule_rate(prompts, c) / (c / mean) for c in (4, 16, 64)]
+    assert 1.0 >= ratios[0] > ratios[1] > ratios[2]
