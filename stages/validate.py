@@ -23,6 +23,7 @@ from refinery.core.errors import InputError, RefineryError
 from refinery.core.params import StageParams, load_section
 from refinery.engine.base import engine_of
 from refinery.gates.dedup import DedupParams
+from refinery.validation.expectations import Checked
 from schemas.datasets import Thresholds
 
 
@@ -130,7 +131,7 @@ class Checker:
         self.near = NearDup(nd.max_jaccard, nd.num_perm, nd.shingle)
         self.dedup = held_out_dedup(val, test, self.near)  # one for every dataset: shared rows are signed once
 
-    def check(self, kind: str, table: pa.Table):
+    def check(self, kind: str, table: pa.Table) -> tuple[Checked | None, str | None]:
         """Return (the check table and statistics, None), or (None, the row-contract error) for one dataset."""
         from refinery.validation.expectations import check_columns
         from schemas import datasets as datasets_schema
