@@ -39,7 +39,7 @@ def test_smoke_mode_runs_every_stage_and_prints_its_figures(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # then every stage ran on the rows of the previous one and printed its figures
     out = proc.stdout
-    for stage in ("generate", "generate_cached", "gate", "recover", "assemble", "validate"):
+    for stage in ("generate", "generate_cached", "gate", "recover", "recover_cached", "assemble", "validate"):
         line = next((x for x in out.splitlines() if x.startswith(stage + " ")), None)
         assert line is not None, out
         result = json.loads((tmp_path / "2000" / f"{stage}.result.json").read_text())
@@ -47,7 +47,10 @@ def test_smoke_mode_runs_every_stage_and_prints_its_figures(tmp_path):
     assert pq.read_metadata(tmp_path / "2000" / "03" / "synthetic.parquet").num_rows == 2000
     gated = sum(pq.read_metadata(tmp_path / "2000" / "04" / f"{k}.parquet").num_rows for k in ("accepted", "rejected"))
     assert gated == 2000
-    assert "byte-identical" in out  # the cached rerun of generate wrote the same bytes
+    # the cached reruns of generate and recover wrote the same bytes, recover without a teacher call
+    recover_cached = next(x for x in out.splitlines() if x.startswith("recover_cached "))
+    assert "byte-identical" in next(x for x in out.splitlines() if x.startswith("generate_cached "))
+    assert "byte-identical" in recover_cached and ", 0 made)" in recover_cached
     assert (tmp_path / "2000" / "reports" / "audit" / "curated.json").is_file()
 
 
