@@ -449,7 +449,8 @@ class Generate(Runner):
         from refinery.cli import cli
 
         p = _paths(work)
-        cli.main(["generate", "--params", str(p["params"]), "--train", str(p["train"]), "--documents", str(p["documents"]),
+        cli.main(["generate", "--params", str(p["params"]), "--train", str(p["train"]),
+                  "--documents", str(p["documents"]),
                   "--models", str(p["models"]), "--prompts", str(ROOT / "prompts"), "--cache", str(p["cache"]),
                   "--out", str(p["synthetic"]), "--metrics", str(p["metrics"] / "generate.json"),
                   "--critiques", str(p["synthetic"].with_name("critiques.parquet")), "--quiet"],
@@ -701,7 +702,8 @@ class Assemble(Runner):
         from refinery.cli import cli
 
         p = _paths(work)
-        cli.main(["assemble", "--params", str(p["params"]), "--train", str(p["train"]), "--contaminated", str(p["contaminated"]),
+        cli.main(["assemble", "--params", str(p["params"]), "--train", str(p["train"]),
+                  "--contaminated", str(p["contaminated"]),
                   "--accepted", str(p["gated"] / "accepted.parquet"),
                   "--recovered", str(p["recovered"] / "recovered.parquet"), "--generated", str(p["synthetic"]),
                   "--documents", str(p["documents"]), "--pairs", str(p["pairs"]), "--out", str(p["datasets"]),
@@ -726,7 +728,8 @@ class Validate(Runner):
 
         p = _paths(work)
         (work / "models").mkdir(exist_ok=True)
-        cli.main(["validate", "--params", str(p["params"]), "--datasets", str(p["datasets"]), "--train", str(p["train"]),
+        cli.main(["validate", "--params", str(p["params"]), "--datasets", str(p["datasets"]),
+                  "--train", str(p["train"]),
                   "--val", str(p["val"]), "--test", str(p["test"]), "--documents", str(p["documents"]),
                   "--models", str(p["models"]), "--cache", str(work / "cache" / "validate"),
                   "--expectations", str(ROOT / "schemas" / "expectations"), "--audit", str(p["reports"] / "audit"),
