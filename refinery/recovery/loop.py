@@ -107,8 +107,8 @@ def run_method(rows: list[dict[str, Any]], states: list[RowState], plan: PlanFn,
         cands = execute(planned, [states[i].actions[-1] for i in todo])
         gated = _regate_groups(cands, pool, regate, [group_of(rows[i]) for i in todo] if group_of else None)
         counted, got = [], []
-        for k, (i, cand) in enumerate(zip(todo, _candidates(gated, full=rediagnose is not None
-                                                             or check_error is not None))):
+        whole = rediagnose is not None or check_error is not None  # else the bookkeeping's columns suffice
+        for k, (i, cand) in enumerate(zip(todo, _candidates(gated, full=whole))):
             s = states[i]
             s.attempts += 1
             s.calls += 1
