@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 import numpy as np
@@ -23,8 +23,10 @@ from refinery.core.errors import InputError, RefineryError
 from refinery.core.params import StageParams, load_section
 from refinery.engine.base import engine_of
 from refinery.gates.dedup import DedupParams
-from refinery.validation.expectations import Checked
 from schemas.datasets import Thresholds
+
+if TYPE_CHECKING:  # the module itself is imported where it is used, as the other validation modules are
+    from refinery.validation.expectations import Checked
 
 
 class ChecksFailed(RefineryError):
