@@ -15,6 +15,13 @@ instead of the profile's own (the profile's rows, repeated with a numbered suffi
 gate has N different rows to judge). The local engine runs with the profile's ``gate.threads``. The stage runs
 DIR's own code (``PYTHONPATH=DIR``): rebuild DIR after changing the code, or copy the changed files into it.
 
+With ``--fixed-cost`` each repeat also runs the Ray engine's fixed cost alone: a cluster started as the stage starts
+it, ``--workers`` actors that each load the gate models once (as the stage's workers do), the cluster stopped. Ray
+pays that cost whatever it gates, on top of the work the local engine does; so, with the machine's busy CPU seconds
+measured around each run (every process counted, Ray's daemons too: measure on an otherwise idle machine), the
+figure ``(local CPU + fixed CPU) / cores`` is a wall time a Ray run cannot beat here, however well it overlaps its
+work (assuming the gating itself costs a worker the CPU it costs the stage's own process).
+
 Prints both wall times, their ratio (target: Ray within 1.3x of local) and whether every output file is equal
 byte for byte (accepted, rejected, injected Parquet and thresholds.json; the metrics files too). With
 ``--reference dvc`` only the Ray run is made, and its outputs are compared with the project's own gate outputs
@@ -124,17 +131,75 @@ def params_for(project: Path, run: Path, kind: str, workers: int) -> Path:
     return path
 
 
-def time_gate(project: Path, run: Path, kind: str, workers: int, synthetic: Path | None) -> float:
-    """Run the gate stage once in a fresh process with an empty cache; return its wall seconds."""
+def busy_cpu_s() -> float | None:
+    """Return the machine's busy CPU seconds so far, every process counted (Ray's daemons and workers are no
+    children of the stage): Linux's /proc/stat, None elsewhere. Meaningful only on an otherwise idle machine."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float | None]:
+    """Run ``cmd``; return the process, its wall seconds and the machine's busy CPU seconds meanwhile."""
+    c0, t0 = busy_cpu_s(), time.perf_counter()
+    proc = _run(cmd, cwd)
+    seconds, c1 = time.perf_counter() - t0, busy_cpu_s()
+    return proc, seconds, None if c0 is None or c1 is None else c1 - c0
+
+
+def time_gate(project: Path, run: Path, kind: str, workers: int, synthetic: Path | None) -> tuple[float, float | None]:
+    """Run the gate stage once in a fresh process with an empty cache; return its wall and busy CPU seconds."""
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
     cmd = gate_command(project, params_for(project, run, kind, workers), run, synthetic)
-    t0 = time.perf_counter()
-    proc = _run(cmd, project)
-    seconds = time.perf_counter() - t0
+    proc, seconds, cpu = timed(cmd, project)
     (run / "stderr.log").write_text(proc.stderr)
-    return seconds
+    return seconds, cpu
+
+
+class _LoadModels:
+    """A Ray Data actor that loads what a model-gate worker of the stage loads (judge, verifier, reward model,
+    embedder, with the stage's threads), then passes its rows through: the Ray engine's fixed cost, no gating."""
+
+    def __init__(self, loader: object):
+        models = loader()
+        for name in ("judge", "verifier", "reward"):
+            getattr(models, name)
+        models.embedder.embed(["a text to load the embedder"])
+
+    def __call__(self, batch: object) -> object:
+        return batch
+
+
+def measure_fixed_cost(project: Path, workers: int) -> None:
+    """In this process: start the Ray engine as the stage would, have ``workers`` actors load the gate models
+    once each, stop the cluster (what the Ray engine costs whatever the rows; run by --fixed-cost in a child)."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from refinery.core.params import load_section
+    from refinery.engine.params import EngineParams
+    from refinery.engine.raydata import RayEngine
+    from refinery.gates.run import GateParams, ModelLoader
+
+    params = load_section(project / "params.yaml", "gate", GateParams)
+    with tempfile.TemporaryDirectory() as cache:
+        loader = ModelLoader(params, str(project / "models" / "base"), str(project / "models" / "verifier"),
+                             str(project / "models" / "reward"), cache)
+        engine = RayEngine(EngineParams(kind="ray", workers=workers, cpus_per_worker=1, block_rows=256), quiet=True)
+        with engine:
+            ray = engine.connect()
+            ds = ray.data.from_arrow([pa.table({"x": [i]}) for i in range(workers)]).map_batches(
+                _LoadModels, fn_constructor_args=(loader,), batch_size=None, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+            rows = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    if rows != workers:
+        raise click.ClickException(f"fixed cost: {rows} of {workers} rows came back")
 
 
 def first_difference(a: Path, b: Path) -> str | None:
@@ -164,8 +229,17 @@ def first_difference(a: Path, b: Path) -> str | None:
 @click.option("--reference", type=click.Choice(["local", "dvc"]), default="local", show_default=True,
               help="What Ray's outputs are compared with: a local run here, or the project's own dvc outputs.")
 @click.option("--check", is_flag=True, help="Exit 1 when the two engines' outputs differ.")
+@click.option("--fixed-cost", is_flag=True,
+              help="Also measure the Ray engine's fixed cost (start, one model load per worker, stop) and print a "
+                   "lower bound on Ray's wall time on this machine's cores, given the local run's CPU.")
+@click.option("--fixed-cost-child", is_flag=True, hidden=True)
 def main(project: Path | None, build_dir: Path | None, rows: int | None, workers: int, repeats: int,
-         reference: str, check: bool) -> None:
+         reference: str, check: bool, fixed_cost: bool, fixed_cost_child: bool) -> None:
+    if fixed_cost_child:
+        if project is None:
+            raise click.UsageError("--fixed-cost-child needs --project")
+        measure_fixed_cost(project.resolve(), workers)
+        return
     if build_dir is not None:
         build(build_dir.resolve())
         project = project or build_dir
@@ -181,10 +255,20 @@ def main(project: Path | None, build_dir: Path | None, rows: int | None, workers
         raise click.UsageError("--reference dvc compares with the project's own rows: leave out --rows")
     kinds = ("local", "ray") if reference == "local" else ("ray",)
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float | None]] = {k: [] for k in kinds}
+    fixed: list[tuple[float, float | None]] = []
     for r in range(repeats):
         for kind in kinds:  # alternated, so both see the same background load on average
-            times[kind].append(time_gate(project, work / kind, kind, workers, synthetic))
-            click.echo(f"run {r + 1}/{repeats} {kind}: {times[kind][-1]:.1f} s", err=True)
+            seconds, cpu = time_gate(project, work / kind, kind, workers, synthetic)
+            times[kind].append(seconds)
+            cpus[kind].append(cpu)
+            click.echo(f"run {r + 1}/{repeats} {kind}: {seconds:.1f} s, machine busy {_cpu(cpu)} CPU s", err=True)
+        if fixed_cost:
+            _, seconds, cpu = timed([sys.executable, str(Path(__file__).resolve()), "--project", str(project),
+                                     "--workers", str(workers), "--fixed-cost-child"], project)
+            fixed.append((seconds, cpu))
+            click.echo(f"run {r + 1}/{repeats} Ray fixed cost: {seconds:.1f} s, machine busy {_cpu(cpu)} CPU s",
+                       err=True)
     if reference == "local":
         ref_out = work / "local" / "out"
         ref_metrics = {f: work / "local" / f for f in ("gate.json", "gate_injection.json")}
@@ -194,14 +278,26 @@ def main(project: Path | None, build_dir: Path | None, rows: int | None, workers
     diffs = [d for f in OUTPUTS if (d := first_difference(ref_out / f, work / "ray" / "out" / f))]
     diffs += [d for f, path in ref_metrics.items() if (d := first_difference(path, work / "ray" / f))]
     local, ray = min(times.get("local") or [float("nan")]), min(times["ray"])
+    bound = None
+    local_cpu = [c for c in cpus.get("local", []) if c is not None]
+    fixed_cpu = [c for _, c in fixed if c is not None]
+    if local_cpu and fixed_cpu:  # the local run's CPU plus Ray's fixed CPU, spread perfectly over every core
+        bound = (min(local_cpu) + min(fixed_cpu)) / (os.cpu_count() or 1)
     import pyarrow.parquet as pq
 
     n = pq.read_metadata(synthetic or project / "data" / "03_generated" / "synthetic.parquet").num_rows
     planted = pq.read_metadata(project / "data" / "03_generated" / "injected.parquet").num_rows
     block_rows = yaml.safe_load((project / "params.yaml").read_text())["engine"]["block_rows"]
+    if bound:
+        click.echo(f"Ray's bound on {os.cpu_count()} cores: {bound:.1f} s = {bound / local:.2f}x local (the local "
+                   f"run's CPU plus Ray's fixed cost, every core busy all the time)")
     click.echo(json.dumps({"generated_rows": n, "planted_rows": planted, "block_rows": block_rows,
                            "ray_workers": workers, "local_s": round(local, 1) if local == local else None,
                            "ray_s": round(ray, 1), "ray_over_local": round(ray / local, 3) if local == local else None,
+                           "local_busy_cpu_s": _round(cpus.get("local")), "ray_busy_cpu_s": _round(cpus["ray"]),
+                           "ray_fixed_s": _round([t for t, _ in fixed]), "ray_fixed_busy_cpu_s": _round(fixed_cpu),
+                           "cores": os.cpu_count(), "ray_bound_s": round(bound, 1) if bound else None,
+                           "ray_bound_over_local": round(bound / local, 3) if bound and local == local else None,
                            "reference": reference, "outputs_equal": not diffs}))
     against = "the local run" if reference == "local" else "the project's dvc outputs"
     click.echo(f"gate stage: local {local:.1f} s, Ray ({workers} workers) {ray:.1f} s: ratio {ray / local:.2f} "
@@ -209,6 +305,16 @@ def main(project: Path | None, build_dir: Path | None, rows: int | None, workers
                f"(against {against})")
     if check and diffs:
         sys.exit(1)
+
+
+def _cpu(cpu: float | None) -> str:
+    return "n/a" if cpu is None else f"{cpu:.0f}"
+
+
+def _round(values: list[float | None] | None) -> float | None:
+    """The smallest value (the run least disturbed), rounded; None when there is none."""
+    values = [v for v in values or [] if v is not None]
+    return round(min(values), 1) if values else None
 
 
 if __name__ == "__main__":

@@ -572,12 +572,18 @@ def test_a_worker_with_other_code_than_the_driver_refuses_in_one_line():
 @pytest.mark.slow
 def test_the_ci_profiles_gate_stage_writes_the_same_files_on_ray(ci_project):
     # given the ci project after dvc repro (its gate outputs made by the local engine)
-    # when its gate stage's own cmd runs again with engine.kind ray (a local cluster of 2 workers)
+    # when its gate stage's own cmd runs again with engine.kind ray (a local cluster of 2 workers), and the
+    # benchmark also measures Ray's fixed cost (a cluster whose 2 workers load the gate models, then stop)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_ray_gate.py"), "--project", str(ci_project),
-                           "--reference", "dvc", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                           "--reference", "dvc", "--check", "--fixed-cost"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=3600)
     # then accepted, rejected, injected, thresholds.json and both metrics files equal dvc's byte for byte
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-2])
     assert summary["outputs_equal"] and summary["reference"] == "dvc"
     assert summary["generated_rows"] > 0 and summary["planted_rows"] > 0
+    # and the fixed cost was measured (its bound needs a local run: none with --reference dvc)
+    assert summary["ray_fixed_s"] > 0 and summary["ray_bound_s"] is None
+    if Path("/proc/stat").exists():
+        assert summary["ray_busy_cpu_s"] > 0 and summary["ray_fixed_busy_cpu_s"] > 0
     shutil.rmtree(ci_project / ".bench-ray")  # the project as the repro left it
