@@ -414,13 +414,13 @@ def test_vector_cache_loads_its_shards_as_merging_them_one_by_one_did(tmp_path, 
     # when a fresh cache loads them, and the old way merges the shards one at a time in file order
     loaded = VectorCache(tmp_path / "c", 3, np.float32)
     assert len(loaded) > 0
-    import pyarrow.parquet as pq
-
     from refinery.models.embed import _keys_from_arrow
 
     keys, vecs = np.zeros(0, "S16"), np.zeros((0, 3), np.float32)
-    for shard in sorted((tmp_path / "c").glob("part-*.parquet")):
-        t = pq.read_table(shard)
+    shards = sorted((tmp_path / "c").glob("part-*.arrow"))
+    assert len(shards) == 5
+    for shard in shards:
+        t = pa.ipc.open_file(str(shard)).read_all()
         shard_vecs = np.asarray(t.column("vec").to_pylist(), np.float32)
         keys, vecs = old_merge(keys, vecs, _keys_from_arrow(t.column("key")), shard_vecs)
     # then both hold the same keys and vectors
@@ -478,3 +478,33 @@ def test_recovery_rounds_read_only_what_they_need_and_keep_what_they_kept(monkey
            [(s.outcome, s.attempts, s.calls, s.tokens, s.last_reasons, (s.recovered or {}).get("row_id"), s.next)
             for s in old_states]
     assert all(a.equals(b) for a, b in zip(new_trail, old_trail)) and len(new_trail) == len(old_trail) > 1
+
+
+def test_vector_cache_reads_its_arrow_shards_and_the_parquet_shards_of_earlier_versions(tmp_path):
+    import pyarrow.parquet as pq
+
+    from refinery.engine.embed import FrozenCacheEmbedder
+    from refinery.models.embed import VectorCache, _keys_to_arrow
+
+    # given a shard written the earlier way (Parquet) and one written now (Arrow IPC, by put)
+    old_keys = np.array([b"a" * 16, b"b" * 16], "S16")
+    old_vecs = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    pq.write_table(pa.table({"key": _keys_to_arrow(old_keys), "vec": pa.FixedSizeListArray.from_arrays(
+        pa.array(old_vecs.reshape(-1), pa.float32()), 3)}), folder / "part-0000000000000000.parquet")
+    new_keys = np.array([b"c" * 16], "S16")
+    VectorCache(folder, 3, np.float32).put(new_keys, np.array([[7, 8, 9]], np.float32))
+    written = [p.name for p in folder.iterdir() if p.suffix == ".arrow"]
+    assert len(written) == 1 and pa.ipc.open_file(str(folder / written[0])).read_all().num_rows == 1
+    # when a fresh cache and a frozen view of the folder read them
+    found, vecs = VectorCache(folder, 3, np.float32).get(np.concatenate([old_keys, new_keys]))
+
+    class Base:
+        cache = VectorCache(folder, 3, np.float32)
+        model_id = "m"
+
+    view = FrozenCacheEmbedder(Base(), FrozenCacheEmbedder.shards_of(Base()))._frozen()
+    # then both hold every vector of both shards
+    assert found.all() and np.array_equal(vecs, np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.float32))
+    assert len(view) == 3 and np.array_equal(view.get(old_keys)[1], old_vecs)

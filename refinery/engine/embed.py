@@ -33,7 +33,9 @@ class FrozenCacheEmbedder:
         folder = base.cache.folder
         if folder is None or not Path(folder).is_dir():
             return ()
-        return tuple(sorted(p.name for p in Path(folder).glob("part-*.parquet")))
+        from refinery.models.embed import shard_files
+
+        return tuple(p.name for p in shard_files(folder))
 
     @property
     def computed(self) -> int:
@@ -42,10 +44,7 @@ class FrozenCacheEmbedder:
 
     def _frozen(self) -> Any:
         if self._view is None:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            from refinery.models.embed import VectorCache, _keys_from_arrow
+            from refinery.models.embed import VectorCache, read_shard
 
             view = VectorCache(None, None, np.float32)
             folder = self.base.cache.folder
@@ -54,13 +53,11 @@ class FrozenCacheEmbedder:
                 path = Path(folder) / name
                 if not path.is_file():
                     continue  # removed since (a cleaned cache): those texts are embedded again
-                table = pq.read_table(path)
-                column = table.column("vec")
-                flat = pa.concat_arrays([c.flatten() for c in column.chunks]) if column.num_chunks else None
-                if flat is None:
+                shard_keys, shard_vecs = read_shard(path, np.float32)
+                if not len(shard_keys):
                     continue
-                keys.append(_keys_from_arrow(table.column("key")))
-                vecs.append(flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, column.type.list_size))
+                keys.append(shard_keys)
+                vecs.append(shard_vecs)
             if keys:
                 all_keys, first = np.unique(np.concatenate(keys), return_index=True)
                 view.put(all_keys, np.concatenate(vecs)[first])

@@ -124,7 +124,7 @@ def shingle_hashes(codes: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.n
 class SignatureStore:
     """MinHash signatures of texts, computed with rensa and cached on disk by content hash.
 
-    The cache (:class:`refinery.models.embed.VectorCache`: Parquet shards, no pickle) lives in a sub-folder named by
+    The cache (:class:`refinery.models.embed.VectorCache`: Arrow IPC shards, no pickle) lives in a sub-folder named by
     the shingling config and rensa's algorithm version, and its keys hash that config with the text, so a
     change of either never reads stale signatures. The similarity threshold is not part of the key.
 
