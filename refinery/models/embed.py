@@ -25,10 +25,10 @@ class VectorCache:
 
     Each :meth:`put` writes one shard (``part-<hash>.arrow``, an Arrow IPC file, zstd-compressed buffers:
     ``key`` binary(16), ``vec`` fixed-size list) to a temporary name and renames it into place, so readers never
-    see half a shard and concurrent writers of the same vectors write the same file. Shards are read memory-mapped
-    (an IPC file needs no decoding, where Parquet's dictionary pages of hash values cost seconds per 100,000
-    vectors); Parquet shards (``part-<hash>.parquet``) written by earlier versions are still read. Nothing is
-    pickled. With ``folder=None`` vectors live in memory only, for the life of the object.
+    see half a shard and concurrent writers of the same vectors write the same file. Shards are read memory-mapped:
+    an IPC file needs no decoding, and decoding Parquet was most of the time a stage spent loading a large cache
+    (``docs/measurements.md``, stop 40). Parquet shards (``part-<hash>.parquet``) written by earlier versions are
+    still read. Nothing is pickled. With ``folder=None`` vectors live in memory only, for the life of the object.
 
     Args:
         folder: the shard folder (created on the first write), or None.
@@ -149,8 +149,8 @@ def shard_files(folder: str | Path) -> list[Path]:
 def read_shard(path: str | Path, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """Read one shard: its ``S16`` keys and its vectors as a (keys, dim) matrix of ``dtype``.
 
-    An IPC shard (``.arrow``) is memory-mapped and its buffers copied once into the matrix; a Parquet shard
-    (``.parquet``, earlier versions) is decoded.
+    An IPC shard (``.arrow``) is memory-mapped and its buffers decompressed; a Parquet shard (``.parquet``,
+    earlier versions) is decoded.
     """
     path = Path(path)
     if path.suffix == ".arrow":
