@@ -337,6 +337,25 @@ def plan_rare(eligible: list[dict[str, Any]], docs: dict[str, dict[str, Any]], t
                      else "question_wh_word", "classes": classes, "calls": len(planned)}
 
 
+# what a rewrite reads of the row it rewrites, and what the generated row keeps of it (calls.to_rows)
+_REWRITE_FIELDS = ("row_id", "parent_ids", "doc_id", "evidence_start", "evidence_end", "evidence", "question",
+                   "answer", "intent")
+
+
+def _rewritable(table: pa.Table) -> list[dict[str, Any]]:
+    """Return the parsed evol rows of a round (non-empty question and answer), in table order, as dicts of the
+    fields a rewrite reads: filtered and selected in Arrow first, so no other row or field becomes Python objects."""
+    import pyarrow.compute as pc
+
+    def filled(column: str) -> pa.ChunkedArray:
+        return pc.fill_null(pc.greater(pc.utf8_length(table.column(column)), 0), False)
+
+    keep = pc.and_(pc.and_(pc.is_in(table.column("strategy"), value_set=pa.array(strat.EVOL_STRATEGIES)),
+                           pc.and_(pc.is_null(table.column("error")), pc.is_null(table.column("parse_error")))),
+                   pc.and_(filled("question"), filled("answer")))
+    return table.filter(keep).select(list(_REWRITE_FIELDS)).to_pylist()
+
+
 def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, templates: dict[str, Template],
                params: GenerateParams, teacher_id: str, round_no: int) -> tuple[list[Planned], int]:
     """Plan Evol-Instruct round ``round_no`` (2, 3, ...): each call rewrites a parsed evol row of the round before.
@@ -348,8 +367,7 @@ def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, temp
     Returns:
         The planned calls, and how many of them fell back to seed rows.
     """
-    rows = [r for r in previous.to_pylist() if r["strategy"] in strat.EVOL_STRATEGIES and r["error"] is None
-            and r["parse_error"] is None and r["question"] and r["answer"]]
+    rows = _rewritable(previous)
     seed_rows = {r["row_id"]: r for r in train.to_pylist()}
     shots = ShotPool(list(seed_rows.values()))
     planned: list[Planned] = []
@@ -539,6 +557,7 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
                "engine": engine if engine.name != "local" else None}
         t0 = time.perf_counter()
         table, stats, seconds = generation.execute(planned, backend, cache_file, documents, desc="generate", **run)
+        del planned  # its prompts are in the rows now: freed before the next round is planned
         tables, fallbacks = [table], []
         for round_no, counts in enumerate(plan_metrics["calls_per_round"][1:], start=2):
             more, fallback = plan_round(tables[-1], counts, train, templates, params, teacher_id, round_no)

@@ -508,3 +508,77 @@ def test_vector_cache_reads_its_arrow_shards_and_the_parquet_shards_of_earlier_v
     # then both hold every vector of both shards
     assert found.all() and np.array_equal(vecs, np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.float32))
     assert len(view) == 3 and np.array_equal(view.get(old_keys)[1], old_vecs)
+
+
+def _generated_table(n: int, seed: int) -> pa.Table:
+    """Generated rows with every outcome: parsed, call errors, parse errors, empty and missing texts."""
+    from refinery.generation import strategies as strat
+
+    r = np.random.default_rng(seed)
+    names = sorted(strat.STRATEGIES)
+    cols: dict[str, list] = {c: [] for c in ("row_id", "parent_ids", "doc_id", "evidence_start", "evidence_end",
+                                             "evidence", "question", "answer", "intent", "strategy", "error",
+                                             "parse_error", "completion_tokens", "raw_output")}
+    for i in range(n):
+        outcome = r.integers(0, 5)
+        cols["row_id"].append(f"syn{i}")
+        cols["parent_ids"].append([f"seed{i % 7}", f"syn{max(i - 1, 0)}"][: 1 + i % 2])
+        cols["doc_id"].append(f"d{i % 5}")
+        cols["evidence_start"].append(i)
+        cols["evidence_end"].append(i + 10)
+        cols["evidence"].append(f"evidence {i}")
+        cols["question"].append(None if outcome == 1 else ("" if outcome == 2 else f"q{i}?"))
+        cols["answer"].append(None if outcome == 1 else ("" if outcome == 3 else f"a{i}"))
+        cols["intent"].append(f"intent{i % 3}")
+        cols["strategy"].append(names[int(r.integers(0, len(names)))])
+        cols["error"].append(["http_503: busy", "timeout", ""][i % 3] if outcome == 1 else None)
+        cols["parse_error"].append(["parse_empty", "parse_format", ""][i % 3] if outcome == 4 else None)
+        cols["completion_tokens"].append(int(r.integers(0, 50)))
+        cols["raw_output"].append(f"output {i}")
+    return pa.table(cols)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_outcome_metrics_count_in_arrow_what_the_row_dicts_counted(seed):
+    from collections import Counter
+
+    from refinery.generation.calls import outcome_metrics
+
+    def old(table):  # the earlier implementation: one dict per row
+        rows = table.select(["strategy", "error", "parse_error", "completion_tokens"]).to_pylist()
+
+        def counts(sub):
+            call = sum(r["error"] is not None for r in sub)
+            parse = sum(r["error"] is None and r["parse_error"] is not None for r in sub)
+            return {"rows": len(sub), "parsed": len(sub) - call - parse, "call_errors": call, "parse_errors": parse,
+                    "failure_share": round((call + parse) / max(len(sub), 1), 4)}
+
+        per = {name: counts([r for r in rows if r["strategy"] == name])
+               for name in sorted({r["strategy"] for r in rows})}
+        return {**counts(rows),
+                "call_errors_by_reason": dict(sorted(Counter(r["error"].split(":", 1)[0] for r in rows
+                                                             if r["error"]).items())),
+                **{f"dropped_{k}": v for k, v in sorted(Counter(r["parse_error"] for r in rows
+                                                                 if r["parse_error"]).items())},
+                "per_strategy": per, "completion_tokens": sum(r["completion_tokens"] for r in rows)}
+
+    # given generated rows of every outcome (and an empty table)
+    for table in (_generated_table(300, seed), _generated_table(300, seed).slice(0, 0)):
+        # when both count them, then the metrics are the same, key order included
+        new, before = outcome_metrics(table), old(table)
+        assert json.dumps(new) == json.dumps(before)
+
+
+def test_a_round_rewrites_the_rows_it_did_when_every_row_became_a_dict(monkeypatch):
+    from refinery.generation import strategies as strat
+    from stages import generate
+
+    table = _generated_table(400, 3)
+    # given the earlier selection: every row as a dict, filtered in Python
+    before = [r for r in table.to_pylist() if r["strategy"] in strat.EVOL_STRATEGIES and r["error"] is None
+              and r["parse_error"] is None and r["question"] and r["answer"]]
+    # when the round's rows are selected in Arrow
+    now = generate._rewritable(table)
+    # then the same rows, in the same order, with the same values of every field a rewrite reads
+    assert len(now) == len(before) > 0
+    assert [{k: r[k] for k in generate._REWRITE_FIELDS} for r in before] == now

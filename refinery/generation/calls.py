@@ -91,20 +91,28 @@ def outcome_metrics(table: pa.Table) -> dict[str, Any]:
     counts, cache hits, retries and latencies go to the run log, not here: metrics must not depend on
     what was cached or how the server behaved.
     """
-    rows = table.select(["strategy", "error", "parse_error", "completion_tokens"]).to_pylist()  # what is counted
+    import pyarrow.compute as pc
 
-    def counts(sub: list[dict[str, Any]]) -> dict[str, Any]:
-        call = sum(r["error"] is not None for r in sub)
-        parse = sum(r["error"] is None and r["parse_error"] is not None for r in sub)
-        return {"rows": len(sub), "parsed": len(sub) - call - parse, "call_errors": call, "parse_errors": parse,
-                "failure_share": round((call + parse) / max(len(sub), 1), 4)}
+    # counted column by column, with no Python object per row
+    strategy, error, parse_error = (table.column(c) for c in ("strategy", "error", "parse_error"))
+    call_failed = pc.is_valid(error)
+    parse_failed = pc.and_(pc.invert(call_failed), pc.is_valid(parse_error))
 
-    per = {name: counts([r for r in rows if r["strategy"] == name]) for name in sorted({r["strategy"] for r in rows})}
+    def counts(where: pa.ChunkedArray | None) -> dict[str, Any]:
+        n = table.num_rows if where is None else int(pc.sum(where).as_py() or 0)
+        call = int(pc.sum(call_failed if where is None else pc.and_(where, call_failed)).as_py() or 0)
+        parse = int(pc.sum(parse_failed if where is None else pc.and_(where, parse_failed)).as_py() or 0)
+        return {"rows": n, "parsed": n - call - parse, "call_errors": call, "parse_errors": parse,
+                "failure_share": round((call + parse) / max(n, 1), 4)}
+
+    per = {name: counts(pc.equal(strategy, name)) for name in sorted(pc.unique(strategy).to_pylist())}
+    errors = pc.drop_null(error).to_pylist()
+    dropped = pc.drop_null(parse_error).to_pylist()
     return {
-        **counts(rows),
-        "call_errors_by_reason": dict(sorted(Counter(r["error"].split(":", 1)[0] for r in rows if r["error"]).items())),
-        **{f"dropped_{k}": v for k, v in sorted(Counter(r["parse_error"] for r in rows if r["parse_error"]).items())},
-        "per_strategy": per, "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        **counts(None),
+        "call_errors_by_reason": dict(sorted(Counter(e.split(":", 1)[0] for e in errors if e).items())),
+        **{f"dropped_{k}": v for k, v in sorted(Counter(d for d in dropped if d).items())},
+        "per_strategy": per, "completion_tokens": int(pc.sum(table.column("completion_tokens")).as_py() or 0),
     }
 
 
