@@ -94,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-vector-cache-") as tmp:
         t0 = time.perf_counter()
         folders = dict(zip(("parquet", "ipc"), build(Path(tmp), args.texts, args.shards)))
-        print(f"{args.texts:,} texts signed and stored in {args.shards} shards per format in "
+        print(f"{args.texts:,} texts signed and stored in {args.shards} shard{'s' * (args.shards > 1)} per format in "
               f"{time.perf_counter() - t0:.1f} s; on disk: parquet {size(folders['parquet']) / 2**20:.1f} MiB, "
               f"ipc {size(folders['ipc']) / 2**20:.1f} MiB")
         seconds: dict[str, list[float]] = {"parquet": [], "ipc": []}
