@@ -25,9 +25,9 @@ class VectorCache:
 
     Each :meth:`put` writes one shard (``part-<hash>.arrow``, an Arrow IPC file, zstd-compressed buffers:
     ``key`` binary(16), ``vec`` fixed-size list) to a temporary name and renames it into place, so readers never
-    see half a shard and concurrent writers of the same vectors write the same file. Shards are read memory-mapped:
-    an IPC file needs no decoding, and decoding Parquet was most of the time a stage spent loading a large cache
-    (``docs/measurements.md``, stop 40). Parquet shards (``part-<hash>.parquet``) written by earlier versions are
+    see half a shard and concurrent writers of the same vectors write the same file. Shards are read memory-mapped,
+    and only their zstd buffers are decompressed: decoding Parquet was most of the time a stage spent loading a large
+    cache (``docs/measurements.md``, stop 40). Parquet shards (``part-<hash>.parquet``) written by earlier versions are
     still read. Nothing is pickled. With ``folder=None`` vectors live in memory only, for the life of the object.
 
     Args:
