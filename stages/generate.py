@@ -22,8 +22,8 @@ from refinery.models.backends.base import GenRequest
 from refinery.core.errors import RefineryError
 from refinery.core.params import StageParams, load_section, params_hash
 from refinery.generation.prompts import Template
-from refinery.generation.calls import (Planned, TeacherDtype, call_seed, load_templates, outcome_metrics,
-                                 teacher_backend, write_run_log)
+from refinery.generation.calls import (OUTCOME_COLUMNS, Planned, TeacherDtype, call_seed, load_templates,
+                                       outcome_metrics, teacher_backend, write_run_log)
 from refinery.generation.few_shot import ShotPool, sample_shots, shot_values
 from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 from refinery.core.text import sentence_spans
@@ -342,9 +342,9 @@ _REWRITE_FIELDS = ("row_id", "parent_ids", "doc_id", "evidence_start", "evidence
                    "answer", "intent")
 
 
-def _rewritable(table: pa.Table) -> list[dict[str, Any]]:
-    """Return the parsed evol rows of a round (non-empty question and answer), in table order, as dicts of the
-    fields a rewrite reads: filtered and selected in Arrow first, so no other row or field becomes Python objects."""
+def _evol_parsed(table: pa.Table) -> pa.Table:
+    """Return the parsed evol rows of a round (non-empty question and answer), in table order, with the fields a
+    rewrite reads and those this filter reads."""
     import pyarrow.compute as pc
 
     def filled(column: str) -> pa.ChunkedArray:
@@ -353,7 +353,73 @@ def _rewritable(table: pa.Table) -> list[dict[str, Any]]:
     keep = pc.and_(pc.and_(pc.is_in(table.column("strategy"), value_set=pa.array(strat.EVOL_STRATEGIES)),
                            pc.and_(pc.is_null(table.column("error")), pc.is_null(table.column("parse_error")))),
                    pc.and_(filled("question"), filled("answer")))
-    return table.filter(keep).select(list(_REWRITE_FIELDS)).to_pylist()
+    return table.filter(keep).select(list(_REWRITE_FIELDS) + ["strategy", "error", "parse_error"])
+
+
+def _rewritable(table: pa.Table) -> list[dict[str, Any]]:
+    """Return the parsed evol rows of a round (non-empty question and answer), in table order, as dicts of the
+    fields a rewrite reads: filtered and selected in Arrow first, so no other row or field becomes Python objects."""
+    return _evol_parsed(table).select(list(_REWRITE_FIELDS)).to_pylist()
+
+
+class StreamedRows:
+    """Where generate's rows go as each block of calls is answered, so that no round is ever one table in memory.
+
+    A block's rows are written to the output in plan order, except the critique_revise drafts when their chains
+    are to run (``hold_drafts``): those are held back (one strategy's share of the rows) and their outcomes
+    written after every round, where the unstreamed stage put them. Kept beside the file: the columns the metrics
+    count (per round and for the output), each round's parsed evol rows (what the next round rewrites) and the
+    row_ids written, to check their uniqueness across blocks.
+    """
+
+    def __init__(self, write: Any, hold_drafts: bool):
+        self._write, self._hold = write, hold_drafts
+        self._row_ids: set[str] = set()
+        self._written = 0
+        self.rounds: list[list[pa.Table]] = []  # per round, the metrics' columns of every row it produced
+        self.evol: list[pa.Table] = []  # the round being run: its parsed evol rows
+        self.drafts: list[pa.Table] = []  # critique_revise drafts held back
+        self.output: list[pa.Table] = []  # the metrics' columns of the rows written, in order
+
+    def new_round(self) -> None:
+        """Start taking the rows of the next round."""
+        self.rounds.append([])
+        self.evol = []
+
+    def __call__(self, table: pa.Table) -> None:
+        """Take one block of a round's rows."""
+        import pyarrow.compute as pc
+
+        self.rounds[-1].append(table.select(list(OUTCOME_COLUMNS)))
+        evol = _evol_parsed(table)
+        if evol.num_rows:
+            self.evol.append(evol)
+        if self._hold:
+            is_draft = pc.equal(table.column("strategy"), "critique_revise")
+            drafts = table.filter(is_draft)
+            if drafts.num_rows:
+                self.drafts.append(drafts)
+                table = table.filter(pc.invert(is_draft))
+        self.write(table)
+
+    def write(self, table: pa.Table) -> None:
+        """Write rows to the output, after checking that no row_id was written before."""
+        for i, row_id in enumerate(table.column("row_id").to_pylist()):
+            if row_id in self._row_ids:
+                raise RefineryError(f"generate: output row {self._written + i + 1}: row_id {row_id} is not unique "
+                                    f"(two calls with the same cache key)")
+            self._row_ids.add(row_id)
+        self._written += table.num_rows
+        self.output.append(table.select(list(OUTCOME_COLUMNS)))
+        self._write(table)
+
+    @staticmethod
+    def joined(tables: list[pa.Table], columns: tuple[str, ...] | None = None) -> pa.Table:
+        """Return ``tables`` as one table (empty, with the synthetic schema's columns, when there is none)."""
+        if tables:
+            return pa.concat_tables(tables)
+        names = list(columns or synthetic_schema.ARROW.names)
+        return pa.schema([synthetic_schema.ARROW.field(n) for n in names]).empty_table()
 
 
 def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, templates: dict[str, Template],
@@ -548,25 +614,32 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
         critic, reviser = load_template(Path(prompts_dir) / "critique.txt"), load_template(Path(prompts_dir) /
                                                                                          "revise.txt")
         constitution = load_constitution(Path(prompts_dir) / "constitution.txt")
-    # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process
-    with engine_of(params_file) as engine:
+    # engine ray: the teacher batches run on Ray workers (same batches, same cache keys); local: in this process.
+    # The rows stream to the output file block by block (StreamedRows); it is put in place only on success.
+    with engine_of(params_file) as engine, atomic_outputs() as outputs, \
+            outputs.parquet_stream(out_file, synthetic_schema.ARROW) as write:
         if engine.name == "local":  # one in-process teacher for every round
             backend = functools.cache(backend)
+        rows = StreamedRows(write, hold_drafts=chains_needed)
         run = {"batch_size": params.batch_size, "origin": "synthetic", "teacher_id": teacher_id,
                "phash": params_hash(params), "code_version": code_version(sys.modules[__name__]), "quiet": quiet,
                "engine": engine if engine.name != "local" else None}
         t0 = time.perf_counter()
-        table, stats, seconds = generation.execute(planned, backend, cache_file, documents, desc="generate", **run)
+        rows.new_round()
+        _, stats, seconds = generation.execute(planned, backend, cache_file, documents, desc="generate", write=rows,
+                                               **run)
         del planned  # its prompts are in the rows now: freed before the next round is planned
-        tables, fallbacks = [table], []
+        fallbacks = []
         for round_no, counts in enumerate(plan_metrics["calls_per_round"][1:], start=2):
-            more, fallback = plan_round(tables[-1], counts, train, templates, params, teacher_id, round_no)
-            got, more_stats, more_seconds = generation.execute(more, backend, cache_file, documents,
-                                                               desc=f"generate-round{round_no}", **run)
-            tables.append(got)
+            previous = rows.joined(rows.evol)
+            rows.new_round()
+            more, fallback = plan_round(previous, counts, train, templates, params, teacher_id, round_no)
+            del previous
+            _, more_stats, more_seconds = generation.execute(more, backend, cache_file, documents, write=rows,
+                                                             desc=f"generate-round{round_no}", **run)
+            del more
             fallbacks.append(fallback)
             stats, seconds = stats.merged(more_stats), seconds + more_seconds
-        table = pa.concat_tables(tables)
         chains, cr_metrics = None, None
         if chains_needed:
             def run_calls(jobs: list[Job], desc: str) -> list:
@@ -586,21 +659,24 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
                 stats = stats.merged(more_stats)
                 return got
 
-            table, chains, cr_metrics = critique_revise(table, train, templates, critic, reviser, constitution,
-                                                        params, teacher_id, run_calls, execute_rows)
-        if len(tables) > 1 or chains_needed:  # the stage's run log covers every pass (each pass also logs its own)
+            drafts = rows.joined(rows.drafts)
+            rows.drafts = []
+            outcomes, chains, cr_metrics = critique_revise(drafts, train, templates, critic, reviser, constitution,
+                                                           params, teacher_id, run_calls, execute_rows)
+            del drafts
+            rows.write(outcomes)
+        if fallbacks or chains_needed:  # the stage's run log covers every pass (each pass also logs its own)
             seconds = time.perf_counter() - t0
             write_run_log(Path(cache_file).parent / "runs" / "generate.json",
                           {"stage": "generate", "teacher": teacher_id, "seconds": round(seconds, 2),
                            "passes": 1 + len(fallbacks) + 2 * chains_needed, **stats.summary()})
-    metrics = {**plan_metrics, **outcome_metrics(table), "critique_revise": cr_metrics}
-    if params.evol_rounds > 1:
-        metrics["per_round"] = [{**outcome_metrics(t), "seed_parent_fallbacks": f}
-                                for t, f in zip(tables, [0, *fallbacks])]
-        for m in metrics["per_round"]:
-            m.pop("per_strategy"), m.pop("call_errors_by_reason")
-    with atomic_outputs() as outputs:
-        outputs.parquet(table, out_file, synthetic_schema.ARROW)
+        metrics = {**plan_metrics, **outcome_metrics(rows.joined(rows.output, OUTCOME_COLUMNS)),
+                   "critique_revise": cr_metrics}
+        if params.evol_rounds > 1:
+            metrics["per_round"] = [{**outcome_metrics(rows.joined(t, OUTCOME_COLUMNS)), "seed_parent_fallbacks": f}
+                                    for t, f in zip(rows.rounds, [0, *fallbacks])]
+            for m in metrics["per_round"]:
+                m.pop("per_strategy"), m.pop("call_errors_by_reason")
         if critiques_file is not None:
             from refinery.generation.critique import CHAINS
 

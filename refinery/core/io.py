@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +255,17 @@ class Outputs:
         table = table.select(schema.names).cast(schema)
         with self._naming(final) as tmp:
             pq.write_table(table, tmp, compression="zstd")
+
+    @contextmanager
+    def parquet_stream(self, final: str | Path, schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+        """Yield ``write(table)``, which appends a block of rows (cast to ``schema``) to the Parquet output
+        ``final``, a row group per block: a large output is never one table in memory. The file is complete
+        when the ``with`` block ends; it is put in place with the other outputs, or not at all."""
+        with self._naming(final) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            def write(table: pa.Table) -> None:
+                writer.write_table(table.select(schema.names).cast(schema))
+
+            yield write
 
     def json(self, obj: Any, final: str | Path) -> None:
         """Write ``obj`` as stable, sorted, indented JSON."""

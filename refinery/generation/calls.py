@@ -43,9 +43,13 @@ def call_seed(base: int, *parts: Any) -> int:
 
 
 def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Table, *, origin: str,
-            teacher_id: str, phash: str, code_version: str) -> pa.Table:
-    """Turn teacher results into rows of the synthetic contract, parsed strictly, failures kept with a reason."""
-    texts = dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+            teacher_id: str, phash: str, code_version: str, texts: dict[str, str] | None = None) -> pa.Table:
+    """Turn teacher results into rows of the synthetic contract, parsed strictly, failures kept with a reason.
+
+    ``texts`` (doc_id -> text, read from ``documents`` when None) saves reading the documents again per call.
+    """
+    if texts is None:
+        texts = doc_texts(documents)
     cols: dict[str, list[Any]] = {name: [] for name in synthetic_schema.ARROW.names}
     gen_params: dict[tuple, str] = {}  # one JSON text per distinct sampling setting (most calls share a few)
     prefix = "syn" if origin == "synthetic" else origin[:3]
@@ -80,6 +84,18 @@ def to_rows(planned: list[Planned], results: list[GenResult], documents: pa.Tabl
         ):
             cols[name].append(value)
     return pa.table(cols, schema=synthetic_schema.ARROW)
+
+
+def doc_texts(documents: pa.Table) -> dict[str, str]:
+    """Return doc_id -> text of the documents table."""
+    return dict(zip(documents.column("doc_id").to_pylist(), documents.column("text").to_pylist()))
+
+
+# calls per block of a streamed execute: the rows it holds at once, and one row group of the output each
+STREAM_BLOCK = 8192
+
+# the columns outcome_metrics reads: a stage that streams its rows keeps only these
+OUTCOME_COLUMNS = ("strategy", "error", "parse_error", "completion_tokens")
 
 
 def outcome_metrics(table: pa.Table) -> dict[str, Any]:
@@ -158,24 +174,39 @@ def teacher_backend(base: str, batch_size: int, threads: int,
 
 def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table, *,
             batch_size: int, origin: str, teacher_id: str, phash: str, code_version: str, desc: str,
-            quiet: bool, engine: Any = None) -> tuple[pa.Table, RunStats, float]:
+            quiet: bool, engine: Any = None,
+            write: Callable[[pa.Table], None] | None = None) -> tuple[pa.Table | None, RunStats, float]:
     """Run planned calls through the cache and turn the results into contract-checked rows.
 
+    With ``write``, the rows stream: each block of calls (:data:`STREAM_BLOCK`), in plan order, becomes rows
+    handed to ``write`` as soon as its results are there, and neither results nor rows are kept (:func:`run_jobs` with a sink). Each
+    block is checked against the contract on its own: row_id uniqueness across blocks is the caller's to check.
+
     Returns:
-        The rows (synthetic contract), the run's counts, and the seconds spent on teacher calls.
+        The rows (synthetic contract; None with ``write``), the run's counts, and the seconds spent on teacher
+        calls (with ``write``, turning results into rows and writing them as well).
     """
     import time
+
+    texts = doc_texts(documents)
+    kw = {"origin": origin, "teacher_id": teacher_id, "phash": phash, "code_version": code_version, "texts": texts}
+
+    def sink(start: int, results: list[GenResult]) -> None:
+        rows = to_rows(planned[start:start + len(results)], results, documents, **kw)
+        write(synthetic_schema.CONTRACT.validate(rows, f"{origin} rows {start + 1}-{start + len(results)}"))
 
     cache = GenerationCache(cache_file)
     t0 = time.perf_counter()
     try:
         results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=batch_size, desc=desc,
-                                  quiet=quiet, engine=engine)
+                                  quiet=quiet, engine=engine, sink=sink if write is not None else None,
+                                  block=STREAM_BLOCK)
     finally:
         cache.close()
     seconds = time.perf_counter() - t0
     write_run_log(Path(cache_file).parent / "runs" / f"{desc}.json", {"stage": desc, "teacher": teacher_id,
                                                                       "seconds": round(seconds, 2), **stats.summary()})
-    table = to_rows(planned, results, documents, origin=origin, teacher_id=teacher_id, phash=phash,
-                    code_version=code_version)
+    if write is not None:
+        return None, stats, seconds
+    table = to_rows(planned, results, documents, **kw)
     return synthetic_schema.CONTRACT.validate(table, f"{origin} rows"), stats, seconds
