@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import click
@@ -139,7 +141,17 @@ def round_counts(counts: dict[str, int], rounds: int) -> list[dict[str, int]]:
 
 def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], params: GenerateParams,
          teacher_id: str, cluster_of: dict[str, int] | None = None) -> tuple[list[Planned], dict[str, Any]]:
+    """Return every call of round 1 as a list, and the plan's metrics: :func:`plan_calls`, whole."""
+    calls, metrics = plan_calls(train, documents, templates, params, teacher_id, cluster_of)
+    return list(calls), metrics
+
+
+def plan_calls(train: pa.Table, documents: pa.Table, templates: dict[str, Template], params: GenerateParams,
+               teacher_id: str, cluster_of: dict[str, int] | None = None) -> tuple[Iterator[Planned], dict[str, Any]]:
     """Decide every call of round 1: strategies by budget, parents, passages, few-shot examples, seeds.
+
+    The calls come from an iterator, each decided when it is read, so a streaming run never holds the plan (each
+    call's prompt) whole; the bad inputs fail here, before the first call.
 
     With ``evol_rounds`` > 1, round 1 holds its share of the evol calls; :func:`plan_round` plans the others
     from the rows round 1 returns (``metrics['calls_per_round']``).
@@ -160,7 +172,8 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
         teacher_id: model id + revision, part of every cache key.
 
     Returns:
-        The planned calls in a deterministic order, and the plan's metrics (ratio, mix, counts).
+        The planned calls in a deterministic order, and the plan's metrics (ratio, mix, counts; the counts of the
+        calls decided, ``uncovered_passage_calls`` and ``calls_per_seed_cluster``, once the iterator is exhausted).
 
     Raises:
         RefineryError: an empty train split, a seed row without its document, a missing template.
@@ -186,7 +199,6 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     if missing:
         raise RefineryError(f"generate: no prompt template for strategy {missing[0]}")
     per_round = round_counts(counts, params.evol_rounds)
-    planned: list[Planned] = []
     shots = ShotPool(rows)  # drawn from once per call
     windows: dict[str, list[tuple[int, int]]] = {}  # per document, computed once
     covered: dict[str, list[tuple[int, int]]] = {}  # per document, the seed's evidence spans
@@ -195,76 +207,86 @@ def plan(train: pa.Table, documents: pa.Table, templates: dict[str, Template], p
     used_spans: set[tuple[str, int, int]] = set()  # answer_first sentences already taken
     targeted: dict[str, list[tuple[int, int]]] = {}  # coverage: per document, the windows earlier calls were given
     gap_calls: Counter[str] = Counter()  # coverage: calls given a passage no seed row covers, per strategy
-    for name in strat.MIX_STRATEGIES:
-        n = per_round[0].get(name, 0)
-        if not n:
-            continue
-        s, tpl = strat.STRATEGIES[name], templates[name]
-        rng = np.random.default_rng(call_seed(params.seed, name))
-        if params.allocation == "coverage":
-            order = priority_order(eligible, cluster_of or {}, rng)
-        else:
-            order = [eligible[i] for i in rng.permutation(len(eligible))]
-        gaps = (uncovered_windows(eligible, docs, covered, targeted, params.window_sentences, rng)
-                if params.allocation == "coverage" and s.passage == "window" else [])
-        of_doc: dict[str, list[dict]] = {}
-        for r in order:
-            of_doc.setdefault(r["doc_id"], []).append(r)
-        uses: Counter[str] = Counter()
-        for k in range(n):
-            gap = gaps[k] if k < len(gaps) else None  # coverage: passage first, then a seed row of its document
-            if gap is not None:
-                mates = of_doc[gap[0]]
-                parent = mates[uses[gap[0]] % len(mates)]
-                sample_index = uses[gap[0]] // len(mates)
-                uses[gap[0]] += 1
+
+    def round_one() -> Iterator[Planned]:
+        for name in strat.MIX_STRATEGIES:
+            n = per_round[0].get(name, 0)
+            if not n:
+                continue
+            s, tpl = strat.STRATEGIES[name], templates[name]
+            rng = np.random.default_rng(call_seed(params.seed, name))
+            if params.allocation == "coverage":
+                order = priority_order(eligible, cluster_of or {}, rng)
             else:
-                parent, sample_index = order[k % len(order)], k // len(order)
-            doc = docs[parent["doc_id"]]
-            span = (parent["evidence_start"], parent["evidence_end"])
-            if gap is not None:
-                span = gap[1]
-                targeted.setdefault(doc["doc_id"], []).append(span)
-                gap_calls[name] += 1
-            elif s.passage == "window":
-                doc_windows = windows.get(doc["doc_id"])
-                if doc_windows is None:
-                    doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
-                fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
-                if params.allocation == "coverage":  # passages no seed row covers, and of them those no earlier
-                    # call was given. Reusing the name gaps is safe: this branch runs only once k is past the end
-                    # of the passage-first list, which holds every document's gaps, so never fewer than these
-                    seen = covered.get(doc["doc_id"], [])
-                    gaps = [w for w in fresh if not any(w[0] < e and b < w[1] for b, e in seen)]
-                    untaken = [w for w in gaps if w not in targeted.get(doc["doc_id"], [])]
-                    fresh = untaken or gaps or fresh
-                span = fresh[int(rng.integers(len(fresh)))]
-                if params.allocation == "coverage":
+                order = [eligible[i] for i in rng.permutation(len(eligible))]
+            gaps = (uncovered_windows(eligible, docs, covered, targeted, params.window_sentences, rng)
+                    if params.allocation == "coverage" and s.passage == "window" else [])
+            of_doc: dict[str, list[dict]] = {}
+            for r in order:
+                of_doc.setdefault(r["doc_id"], []).append(r)
+            uses: Counter[str] = Counter()
+            for k in range(n):
+                gap = gaps[k] if k < len(gaps) else None  # coverage: passage first, then a seed row of its document
+                if gap is not None:
+                    mates = of_doc[gap[0]]
+                    parent = mates[uses[gap[0]] % len(mates)]
+                    sample_index = uses[gap[0]] // len(mates)
+                    uses[gap[0]] += 1
+                else:
+                    parent, sample_index = order[k % len(order)], k // len(order)
+                doc = docs[parent["doc_id"]]
+                span = (parent["evidence_start"], parent["evidence_end"])
+                if gap is not None:
+                    span = gap[1]
                     targeted.setdefault(doc["doc_id"], []).append(span)
-            elif s.passage == "span":
-                span = _answer_span(doc, covered.get(doc["doc_id"], []), used_spans, rng) or span
-            shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
-            values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
-                      "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]]}
-            prompt = tpl.render(values, shot_values(shot_rows))
-            request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
-                                 seed=call_seed(params.seed, parent["row_id"], name, sample_index))
-            key = cache_key(teacher_id, tpl.ref, request, sample_index)
-            planned.append(Planned(Job(request, key), name, parent, span, sample_index, tpl.ref))
+                    gap_calls[name] += 1
+                elif s.passage == "window":
+                    doc_windows = windows.get(doc["doc_id"])
+                    if doc_windows is None:
+                        doc_windows = windows[doc["doc_id"]] = _windows(doc["text"], params.window_sentences)
+                    fresh = [w for w in doc_windows if w[1] <= span[0] or w[0] >= span[1]] or doc_windows
+                    if params.allocation == "coverage":  # passages no seed row covers, and of them those no earlier
+                        # call was given. Reusing the name gaps is safe: this branch runs only once k is past the end
+                        # of the passage-first list, which holds every document's gaps, so never fewer than these
+                        seen = covered.get(doc["doc_id"], [])
+                        gaps = [w for w in fresh if not any(w[0] < e and b < w[1] for b, e in seen)]
+                        untaken = [w for w in gaps if w not in targeted.get(doc["doc_id"], [])]
+                        fresh = untaken or gaps or fresh
+                    span = fresh[int(rng.integers(len(fresh)))]
+                    if params.allocation == "coverage":
+                        targeted.setdefault(doc["doc_id"], []).append(span)
+                elif s.passage == "span":
+                    span = _answer_span(doc, covered.get(doc["doc_id"], []), used_spans, rng) or span
+                shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
+                values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
+                          "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]]}
+                prompt = tpl.render(values, shot_values(shot_rows))
+                request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
+                                     temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
+                                     seed=call_seed(params.seed, parent["row_id"], name, sample_index))
+                key = cache_key(teacher_id, tpl.ref, request, sample_index)
+                yield Planned(Job(request, key), name, parent, span, sample_index, tpl.ref)
+
     metrics = {"budget": params.budget, "seed_rows": len(rows), "eligible_seed_rows": len(eligible),
-               "uncovered_passage_calls": dict(sorted(gap_calls.items())),
+               "uncovered_passage_calls": {},
                "skipped_stale_rows": len(rows) - len(eligible), "ratio": round(ratio, 4),
                "mix": {k: round(v, 4) for k, v in mix.items()}, "mix_source": "param" if params.strategy_mix else
                "budget_ratio", "calls_planned": dict(sorted(counts.items())), "evol_rounds": params.evol_rounds,
                "calls_per_round": [dict(sorted((k, v) for k, v in c.items() if v)) for c in per_round],
                "allocation": params.allocation}
     rare, metrics["rare_expansion"] = plan_rare(eligible, docs, templates, params, teacher_id)
-    planned += rare
-    if cluster_of is not None:
-        per_cluster = Counter(cluster_of.get(p.parent["row_id"], -1) for p in planned)
-        metrics["calls_per_seed_cluster"] = {str(k): v for k, v in sorted(per_cluster.items())}
-    return planned, metrics
+
+    def calls() -> Iterator[Planned]:
+        per_cluster: Counter[int] = Counter()
+        for p in itertools.chain(round_one(), rare):
+            if cluster_of is not None:
+                per_cluster[cluster_of.get(p.parent["row_id"], -1)] += 1
+            yield p
+        metrics["uncovered_passage_calls"] = dict(sorted(gap_calls.items()))
+        if cluster_of is not None:
+            metrics["calls_per_seed_cluster"] = {str(k): v for k, v in sorted(per_cluster.items())}
+
+    return calls(), metrics
 
 
 def _answer_span(doc: dict[str, Any], covered: list[tuple[int, int]], used: set[tuple[str, int, int]],
@@ -292,49 +314,53 @@ def _around(text: str, span: tuple[int, int]) -> tuple[int, int]:
 
 
 def plan_rare(eligible: list[dict[str, Any]], docs: dict[str, dict[str, Any]], templates: dict[str, Template],
-              params: GenerateParams, teacher_id: str) -> tuple[list[Planned], dict[str, Any] | None]:
+              params: GenerateParams, teacher_id: str) -> tuple[Iterator[Planned], dict[str, Any] | None]:
     """Plan the rare-class expansion: ``factor`` x the rows each rare class lacks, with the rare_intent prompt.
 
     Each call takes a seed row of the class as parent (cycled in a seeded order); the passage is its evidence with
     a sentence either side; the examples are other rows of the class (``shots``), the negatives questions of other
-    classes, the tone the next of ``tones``. Returns the calls and their metrics (None when off).
+    classes, the tone the next of ``tones``. Returns the calls (an iterator: each decided when it is read) and their
+    metrics (None when off).
     """
     from refinery.generation.rare import class_of, rare_classes
 
     rx = params.rare_expansion
     if rx is None:
-        return [], None
+        return iter(()), None
     classes = rare_classes(eligible, rx.min_rows, rx.factor)
     if any(info["calls"] for info in classes.values()) and "rare_intent" not in templates:
         raise RefineryError("generate: no prompt template for strategy rare_intent")
     use_intent = any(r.get("intent") for r in eligible)
     s = strat.STRATEGIES["rare_intent"]
-    planned: list[Planned] = []
-    for c, info in classes.items():
-        tpl = templates["rare_intent"]
-        members = [r for r in eligible if class_of(r, use_intent) == c]
-        others = [r for r in eligible if class_of(r, use_intent) != c]
-        rng = np.random.default_rng(call_seed(params.seed, "rare_intent", c))
-        order = [members[i] for i in rng.permutation(len(members))]
-        for k in range(info["calls"]):
-            parent, sample_index = order[k % len(order)], k // len(order)
-            doc = docs[parent["doc_id"]]
-            span = _around(doc["text"], (parent["evidence_start"], parent["evidence_end"]))
-            pool = [m for m in members if m["row_id"] != parent["row_id"]]
-            shots = [pool[i] for i in rng.permutation(len(pool))[:params.shots]]
-            negatives = [others[i]["question"] for i in rng.permutation(len(others))[:rx.negatives]]
-            values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
-                      "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]], "intent": c,
-                      "definition": rx.definitions.get(c, ""), "tone": rx.tones[k % len(rx.tones)],
-                      "negatives": "\n".join(f"- {q}" for q in negatives) or "(none)"}
-            prompt = tpl.render(values, shot_values(shots))
-            request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
-                                 seed=call_seed(params.seed, parent["row_id"], "rare_intent", sample_index, k))
-            key = cache_key(teacher_id, tpl.ref, request, sample_index)
-            planned.append(Planned(Job(request, key), "rare_intent", parent, span, sample_index, tpl.ref))
-    return planned, {"min_rows": rx.min_rows, "factor": rx.factor, "class_source": "intent" if use_intent
-                     else "question_wh_word", "classes": classes, "calls": len(planned)}
+
+    def calls() -> Iterator[Planned]:
+        for c, info in classes.items():
+            tpl = templates["rare_intent"]
+            members = [r for r in eligible if class_of(r, use_intent) == c]
+            others = [r for r in eligible if class_of(r, use_intent) != c]
+            rng = np.random.default_rng(call_seed(params.seed, "rare_intent", c))
+            order = [members[i] for i in rng.permutation(len(members))]
+            for k in range(info["calls"]):
+                parent, sample_index = order[k % len(order)], k // len(order)
+                doc = docs[parent["doc_id"]]
+                span = _around(doc["text"], (parent["evidence_start"], parent["evidence_end"]))
+                pool = [m for m in members if m["row_id"] != parent["row_id"]]
+                shots = [pool[i] for i in rng.permutation(len(pool))[:params.shots]]
+                negatives = [others[i]["question"] for i in rng.permutation(len(others))[:rx.negatives]]
+                values = {"question": parent["question"], "answer": parent["answer"], "title": doc["title"] or "",
+                          "evidence": parent["evidence"], "passage": doc["text"][span[0]:span[1]], "intent": c,
+                          "definition": rx.definitions.get(c, ""), "tone": rx.tones[k % len(rx.tones)],
+                          "negatives": "\n".join(f"- {q}" for q in negatives) or "(none)"}
+                prompt = tpl.render(values, shot_values(shots))
+                request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
+                                     temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
+                                     seed=call_seed(params.seed, parent["row_id"], "rare_intent", sample_index, k))
+                key = cache_key(teacher_id, tpl.ref, request, sample_index)
+                yield Planned(Job(request, key), "rare_intent", parent, span, sample_index, tpl.ref)
+
+    return calls(), {"min_rows": rx.min_rows, "factor": rx.factor, "class_source": "intent" if use_intent
+                     else "question_wh_word", "classes": classes,
+                     "calls": sum(info["calls"] for info in classes.values())}
 
 
 # what a rewrite reads of the row it rewrites, and what the generated row keeps of it (calls.to_rows)
@@ -423,7 +449,7 @@ class StreamedRows:
 
 
 def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, templates: dict[str, Template],
-               params: GenerateParams, teacher_id: str, round_no: int) -> tuple[list[Planned], int]:
+               params: GenerateParams, teacher_id: str, round_no: int) -> tuple[Iterator[Planned], int]:
     """Plan Evol-Instruct round ``round_no`` (2, 3, ...): each call rewrites a parsed evol row of the round before.
 
     The new row keeps its seed row's document and evidence span; its ``parent_ids`` are the seed row (first, as for
@@ -431,37 +457,39 @@ def plan_round(previous: pa.Table, counts: dict[str, int], train: pa.Table, temp
     seed rows as in round 1 (counted: the second value returned).
 
     Returns:
-        The planned calls, and how many of them fell back to seed rows.
+        The planned calls (an iterator: each decided when it is read), and how many of them fell back to seed rows.
     """
     rows = _rewritable(previous)
     seed_rows = {r["row_id"]: r for r in train.to_pylist()}
     shots = ShotPool(list(seed_rows.values()))
-    planned: list[Planned] = []
-    fallback = 0
-    for name in strat.EVOL_STRATEGIES:
-        n = counts.get(name, 0)
-        if not n:
-            continue
-        s, tpl = strat.STRATEGIES[name], templates[name]
-        rng = np.random.default_rng(call_seed(params.seed, name, "round", round_no))
-        pool = rows or [r for r in seed_rows.values()]
-        order = [pool[i] for i in rng.permutation(len(pool))]
-        for k in range(n):
-            parent, sample_index = order[k % len(order)], k // len(order)
-            root = parent["parent_ids"][0] if rows else None
-            fallback += root is None
-            lineage = (root,) if root is not None else ()
-            span = (parent["evidence_start"], parent["evidence_end"])
-            shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
-            values = {"question": parent["question"], "answer": parent["answer"], "title": "",
-                      "evidence": parent["evidence"], "passage": parent["evidence"]}
-            prompt = tpl.render(values, shot_values(shot_rows))
-            request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
-                                 temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
-                                 seed=call_seed(params.seed, parent["row_id"], name, sample_index, "round", round_no))
-            key = cache_key(teacher_id, tpl.ref, request, sample_index)
-            planned.append(Planned(Job(request, key), name, parent, span, sample_index, tpl.ref, lineage))
-    return planned, fallback
+    fallback = 0 if rows else sum(counts.get(name, 0) for name in strat.EVOL_STRATEGIES)
+
+    def calls() -> Iterator[Planned]:
+        for name in strat.EVOL_STRATEGIES:
+            n = counts.get(name, 0)
+            if not n:
+                continue
+            s, tpl = strat.STRATEGIES[name], templates[name]
+            rng = np.random.default_rng(call_seed(params.seed, name, "round", round_no))
+            pool = rows or [r for r in seed_rows.values()]
+            order = [pool[i] for i in rng.permutation(len(pool))]
+            for k in range(n):
+                parent, sample_index = order[k % len(order)], k // len(order)
+                root = parent["parent_ids"][0] if rows else None
+                lineage = (root,) if root is not None else ()
+                span = (parent["evidence_start"], parent["evidence_end"])
+                shot_rows = sample_shots(shots, parent["doc_id"], params.shots, rng) if tpl.shot else []
+                values = {"question": parent["question"], "answer": parent["answer"], "title": "",
+                          "evidence": parent["evidence"], "passage": parent["evidence"]}
+                prompt = tpl.render(values, shot_values(shot_rows))
+                request = GenRequest(prompt=prompt, max_new_tokens=getattr(params.max_new_tokens, s.token_budget),
+                                     temperature=params.temperature, top_p=params.top_p, stop=s.stop, require=s.require,
+                                     seed=call_seed(params.seed, parent["row_id"], name, sample_index, "round",
+                                                    round_no))
+                key = cache_key(teacher_id, tpl.ref, request, sample_index)
+                yield Planned(Job(request, key), name, parent, span, sample_index, tpl.ref, lineage)
+
+    return calls(), fallback
 
 
 def critique_revise(table: pa.Table, train: pa.Table, templates: dict[str, Template], critic: Template,
@@ -602,7 +630,7 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
         rows_file = str(Path(coverage_dir) / "rows.parquet")
         audit_rows = coverage_schema.ROWS.validate(read_parquet(rows_file), rows_file)
         cluster_of = dict(zip(audit_rows.column("row_id").to_pylist(), audit_rows.column("cluster").to_pylist()))
-    planned, plan_metrics = plan(train, documents, templates, params, teacher_id, cluster_of)
+    planned, plan_metrics = plan_calls(train, documents, templates, params, teacher_id, cluster_of)
     chains_needed = plan_metrics["calls_planned"].get("critique_revise", 0) > 0
     if chains_needed:
         from refinery.generation.critique import load_constitution
@@ -626,17 +654,18 @@ def cli(params_file, train_file, documents_file, models_dir, prompts_dir, cache_
                "engine": engine if engine.name != "local" else None}
         t0 = time.perf_counter()
         rows.new_round()
+        rare = (plan_metrics["rare_expansion"] or {}).get("calls", 0)
         _, stats, seconds = generation.execute(planned, backend, cache_file, documents, desc="generate", write=rows,
-                                               **run)
-        del planned  # its prompts are in the rows now: freed before the next round is planned
+                                               total=sum(plan_metrics["calls_per_round"][0].values()) + rare, **run)
         fallbacks = []
         for round_no, counts in enumerate(plan_metrics["calls_per_round"][1:], start=2):
             previous = rows.joined(rows.evol)
             rows.new_round()
             more, fallback = plan_round(previous, counts, train, templates, params, teacher_id, round_no)
-            del previous
+            del previous  # plan_round keeps the fields a rewrite reads
             _, more_stats, more_seconds = generation.execute(more, backend, cache_file, documents, write=rows,
-                                                             desc=f"generate-round{round_no}", **run)
+                                                             desc=f"generate-round{round_no}",
+                                                             total=sum(counts.values()), **run)
             del more
             fallbacks.append(fallback)
             stats, seconds = stats.merged(more_stats), seconds + more_seconds

@@ -374,6 +374,7 @@ def test_evol_rounds_rewrite_the_previous_rounds_rows_and_link_them(tables):
     first = to_rows(planned, [GenResult(" Harder question?\nAnswer: A harder answer.", "stop", 1, 1, 0.1)] * 4,
                     documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c")
     more, fallback = plan_round(first, metrics["calls_per_round"][1], train, templates(), p, "fake@1", 2)
+    more = list(more)
     assert fallback == 0 and {m.strategy for m in more} == {"evol_depth", "evol_denoise"}
     second = to_rows(more, [GenResult(" Cleaner question?\nAnswer: A clean answer.", "stop", 1, 1, 0.1)] * 2,
                      documents, origin="synthetic", teacher_id="fake@1", phash="p", code_version="c").to_pylist()

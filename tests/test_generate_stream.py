@@ -1,9 +1,12 @@
-"""generate streams its rows: results handed over in job order block by block, the output written as they come."""
+"""generate streams: the plan read as calls are made, results handed over in plan order block by block, the
+output written as they come."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,82 +14,115 @@ import pytest
 from refinery.core.errors import RefineryError
 from refinery.models.backends.base import GenRequest, GenResult
 from refinery.models.backends.fake import FakeBackend
+from refinery.generation.stream import stream_jobs
 from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
 from tests.conftest import ROOT, params_for
 from tests.test_split import seed_tables
 
 
-def _jobs(n: int, repeat_every: int = 0) -> list[Job]:
-    jobs = []
+def _calls(n: int, repeat_every: int = 0) -> list[SimpleNamespace]:
+    """n planned calls (objects with a job); every ``repeat_every``-th repeats the one before it (same key)."""
+    calls = []
     for i in range(n):
-        k = i - 1 if repeat_every and i % repeat_every == 0 and i else i  # every n-th job repeats the one before
+        k = i - 1 if repeat_every and i % repeat_every == 0 and i else i
         request = GenRequest(prompt=f"prompt {k}", max_new_tokens=4, seed=k)
-        jobs.append(Job(request, cache_key("fake@1", "t@1", request, 0)))
-    return jobs
+        calls.append(SimpleNamespace(job=Job(request, cache_key("fake@1", "t@1", request, 0)), n=i))
+    return calls
 
 
 class OutOfOrder:
-    """A streaming backend that answers each window of ``width`` requests last-first, and counts what it yields."""
+    """An HTTP-like backend: takes ``width`` requests at a time from what it is given and answers them last-first."""
 
-    def __init__(self, width: int, fail: set[int] = frozenset()):
-        self.width, self.fail, self.fake, self.yielded = width, fail, FakeBackend(), 0
+    def __init__(self, width: int, fail: frozenset[int] = frozenset()):
+        self.concurrency, self.fail, self.fake = width, fail, FakeBackend()
 
     def generate(self, requests):
         return self.fake.generate(requests)
 
     def generate_stream(self, requests):
-        for start in range(0, len(requests), self.width):
-            window = list(range(start, min(start + self.width, len(requests))))
-            out = self.fake.generate([requests[i] for i in window])
-            for i, r in reversed(list(zip(window, out))):
-                if requests[i].seed in self.fail:
-                    r = GenResult("", "error", 0, 0, 0.0, error="transport_fake: planted")
-                self.yielded += 1
-                yield [(i, r)]
+        it, base = iter(requests), 0
+        while window := list(itertools.islice(it, self.concurrency)):
+            out = self.fake.generate(window)
+            for k in reversed(range(len(window))):
+                failed = GenResult("", "error", 0, 0, 0.0, error="transport_fake: planted")
+                yield [(base + k, failed if window[k].seed in self.fail else out[k])]
+            base += len(window)
 
 
-@pytest.mark.parametrize("backend_kind", ["stream", "batches"])
-def test_a_sink_gets_every_result_in_job_order_block_by_block_and_holds_no_more_than_a_block(tmp_path, backend_kind):
-    jobs = _jobs(50, repeat_every=7)
-    # given a third of the jobs already cached, a failing call, and a backend answering out of order
-    GenerationCache(tmp_path / "c.sqlite").put_many([(j.key, r) for j, r in zip(jobs[10:27], FakeBackend().generate(
-        [j.request for j in jobs[10:27]]))])
-    backend = OutOfOrder(width=6, fail={33}) if backend_kind == "stream" else FakeBackend()
-    reference, _ = run_jobs(jobs, FakeBackend(), GenerationCache(tmp_path / "ref.sqlite"), batch_size=4, quiet=True)
-    got: list[tuple[int, list[GenResult]]] = []
-    held = []
+class Recording(FakeBackend):
+    """An in-process backend that records its batches."""
 
-    def sink(start, results):
-        got.append((start, results))
-        if backend_kind == "stream":  # results the backend gave that no block has taken yet
-            held.append(backend.yielded - (start + len(results)))
+    def __init__(self):
+        super().__init__()
+        self.batches = []
 
-    # when the run streams its results to the sink in blocks of 8
-    out, stats = run_jobs(jobs, backend, GenerationCache(tmp_path / "c.sqlite"), batch_size=4, quiet=True, sink=sink,
-                          block=8)
-    # then the blocks are consecutive, of 8 jobs (the last one shorter), and nothing is returned
-    assert out == [] and [s for s, _ in got] == list(range(0, 50, 8))
-    assert [len(r) for _, r in got] == [8] * 6 + [2]
-    # and each result is the one the unstreamed run gives, failures included
-    flat = [r for _, block in got for r in block]
-    if backend_kind == "stream":
-        failed = next(i for i, j in enumerate(jobs) if j.request.seed == 33)
-        assert flat[failed].error == "transport_fake: planted"
-        flat[failed] = reference[failed]
+    def generate(self, requests):
+        self.batches.append([r.seed for r in requests])
+        return super().generate(requests)
+
+
+@pytest.mark.parametrize("backend_kind", ["window", "batches"])
+def test_stream_jobs_hands_over_every_result_in_plan_order_and_pulls_the_plan_as_it_goes(tmp_path, monkeypatch,
+                                                                                          backend_kind):
+    import refinery.generation.stream as stream
+
+    monkeypatch.setattr(stream, "STREAM_PULL", 4)
+    calls = _calls(50, repeat_every=7)
+    # given a third of the calls already cached, a failing call, and a window answering out of order
+    GenerationCache(tmp_path / "c.sqlite").put_many([(c.job.key, r) for c, r in zip(calls[10:27], FakeBackend(
+        ).generate([c.job.request for c in calls[10:27]]))])
+    backend = OutOfOrder(width=6, fail=frozenset({33})) if backend_kind == "window" else FakeBackend()
+    reference, _ = run_jobs([c.job for c in calls], FakeBackend(), GenerationCache(tmp_path / "ref.sqlite"),
+                            batch_size=4, quiet=True)
+    pulled, got, ahead = [], [], []
+
+    def plan():  # a lazy plan that says how far it has been read
+        for c in calls:
+            pulled.append(c.n)
+            yield c
+
+    def sink(block, results):
+        got.append((block, results))
+        ahead.append(len(pulled) - sum(len(b) for b, _ in got))  # calls read from the plan, not yet handed over
+
+    # when the calls stream to the sink in blocks of 8
+    stats = stream_jobs(plan(), backend, GenerationCache(tmp_path / "c.sqlite"), sink=sink, batch_size=4, block=8,
+                        quiet=True)
+    # then the blocks are the calls in plan order, 8 at a time (the last one shorter)
+    assert [[c.n for c in b] for b, _ in got] == [list(range(i, min(i + 8, 50))) for i in range(0, 50, 8)]
+    # and each result is the one run_jobs gives for the same call, failures included
+    flat = [r for _, results in got for r in results]
+    if backend_kind == "window":
+        assert flat[33].error == "transport_fake: planted"
+        flat[33] = reference[33]
     assert [(r.text, r.finish_reason) for r in flat] == [(r.text, r.finish_reason) for r in reference]
     assert stats.cache_hits == 17
-    # and a block is handed over as soon as it is complete: never more than a window answered ahead of it
-    assert max(held, default=0) <= 6
+    # and the plan is read ahead of what was handed over by two blocks, the window's queue and a pull at most (a
+    # block and the one being pulled without a window): never whole
+    limit = 2 * 8 + 2 * 6 + 4 if backend_kind == "window" else 8 + 8
+    assert max(ahead) <= limit < 50
 
 
-def test_a_sink_run_answered_wholly_from_the_cache_still_hands_over_every_block(tmp_path):
-    jobs = _jobs(20)
+def test_stream_jobs_sends_an_in_process_model_the_batches_run_jobs_sends(tmp_path):
+    calls = _calls(40)
+    for cache in ("a.sqlite", "b.sqlite"):  # the same calls cached in both, so some batches are short
+        GenerationCache(tmp_path / cache).put_many([(c.job.key, r) for c, r in zip(
+            calls[5:13], FakeBackend().generate([c.job.request for c in calls[5:13]]))])
+    listed, streamed = Recording(), Recording()
+    run_jobs([c.job for c in calls], listed, GenerationCache(tmp_path / "a.sqlite"), batch_size=4, quiet=True)
+    stream_jobs(iter(calls), streamed, GenerationCache(tmp_path / "b.sqlite"), sink=lambda b, r: None, batch_size=4,
+                block=10, quiet=True)  # a block of 10 is rounded to 12: three batches
+    assert streamed.batches == listed.batches and [len(b) for b in listed.batches] == [4, 1, 3] + [4] * 6
+
+
+def test_stream_jobs_answered_wholly_from_the_cache_builds_no_backend(tmp_path):
+    calls = _calls(20)
     cache = GenerationCache(tmp_path / "c.sqlite")
-    run_jobs(jobs, FakeBackend(), cache, batch_size=4, quiet=True)
+    run_jobs([c.job for c in calls], FakeBackend(), cache, batch_size=2, quiet=True)
     got = []
-    _, stats = run_jobs(jobs, lambda: pytest.fail("no backend is built when everything is cached"), cache,
-                        batch_size=4, quiet=True, sink=lambda s, r: got.append((s, len(r))), block=6)
-    assert got == [(0, 6), (6, 6), (12, 6), (18, 2)] and stats.calls == 0 and stats.cache_hits == 20
+    stats = stream_jobs(iter(calls), lambda: pytest.fail("no backend is built when everything is cached"), cache,
+                        sink=lambda b, r: got.append(len(b)), batch_size=2, block=6, quiet=True)
+    assert got == [6, 6, 6, 2] and stats.calls == 0 and stats.cache_hits == 20
 
 
 # ---- the stage: the same rows, metrics and chains whatever the block size ----

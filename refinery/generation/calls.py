@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -172,35 +172,48 @@ def teacher_backend(base: str, batch_size: int, threads: int,
     return teacher_id, lambda: make_backend(spec)
 
 
-def execute(planned: list[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table, *,
-            batch_size: int, origin: str, teacher_id: str, phash: str, code_version: str, desc: str,
-            quiet: bool, engine: Any = None,
-            write: Callable[[pa.Table], None] | None = None) -> tuple[pa.Table | None, RunStats, float]:
+def execute(planned: Iterable[Planned], backend: Callable[[], Backend], cache_file: str | Path, documents: pa.Table,
+            *, batch_size: int, origin: str, teacher_id: str, phash: str, code_version: str, desc: str,
+            quiet: bool, engine: Any = None, write: Callable[[pa.Table], None] | None = None,
+            total: int | None = None) -> tuple[pa.Table | None, RunStats, float]:
     """Run planned calls through the cache and turn the results into contract-checked rows.
 
-    With ``write``, the rows stream: each block of calls (:data:`STREAM_BLOCK`), in plan order, becomes rows
-    handed to ``write`` as soon as its results are there, and neither results nor rows are kept (:func:`run_jobs` with a sink). Each
-    block is checked against the contract on its own: row_id uniqueness across blocks is the caller's to check.
+    With ``write``, the rows stream: ``planned`` may be an iterator, read as the calls are made
+    (:func:`refinery.generation.stream.stream_jobs`), and each block of calls (:data:`STREAM_BLOCK`), in plan order,
+    becomes rows handed to ``write`` as soon as its results are there; no result or row is kept beyond its block.
+    Each block is checked against the contract on its own: row_id uniqueness across blocks is the caller's to check.
+
+    Args:
+        total: the number of calls, for the progress bar, when ``planned`` is an iterator.
 
     Returns:
         The rows (synthetic contract; None with ``write``), the run's counts, and the seconds spent on teacher
-        calls (with ``write``, turning results into rows and writing them as well).
+        calls (with ``write``, on planning the calls and turning results into rows as well).
     """
     import time
 
     texts = doc_texts(documents)
     kw = {"origin": origin, "teacher_id": teacher_id, "phash": phash, "code_version": code_version, "texts": texts}
+    written = 0
 
-    def sink(start: int, results: list[GenResult]) -> None:
-        rows = to_rows(planned[start:start + len(results)], results, documents, **kw)
-        write(synthetic_schema.CONTRACT.validate(rows, f"{origin} rows {start + 1}-{start + len(results)}"))
+    def sink(calls: list[Planned], results: list[GenResult]) -> None:
+        nonlocal written
+        rows = to_rows(calls, results, documents, **kw)
+        write(synthetic_schema.CONTRACT.validate(rows, f"{origin} rows {written + 1}-{written + len(calls)}"))
+        written += len(calls)
 
     cache = GenerationCache(cache_file)
     t0 = time.perf_counter()
     try:
-        results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=batch_size, desc=desc,
-                                  quiet=quiet, engine=engine, sink=sink if write is not None else None,
-                                  block=STREAM_BLOCK)
+        if write is not None:
+            from refinery.generation.stream import stream_jobs
+
+            stats = stream_jobs(planned, backend, cache, sink=sink, batch_size=batch_size, block=STREAM_BLOCK,
+                                total=total, desc=desc, quiet=quiet, engine=engine)
+        else:
+            planned = list(planned)
+            results, stats = run_jobs([p.job for p in planned], backend, cache, batch_size=batch_size, desc=desc,
+                                      quiet=quiet, engine=engine)
     finally:
         cache.close()
     seconds = time.perf_counter() - t0

@@ -72,16 +72,6 @@ class GenerationCache:
             found.update({k: GenResult(**json.loads(v)) for k, v in rows})
         return found
 
-    def keys_among(self, keys: Sequence[str]) -> set[str]:
-        """Return which of ``keys`` are cached, reading no result."""
-        found: set[str] = set()
-        unique = list(dict.fromkeys(keys))
-        for i in range(0, len(unique), 500):
-            chunk = unique[i:i + 500]
-            found.update(k for (k,) in self._db.execute(
-                f"SELECT key FROM results WHERE key IN ({','.join('?' * len(chunk))})", chunk))
-        return found
-
     def put_many(self, items: Sequence[tuple[str, GenResult]]) -> None:
         """Store results and commit (one transaction)."""
         with self._db:
@@ -149,42 +139,6 @@ class RunStats:
                               "p99": pct(0.99), "max": lat[-1] if lat else None}}
 
 
-class InOrder:
-    """Hand results to a sink in job order, a block of jobs at a time, as soon as a block is complete.
-
-    Fresh results wait here until their block is handed over, then are dropped (kept only while a later job
-    shares their key); cached results are read from the cache block by block. So a run holds about one block
-    and the requests in flight, whatever the number of jobs.
-    """
-
-    def __init__(self, jobs: Sequence[Job], cached: set[str], cache: GenerationCache,
-                 sink: Callable[[int, list[GenResult]], None], block: int):
-        self.jobs, self.cached, self.cache, self.sink, self.block = jobs, cached, cache, sink, block
-        self.fresh: dict[str, GenResult] = {}
-        self.uses = Counter(j.key for j in jobs)  # jobs not yet handed over, per key
-        self.start = 0  # the first job not handed over
-        self.ready = 0  # the first job whose result is not there yet
-
-    def add(self, done: Sequence[tuple[str, GenResult]]) -> None:
-        """Take fresh results; hand over every block now complete."""
-        self.fresh.update(done)
-        n = len(self.jobs)
-        while self.ready < n and self._there(self.jobs[self.ready].key):
-            self.ready += 1
-        while self.start < n and (self.ready - self.start >= self.block or self.ready == n):
-            part = self.jobs[self.start:self.start + self.block]
-            stored = self.cache.get_many([j.key for j in part if j.key not in self.fresh])
-            self.sink(self.start, [self.fresh.get(j.key) or stored[j.key] for j in part])
-            for j in part:
-                self.uses[j.key] -= 1
-                if not self.uses[j.key]:
-                    self.fresh.pop(j.key, None)
-            self.start += len(part)
-
-    def _there(self, key: str) -> bool:
-        return key in self.fresh or key in self.cached
-
-
 def progress_bar(total: int, desc: str, quiet: bool) -> Any:
     """Return progress on stderr (rate and ETA): a bar on a terminal, a line every few seconds in a log."""
     from refinery.core.progress import progress
@@ -192,7 +146,7 @@ def progress_bar(total: int, desc: str, quiet: bool) -> Any:
     return progress(total, desc, "call", enabled=not quiet, file=sys.stderr)
 
 
-def _stream(model: Any, todo: list[Job], jobs: Sequence[Job], results: dict[str, GenResult] | InOrder,
+def _stream(model: Any, todo: list[Job], jobs: Sequence[Job], results: dict[str, GenResult],
             cache: GenerationCache, stats: RunStats, bar: Any) -> None:
     """Answer ``todo`` through a backend's continuous window, committing each group of results as it arrives."""
     per_key = Counter(j.key for j in jobs)
@@ -201,19 +155,12 @@ def _stream(model: Any, todo: list[Job], jobs: Sequence[Job], results: dict[str,
         stats.calls += len(done)
         stats.errors += sum(not r.ok for _, r in done)
         stats.latencies.extend(r.latency_s for _, r in done)
+        results.update(done)
         cache.put_many([(k, r) for k, r in done if r.ok])
-        _take(results, done)
         bar.update(sum(per_key[k] for k, _ in done))
 
 
-def _take(results: dict[str, GenResult] | InOrder, done: list[tuple[str, GenResult]]) -> None:
-    if isinstance(results, InOrder):
-        results.add(done)
-    else:
-        results.update(done)
-
-
-def _on_engine(engine: Any, backend: Any, jobs: Sequence[Job], results: dict[str, GenResult] | InOrder,
+def _on_engine(engine: Any, backend: Any, jobs: Sequence[Job], results: dict[str, GenResult],
                cache: GenerationCache, stats: RunStats, bar: Any, batch_size: int) -> None:
     """Answer the missing jobs on a distributed engine, in the batches the in-process path would send.
 
@@ -222,7 +169,7 @@ def _on_engine(engine: Any, backend: Any, jobs: Sequence[Job], results: dict[str
     so a kill loses at most the batches in flight (one per worker).
     """
     batches: list[list[Job]] = []
-    seen = set(results.cached if isinstance(results, InOrder) else results)
+    seen = set(results)
     for start in range(0, len(jobs), batch_size):
         sent = []
         for j in jobs[start:start + batch_size]:
@@ -237,15 +184,14 @@ def _on_engine(engine: Any, backend: Any, jobs: Sequence[Job], results: dict[str
         stats.calls += len(done)
         stats.errors += sum(not r.ok for _, r in done)
         stats.latencies.extend(r.latency_s for _, r in done)
+        results.update(done)
         cache.put_many([(k, r) for k, r in done if r.ok])
-        _take(results, done)
         bar.update(sum(per_key[k] for k, _ in done))
 
 
 def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cache: GenerationCache, *,
-             batch_size: int, desc: str = "teacher", quiet: bool = False, engine: Any = None,
-             sink: Callable[[int, list[GenResult]], None] | None = None,
-             block: int = 8192) -> tuple[list[GenResult], RunStats]:
+             batch_size: int, desc: str = "teacher", quiet: bool = False,
+             engine: Any = None) -> tuple[list[GenResult], RunStats]:
     """Answer every job from the cache or the backend.
 
     A backend with ``generate_stream`` (HTTP servers) gets every missing job in job order through its
@@ -265,37 +211,31 @@ def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cach
         engine: a distributed engine (``refinery.engine.raydata.RayEngine``) that answers the missing jobs on its
             workers, batch by batch as above (the backend, or the function that builds it, travels to them);
             None: this process.
-        sink: streaming: called with ``(first job's index, results)`` for each ``block`` of jobs in job order, as
-            soon as the block's results are all there; no result is kept beyond its block (see
-            :class:`InOrder`). None: the results are returned.
-        block: jobs per hand-over to ``sink``.
 
     Returns:
-        One result per job, in order (none with a ``sink``), and the run's counts.
+        One result per job, in order, and the run's counts.
     """
-    keys = [j.key for j in jobs]
-    cached = cache.keys_among(keys) if sink is not None else cache.get_many(keys)
-    stats = RunStats(cache_hits=sum(k in cached for k in keys))
-    results: dict[str, GenResult] | InOrder = (InOrder(jobs, cached, cache, sink, block) if sink is not None
-                                               else dict(cached))
+    cached = cache.get_many([j.key for j in jobs])
+    stats = RunStats(cache_hits=sum(j.key in cached for j in jobs))
+    results: dict[str, GenResult] = dict(cached)
     model: Backend | None = None if callable(backend) and not hasattr(backend, "generate") else backend
     bar = progress_bar(len(jobs), desc, quiet)
     bar.update(stats.cache_hits)
-    todo = list({j.key: j for j in jobs if j.key not in cached}.values())  # job order, each key once
-    try:
-        if sink is not None:
-            results.add([])  # the blocks answered from the cache alone
-        if todo and engine is not None:
+    todo = list({j.key: j for j in jobs if j.key not in results}.values())  # job order, each key once
+    if todo and engine is not None:
+        try:
             _on_engine(engine, backend, jobs, results, cache, stats, bar, batch_size)
-            todo = []
-        elif todo and model is None:
-            model = backend()
+        finally:
+            bar.close()
+        return [results[j.key] for j in jobs], stats
+    if todo and model is None:
+        model = backend()
+    try:
         if todo and callable(getattr(model, "generate_stream", None)):
             _stream(model, todo, jobs, results, cache, stats, bar)
             todo = []
-        answered: set[str] = set()
         for start in range(0, len(jobs) if todo else 0, batch_size):
-            batch = [j for j in jobs[start:start + batch_size] if j.key not in cached and j.key not in answered]
+            batch = [j for j in jobs[start:start + batch_size] if j.key not in results]
             sent = list({j.key: j for j in batch}.values())
             if not sent:
                 continue
@@ -303,14 +243,11 @@ def run_jobs(jobs: Sequence[Job], backend: Backend | Callable[[], Backend], cach
             stats.calls += len(sent)
             stats.errors += sum(not r.ok for r in out)
             stats.latencies.extend(r.latency_s for r in out)
+            results.update({j.key: r for j, r in zip(sent, out)})
             cache.put_many([(j.key, r) for j, r in zip(sent, out) if r.ok])
-            answered.update(j.key for j in sent)
-            _take(results, list(zip((j.key for j in sent), out)))
             bar.update(len(batch))
     finally:
         bar.close()
     if model is not None and isinstance(getattr(model, "retries", None), dict):
         stats.retries = dict(model.retries)
-    if isinstance(results, InOrder):
-        return [], stats
     return [results[j.key] for j in jobs], stats
