@@ -1,10 +1,10 @@
-"""Benchmark the HTTP teacher path: the stage-level window (run_jobs + cache) against a bare aiohttp client.
+"""Benchmark the HTTP teacher path: the stage-level window (stream_jobs + cache) against a bare aiohttp client.
 
 Usage: python bench/bench_http_teacher.py [--requests 10000] [--concurrency 32 128 256] [--kill]
 
 A mock OpenAI-compatible server runs in its own process on 127.0.0.1 with a lognormal latency per request
 (mean 0.40 s, p99 1.9 s; the same latency for the same prompt, so both clients meet the same server). For
-each concurrency it prints requests/s of the stage path (``refinery.generation.teacher.run_jobs`` over
+each concurrency it prints requests/s of the stage path (``refinery.generation.stream.stream_jobs`` over
 ``OpenAICompatBackend`` and the SQLite cache, as generate runs it), of a bare aiohttp client with a semaphore,
 the ideal ``concurrency / mean latency``, the schedule bound (a client with no overhead on the server's exact
 latencies: the ideal less the drain, the last requests ending one by one), and the ratios. ``--kill`` also
@@ -135,19 +135,28 @@ def requests(n: int, tag: str):
 
 
 def stage_path(url: str, n: int, concurrency: int, tag: str, cache: Path) -> tuple[float, float]:
-    """Wall seconds and client CPU seconds of run_jobs over the HTTP backend (as the generate stage runs it)."""
-    from refinery.models.backends.http import OpenAICompatBackend
-    from refinery.generation.teacher import GenerationCache, Job, cache_key, run_jobs
+    """Wall seconds and client CPU seconds of the HTTP backend's window through the SQLite cache, as generate runs
+    it: ``stream_jobs`` reading the calls as the window needs them, results handed over in plan order by blocks."""
+    from types import SimpleNamespace
 
-    jobs = [Job(r, cache_key("mock@1", "t@1", r, 0)) for r in requests(n, tag)]
+    from refinery.generation.stream import stream_jobs
+    from refinery.models.backends.http import OpenAICompatBackend
+    from refinery.generation.teacher import GenerationCache, Job, cache_key
+
+    calls = [SimpleNamespace(job=Job(r, cache_key("mock@1", "t@1", r, 0))) for r in requests(n, tag)]
     backend = OpenAICompatBackend(url, "mock", concurrency=concurrency, check=False, timeout_s=60)
     store = GenerationCache(cache)
+    handed: list[int] = []  # good results per block
+
+    def sink(block: list, results: list) -> None:
+        handed.append(sum(r.ok for r in results))
+
     t0, c0 = time.perf_counter(), time.process_time()
-    out, stats = run_jobs(jobs, backend, store, batch_size=8, quiet=True)
+    stats = stream_jobs(iter(calls), backend, store, sink=sink, batch_size=8, quiet=True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     store.close()
     backend.close()
-    assert stats.errors == 0 and all(r.ok for r in out), stats
+    assert stats.errors == 0 and sum(handed) == n, stats
     return wall, cpu
 
 
