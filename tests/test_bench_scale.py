@@ -86,3 +86,13 @@ def test_the_http_benchmarks_schedule_bound_is_a_window_without_overhead():
     mean = sum(lat) / len(lat)
     ratios = [schedule_rate(prompts, c) / (c / mean) for c in (4, 16, 64)]
     assert 1.0 >= ratios[0] > ratios[1] > ratios[2]
+
+
+@pytest.mark.slow
+def test_the_validate_benchmark_runs_at_a_small_size_and_prints_the_stages_own_peak_rss():
+    # the benchmark rotted once (a params key the validate stage no longer takes): run it small
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_validate.py"), "--rows", "2000"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("validate on 2,000 rows"))
+    assert "peak RSS" in line and "VmHWM" not in proc.stdout
