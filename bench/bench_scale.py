@@ -477,7 +477,8 @@ class Generate(Runner):
         m = json.loads((p["metrics"] / "generate.json").read_text(encoding="utf-8"))
         rows = pq.read_metadata(p["synthetic"]).num_rows
         return {"rows": rows, "teacher_s": log["seconds"], "calls": log["calls"], "cache_hits": log["cache_hits"],
-                "note": f"{log['calls']:,} teacher calls ({log['cache_hits']:,} cached) in {log['seconds']:.1f} s; "
+                "note": f"{log['calls']:,} teacher calls ({log['cache_hits']:,} cached), streamed with the plan and the "
+                        f"rows in {log['seconds']:.1f} s; "
                         f"{m['parsed']:,} parsed"}
 
 
